@@ -1,0 +1,32 @@
+# Levante: `make run` serves the default model, `make test` runs the suite (both set up first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODEL ?= smollm2
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/levante pull $(MODEL)
+	$(VENV)/bin/levante serve $(MODEL) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(VENV)/bin/levante pull $(MODEL)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

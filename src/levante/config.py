@@ -1,0 +1,176 @@
+"""ModelConfig: the shape of a Mistral/Llama-family transformer, from presets or model files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from levante.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions of a decoder-only transformer (HF naming in comments)."""
+
+    vocab_size: int  # vocab_size
+    dim: int  # hidden_size
+    num_layers: int  # num_hidden_layers
+    num_heads: int  # num_attention_heads
+    num_kv_heads: int  # num_key_value_heads
+    head_dim: int  # head_dim (Mistral Small 3: 128, not dim // num_heads)
+    ffn_dim: int  # intermediate_size
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096  # max_position_embeddings
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim must be even for rotary, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"ModelConfig.norm_eps must be in (0, 1), got {self.norm_eps!r}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embedding, layers, final norm, untied output head)."""
+        attn = self.dim * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
+        mlp = 3 * self.dim * self.ffn_dim
+        layer = attn + mlp + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.num_layers * layer + self.dim + head
+
+    def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """KV-cache bytes one token takes: layers x kv heads x head_dim x (K and V) x dtype."""
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * bytes_per_element
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """From a transformers `config.json` (Mistral or Llama)."""
+        try:
+            num_heads = int(hf["num_attention_heads"])
+            dim = int(hf["hidden_size"])
+            rope = hf.get("rope_theta")
+            if rope is None:  # newer transformers nests it under rope_parameters
+                rope = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                dim=dim,
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=int(hf.get("head_dim") or dim // num_heads),
+                ffn_dim=int(hf["intermediate_size"]),
+                rope_theta=float(rope),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_id=hf.get("bos_token_id"),
+                eos_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a malformed field: {e}") from None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, max_seq_len: int = 32768) -> ModelConfig:
+        """From a Mistral `params.json` (consolidated format)."""
+        try:
+            dim = int(params["dim"])
+            num_heads = int(params["n_heads"])
+            return cls(
+                vocab_size=int(params["vocab_size"]),
+                dim=dim,
+                num_layers=int(params["n_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(params.get("n_kv_heads") or num_heads),
+                head_dim=int(params.get("head_dim") or dim // num_heads),
+                ffn_dim=int(params["hidden_dim"]),
+                rope_theta=float(params.get("rope_theta", 10000.0)),
+                norm_eps=float(params.get("norm_eps", 1e-5)),
+                max_seq_len=int(params.get("max_seq_len", max_seq_len)),
+                tie_embeddings=bool(params.get("tied_embeddings", False)),
+                bos_id=1,
+                eos_ids=(2,),
+            )
+        except KeyError as e:
+            raise ConfigError(f"params.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"params.json has a malformed field: {e}") from None
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], *, has_output_tensor: bool) -> ModelConfig:
+        """From GGUF metadata (`general.architecture` = llama or mistral)."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "mistral"):
+            raise ConfigError(f"unsupported GGUF architecture {arch!r} (need llama or mistral)")
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ConfigError(f"GGUF metadata lacks {arch}.{name}")
+            return value
+
+        dim = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        return cls(
+            vocab_size=vocab,
+            dim=dim,
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=int(key("attention.key_length", dim // num_heads)),
+            ffn_dim=int(key("feed_forward_length")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_seq_len=int(key("context_length", 4096)),
+            tie_embeddings=not has_output_tensor,
+            bos_id=None if bos is None else int(bos),
+            eos_ids=() if eos is None else (int(eos),),
+        )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Mistral-Small-24B-Instruct-2501: HF config.json and params.json agree on these.
+    "mistral-small-3": ModelConfig(
+        vocab_size=131072, dim=5120, num_layers=40, num_heads=32, num_kv_heads=8, head_dim=128,
+        ffn_dim=32768, rope_theta=100_000_000.0, norm_eps=1e-5, max_seq_len=32768,
+        tie_embeddings=False, bos_id=1, eos_ids=(2,)),
+    # SmolLM2-135M-Instruct (as in its GGUF): Llama architecture, tied embeddings.
+    "smollm2": ModelConfig(
+        vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+        ffn_dim=1536, rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192,
+        tie_embeddings=True, bos_id=1, eos_ids=(2,)),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A named preset; the error lists the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,1 @@
+"""Quantized weights: GGUF block formats and weight-only int8/int4 linears."""

@@ -1,0 +1,1 @@
+"""Weight files: safetensors (HF and consolidated names), GGUF, and model refs from the hub."""
