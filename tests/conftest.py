@@ -32,3 +32,66 @@ def tekken_path() -> Path:
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+
+
+# Mistral Small 3's shape ratios, scaled down: head_dim 128 (so q width != dim), 4:1 GQA,
+# rope theta 1e8, the real 131072-token Tekken vocabulary, untied output, 2 layers.
+TINY_MISTRAL = dict(vocab_size=131072, hidden_size=320, intermediate_size=1024,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                    head_dim=128, rope_theta=100_000_000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=32768, tie_word_embeddings=False,
+                    sliding_window=None, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_hf(tmp_path_factory: pytest.TempPathFactory, tekken_path: Path) -> Path:
+    """An HF folder (config.json, model.safetensors, tekken.json) of a random tiny Mistral."""
+    import shutil
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-mistral-hf")
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY_MISTRAL)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(tekken_path, folder / "tekken.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_consolidated(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_hf: Path,
+                              tekken_path: Path) -> Path:
+    """The same weights as `tiny_mistral_hf`, written as Mistral's consolidated format."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from levante.weights.layout import (CONSOLIDATED_GLOBAL_NAMES, CONSOLIDATED_LAYER_NAMES,
+                                        half_to_interleaved)
+
+    c = TINY_MISTRAL
+    folder = tmp_path_factory.mktemp("tiny-mistral-consolidated")
+    to_mistral = {v: k for k, v in CONSOLIDATED_GLOBAL_NAMES.items()}
+    layer_to_mistral = {v: k for k, v in CONSOLIDATED_LAYER_NAMES.items()}
+    out = {}
+    for name, tensor in load_file(tiny_mistral_hf / "model.safetensors").items():
+        if name in to_mistral:
+            out[to_mistral[name]] = tensor
+            continue
+        _, _, index, rest = name.split(".", 3)
+        if rest == "self_attn.q_proj.weight":
+            tensor = half_to_interleaved(tensor, c["num_attention_heads"])
+        elif rest == "self_attn.k_proj.weight":
+            tensor = half_to_interleaved(tensor, c["num_key_value_heads"])
+        out[f"layers.{index}.{layer_to_mistral[rest]}"] = tensor.contiguous()
+    save_file(out, folder / "consolidated.safetensors")
+    params = {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"],
+              "head_dim": c["head_dim"], "hidden_dim": c["intermediate_size"],
+              "n_heads": c["num_attention_heads"], "n_kv_heads": c["num_key_value_heads"],
+              "rope_theta": c["rope_theta"], "norm_eps": c["rms_norm_eps"],
+              "vocab_size": c["vocab_size"]}
+    (folder / "params.json").write_text(json.dumps(params))
+    shutil.copy(tekken_path, folder / "tekken.json")
+    return folder

@@ -174,3 +174,30 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and caches: limits the scheduler and KV pool work within."""
+
+    max_model_len: int = 4096  # prompt + output tokens per sequence
+    max_num_seqs: int = 16  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunk budget)
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None = sized automatically
+    num_kv_blocks: int | None = None  # exact pool size (tests); overrides kv_cache_memory
+    max_queue: int = 256  # waiting requests before new ones are refused
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ConfigError(f"EngineConfig.num_kv_blocks must be positive, got "
+                              f"{self.num_kv_blocks!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"EngineConfig.kv_cache_memory must be positive, got "
+                              f"{self.kv_cache_memory!r}")

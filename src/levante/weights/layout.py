@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from levante.config import ModelConfig
+
 
 def interleaved_to_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Reorder q/k projection rows from interleaved-pair RoPE to HF's rotate-half layout.
@@ -82,3 +84,30 @@ def hf_name(name: str, *, layer_names: dict[str, str], global_names: dict[str, s
     if not index.isdigit() or rest not in layer_names:
         return None
     return f"model.layers.{index}.{layer_names[rest]}"
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor our Transformer loads (HF names) with its shape; lm_head only if untied."""
+    c = config
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, c.dim),
+        "model.norm.weight": (c.dim,),
+    }
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    per_layer = {
+        "input_layernorm.weight": (c.dim,),
+        "self_attn.q_proj.weight": (q_rows, c.dim),
+        "self_attn.k_proj.weight": (kv_rows, c.dim),
+        "self_attn.v_proj.weight": (kv_rows, c.dim),
+        "self_attn.o_proj.weight": (c.dim, q_rows),
+        "post_attention_layernorm.weight": (c.dim,),
+        "mlp.gate_proj.weight": (c.ffn_dim, c.dim),
+        "mlp.up_proj.weight": (c.ffn_dim, c.dim),
+        "mlp.down_proj.weight": (c.dim, c.ffn_dim),
+    }
+    for i in range(c.num_layers):
+        for name, shape in per_layer.items():
+            shapes[f"model.layers.{i}.{name}"] = shape
+    return shapes
