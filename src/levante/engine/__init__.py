@@ -1,0 +1,1 @@
+"""The engine: requests, paged KV cache, scheduler, runner, sampler."""

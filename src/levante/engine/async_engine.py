@@ -1,0 +1,171 @@
+"""AsyncEngine: one thread owns the Engine and steps it; asyncio callers submit and stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from levante.engine.engine import Engine, StepOutput
+from levante.engine.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submit:
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    request_id: str
+    outputs: asyncio.Queue[StepOutput]
+    accepted: asyncio.Future[str]
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    """Thread-safe front of an Engine: `async for out in engine.generate(ids, params)`.
+
+    The engine thread drains a command queue (submit/abort) between steps, so new requests
+    join the running batch at the next step and aborts free their blocks within one step.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop,
+                                       asyncio.Queue[StepOutput]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.is_healthy = True
+        self.on_step: Callable[[list[StepOutput]], None] | None = None
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="levante-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Abort everything still running and stop the thread."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    @property
+    def num_active(self) -> int:
+        """Requests accepted and not yet finished (including those queued to be added)."""
+        return len(self._streams)
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[StepOutput]:
+        """Submit a request (RequestError raised here if invalid) and yield its outputs.
+
+        Leaving the iteration early (client gone, cancelled) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        accepted: asyncio.Future[str] = loop.create_future()
+        self._commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop))
+        finished = False
+        try:
+            await accepted
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine thread to abort a request (safe from any thread)."""
+        self._commands.put(("abort", request_id))
+
+    def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            log.exception("the engine thread died")
+            self.is_healthy = False
+            raise
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._drain(block=not self.engine.has_work)
+            if self._stopping.is_set():
+                break
+            if not self.engine.has_work:
+                continue
+            outputs = self.engine.step()
+            if self.on_step is not None:
+                self.on_step(outputs)
+            for out in outputs:
+                self._deliver(out)
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
+                                     error="the server is shutting down"))
+
+    def _drain(self, *, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            self._handle(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: Any) -> None:
+        if isinstance(command, _Submit):
+            try:
+                self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's await
+                command.loop.call_soon_threadsafe(_set_exception, command.accepted, exc)
+                return
+            self._streams[command.request_id] = (command.loop, command.outputs)
+            command.loop.call_soon_threadsafe(_set_result, command.accepted,
+                                              command.request_id)
+        else:
+            _, request_id = command
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _deliver(self, out: StepOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        loop, outputs = entry
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            self.engine.abort(out.request_id)
+
+
+def _set_result(future: asyncio.Future[str], value: str) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[str], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

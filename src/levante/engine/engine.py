@@ -1,0 +1,247 @@
+"""Engine: admits requests and steps them: schedule -> run -> sample -> update."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from levante.config import EngineConfig
+from levante.engine.kv_cache import BlockPool, KVCache
+from levante.engine.output import TextState
+from levante.engine.request import Request, RequestStatus
+from levante.engine.runner import ModelRunner
+from levante.engine.sampler import Sampler, SamplingParams, make_generator
+from levante.engine.scheduler import Batch, Scheduler
+from levante.errors import ContextLengthError, RequestError
+from levante.model import Transformer
+from levante.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: new tokens and text, and whether it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    error: str | None = None
+
+
+def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Blocks the KV pool gets: exact, from a byte budget, or what max_num_seqs sequences need.
+
+    The automatic size is capped at a quarter of the machine's available memory on CPU and
+    at 90% of free device memory on CUDA.
+    """
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = KVCache.bytes_per_block(model.config, config.block_size, dtype)
+    if config.kv_cache_memory is not None:
+        return max(1, config.kv_cache_memory // per_block)
+    wanted = config.max_num_seqs * -(-config.max_model_len // config.block_size)
+    device = model.rope_cos.device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.9)
+    else:
+        budget = _available_memory() // 4
+    return max(1, min(wanted, budget // per_block))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None,
+                 config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
+        dtype = model.model.embed_tokens.weight.dtype
+        num_blocks = kv_pool_blocks(model, self.config, dtype)
+        self.pool = BlockPool(num_blocks)
+        cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
+                        dtype=dtype, device=model.rope_cos.device)
+        self.runner = ModelRunner(model, cache)
+        self.scheduler = Scheduler(self.config, self.pool)
+        eos = set(model.config.eos_ids) | (set(tokenizer.eos_ids) if tokenizer else set())
+        self.eos_ids = frozenset(eos)
+        self.sampler = Sampler(model.config.vocab_size, eos_ids=self.eos_ids)
+        self.requests: dict[str, Request] = {}
+        self.texts: dict[str, TextState] = {}
+        log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks,
+                 self.config.block_size, self.capacity_tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole KV pool holds."""
+        return self.pool.num_blocks * self.config.block_size
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises RequestError before anything is allocated."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        prompt = self._check_prompt(prompt_ids)
+        max_tokens = self._resolve_max_tokens(len(prompt), params)
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise RequestError("the waiting queue is full; retry later", code="queue_full")
+        request = Request(request_id, prompt, params, max_tokens,
+                          generator=make_generator(params.seed))
+        self.requests[request_id] = request
+        if self.tokenizer is not None:
+            self.texts[request_id] = TextState(self.tokenizer, prompt, params.stop,
+                                               include_stop=params.include_stop_str_in_output)
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})",
+                               param="prompt")
+        return prompt
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        limit = min(self.config.max_model_len, self.model.config.max_seq_len)
+        if params.max_tokens is None:
+            if num_prompt >= limit:
+                raise ContextLengthError(
+                    f"the prompt has {num_prompt} tokens; this model's context is {limit}")
+            max_tokens = limit - num_prompt
+        else:
+            max_tokens = params.max_tokens
+            if num_prompt + max_tokens > limit:
+                raise ContextLengthError(
+                    f"this model's maximum context length is {limit} tokens; the prompt has "
+                    f"{num_prompt} tokens and max_tokens is {max_tokens} "
+                    f"({num_prompt + max_tokens} in all)")
+        if num_prompt + max_tokens > self.capacity_tokens:
+            raise ContextLengthError(
+                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds the KV cache's "
+                f"{self.capacity_tokens} tokens; this request could never run")
+        return max_tokens
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (no-op if it already ended)."""
+        request = self.requests.pop(request_id, None)
+        self.texts.pop(request_id, None)
+        if request is not None and not request.status.is_finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+
+    def step(self) -> list[StepOutput]:
+        """One engine iteration: schedule -> run -> sample -> update."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        try:
+            logits, rows = self.runner.run(batch)
+            outputs = self._sample_and_update(batch, logits, rows)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            log.exception("engine step failed")
+            return self._fail(batch, f"internal error in the model step: {exc}")
+        return outputs
+
+    def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
+                           rows: list[int]) -> list[StepOutput]:
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += num_new
+        if not rows:
+            return []
+        requests = [batch.requests[i] for i in rows]
+        sampled = self.sampler(
+            logits, [r.params for r in requests],
+            prompt_ids=[r.prompt_ids for r in requests],
+            output_ids=[r.output_ids for r in requests],
+            generators=[r.generator for r in requests])
+        outputs = []
+        for i, request in enumerate(requests):
+            outputs.append(self._append_token(request, sampled.token_ids[i],
+                                              sampled.logprobs[i], sampled.top_logprobs[i]))
+        return outputs
+
+    def _append_token(self, request: Request, token: int, logprob: float | None,
+                      top: list[tuple[int, float]] | None) -> StepOutput:
+        request.output_ids.append(token)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        params = request.params
+        status: RequestStatus | None = None
+        is_stop_token = (token in self.eos_ids and not params.ignore_eos) or \
+            token in params.stop_token_ids
+        text_state = self.texts.get(request.request_id)
+        if is_stop_token:
+            status = RequestStatus.FINISHED_STOPPED
+        elif text_state is not None and text_state.add(token):
+            status = RequestStatus.FINISHED_STOPPED
+        if status is None and len(request.output_ids) >= request.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        new_text = ""
+        if text_state is not None:
+            new_text = text_state.take(final=status is not None)
+        if status is not None:
+            self.scheduler.finish(request, status)
+            self.requests.pop(request.request_id, None)
+            self.texts.pop(request.request_id, None)
+        return StepOutput(
+            request.request_id, [token], new_text, status is not None,
+            None if status is None else status.finish_reason, request.num_prompt_tokens,
+            len(request.output_ids), [logprob], [top])
+
+    def _fail(self, batch: Batch, message: str) -> list[StepOutput]:
+        outputs = []
+        for request in batch.requests:
+            request.error = message
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            self.requests.pop(request.request_id, None)
+            self.texts.pop(request.request_id, None)
+            outputs.append(StepOutput(request.request_id, [], "", True, "error",
+                                      request.num_prompt_tokens, len(request.output_ids),
+                                      error=message))
+        return outputs
+
+    def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, list[StepOutput]]:
+        """Step until the given requests finish; every StepOutput, grouped per request."""
+        pending = set(request_ids)
+        collected: dict[str, list[StepOutput]] = {rid: [] for rid in pending}
+        while pending:
+            if not self.has_work:
+                raise RuntimeError(f"requests {sorted(pending)} vanished from the engine")
+            for out in self.step():
+                if out.request_id in collected:
+                    collected[out.request_id].append(out)
+                    if out.finished:
+                        pending.discard(out.request_id)
+        return collected

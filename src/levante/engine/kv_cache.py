@@ -1,0 +1,144 @@
+"""Paged KV cache: a fixed pool of blocks, per-layer K/V tensors, and attention over them."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from levante.config import ModelConfig
+
+
+class BlockPool:
+    """Free-list allocator of KV block ids with reference counts (shared prefix blocks)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` fresh blocks, or None (and nothing taken) if the pool has fewer free."""
+        if count > len(self._free):
+            return None
+        blocks = [self._free.popleft() for _ in range(count)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks nobody holds go back to the free list."""
+        for block in blocks:
+            assert self._refs[block] > 0, f"block {block} freed twice"
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
+
+
+class KVCache:
+    """K and V for every layer: each [num_blocks * block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, config: ModelConfig, *, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device)
+                     for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device)
+                       for _ in range(config.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over all layers, K and V."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return config.kv_bytes_per_token(element) * block_size
+
+
+@dataclass(frozen=True)
+class PagedAttention:
+    """Attention metadata for one step, and the `AttentionBackend` the model calls with it.
+
+    A step holds B sequences; sequence b brings `query_lens[b]` new tokens at positions
+    `[context_lens[b] - query_lens[b], context_lens[b])`. The T = sum(query_lens) new tokens are
+    flattened in sequence order. Worked example, block_size 4, one sequence with block table
+    [7, 2] and 5 cached tokens, adding 1 token: its position is 5, block 5 // 4 = 1 -> id 2,
+    offset 5 % 4 = 1, so its slot is 2 * 4 + 1 = 9; it attends to slots
+    [28, 29, 30, 31, 8, 9] (positions 0..5).
+    """
+
+    cache: KVCache
+    slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
+    key_slots: torch.Tensor  # [B, L] cache slot of each key position (padded with 0)
+    mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None: decode-only
+    query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
+    num_seqs: int
+    max_query_len: int
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Write the new K/V into the cache, then attend over each sequence's whole context."""
+        k_cache, v_cache = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        k_cache.index_copy_(0, self.slot_mapping, k)
+        v_cache.index_copy_(0, self.slot_mapping, v)
+        # [B, L, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]
+        keys = k_cache[self.key_slots].transpose(1, 2)
+        values = v_cache[self.key_slots].transpose(1, 2)
+        b, qn = self.num_seqs, self.max_query_len
+        if self.query_index is None:  # one new token per sequence, in order
+            queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
+        else:
+            padded = q.new_zeros(b * qn, *q.shape[1:])
+            padded[self.query_index] = q
+            queries = padded.view(b, qn, *q.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask,
+                                             enable_gqa=True)
+        out = out.transpose(1, 2).reshape(b * qn, *q.shape[1:])  # [B * Q, heads, head_dim]
+        return out if self.query_index is None else out[self.query_index]
+
+
+def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
+                          context_lens: list[int], query_lens: list[int],
+                          device: torch.device | str = "cpu") -> PagedAttention:
+    """Index tensors for a step (see `PagedAttention` for the layout)."""
+    bs = cache.block_size
+    num_seqs = len(context_lens)
+    max_len = max(context_lens)
+    max_q = max(query_lens)
+    max_blocks = max(len(t) for t in block_tables)
+    table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+    for b, blocks in enumerate(block_tables):
+        table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+    ctx = torch.tensor(context_lens, dtype=torch.long)
+    qlen = torch.tensor(query_lens, dtype=torch.long)
+    pos = torch.arange(max_len)
+    key_slots = table.gather(1, (pos // bs).clamp(max=max_blocks - 1).expand(num_seqs, -1))
+    key_slots = key_slots * bs + pos % bs  # [B, L]
+    key_valid = pos[None, :] < ctx[:, None]  # [B, L]
+    key_slots = torch.where(key_valid, key_slots, 0)
+    # Query q of sequence b sits at position ctx[b] - qlen[b] + q.
+    q_idx = torch.arange(max_q)
+    q_valid = q_idx[None, :] < qlen[:, None]  # [B, Q]
+    q_pos = ctx[:, None] - qlen[:, None] + q_idx[None, :]  # [B, Q]
+    new_slots = key_slots.gather(1, q_pos.clamp(min=0, max=max_len - 1))
+    slot_mapping = new_slots[q_valid]  # [T], in sequence order
+    if max_q == 1:
+        mask = key_valid[:, None, None, :] if min(context_lens) < max_len else None
+        query_index = None
+    else:
+        # Padded query rows attend to key 0 only, so no row is fully masked (no NaN).
+        q_pos = torch.where(q_valid, q_pos, 0)
+        mask = (pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+        mask = mask[:, None]
+        query_index = (torch.arange(num_seqs * max_q).view(num_seqs, max_q))[q_valid]
+        query_index = query_index.to(device)
+    return PagedAttention(
+        cache=cache, slot_mapping=slot_mapping.to(device), key_slots=key_slots.to(device),
+        mask=None if mask is None else mask.to(device), query_index=query_index,
+        num_seqs=num_seqs, max_query_len=max_q)

@@ -1,0 +1,74 @@
+"""Request: one sequence's prompt, sampling parameters, outputs and lifecycle status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from levante.engine.sampler import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life; the FINISHED_* values map to OpenAI's finish_reason."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's finish_reason for a finished request, None while it runs."""
+        return self.value if self.is_finished else None
+
+
+@dataclass
+class Request:
+    """A sequence in the engine: prompt + output token ids, and how far its KV is computed."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved output budget (params.max_tokens or what the context allows)
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    error: str | None = None
+    first_token_time: float | None = None
+    # Cached prefix blocks shared read-only with other requests (prefix caching).
+    num_cached_tokens: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_id(self, index: int) -> int:
+        """Token at position `index` of prompt + output."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens at positions [start, stop) of prompt + output, without concatenating all."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]

@@ -1,0 +1,49 @@
+"""ModelRunner: turns a scheduled Batch into model inputs, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.scheduler import Batch
+from levante.model import Transformer
+
+
+class ModelRunner:
+    """Owns the model and the KV cache; one `run` per engine step."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.rope_cos.device
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
+        """Compute the batch; logits [S, vocab] for the S requests that reach their last token.
+
+        Returns the logits and, for each of their rows, the index of the request in the batch.
+        """
+        token_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []  # row of the last new token, per sampling request
+        sample_requests: list[int] = []
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            end = start + num_new
+            token_ids.extend(request.token_slice(start, end))
+            positions.extend(range(start, end))
+            context_lens.append(end)
+            if end == request.num_tokens:
+                sample_rows.append(len(token_ids) - 1)
+                sample_requests.append(i)
+        attention = build_paged_attention(
+            self.cache, block_tables=[r.block_ids for r in batch.requests],
+            context_lens=context_lens, query_lens=list(batch.num_new_tokens), device=self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, attention)
+        if not sample_rows:
+            return hidden.new_empty(0, self.model.config.vocab_size), []
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden[rows]), sample_requests

@@ -1,0 +1,121 @@
+"""Scheduler: continuous batching with chunked prefill and preemption over the block pool."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from levante.config import EngineConfig
+from levante.engine.kv_cache import BlockPool
+from levante.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the runner computes this step: `num_new_tokens[i]` tokens of `requests[i]`."""
+
+    requests: tuple[Request, ...]
+    num_new_tokens: tuple[int, ...]
+    preempted: tuple[Request, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    """Decides each step which requests run and how many of their tokens, vLLM-v1 style.
+
+    A request's next tokens are `num_tokens - num_computed_tokens`: the whole prompt (or a
+    chunk of it) at first, one token per step once decoding, or everything again after a
+    preemption. Running requests go first (oldest first), then waiting ones are admitted
+    while the token budget, the sequence limit and free blocks allow.
+    """
+
+    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished, free its blocks and drop it from whichever queue holds it."""
+        request.status = status
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def schedule(self) -> Batch:
+        """Pick this step's work; may preempt the youngest running requests to free blocks."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        counts: list[int] = []
+        preempted: list[Request] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING:
+                scheduled.append(request)
+                counts.append(num_new)
+                budget -= num_new
+        if not preempted:
+            budget = self._admit(scheduled, counts, budget)
+        return Batch(tuple(scheduled), tuple(counts), tuple(preempted))
+
+    def _admit(self, scheduled: list[Request], counts: list[int], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow(request, num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(request)
+            counts.append(num_new)
+            budget -= num_new
+        return budget
+
+    def _grow(self, request: Request, num_new: int) -> bool:
+        """Ensure blocks for `num_computed + num_new` tokens; False if the pool is short."""
+        needed = -(-(request.num_computed_tokens + num_new) // self.config.block_size)
+        missing = needed - len(request.block_ids)
+        if missing <= 0:
+            return True
+        blocks = self.pool.allocate(missing)
+        if blocks is None:
+            return False
+        request.block_ids.extend(blocks)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks and put it first in line to be recomputed."""
+        self.running.remove(request)
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
