@@ -71,26 +71,29 @@ class AsyncEngine:
         """Requests accepted and not yet finished (including those queued to be added)."""
         return len(self._streams)
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[StepOutput]:
-        """Submit a request (RequestError raised here if invalid) and yield its outputs.
-
-        Leaving the iteration early (client gone, cancelled) aborts the request.
-        """
+    async def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                          request_id: str) -> RequestStream:
+        """Submit a request; raises RequestError if the engine refuses it, else its stream."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         accepted: asyncio.Future[str] = loop.create_future()
         self._commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop))
-        finished = False
         try:
             await accepted
-            while not finished:
-                out = await outputs.get()
-                finished = out.finished
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return RequestStream(self, request_id, outputs)
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[StepOutput]:
+        """Submit a request and yield its outputs; leaving early aborts it."""
+        stream = await self.add_request(prompt_ids, params, request_id)
+        try:
+            async for out in stream:
                 yield out
         finally:
-            if not finished:
-                self.abort(request_id)
+            stream.abort()
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (safe from any thread)."""
@@ -159,6 +162,32 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             self.engine.abort(out.request_id)
+
+
+class RequestStream:
+    """Outputs of one accepted request; `abort()` if the consumer leaves before the end."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str,
+                 outputs: asyncio.Queue[StepOutput]) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._outputs = outputs
+        self.is_finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.is_finished:
+            raise StopAsyncIteration
+        out = await self._outputs.get()
+        self.is_finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.is_finished:
+            self.is_finished = True
+            self.engine.abort(self.request_id)
 
 
 def _set_result(future: asyncio.Future[str], value: str) -> None:

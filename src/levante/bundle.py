@@ -1,0 +1,136 @@
+"""Bundle: a loaded model with its config, tokenizer and chat format, from any model ref."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
+from levante.config import ModelConfig
+from levante.errors import ConfigError, ModelFileError
+from levante.model import Transformer
+from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
+from levante.weights.gguf import GGUFFile, load_gguf_state_dict
+from levante.weights.hub import resolve
+from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bundle:
+    """Everything needed to generate with one model."""
+
+    name: str
+    path: Path
+    format: str  # "gguf" | "safetensors-hf" | "safetensors-consolidated"
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    chat_format: ChatFormat | None
+
+
+def load(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         max_seq_len: int | None = None) -> Bundle:
+    """Resolve `ref` (registry name, local path or hub repo) and load it ready to run."""
+    path = resolve(ref)
+    if path.is_file():
+        return _load_gguf(ref, path, dtype, device, max_seq_len)
+    if (path / "config.json").exists():
+        return _load_hf(ref, path, dtype, device, max_seq_len)
+    if (path / "params.json").exists():
+        return _load_consolidated(ref, path, dtype, device, max_seq_len)
+    raise ModelFileError(path, "folder has neither config.json nor params.json")
+
+
+def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
+    if max_seq_len is None:
+        return config
+    if max_seq_len > config.max_seq_len:
+        raise ConfigError(f"max_model_len {max_seq_len} exceeds the model's context "
+                          f"{config.max_seq_len}")
+    return config.replace(max_seq_len=max_seq_len)
+
+
+def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
+               max_seq_len: int | None) -> Bundle:
+    gguf_file = GGUFFile(path)
+    meta = gguf_file.metadata
+    try:
+        config = ModelConfig.from_gguf(meta, has_output_tensor="output.weight"
+                                       in gguf_file.tensor_names)
+    except ConfigError as e:
+        raise ModelFileError(path, str(e)) from None
+    state = load_gguf_state_dict(gguf_file, config, dtype)
+    tokenizer = HFTokenizer.from_gguf_metadata(meta)
+    template = meta.get("tokenizer.chat_template")
+    chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) if template else None
+    config = _limit(config, max_seq_len)
+    return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
+                  tokenizer, chat)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(path, f"cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "expected a JSON object")
+    return data
+
+
+def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
+             max_seq_len: int | None) -> Bundle:
+    hf = _read_json(path / "config.json")
+    if "auto_map" in hf:
+        raise ModelFileError(path / "config.json", "declares auto_map (remote code); Levante "
+                             "never runs code shipped with a model")
+    try:
+        config = ModelConfig.from_hf(hf)
+    except ConfigError as e:
+        raise ModelFileError(path / "config.json", str(e)) from None
+    state = load_safetensors_state_dict(hf_shards(path), config, dtype=dtype)
+    tokenizer, chat = _folder_tokenizer(path)
+    config = _limit(config, max_seq_len)
+    return Bundle(ref, path, "safetensors-hf", config, Transformer.from_state_dict(config, state, device=device),
+                  tokenizer, chat)
+
+
+def _load_consolidated(ref: str, path: Path, dtype: torch.dtype, device: str,
+                       max_seq_len: int | None) -> Bundle:
+    try:
+        config = ModelConfig.from_params(_read_json(path / "params.json"))
+    except ConfigError as e:
+        raise ModelFileError(path / "params.json", str(e)) from None
+    files = sorted(path.glob("consolidated*.safetensors"))
+    if not files:
+        raise ModelFileError(path, "no consolidated*.safetensors file")
+    state = load_safetensors_state_dict(files, config, dtype=dtype, consolidated=True)
+    tokenizer, chat = _folder_tokenizer(path)
+    config = _limit(config, max_seq_len)
+    return Bundle(ref, path, "safetensors-consolidated",
+                  config, Transformer.from_state_dict(config, state, device=device), tokenizer, chat)
+
+
+def _folder_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:
+    """tekken.json selects Mistral's tokenizer (V7 instruct); else HF tokenizer files."""
+    tekken = path / "tekken.json"
+    if tekken.exists():
+        mistral = MistralTokenizer.from_file(tekken)
+        return mistral, MistralChatFormat(mistral)
+    tokenizer_json = path / "tokenizer.json"
+    if not tokenizer_json.exists():
+        raise ModelFileError(path, "no tokenizer: expected tekken.json or tokenizer.json")
+    config_path = path / "tokenizer_config.json"
+    tokenizer = HFTokenizer.from_file(tokenizer_json,
+                                      config_path if config_path.exists() else None)
+    template = _read_json(config_path).get("chat_template") if config_path.exists() else None
+    chat = JinjaChatFormat.from_hf_config(_read_json(config_path), tokenizer) \
+        if template else None
+    return tokenizer, chat

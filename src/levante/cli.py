@@ -1,0 +1,198 @@
+"""The `levante` command: thin typer handlers over the library, printed with rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from levante.errors import LevanteError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run, serve, tune, evaluate and cost out Mistral Small 3 and its kin.")
+console = Console()
+err_console = Console(stderr=True)
+
+Ref = Annotated[str, typer.Argument(help="registry name, local file/folder, or hub org/repo")]
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int | None,
+              seed: int | None, stop: list[str] | None) -> Any:
+    from levante.engine.sampler import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, stop=tuple(stop or ()))
+
+
+@app.command()
+def pull(ref: Ref) -> None:
+    """Download a model (the default `smollm2`, or a hub repo) into $LEVANTE_HOME."""
+    from levante.weights.hub import pull as pull_model
+
+    try:
+        path = pull_model(ref)
+    except LevanteError as e:
+        _fail(e)
+    console.print(f"pulled {ref} -> {path}")
+
+
+@app.command("list")
+def list_models() -> None:
+    """Show the models on disk with size and format."""
+    from levante.weights.hub import list_models as list_all
+
+    table = Table("name", "format", "size", "path")
+    for info in list_all():
+        table.add_row(info.name, info.format, f"{info.size_bytes / 1e6:,.1f} MB", str(info.path))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    ref: Ref,
+    prompt: Annotated[str, typer.Option(help="the prompt text")],
+    chat: Annotated[bool, typer.Option(help="wrap the prompt as one user message")] = False,
+    max_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
+    from levante.llm import LLM
+
+    try:
+        params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        llm = LLM(ref, dtype=dtype)
+        if chat:
+            result = llm.chat([{"role": "user", "content": prompt}], params)
+        else:
+            result = llm.generate(prompt, params)[0]
+    except LevanteError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    else:
+        console.print(result.text, highlight=False, markup=False)
+
+
+@app.command()
+def run(
+    ref: Ref,
+    prompt: Annotated[str | None, typer.Argument(help="one-shot prompt; omit to chat")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option()] = 512,
+    temperature: Annotated[float, typer.Option()] = 0.15,
+    seed: Annotated[int | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option()] = "float32",
+) -> None:
+    """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
+    from levante.llm import LLM
+
+    try:
+        params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
+        llm = LLM(ref, dtype=dtype)
+    except LevanteError as e:
+        _fail(e)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    turns = [prompt] if prompt is not None else None
+    while True:
+        text = turns.pop(0) if turns else (None if turns is not None else _ask())
+        if text is None:
+            return
+        messages.append({"role": "user", "content": text})
+        try:
+            answer = _stream_answer(llm, messages, params)
+        except LevanteError as e:
+            _fail(e)
+        messages.append({"role": "assistant", "content": answer})
+        if turns is not None and not turns:
+            return
+
+
+def _ask() -> str | None:
+    try:
+        text = console.input("[bold]>>> [/bold]")
+    except (EOFError, KeyboardInterrupt):
+        return None
+    return None if text.strip() in ("/bye", "/exit") else text
+
+
+def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
+    parts = []
+    for out in llm.stream(llm.encode_chat(messages), params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+        parts.append(out.new_text)
+    sys.stdout.write("\n")
+    return "".join(parts)
+
+
+@app.command()
+def serve(
+    ref: Ref,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="LEVANTE_API_KEY")] = None,
+    max_model_len: Annotated[int | None, typer.Option()] = None,
+    max_num_seqs: Annotated[int, typer.Option()] = 16,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 512,
+    max_queue: Annotated[int, typer.Option()] = 256,
+    kv_cache_memory: Annotated[str | None, typer.Option(help="e.g. 2GB")] = None,
+    dtype: Annotated[str, typer.Option()] = "float32",
+    served_model_name: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Serve a model with OpenAI's API (and /health, /metrics) on HOST:PORT."""
+    from levante.server.app import ServerConfig, serve as run_server
+
+    try:
+        config = ServerConfig(
+            ref=ref, host=host, port=port, api_key=api_key, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
+            served_model_name=served_model_name)
+        run_server(config)
+    except LevanteError as e:
+        _fail(e)
+
+
+def _parse_size(text: str | None) -> int | None:
+    """'2GB' / '512MiB' / '1e9' -> bytes."""
+    if text is None:
+        return None
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30, "tib": 2**40, "b": 1}
+    lowered = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if lowered.endswith(unit):
+            number = lowered[:-len(unit)].strip()
+            break
+    else:
+        unit, number = "b", lowered
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        from levante.errors import ConfigError
+
+        raise ConfigError(f"cannot read size {text!r} (try 2GB or 512MiB)") from None
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,182 @@
+"""The FastAPI app: auth, host and size guards, OpenAI-shaped errors, routes; `serve()`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+from levante.errors import ContextLengthError, LevanteError, RequestError
+from levante.server.protocol import error_body
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+PUBLIC_PATHS = ("/health",)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How `levante serve` runs: the model, the engine limits and the HTTP guards."""
+
+    ref: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_queue: int = 256
+    kv_cache_memory: int | None = None
+    num_kv_blocks: int | None = None
+    dtype: str = "float32"
+    served_model_name: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    cors_origins: tuple[str, ...] = ()
+    extra_hosts: tuple[str, ...] = field(default=())
+
+
+class HTTPError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type_: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_=type_, param=param, code=code)
+        self.headers = headers
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Map our exceptions to OpenAI-shaped JSON errors with the right status (one place)."""
+    if isinstance(exc, HTTPError):
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+    if isinstance(exc, RequestError) and exc.code == "queue_full":
+        return JSONResponse(error_body(str(exc), type_="server_overloaded", code=exc.code),
+                            status_code=503, headers={"Retry-After": "1"})
+    if isinstance(exc, (RequestError, ContextLengthError)):
+        return JSONResponse(error_body(str(exc), type_="invalid_request_error",
+                                       param=exc.param, code=exc.code), status_code=400)
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, type_="invalid_request_error", param=param),
+                            status_code=400)
+    if isinstance(exc, LevanteError):
+        return JSONResponse(error_body(str(exc), type_="invalid_request_error"),
+                            status_code=400)
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal server error", type_="server_error"),
+                        status_code=500)
+
+
+async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    """Read and validate a JSON object body; 400 for bad JSON, 413 when too large."""
+    body = await request.body()
+    if len(body) > limit:
+        raise HTTPError(413, f"request body is {len(body)} bytes; the limit is {limit}",
+                        type_="invalid_request_error", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"body is not valid JSON: {e}",
+                        type_="invalid_request_error") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "body must be a JSON object", type_="invalid_request_error")
+    return model.model_validate(data)
+
+
+def _host_name(header: str) -> str:
+    """'localhost:8000' -> 'localhost'; '[::1]:8000' -> '[::1]'."""
+    if header.startswith("["):
+        return header.split("]", 1)[0] + "]"
+    return header.rsplit(":", 1)[0]
+
+
+def _is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def guard_middleware(config: ServerConfig) -> Callable[..., Awaitable[Response]]:
+    """API key (constant-time), DNS-rebinding Host check on loopback, body-size limit."""
+
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                    ) -> Response:
+        if _is_loopback(config.host):
+            host = _host_name(request.headers.get("host", ""))
+            if not (_is_loopback(host) or host in config.extra_hosts):
+                return error_response(HTTPError(
+                    403, "Host header is not a loopback name", type_="invalid_request_error",
+                    code="forbidden_host"))
+        if config.api_key and request.url.path not in PUBLIC_PATHS:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return error_response(HTTPError(
+                    401, "missing or invalid API key", type_="invalid_request_error",
+                    code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return error_response(HTTPError(
+                413, f"request body is {length} bytes; the limit is {config.max_body_bytes}",
+                type_="invalid_request_error", code="request_too_large"))
+        return await call_next(request)
+
+    return guard
+
+
+def create_app(config: ServerConfig, state: Any) -> FastAPI:
+    """The app over a ready `ServerState` (see server.routes)."""
+    from levante.server.routes import register
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="Levante", version="0.1.0", lifespan=lifespan)
+    app.middleware("http")(guard_middleware(config))
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError):
+        app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    register(app, config, state)
+    return app
+
+
+def serve(config: ServerConfig) -> None:
+    """Load the model, build the app and run uvicorn until SIGTERM/SIGINT (drains first)."""
+    import uvicorn
+
+    from levante.server.routes import ServerState
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not _is_loopback(config.host) and not config.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it",
+                    config.host)
+    state = ServerState.build(config)
+    app = create_app(config, state)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=30)

@@ -1,0 +1,36 @@
+"""Prometheus metrics of one server: request counts, tokens, queue depth, KV use, latencies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """One registry per server (no process-global state), exposed at /metrics."""
+
+    def __init__(self, *, running: Callable[[], float], waiting: Callable[[], float],
+                 kv_used: Callable[[], float], kv_total: float) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("levante_requests", "HTTP requests served",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed",
+                                     registry=r)
+        self.generation_tokens = Counter("levante_generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.ttft = Histogram("levante_time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("levante_time_per_output_token_seconds",
+                              "Time between output tokens", buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("levante_num_requests_running", "Sequences running",
+              registry=r).set_function(running)
+        Gauge("levante_num_requests_waiting", "Sequences waiting",
+              registry=r).set_function(waiting)
+        Gauge("levante_kv_blocks_used", "KV cache blocks in use",
+              registry=r).set_function(kv_used)
+        Gauge("levante_kv_blocks_total", "KV cache blocks in the pool",
+              registry=r).set(kv_total)

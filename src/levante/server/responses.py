@@ -1,0 +1,219 @@
+"""A request's choices on the AsyncEngine, rendered as OpenAI responses or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from levante.engine.async_engine import AsyncEngine, RequestStream
+from levante.engine.engine import StepOutput
+from levante.engine.sampler import SamplingParams
+from levante.server.metrics import Metrics
+from levante.server.protocol import error_body
+from levante.tokenizer import Tokenizer
+
+Job = tuple[int, list[int], SamplingParams]
+
+
+@dataclass
+class Choice:
+    """One choice's accumulated output."""
+
+    index: int
+    num_prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Generation:
+    """Runs the choices of one HTTP request and renders them, whole or streamed."""
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, tokenizer: Tokenizer,
+                 jobs: list[Job], *, n: int, chat: bool, model: str) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.jobs = jobs
+        self.n = n
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.streams: list[RequestStream] = []
+        self.choices = [Choice(i, len(p)) for i, p, _ in jobs]
+        self.start_time = time.monotonic()
+
+    async def start(self) -> None:
+        """Submit every choice; if one is refused, abort those already accepted and raise."""
+        try:
+            for index, prompt, params in self.jobs:
+                self.streams.append(await self.engine.add_request(
+                    prompt, params, f"{self.id}-{index}"))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for stream in self.streams:
+            stream.abort()
+
+    async def _events(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Outputs of all choices, interleaved as they come."""
+        queue: asyncio.Queue[tuple[int, StepOutput] | None] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            async for out in stream:
+                await queue.put((index, out))
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        remaining = len(tasks)
+        last = time.monotonic()
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                now = time.monotonic()
+                self._observe(item[1], now - last)
+                last = now
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.abort()
+
+    def _observe(self, out: StepOutput, gap: float) -> None:
+        if out.num_output_tokens == 1:
+            self.metrics.ttft.observe(time.monotonic() - self.start_time)
+        elif out.new_token_ids:
+            self.metrics.tpot.observe(gap)
+        self.metrics.generation_tokens.inc(len(out.new_token_ids))
+
+    def _update(self, choice: Choice, out: StepOutput) -> None:
+        choice.text += out.new_text
+        choice.token_ids.extend(out.new_token_ids)
+        for token, lp, top in zip(out.new_token_ids, out.logprobs, out.top_logprobs):
+            if lp is not None:
+                choice.logprobs.append(self._logprob(token, lp, top))
+        if out.finished:
+            choice.finish_reason = out.finish_reason
+            choice.error = out.error
+
+    def _logprob(self, token: int, logprob: float,
+                 top: list[tuple[int, float]] | None) -> dict[str, Any]:
+        text = self.tokenizer.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": (t := self.tokenizer.token_text(i)), "logprob": v,
+                                  "bytes": list(t.encode())} for i, v in (top or [])]}
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(c.num_prompt_tokens for c in self.choices[::self.n])
+        completion = sum(len(c.token_ids) for c in self.choices)
+        self.metrics.prompt_tokens.inc(prompt)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    async def collect(self, request: Request) -> dict[str, Any] | Any:
+        """Run to the end (aborting if the client goes away) and build the whole response."""
+        async def run() -> None:
+            async for index, out in self._events():
+                self._update(self.choices[index], out)
+
+        task = asyncio.create_task(run())
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                self.abort()
+                break
+        await asyncio.gather(task, return_exceptions=True)
+        failed = next((c for c in self.choices if c.error), None)
+        if failed is not None:
+            from levante.server.app import HTTPError
+
+            raise HTTPError(500, failed.error or "generation failed", type_="server_error")
+        return self._whole()
+
+    def _whole(self) -> dict[str, Any]:
+        if self.chat:
+            choices = [{"index": c.index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": {"content": c.logprobs} if c.logprobs else None,
+                        "finish_reason": c.finish_reason} for c in self.choices]
+            kind = "chat.completion"
+        else:
+            choices = [{"index": c.index, "text": c.text,
+                        "logprobs": _completion_logprobs(c.logprobs) if c.logprobs else None,
+                        "finish_reason": c.finish_reason} for c in self.choices]
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage()}
+
+    async def sse(self, *, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        started: set[int] = set()
+        try:
+            async for index, out in self._events():
+                choice = self.choices[index]
+                num_logprobs = len(choice.logprobs)
+                self._update(choice, out)
+                if out.error:
+                    body = error_body(out.error, type_="server_error")
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
+                chunk = self._chunk(choice, out, choice.logprobs[num_logprobs:],
+                                    first=index not in started)
+                started.add(index)
+                if include_usage:
+                    chunk["usage"] = None
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
+                yield "data: " + json.dumps(self._envelope([], usage=self._usage())) + "\n\n"
+        finally:
+            self.abort()
+        yield "data: [DONE]\n\n"
+
+    def _envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def _chunk(self, choice: Choice, out: StepOutput, logprobs: list[dict[str, Any]], *,
+               first: bool) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": out.new_text}
+            if first:
+                delta["role"] = "assistant"
+            body = {"index": choice.index, "delta": delta,
+                    "logprobs": {"content": logprobs} if logprobs else None,
+                    "finish_reason": out.finish_reason}
+        else:
+            body = {"index": choice.index, "text": out.new_text,
+                    "logprobs": _completion_logprobs(logprobs) if logprobs else None,
+                    "finish_reason": out.finish_reason}
+        return self._envelope([body])
+
+
+def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Legacy completions logprobs shape."""
+    offsets, position = [], 0
+    for e in entries:
+        offsets.append(position)
+        position += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}

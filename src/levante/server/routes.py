@@ -1,0 +1,171 @@
+"""OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from levante.bundle import Bundle
+from levante.config import EngineConfig
+from levante.engine.async_engine import AsyncEngine
+from levante.engine.engine import Engine
+from levante.engine.sampler import SamplingParams
+from levante.errors import RequestError
+from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.metrics import Metrics
+from levante.server.protocol import ChatCompletionRequest, CompletionRequest
+from levante.server.responses import Generation
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the model bundle, the async engine, names, metrics."""
+
+    bundle: Bundle
+    engine: AsyncEngine
+    model_names: tuple[str, ...]
+    metrics: Metrics
+    max_queue: int
+    created: int
+
+    @classmethod
+    def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
+        from levante.bundle import load
+        from levante.llm import DTYPES
+
+        if config.dtype not in DTYPES:
+            raise RequestError(f"dtype must be one of {sorted(DTYPES)}", param="dtype")
+        bundle = bundle or load(config.ref, dtype=DTYPES[config.dtype],
+                                max_seq_len=config.max_model_len)
+        engine_config = EngineConfig(
+            max_model_len=bundle.config.max_seq_len, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
+            kv_cache_memory=config.kv_cache_memory, num_kv_blocks=config.num_kv_blocks)
+        engine = Engine(bundle.model, bundle.tokenizer, engine_config)
+        async_engine = AsyncEngine(engine)
+        pool = engine.pool
+        metrics = Metrics(running=lambda: async_engine.num_running,
+                          waiting=lambda: async_engine.num_waiting,
+                          kv_used=lambda: pool.num_blocks - pool.num_free,
+                          kv_total=pool.num_blocks)
+        names = tuple(dict.fromkeys(n for n in (config.served_model_name, config.ref,
+                                                bundle.name) if n))
+        return cls(bundle, async_engine, names, metrics, config.max_queue, int(time.time()))
+
+    def check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            raise HTTPError(404, f"model {name!r} does not exist; this server has "
+                            f"{', '.join(self.model_names)}", type_="invalid_request_error",
+                            param="model", code="model_not_found")
+
+    def check_capacity(self, num_new: int) -> None:
+        if self.engine.num_active + num_new > self.max_queue:
+            raise HTTPError(503, "the server is at capacity; retry later",
+                            type_="server_overloaded", code="queue_full",
+                            headers={"Retry-After": "1"})
+
+
+def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
+    """Add the OpenAI routes to `app`."""
+    limit = config.max_body_bytes
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = state.engine.is_healthy
+        return JSONResponse({"status": "ok" if ok else "unhealthy"},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": state.created, "owned_by": "levante"}
+            for n in state.model_names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest, limit)
+        return await _complete(request, state, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body: CompletionRequest = await parse_body(request, CompletionRequest, limit)
+        return await _complete(request, state, body, chat=False)
+
+
+async def _complete(request: Request, state: ServerState,
+                    body: ChatCompletionRequest | CompletionRequest, *, chat: bool) -> Response:
+    endpoint = "chat" if chat else "completions"
+    try:
+        response = await _handle(request, state, body, chat=chat)
+    except Exception as exc:
+        response = error_response(exc)
+    state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    return response
+
+
+async def _handle(request: Request, state: ServerState,
+                  body: ChatCompletionRequest | CompletionRequest, *, chat: bool) -> Response:
+    body.check_extras()
+    state.check_model(body.model)
+    params = body.params()
+    if chat:
+        assert isinstance(body, ChatCompletionRequest)
+        _reject_unimplemented(body)
+        prompts = [_encode_chat(state, body)]
+    else:
+        assert isinstance(body, CompletionRequest)
+        prompts = [_encode_text(state, p) for p in body.prompts()]
+    jobs = _jobs(prompts, params, body.n)
+    state.check_capacity(len(jobs))
+    stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
+                        n=body.n, chat=chat, model=body.model)
+    await stream.start()
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream.sse(include_usage=usage),
+                                 media_type="text/event-stream")
+    return JSONResponse(await stream.collect(request))
+
+
+def _reject_unimplemented(body: ChatCompletionRequest) -> None:
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        raise RequestError(f"response_format type {fmt.get('type')!r} is not supported",
+                           param="response_format")
+    if body.tools and body.tool_choice not in (None, "none"):
+        raise RequestError("tool calling is not supported by this server yet", param="tools")
+
+
+def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    chat_format = state.bundle.chat_format
+    if chat_format is None:
+        raise RequestError("this model has no chat template; use /v1/completions",
+                           param="messages")
+    return chat_format.encode(body.messages)
+
+
+def _encode_text(state: ServerState, prompt: str | list[int]) -> list[int]:
+    tokenizer = state.bundle.tokenizer
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("prompt is empty", param="prompt")
+        return tokenizer.encode(prompt, add_bos=tokenizer.should_add_bos)
+    if not all(isinstance(t, int) for t in prompt):
+        raise RequestError("prompt token ids must be integers", param="prompt")
+    return prompt
+
+
+def _jobs(prompts: list[list[int]], params: SamplingParams, n: int
+          ) -> list[tuple[int, list[int], SamplingParams]]:
+    """(choice index, prompt ids, params) per choice; seeded choices get seed + index."""
+    jobs = []
+    for p_index, prompt in enumerate(prompts):
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            jobs.append((p_index * n + i, prompt,
+                         params if seed == params.seed else params.replace(seed=seed)))
+    return jobs
