@@ -1,0 +1,348 @@
+"""Tokenizers: Tekken through mistral-common, HF `tokenizers` (from tokenizer.json or a GGUF's vocab), and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from mistral_common.protocol.instruct.normalize import get_normalizer
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
+from mistral_common.tokens.tokenizers.instruct import (
+    InstructTokenizerV3,
+    InstructTokenizerV7,
+    InstructTokenizerV11,
+    InstructTokenizerV13,
+)
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFBackend
+
+from levante.errors import ModelFileError
+
+REPLACEMENT_CHAR = "\ufffd"
+GGUF_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+GGUF_USER_DEFINED_TOKEN = 4  # LLAMA_TOKEN_TYPE_USER_DEFINED: matched whole, but not special
+
+
+class Tokenizer(Protocol):
+    """What the engine, chat formats and server need from any tokenizer."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: frozenset[int]
+    should_add_bos: bool  # whether a raw (non-chat) prompt starts with BOS for this model
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token text inside it is matched as the tokenizer defines."""
+        ...
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        """Text of `ids`; incomplete UTF-8 sequences become U+FFFD."""
+        ...
+
+    def token_text(self, token_id: int) -> str:
+        """Display text of one token (special tokens included), e.g. for logprobs."""
+        ...
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a control/special token."""
+        ...
+
+
+# Instruct encoders by tokenizer version; V7 is Mistral Small 3's.
+_INSTRUCT_TOKENIZERS: dict[TokenizerVersion, Callable[[Tekkenizer], Any]] = {
+    TokenizerVersion.v3: InstructTokenizerV3,
+    TokenizerVersion.v7: InstructTokenizerV7,
+    TokenizerVersion.v11: InstructTokenizerV11,
+    TokenizerVersion.v13: InstructTokenizerV13,
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or ModelFileError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ModelFileError(path, f"cannot read: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ModelFileError(path, f"not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "expected a JSON object")
+    return data
+
+
+def _load_tekken(path: Path, version: str) -> Tekkenizer:
+    """A Tekkenizer from a tekken.json, with its own special tokens or V7's deprecated list.
+
+    mistral-common's shipped tekken_240911.json is labelled v3 and has no special-token list;
+    Mistral-Small-3 repos' tekken.json carry both. A file's own list wins (with its version).
+    """
+    data = _read_json(path)
+    if "special_tokens" in data:
+        try:
+            return Tekkenizer.from_file(path)
+        except (ValueError, KeyError, AssertionError) as error:
+            raise ModelFileError(path, f"not a valid Tekken tokenizer: {error!r}") from error
+    try:
+        tokenizer_version = TokenizerVersion(version)
+    except ValueError as error:
+        raise ModelFileError(path, f"unknown tokenizer version {version!r}") from error
+    try:
+        config = data["config"]
+        return Tekkenizer(
+            data["vocab"],
+            list(Tekkenizer.DEPRECATED_SPECIAL_TOKENS),
+            config["pattern"],
+            config["default_vocab_size"],
+            config["default_num_special_tokens"],
+            tokenizer_version,
+            name=path.stem,
+            _path=path,
+        )
+    except (KeyError, TypeError, AssertionError) as error:
+        raise ModelFileError(path, f"not a valid Tekken tokenizer: {error!r}") from error
+
+
+class MistralTokenizer:
+    """Tekken through mistral-common; `.mistral` is the mistral-common tokenizer for chat encoding.
+
+    Plain `encode` never produces control tokens: user text "[INST]" stays text.
+    """
+
+    def __init__(self, mistral: MistralCommonTokenizer) -> None:
+        self.mistral = mistral
+        self._tekken: Tekkenizer = mistral.instruct_tokenizer.tokenizer
+        self.vocab_size = self._tekken.n_words
+        self.bos_id: int | None = self._tekken.bos_id
+        self.eos_ids = frozenset({self._tekken.eos_id})
+        self.should_add_bos = True
+
+    @classmethod
+    def from_file(cls, path: Path, *, version: str = "v7") -> MistralTokenizer:
+        """Build offline from a tekken.json; `version` applies when the file lists no special tokens."""
+        tekken = _load_tekken(Path(path), version)
+        instruct = _INSTRUCT_TOKENIZERS.get(tekken.version)
+        if instruct is None:
+            supported = ", ".join(str(v.value) for v in _INSTRUCT_TOKENIZERS)
+            raise ModelFileError(
+                path, f"tokenizer version {tekken.version.value} unsupported ({supported})"
+            )
+        mistral = MistralCommonTokenizer(
+            instruct(tekken),
+            validator=get_validator(tekken.version, ValidationMode.test),
+            request_normalizer=get_normalizer(tekken.version, tekken.model_settings_builder),
+        )
+        return cls(mistral)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of plain text (control-token text is encoded as ordinary text)."""
+        return self._tekken.encode(text, bos=add_bos, eos=False)
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        """Text of `ids`; with skip_special=False control tokens appear as "[INST]" etc."""
+        policy = SpecialTokenPolicy.IGNORE if skip_special else SpecialTokenPolicy.KEEP
+        return self._tekken.decode([int(i) for i in ids], special_token_policy=policy)
+
+    def token_text(self, token_id: int) -> str:
+        """Display text of one token ("[INST]" for a control token)."""
+        return self._tekken.id_to_piece(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is one of the 1000 Tekken control ids."""
+        return self._tekken.is_special(int(token_id))
+
+
+class HFTokenizer:
+    """A HF `tokenizers` backend with the model's BOS/EOS ids."""
+
+    def __init__(
+        self,
+        backend: HFBackend,
+        *,
+        bos_id: int | None,
+        eos_ids: frozenset[int],
+        should_add_bos: bool,
+    ) -> None:
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.should_add_bos = should_add_bos
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, token in added.items() if token.special)
+
+    @classmethod
+    def from_file(cls, tokenizer_json: Path, tokenizer_config: Path | None = None) -> HFTokenizer:
+        """Load a tokenizer.json; BOS/EOS (and add_bos_token) come from tokenizer_config.json."""
+        try:
+            backend = HFBackend.from_file(str(tokenizer_json))
+        except Exception as error:  # the Rust loader raises a bare Exception for bad files
+            raise ModelFileError(tokenizer_json, f"not a valid tokenizer.json: {error}") from error
+        config = _read_json(Path(tokenizer_config)) if tokenizer_config is not None else {}
+        where = tokenizer_config if tokenizer_config is not None else tokenizer_json
+        bos_id = _config_token_id(backend, config, "bos_token", where)
+        eos_id = _config_token_id(backend, config, "eos_token", where)
+        if "add_bos_token" in config:
+            should_add_bos = bool(config["add_bos_token"])
+        else:  # e.g. Llama 3: the post-processor adds BOS
+            should_add_bos = bos_id is not None and backend.encode("").ids[:1] == [bos_id]
+        eos_ids = frozenset() if eos_id is None else frozenset({eos_id})
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids, should_add_bos=should_add_bos)
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, meta: Mapping[str, Any], *, path: str | Path = "GGUF metadata"
+    ) -> HFTokenizer:
+        """Byte-level BPE from a GGUF's `tokenizer.ggml.*` fields (errors name `path`)."""
+        backend = _gguf_backend(meta, path)
+        bos_id = meta.get("tokenizer.ggml.bos_token_id")
+        stop_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        eos_ids = frozenset(int(meta[key]) for key in stop_keys if key in meta)
+        return cls(
+            backend,
+            bos_id=None if bos_id is None else int(bos_id),
+            eos_ids=eos_ids,
+            # transformers and llama.cpp default to no BOS for gpt2 vocabularies
+            should_add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        )
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; added special tokens in it ("<|im_start|>") match as one id."""
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token; call encode with add_bos=False")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        """Text of `ids`."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """Display text of one token (decoded bytes, not the "Ġ" spelling)."""
+        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is an added special token."""
+        return int(token_id) in self._special_ids
+
+
+def _config_token_id(
+    backend: HFBackend, config: Mapping[str, Any], key: str, where: str | Path
+) -> int | None:
+    """The id of tokenizer_config's `key` token (a string or {"content": ...}), if named."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None:
+        return None
+    token_id = backend.token_to_id(str(value))
+    if token_id is None:
+        raise ModelFileError(where, f"{key} {value!r} is not in the tokenizer's vocabulary")
+    return int(token_id)
+
+
+# What llama.cpp's `tokenizer.ggml.pre` names mean, as HF pre-tokenizers. "smollm" is how
+# SmolLM2's own tokenizer.json splits (digits one by one, then GPT-2's regex); llama.cpp's
+# regexes for it agree. transformers' GGUF loader maps it to plain GPT-2 splitting instead.
+_GGUF_PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    ),
+}
+
+
+def _gguf_field(meta: Mapping[str, Any], key: str, path: str | Path) -> Any:
+    """A required metadata field, or ModelFileError naming it."""
+    if key not in meta:
+        raise ModelFileError(path, f"GGUF metadata lacks {key!r}, needed to build the tokenizer")
+    return meta[key]
+
+
+def _gguf_backend(meta: Mapping[str, Any], path: str | Path) -> HFBackend:
+    """A `tokenizers` byte-level BPE rebuilt from GGUF vocab, merges and token types."""
+    model = _gguf_field(meta, "tokenizer.ggml.model", path)
+    if model != "gpt2":
+        raise ModelFileError(
+            path, f"tokenizer.ggml.model {model!r} is not supported (only 'gpt2' byte-level BPE)"
+        )
+    pre = _gguf_field(meta, "tokenizer.ggml.pre", path)
+    if pre not in _GGUF_PRE_TOKENIZERS:
+        known = ", ".join(sorted(_GGUF_PRE_TOKENIZERS))
+        raise ModelFileError(path, f"tokenizer.ggml.pre {pre!r} is not supported ({known})")
+    tokens: list[str] = list(_gguf_field(meta, "tokenizer.ggml.tokens", path))
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(meta, "tokenizer.ggml.merges", path)]
+    if any(len(m) != 2 for m in merges):
+        raise ModelFileError(path, "tokenizer.ggml.merges has an entry that is not 'left right'")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = HFBackend(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    token_types = list(meta.get("tokenizer.ggml.token_type", ()))
+    typed = list(zip(tokens, token_types))
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in typed if k == GGUF_CONTROL_TOKEN]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in typed
+            if k == GGUF_USER_DEFINED_TOKEN
+        ]
+    )
+    return backend
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text deltas, never splitting a UTF-8 character.
+
+    Like vLLM's prefix_offset/read_offset: decode only a short window of recent ids. Text of
+    `window[:read]` was already emitted; decode `window` whole, and emit what lies past the
+    old text once it no longer ends in U+FFFD (a character still missing bytes). Example,
+    "中" = bytes E4 B8 AD as three byte tokens: add(E4) -> "", add(B8) -> "", add(AD) -> "中".
+    Each step decodes O(window) ids; the window restarts after every emission.
+    """
+
+    PROMPT_CONTEXT = 5  # prompt ids kept as left context (what vLLM uses)
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *, skip_special: bool = True
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        context = [int(i) for i in prompt_ids[-self.PROMPT_CONTEXT :]]
+        if self._decode(context).endswith(REPLACEMENT_CHAR):
+            context = []  # a prompt cut mid-character would skew the first delta
+        self._window_ids = context
+        self._read = len(context)  # window_ids[:read] are already emitted (or prompt)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=self.skip_special)
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the new complete text (may be "")."""
+        self._window_ids.append(int(token_id))
+        prefix_text = self._decode(self._window_ids[: self._read])
+        text = self._decode(self._window_ids)
+        if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT_CHAR):
+            return ""
+        del self._window_ids[: self._read]  # the emitted ids become the next window's context
+        self._read = len(self._window_ids)
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Text held back at the end of generation (e.g. a dangling partial character)."""
+        prefix_text = self._decode(self._window_ids[: self._read])
+        text = self._decode(self._window_ids)
+        del self._window_ids[: self._read]
+        self._read = len(self._window_ids)
+        return text[len(prefix_text) :]
