@@ -1,0 +1,196 @@
+"""GGUF block formats: layout constants and torch dequantizers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
+
+# Bytes of the 6-bit scale/min table in a Q4_K / Q5_K super-block (8 scales + 8 mins).
+K_SCALE_SIZE = 12
+
+# The float operations below follow gguf-py's `quants.py` (llama.cpp's numpy reference) in
+# order and precision, so results are bit-for-bit equal: scales are f16 widened to f32 and
+# Q4_K is `(d * sc) * q - (dmin * m)` in float32. (With f16 scales and small integer codes the
+# products are exact; only the final add or subtract rounds.)
+# We hand-write these instead of calling gguf-py because its numpy version runs at
+# 80-520 MB/s and allocates per group of rows; these are single vectorized torch passes.
+
+
+def _f16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Bytes [start, start + 2) of every block as a little-endian f16, widened: [n_blocks, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _low_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., k] bytes -> [..., 2, k] uint8: low nibbles first, then high nibbles."""
+    nibbles = torch.empty(*packed.shape[:-1], 2, packed.shape[-1], dtype=torch.uint8)
+    torch.bitwise_and(packed, 0x0F, out=nibbles.select(-2, 0))
+    torch.bitwise_right_shift(packed, 4, out=nibbles.select(-2, 1))
+    return nibbles
+
+
+def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the 12-byte table of eight 6-bit scales and eight 6-bit mins: 2 x [n_blocks, 8].
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales/mins 4-7 keep
+    their low 4 bits in bytes 8-11 (scale low nibble, min high nibble) and their top 2 bits in
+    the top 2 bits of bytes 0-3 (scales) / 4-7 (mins).
+    Example: byte 0 = 0x45 (0b01_000101), byte 8 = 0x23 -> scale 0 = 5,
+    scale 4 = 0x3 | (0b01 << 4) = 19, min 4 = 0x2 | (top 2 bits of byte 4) << 4.
+    """
+    table = scales.reshape(-1, 3, 4)
+    low, mid, high = table[:, 0], table[:, 1], table[:, 2]
+    sc = torch.cat([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    return sc, mins
+
+
+def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q8_0, 34-byte blocks of 32 values: f16 scale d, then 32 int8 q; x = q * d.
+
+    Example: bytes 00 3C | 05 FB ... -> d = 0x3C00 = 1.0, q = [5, -5, ...] -> [5.0, -5.0, ...].
+    """
+    d = _f16_field(blocks, 0)  # [n, 1]
+    return blocks[:, 2:].view(torch.int8).float().mul_(d)  # [n, 32]
+
+
+def _dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0, 18-byte blocks of 32 values: f16 scale d, 16 bytes of 4-bit q; x = (q - 8) * d.
+
+    Byte i holds value i in its low nibble and value i + 16 in its high nibble.
+    Example: bytes 00 40 | 9A ... -> d = 2.0; x0 = (0xA - 8) * 2 = 4.0, x16 = (0x9 - 8) * 2 = 2.0.
+    """
+    d = _f16_field(blocks, 0)
+    q = _low_high_nibbles(blocks[:, 2:]).view(-1, 32)
+    q.sub_(8)  # wraps in uint8; read back as int8 gives -8..7
+    return q.view(torch.int8).float().mul_(d)
+
+
+def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_1, 20-byte blocks of 32 values: f16 scale d, f16 min m, 16 bytes of 4-bit q; x = d*q + m.
+
+    Nibble order as Q4_0. Example: bytes 00 3C | 00 BC | 9A ... -> d = 1.0, m = -1.0;
+    x0 = 1.0 * 0xA - 1.0 = 9.0, x16 = 1.0 * 0x9 - 1.0 = 8.0.
+    """
+    d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    q = _low_high_nibbles(blocks[:, 4:]).view(-1, 32)
+    return q.float().mul_(d).add_(m)
+
+
+def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_K, 144-byte super-blocks of 256 values = 8 sub-blocks of 32.
+
+    Layout: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins (see `_k_scales_mins`), 128 bytes
+    of 4-bit q in 4 chunks of 32 bytes: chunk c's low nibbles are sub-block 2c, its high
+    nibbles sub-block 2c + 1. x = (d * scale_j) * q - (dmin * min_j).
+    Example: d = 0.5, dmin = 0.25, scale_1 = 3, min_1 = 4, qs[0] = 0x7B -> sub-block 0 value 0
+    is q = 0xB (with scale_0/min_0), sub-block 1 value 0 is 1.5 * 7 - 1.0 = 9.5.
+    """
+    num_blocks = blocks.shape[0]
+    d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    sc, mins = _k_scales_mins(blocks[:, 4:4 + K_SCALE_SIZE])
+    scale = (d * sc.float()).unsqueeze(-1)  # [n, 8, 1]
+    offset = (dmin * mins.float()).unsqueeze(-1)
+    q = _low_high_nibbles(blocks[:, 16:].reshape(num_blocks, 4, 32)).view(num_blocks, 8, 32)
+    return q.float().mul_(scale).sub_(offset).view(num_blocks, QK_K)
+
+
+def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K, 176-byte super-blocks of 256 values: Q4_K plus a fifth bit per value.
+
+    Layout: f16 d, f16 dmin, 12 scale bytes, 32 bytes qh, 128 bytes low nibbles (as Q4_K).
+    Bit j of qh[l] is bit 4 of value l of sub-block j. x = (d * scale_j) * q - (dmin * min_j).
+    Example: qh[0] = 0b0000_0010, qs[0] = 0x7B -> value 0 of sub-block 0 is 0xB,
+    value 0 of sub-block 1 is 0x7 | 0x10 = 23.
+    """
+    num_blocks = blocks.shape[0]
+    d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    sc, mins = _k_scales_mins(blocks[:, 4:4 + K_SCALE_SIZE])
+    scale = (d * sc.float()).unsqueeze(-1)  # [n, 8, 1]
+    offset = (dmin * mins.float()).unsqueeze(-1)
+    q = _low_high_nibbles(blocks[:, 48:].reshape(num_blocks, 4, 32)).view(num_blocks, 8, 32)
+    bit_index = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+    fifth = (blocks[:, 16:48].unsqueeze(1) >> bit_index).bitwise_and_(1).bitwise_left_shift_(4)
+    q.bitwise_or_(fifth)  # [n, 8, 32] values 0..31
+    return q.float().mul_(scale).sub_(offset).view(num_blocks, QK_K)
+
+
+def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K, 210-byte super-blocks of 256 values = 16 sub-blocks of 16, int8 scale each.
+
+    Layout: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales, f16 d.
+    Value e = 128h + 32t + l (half h in 0..1, t in 0..3, l in 0..31) takes its low bits from
+    ql[64h + 32(t % 2) + l] (low nibble if t < 2, else high) and its high bits from bits
+    2t..2t+1 of qh[32h + l]; x = (d * scales[e // 16]) * (q - 32).
+    Example: ql[0] = 0x5A, qh[0] = 0b00_00_01_10, scales[0] = 2, d = 1.0 -> value 0 is
+    (0xA | 0b10 << 4) - 32 = 10 -> 20.0; value 32 has high bits 0b01: (ql[32] & 0xF) + 16 - 32.
+    """
+    num_blocks = blocks.shape[0]
+    d = _f16_field(blocks, 208)
+    scale = (d * blocks[:, 192:208].view(torch.int8).float()).unsqueeze(-1)  # [n, 16, 1]
+    low_shift = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    high_shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    low = (blocks[:, :128].reshape(num_blocks, 2, 1, 64) >> low_shift).bitwise_and_(0x0F)
+    high = (blocks[:, 128:192].reshape(num_blocks, 2, 1, 32) >> high_shift).bitwise_and_(0x03)
+    q = low.view(num_blocks, 8, 32).bitwise_or_(high.view(num_blocks, 8, 32).bitwise_left_shift_(4))
+    q.sub_(32)  # wraps in uint8; read back as int8 gives -32..31
+    return q.view(torch.int8).view(num_blocks, 16, 16).float().mul_(scale).view(num_blocks, QK_K)
+
+
+BlockDequantizer = Callable[[torch.Tensor], torch.Tensor]
+
+# [n_blocks, type_size] uint8 -> [n_blocks, block_size] float32, one function per format.
+BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, BlockDequantizer] = {
+    GGMLQuantizationType.Q8_0: _dequantize_q8_0,
+    GGMLQuantizationType.Q4_0: _dequantize_q4_0,
+    GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+    GGMLQuantizationType.Q4_K: _dequantize_q4_k,
+    GGMLQuantizationType.Q5_K: _dequantize_q5_k,
+    GGMLQuantizationType.Q6_K: _dequantize_q6_k,
+}
+
+# Plain float formats: torch dtype of the stored elements.
+FLOAT_DTYPES: dict[GGMLQuantizationType, torch.dtype] = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+SUPPORTED_TYPES = frozenset(BLOCK_DEQUANTIZERS) | frozenset(FLOAT_DTYPES)
+
+
+def expected_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `shape` (torch order) takes in format `qtype`; ValueError if no fit."""
+    if qtype not in GGML_QUANT_SIZES:
+        raise ValueError(f"GGUF tensor type {qtype.name} has no known block size")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    row = shape[-1] if shape else 1
+    if row % block_size:
+        raise ValueError(f"{qtype.name} packs rows in blocks of {block_size} values; "
+                         f"shape {tuple(shape)} has rows of {row}")
+    return math.prod(shape) // block_size * type_size
+
+
+def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor bytes (1-D uint8) -> a new float32 tensor of `shape` (torch order)."""
+    if qtype not in SUPPORTED_TYPES:
+        raise ValueError(f"GGUF tensor type {qtype.name} is not supported; supported: "
+                         f"{', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError(f"expected 1-D uint8 bytes, got {data.dtype} of shape {tuple(data.shape)}")
+    nbytes = expected_nbytes(qtype, shape)
+    if data.numel() != nbytes:
+        raise ValueError(f"{qtype.name} tensor of shape {tuple(shape)} needs {nbytes} bytes, "
+                         f"got {data.numel()}")
+    if qtype in FLOAT_DTYPES:
+        element_size = FLOAT_DTYPES[qtype].itemsize
+        if data.storage_offset() % element_size:  # view(dtype) needs an aligned start
+            data = data.clone()
+        return data.view(FLOAT_DTYPES[qtype]).to(torch.float32, copy=True).view(shape)
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    blocks = data.view(-1, type_size)
+    return BLOCK_DEQUANTIZERS[qtype](blocks).view(shape)
