@@ -95,3 +95,16 @@ def tiny_mistral_consolidated(tmp_path_factory: pytest.TempPathFactory, tiny_mis
     (folder / "params.json").write_text(json.dumps(params))
     shutil.copy(tekken_path, folder / "tekken.json")
     return folder
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path):
+    """(model, tokenizer) from transformers' own GGUF loader: the reference (~30 s, once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2_gguf.parent, smollm2_gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                 torch_dtype=torch.float32).eval()
+    return model, tokenizer

@@ -1,0 +1,64 @@
+"""The Python API on the real SmolLM2 GGUF, against transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from levante import LLM, SamplingParams
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name three primary colors."}],
+    [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf: Path) -> LLM:
+    return LLM(str(smollm2_gguf), max_model_len=2048)
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+def test_greedy_chat_matches_transformers(index: int, llm: LLM, hf_smollm2) -> None:
+    model, tokenizer = hf_smollm2
+    messages = CONVERSATIONS[index]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                        return_dict=False)
+    assert llm.encode_chat(messages) == list(ids)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    ours = llm.chat(messages, params).token_ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                             min_new_tokens=32, eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(ids):].tolist()
+
+
+def test_generate_reports_speeds_and_text(llm: LLM) -> None:
+    result = llm.generate("The sky is blue because", SamplingParams(max_tokens=8,
+                                                                    temperature=0.0))[0]
+    data = result.to_json()
+    assert set(data) == {"prompt_token_ids", "token_ids", "text", "finish_reason",
+                         "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert data["text"] == llm.tokenizer.decode(data["token_ids"])
+    assert data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
+
+
+def test_batch_of_prompts_equals_each_alone(llm: LLM) -> None:
+    prompts = ["Once upon a time", "def fibonacci(n):", "Paris is"]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    together = [c.token_ids for c in llm.generate(prompts, params)]
+    assert together == [llm.generate(p, params)[0].token_ids for p in prompts]
+
+
+def test_seed_reproducible_and_stop_strings(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=3)
+    a = llm.generate("Tell me a story:", params)[0]
+    b = llm.generate("Tell me a story:", params)[0]
+    assert a.token_ids == b.token_ids
+    word = a.text.split()[1] if len(a.text.split()) > 1 else a.text.strip()[:2]
+    c = llm.generate("Tell me a story:", params.replace(stop=(word,)))[0]
+    assert c.finish_reason == "stop" and word not in c.text and a.text.startswith(c.text)
