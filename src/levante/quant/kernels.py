@@ -1,0 +1,226 @@
+"""Fast CPU matmul on GGUF Q8_0/Q4_0/Q4_1 weights: repack, build and call the C++ kernel.
+
+`repack` turns a tensor's raw GGUF blocks into a `PackedWeight` (losslessly); `qlinear(x, w)`
+computes `x @ W^T` with activations quantized to 8 bits per block of 32 and integer SIMD
+dot products (csrc/q_gemm.cpp, compiled for this CPU at first use and cached under
+`$LEVANTE_HOME/kernels`). Without a C++ compiler it dequantizes and uses `F.linear`: correct,
+slow, and logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from levante.quant.gguf_blocks import dequantize, expected_nbytes
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "q_gemm.cpp"
+# Set to "torch" to skip the C++ kernel (e.g. to compare paths); anything else means "auto".
+KERNEL_ENV = "LEVANTE_QUANT_KERNEL"
+BLOCK_SIZE = 32
+
+# Bytes of each block's fields as stored in the file: (scale, min, quants).
+_FIELDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
+    GGMLQuantizationType.Q8_0: (2, 0, 32),
+    GGMLQuantizationType.Q4_0: (2, 0, 16),
+    GGMLQuantizationType.Q4_1: (2, 2, 16),
+}
+SUPPORTED_TYPES = frozenset(_FIELDS)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A [N, K] GGUF block-quantized weight split into the kernel's arrays (nb = K / 32).
+
+    GGUF stores each row as nb blocks of 32 weights; a block is its f16 scale d, (Q4_1) its
+    f16 min m, then its quants. `repack` moves each field into its own array, so the kernel
+    streams quants without stepping over scales:
+      qs: uint8 [N, nb * 32] (Q8_0, int8 values) or [N, nb * 16] (Q4: byte j of a block holds
+          value j in its low nibble and value j + 16 in its high nibble, as in the file)
+      d:  float16 [N, nb]; m: float16 [N, nb] for Q4_1, else None.
+    Example, a Q4_1 row of K = 64 is two 20-byte blocks, bytes
+    `00 3C | 00 BC | A1 ... (16) | 00 38 | 00 00 | 7F ... (16)` (f16 little-endian) ->
+    d = [1.0, 0.5], m = [-1.0, 0.0], qs = the two 16-byte runs back to back (32 bytes);
+    weight 0 = 1.0 * 0x1 - 1.0 = 0.0, weight 16 = 1.0 * 0xA - 1.0 = 9.0.
+    Weight j of block b is d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q with q signed (Q8_0).
+    """
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]  # (N, K): output features, input features
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (equal to the GGUF tensor's size)."""
+        extra = self.m.nbytes if self.m is not None else 0
+        return self.qs.nbytes + self.d.nbytes + extra
+
+    def to_raw(self) -> torch.Tensor:
+        """The GGUF block bytes back (1-D uint8): `repack`'s exact inverse."""
+        num_rows, num_blocks = self.d.shape
+        fields = [self.d.view(torch.uint8).view(num_rows, num_blocks, 2)]
+        if self.m is not None:
+            fields.append(self.m.view(torch.uint8).view(num_rows, num_blocks, 2))
+        fields.append(self.qs.view(num_rows, num_blocks, -1))
+        return torch.cat(fields, dim=-1).reshape(-1)
+
+
+def repack(qtype: GGMLQuantizationType, raw: torch.Tensor, shape: tuple[int, int]) -> PackedWeight:
+    """GGUF bytes of a [N, K] Q8_0/Q4_0/Q4_1 tensor (any uint8 view) -> a `PackedWeight` copy."""
+    if qtype not in _FIELDS:
+        raise ValueError(f"the quantized matmul kernel takes "
+                         f"{', '.join(t.name for t in _FIELDS)}, not {qtype.name}")
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 block bytes, got {raw.dtype}")
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D weight shape (N, K), got {tuple(shape)}")
+    num_rows, num_cols = shape
+    nbytes = expected_nbytes(qtype, shape)  # ValueError unless K is whole blocks
+    if raw.numel() != nbytes:
+        raise ValueError(f"{qtype.name} weight of shape {tuple(shape)} needs {nbytes} bytes, "
+                         f"got {raw.numel()}")
+    scale_size, min_size, quant_size = _FIELDS[qtype]
+    blocks = raw.reshape(num_rows, num_cols // BLOCK_SIZE, GGML_QUANT_SIZES[qtype][1])
+    quant_start = scale_size + min_size
+    d = blocks[..., :scale_size].contiguous().view(torch.float16).squeeze(-1)
+    m = blocks[..., scale_size:quant_start].contiguous().view(torch.float16).squeeze(-1)
+    qs = blocks[..., quant_start:quant_start + quant_size].reshape(num_rows, -1).contiguous()
+    return PackedWeight(qtype, (num_rows, num_cols), qs, d, m if min_size else None)
+
+
+def dequantize_packed(w: PackedWeight) -> torch.Tensor:
+    """The float32 [N, K] weight (exactly `gguf_blocks.dequantize` of the original bytes)."""
+    return dequantize(w.to_raw(), w.qtype, w.shape)
+
+
+def linear_dequantized(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """The pure-PyTorch path: dequantize the whole weight, then `F.linear` in float32."""
+    return F.linear(x.float(), dequantize_packed(w))
+
+
+def available() -> bool:
+    """True if the compiled kernel is loaded (building it on first call, cached after)."""
+    return _kernel_isa() is not None
+
+
+def qlinear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x's dtype, computed from 8-bit quantized activations.
+
+    Uses the compiled kernel where available, else `linear_dequantized` (see `available`).
+    """
+    num_rows, num_cols = w.shape
+    if x.shape[-1] != num_cols:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {num_cols}")
+    flat = x.reshape(-1, num_cols).to(torch.float32).contiguous()  # [M, K]
+    if _kernel_isa() is None:
+        out = linear_dequantized(flat, w)
+    else:
+        out = torch.ops.levante_quant.qlinear(flat, w.qs, w.d, w.m, int(w.qtype))
+    return out.view(*x.shape[:-1], num_rows).to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's 8-bit rule on x [M, K] float32: (q int8 [M, K], d [M, K/32], s [M, K/32]).
+
+    Per block of 32: d = amax / 127, q = round(x * (127 / amax)) (ties to even; 0 if
+    amax = 0), s = d * sum(q). Runs the compiled kernel's code; needs `available()`.
+    """
+    if _kernel_isa() is None:
+        raise RuntimeError("the quantized matmul kernel is not built (see the log)")
+    return torch.ops.levante_quant.quantize_rows(x.to(torch.float32).contiguous())
+
+
+@functools.cache
+def _kernel_isa() -> str | None:
+    """Build (if needed) and load the kernel once per process; log which path runs."""
+    if os.environ.get(KERNEL_ENV) == "torch":
+        logger.info("quantized matmul: PyTorch dequantize + F.linear (%s=torch)", KERNEL_ENV)
+        return None
+    try:
+        library = _build()
+        torch.ops.load_library(str(library))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+        logger.warning("quantized matmul: could not build or load %s (%s); falling back to "
+                       "PyTorch dequantize + F.linear, which is much slower", SOURCE, detail)
+        return None
+    torch.library.register_fake("levante_quant::qlinear")(_qlinear_shape)
+    isa = str(torch.ops.levante_quant.isa())
+    logger.info("quantized matmul: compiled kernel (%s, %d threads) from %s", isa,
+                torch.get_num_threads(), library)
+    return isa
+
+
+def _qlinear_shape(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                   qtype: int) -> torch.Tensor:
+    """Output shape for tracing (torch.compile): [M, N]."""
+    return x.new_empty(x.shape[0], qs.shape[0])
+
+
+def _compile_command(output: Path) -> list[str]:
+    """The compiler call for this CPU (-march=native: the cached library never leaves it)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    lib_dir = library_paths()[0]
+    return [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
+            str(SOURCE), "-o", str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{lib_dir}"]
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+
+
+def _build() -> Path:
+    """Compile csrc/q_gemm.cpp once per (source, torch, CPU); later calls find the cache.
+
+    We call the compiler ourselves rather than `torch.utils.cpp_extension.load` because
+    that one insists on a `ninja` binary on PATH, which a venv's python run without
+    activation does not see even when the `ninja` wheel is installed.
+    """
+    from levante.weights.hub import levante_home
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_fingerprint().encode(),
+                 " ".join(_compile_command(Path("out"))).encode(), sys.version.encode()):
+        key.update(part)
+    folder = levante_home() / "kernels"
+    library = folder / f"q_gemm-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.warning("compiling the quantized matmul kernel for this CPU (once, ~30-60 s)...")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        partial = Path(scratch) / library.name
+        subprocess.run(_compile_command(partial), check=True, capture_output=True, text=True)
+        os.replace(partial, library)  # atomic: a concurrent build never sees half a file
+    logger.warning("compiled %s in %.1f s", library, time.perf_counter() - start)
+    return library

@@ -1,0 +1,186 @@
+"""The quantized matmul kernel against gguf-py's dequantizer and an exact integer reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, quants
+
+from levante.quant import kernels
+from levante.quant.kernels import PackedWeight
+
+Q4_0, Q4_1, Q8_0 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                    GGMLQuantizationType.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def real_weights(smollm2_gguf: Path) -> dict[GGMLQuantizationType, np.ndarray]:
+    """Raw block bytes [N, row_bytes] per format, from the SmolLM2 file via gguf-py's reader.
+
+    Q4_1 and Q8_0 are the file's own tensors; the file has no Q4_0, so gguf-py quantizes one.
+    """
+    tensors = {t.name: t for t in GGUFReader(smollm2_gguf).tensors}
+    down, embed, gate = (tensors[n] for n in ("blk.0.ffn_down.weight", "token_embd.weight",
+                                              "blk.0.ffn_gate.weight"))
+    assert (down.tensor_type, embed.tensor_type) == (Q4_1, Q8_0)
+    gate_float = quants.dequantize(gate.data[:512], gate.tensor_type)
+    return {Q4_1: np.array(down.data), Q8_0: np.array(embed.data[:1024]),
+            Q4_0: quants.quantize(gate_float, Q4_0)}
+
+
+def pack(qtype: GGMLQuantizationType, raw: np.ndarray) -> PackedWeight:
+    num_rows = raw.shape[0]
+    num_cols = quants.quant_shape_from_byte_shape(raw.shape, qtype)[1]
+    return kernels.repack(qtype, torch.from_numpy(raw), (num_rows, num_cols))
+
+
+def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q8 activation rule in torch: per 32 values d = amax/127, q = round(x*127/amax)."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)  # [M, nb]
+    inverse = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse.unsqueeze(-1))
+    d = amax / 127.0
+    return q.to(torch.int8).view_as(x), d, d * q.sum(-1)
+
+
+def reference_from_quantized(x: torch.Tensor, raw: np.ndarray,
+                             qtype: GGMLQuantizationType) -> torch.Tensor:
+    """sum_b d_w * d_x * (integer block dot) + min term, in float64, from torch's quantizer."""
+    xq, dx, sx = (t.double() for t in reference_quantize(x))
+    w = pack(qtype, raw)
+    num_rows = w.shape[0]
+    if qtype == Q8_0:
+        wq = w.qs.view(torch.int8).double()
+    else:
+        low, high = (w.qs & 0x0F), (w.qs >> 4)
+        wq = torch.stack([low.view(num_rows, -1, 16), high.view(num_rows, -1, 16)], 2).double()
+    wq = wq.reshape(num_rows, -1, 32)  # [N, nb, 32]
+    integer = torch.einsum("mbj,nbj->mnb", xq.view(x.shape[0], -1, 32), wq)  # exact
+    scale = torch.einsum("mb,nb->mnb", dx, w.d.double())
+    y = (integer * scale).sum(-1)
+    if qtype != Q8_0:
+        w_min = w.m.double() if w.m is not None else -8.0 * w.d.double()
+        y += sx @ w_min.T
+    return y
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
+def test_qlinear_matches_dequantized_matmul(real_weights: dict, qtype: GGMLQuantizationType,
+                                            num_rows: int) -> None:
+    raw = real_weights[qtype]
+    weight = torch.from_numpy(quants.dequantize(raw, qtype)).double()  # [N, K]
+    x = torch.randn(num_rows, weight.shape[1], generator=torch.Generator().manual_seed(num_rows))
+    y = kernels.qlinear(x, pack(qtype, raw))
+    exact = x.double() @ weight.T
+    # Rounding x to 8 bits moves each value by at most d_x / 2 = amax_b / 254, so output n
+    # moves by at most sum_b amax_b / 254 * ||W[n, block b]||_1; float32 sums add ~1e-6.
+    amax = x.abs().view(num_rows, -1, 32).amax(-1).double()  # [M, nb]
+    w_block_l1 = weight.abs().view(weight.shape[0], -1, 32).sum(-1)  # [N, nb]
+    bound = amax / 254 @ w_block_l1.T + 1e-5 * (x.abs().double() @ weight.abs().T)
+    assert y.shape == (num_rows, weight.shape[0]) and y.dtype == torch.float32
+    assert ((y.double() - exact).abs() <= bound).all()
+    # Typical size: uniform rounding error of std d_x / sqrt(12), d_x ~ 2.3 / 127 for 32
+    # Gaussian values, is ~0.5% of x's std; allow 4x for rows of correlated weights.
+    relative = (y.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert relative.median() < 1e-2 and relative.max() < 2e-2, relative.max()
+    # Against the same activation quantization done in torch, only float rounding is left.
+    same_rule = reference_from_quantized(x, raw, qtype)
+    slack = 1e-5 * (x.abs().double() @ weight.abs().T)
+    assert ((y.double() - same_rule).abs() <= slack).all()
+
+
+def test_quantize_activations_equal_torch_rule() -> None:
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(0)) * 3
+    x[1, 32:64] = 0  # a block of zeros: d = 0, q = 0
+    x[2, :32] = torch.arange(32) - 15.5  # halves: ties round to even
+    q, d, s = kernels.quantize_activations(x)
+    ref_q, ref_d, ref_s = reference_quantize(x)
+    assert torch.equal(q, ref_q) and torch.equal(d, ref_d) and torch.equal(s, ref_s)
+
+
+@pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
+def test_integer_dot_products_are_exact(qtype: GGMLQuantizationType) -> None:
+    """Powers-of-two scales and integer x with amax 127: every float step is exact."""
+    gen = torch.Generator().manual_seed(1)
+    num_rows, num_cols, num_inputs = 9, 576, 6
+    nb = num_cols // 32
+    if qtype == Q8_0:  # the full int8 range, -128 included
+        qs = torch.randint(0, 256, (num_rows, num_cols), dtype=torch.uint8, generator=gen)
+    else:
+        qs = torch.randint(0, 256, (num_rows, nb * 16), dtype=torch.uint8, generator=gen)
+    d = (2.0 ** torch.randint(-2, 3, (num_rows, nb), generator=gen)).half()
+    m = torch.randint(-4, 5, (num_rows, nb), generator=gen).half() if qtype == Q4_1 else None
+    w = PackedWeight(qtype, (num_rows, num_cols), qs, d, m)
+    x = torch.randint(-127, 128, (num_inputs, nb, 32), generator=gen).float()
+    x[:, :, 0] = 127.0  # amax 127 in every block: d_x = 1, q = x
+    x = x.view(num_inputs, num_cols)
+    y = kernels.qlinear(x, w)
+    expected = x.double() @ kernels.dequantize_packed(w).double().T
+    assert torch.equal(y.double(), expected)
+
+
+@pytest.mark.parametrize("num_out", [1, 5, 7, 13])
+def test_odd_output_sizes(real_weights: dict, num_out: int) -> None:
+    raw = real_weights[Q4_1][:num_out]
+    weight = torch.from_numpy(quants.dequantize(raw, Q4_1)).double()
+    for num_rows in (1, 3, 17):
+        x = torch.randn(num_rows, weight.shape[1], generator=torch.Generator().manual_seed(3))
+        y = kernels.qlinear(x, pack(Q4_1, raw))
+        slack = 1e-5 * (x.abs().double() @ weight.abs().T)
+        assert ((y.double() - reference_from_quantized(x, raw, Q4_1)).abs() <= slack).all()
+
+
+@pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
+def test_repack_is_lossless(real_weights: dict, qtype: GGMLQuantizationType) -> None:
+    raw = real_weights[qtype]
+    w = pack(qtype, raw)
+    assert torch.equal(w.to_raw(), torch.from_numpy(raw).reshape(-1))
+    assert w.nbytes == raw.nbytes
+    assert torch.equal(kernels.dequantize_packed(w),
+                       torch.from_numpy(quants.dequantize(raw, qtype)))
+
+
+def test_pytorch_fallback_equals_dequantized_matmul(real_weights: dict,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = real_weights[Q4_1]
+    weight = torch.from_numpy(quants.dequantize(raw, Q4_1))
+    x = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(4))
+    expected = x @ weight.T
+    monkeypatch.setattr(kernels, "_kernel_isa", lambda: None)  # as without a compiler
+    y = kernels.qlinear(x, pack(Q4_1, raw))
+    assert y.shape == (2, 3, weight.shape[0])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keeps_leading_dims_and_dtype(real_weights: dict) -> None:
+    w = pack(Q4_1, real_weights[Q4_1])
+    x = torch.randn(2, 3, w.shape[1]).bfloat16()
+    y = kernels.qlinear(x, w)
+    assert y.shape == (2, 3, w.shape[0]) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, kernels.qlinear(x.float(), w).bfloat16())
+
+
+def test_op_schema_and_fake_kernel(real_weights: dict) -> None:
+    """The op traces (torch.compile needs the fake kernel and a correct schema)."""
+    w = pack(Q4_1, real_weights[Q4_1])
+    assert kernels.available()
+    torch.library.opcheck(torch.ops.levante_quant.qlinear.default,
+                          (torch.randn(3, w.shape[1]), w.qs, w.d, w.m, int(w.qtype)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rejects_bad_input(real_weights: dict) -> None:
+    raw = torch.from_numpy(real_weights[Q4_1])
+    with pytest.raises(ValueError, match="Q4_K"):
+        kernels.repack(GGMLQuantizationType.Q4_K, raw, (576, 1536))
+    with pytest.raises(ValueError, match="needs"):
+        kernels.repack(Q4_1, raw[:-1], (576, 1536))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        kernels.repack(Q4_1, raw, (576, 1530))
+    with pytest.raises(ValueError, match="features"):
+        kernels.qlinear(torch.randn(1, 576), kernels.repack(Q4_1, raw, (576, 1536)))
