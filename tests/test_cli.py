@@ -1,0 +1,56 @@
+"""The CLI: generate --json shape, pull/list, and clear errors (no tracebacks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from levante.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_json_shape(smollm2_gguf: Path) -> None:
+    result = runner.invoke(app, ["generate", str(smollm2_gguf), "--chat", "--prompt",
+                                 "What is the capital of France?", "--max-tokens", "8",
+                                 "--temperature", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(data) == {"prompt_token_ids", "token_ids", "text", "finish_reason",
+                         "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert len(data["token_ids"]) <= 8 and "Paris" in data["text"]
+    assert data["finish_reason"] in ("stop", "length")
+
+
+def test_run_one_shot(smollm2_gguf: Path) -> None:
+    result = runner.invoke(app, ["run", str(smollm2_gguf), "Say hello.", "--max-tokens", "8",
+                                 "--temperature", "0"])
+    assert result.exit_code == 0 and result.stdout.strip()
+
+
+def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 10)
+    result = runner.invoke(app, ["generate", str(bad), "--prompt", "hi"])
+    assert result.exit_code == 1
+    assert "broken.gguf" in result.output and "Traceback" not in result.output
+
+
+def test_pickle_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"not really a pickle")
+    result = runner.invoke(app, ["generate", str(weights), "--prompt", "hi"])
+    assert result.exit_code == 1 and "safetensors" in result.output
+
+
+def test_bad_sampling_value() -> None:
+    result = runner.invoke(app, ["generate", "smollm2", "--prompt", "hi", "--temperature",
+                                 "-1"])
+    assert result.exit_code == 1 and "temperature" in result.output
+
+
+def test_list_shows_the_default_model(smollm2_gguf: Path) -> None:
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0 and "smollm2" in result.output
