@@ -113,3 +113,35 @@ def test_seeded_sampling_is_reproducible_in_a_batch(model: Transformer) -> None:
     alone = _run(engine, [prompts[0]], params)[0]
     together = _run(engine, prompts, params)[0]
     assert alone == together
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(model: Transformer) -> None:
+    system = _prompts(model.config.vocab_size, [40])[0]
+    turns = [system + p for p in _prompts(model.config.vocab_size, [5, 9, 13])]
+    config = EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=8)
+    plain = Engine(model, None, config)
+    expected = [_run(plain, [t], GREEDY)[0] for t in turns]
+    cached = Engine(model, None, config.__class__(**{**config.__dict__,
+                                                     "enable_prefix_caching": True}))
+    got = []
+    for turn in turns:
+        before = cached.num_computed_tokens
+        got.append(_run(cached, [turn], GREEDY)[0])
+        computed = cached.num_computed_tokens - before
+    assert got == expected
+    # the 40-token shared prefix holds 5 full blocks: the last turn recomputed none of them
+    assert computed <= len(turns[-1]) - 40 + GREEDY.max_tokens
+    assert cached.pool.num_free == cached.pool.num_blocks
+
+
+def test_prefix_cache_under_pressure_keeps_outputs(model: Transformer) -> None:
+    prompts = _prompts(model.config.vocab_size, [30, 30, 30, 30])
+    shared = prompts[0][:16]
+    prompts = [shared + p for p in prompts]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    roomy = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4))
+    expected = _run(roomy, prompts, params)
+    tight = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=30, block_size=4,
+                                             enable_prefix_caching=True))
+    assert _run(tight, prompts, params) == expected
+    assert tight.pool.num_free == tight.pool.num_blocks

@@ -82,7 +82,7 @@ class Engine:
         self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
         dtype = model.model.embed_tokens.weight.dtype
         num_blocks = kv_pool_blocks(model, self.config, dtype)
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching=self.config.enable_prefix_caching)
         cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
                         dtype=dtype, device=model.rope_cos.device)
         self.runner = ModelRunner(model, cache)
@@ -91,6 +91,7 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self.sampler = Sampler(model.config.vocab_size, eos_ids=self.eos_ids)
         self.requests: dict[str, Request] = {}
+        self.num_computed_tokens = 0  # tokens run through the model, all requests
         self.texts: dict[str, TextState] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks,
                  self.config.block_size, self.capacity_tokens)
@@ -178,6 +179,8 @@ class Engine:
                            rows: list[int]) -> list[StepOutput]:
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
+            self.num_computed_tokens += num_new
+            self.scheduler.cache_computed_blocks(request)
         if not rows:
             return []
         requests = [batch.requests[i] for i in rows]

@@ -48,8 +48,9 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     first_token_time: float | None = None
-    # Cached prefix blocks shared read-only with other requests (prefix caching).
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not recomputed)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
+    num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

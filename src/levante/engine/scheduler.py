@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from levante.config import EngineConfig
-from levante.engine.kv_cache import BlockPool
+from levante.engine.kv_cache import BlockPool, block_hash
 from levante.engine.request import Request, RequestStatus
 
 
@@ -87,8 +87,11 @@ class Scheduler:
     def _admit(self, scheduled: list[Request], counts: list[int], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_computed_tokens == 0:
+                self._take_cached_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow(request, num_new):
+                self._release(request)
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -110,12 +113,50 @@ class Scheduler:
         request.block_ids.extend(blocks)
         return True
 
+    def _take_cached_prefix(self, request: Request) -> None:
+        """Reuse cached blocks for the request's leading full blocks (one token stays to run)."""
+        if not self.pool.enable_caching:
+            return
+        self.hash_blocks(request, limit=request.num_tokens - 1)
+        hits = self.pool.lookup(request.block_hashes)
+        request.block_ids = hits
+        request.num_computed_tokens = len(hits) * self.config.block_size
+        request.num_cached_tokens = request.num_computed_tokens
+        request.num_registered_blocks = len(hits)
+
+    def _release(self, request: Request) -> None:
+        """Give back blocks taken at a failed admission."""
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_cached_tokens = 0
+        request.num_registered_blocks = 0
+
+    def hash_blocks(self, request: Request, *, limit: int) -> None:
+        """Extend `request.block_hashes` over its full blocks within the first `limit` tokens."""
+        size = self.config.block_size
+        for i in range(len(request.block_hashes), limit // size):
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            request.block_hashes.append(
+                block_hash(parent, request.token_slice(i * size, (i + 1) * size)))
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's newly full, computed blocks in the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        self.hash_blocks(request, limit=request.num_computed_tokens)
+        num_full = request.num_computed_tokens // self.config.block_size
+        for i in range(request.num_registered_blocks, num_full):
+            self.pool.register(request.block_ids[i], request.block_hashes[i])
+        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
+
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and put it first in line to be recomputed."""
         self.running.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
+        request.num_registered_blocks = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
