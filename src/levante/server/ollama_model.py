@@ -1,0 +1,137 @@
+"""What Ollama's /api/tags, /api/show and /api/ps say about the served model (from its files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from levante.engine.kv_cache import KVCache
+from levante.server.ollama_protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, tagged
+
+if TYPE_CHECKING:
+    from levante.server.routes import ServerState
+
+# /api/ps `expires_at`: the served model stays loaded for the life of the server.
+NEVER_EXPIRES = "9999-12-31T23:59:59Z"
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a model file, or of the files in a model folder (links followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def parameter_size(num_params: int) -> str:
+    """Ollama's short count: 134_515_008 -> "134.52M", 23_572_403_200 -> "23.6B"."""
+    if num_params >= 10**9:
+        return f"{num_params / 1e9:.1f}B"
+    return f"{num_params / 1e6:.2f}M"
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str]:
+    """(architecture, quantization level, chat template) from a GGUF's metadata or a folder's
+    config.json; a Mistral consolidated folder is "mistral" with no template file."""
+    if fmt == "gguf":
+        from gguf import LlamaFileType
+
+        from levante.weights.gguf import GGUFFile
+
+        meta = GGUFFile(path).metadata
+        file_type = meta.get("general.file_type")
+        quant = (LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+                 if isinstance(file_type, int) else dtype)
+        return str(meta["general.architecture"]), quant, str(
+            meta.get("tokenizer.chat_template", ""))
+    if fmt == "safetensors-hf":
+        config = json.loads((path / "config.json").read_text())
+        return str(config.get("model_type", "llama")), dtype, ""
+    return "mistral", dtype, ""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The served model as Ollama describes a model: name, size, digest, details, model_info."""
+
+    state: ServerState
+    name: str  # "smollm2:latest"
+    size_bytes: int
+    modified_at: str
+    digest: str
+    architecture: str
+    quantization_level: str
+    template: str
+
+    @classmethod
+    def read(cls, state: ServerState) -> ModelFacts:
+        """Read the facts once, when the routes are registered."""
+        bundle = state.bundle
+        stat = bundle.path.stat()
+        size = file_size(bundle.path)
+        dtype = str(bundle.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, dtype)
+        architecture, quant, template = _file_facts(bundle.path, bundle.format, dtype)
+        # Identifies this file as it is on disk (path, size, mtime), without hashing gigabytes;
+        # not the sha256 of its content that Ollama's digests are.
+        digest = hashlib.sha256(f"{bundle.path}|{size}|{stat.st_mtime_ns}".encode()).hexdigest()
+        return cls(state, tagged(state.model_names[0]), size, _rfc3339(stat.st_mtime), digest,
+                   architecture, quant, template)
+
+    def details(self) -> dict[str, Any]:
+        """Ollama's `details` object."""
+        return {"parent_model": "", "format": self.state.bundle.format.split("-")[0],
+                "family": self.architecture, "families": [self.architecture],
+                "parameter_size": parameter_size(self.state.bundle.config.num_params),
+                "quantization_level": self.quantization_level}
+
+    def listing(self) -> dict[str, Any]:
+        """One entry of /api/tags."""
+        return {"name": self.name, "model": self.name, "modified_at": self.modified_at,
+                "size": self.size_bytes, "digest": self.digest, "details": self.details()}
+
+    def running(self) -> dict[str, Any]:
+        """One entry of /api/ps: memory held now (weights and the KV pool)."""
+        engine = self.state.engine.engine
+        model = engine.model
+        weights = sum(t.numel() * t.element_size()
+                      for t in [*model.parameters(), *model.buffers()])
+        dtype = model.model.embed_tokens.weight.dtype
+        kv = engine.pool.num_blocks * KVCache.bytes_per_block(
+            model.config, engine.config.block_size, dtype)
+        size = weights + kv
+        on_gpu = model.rope_cos.device.type == "cuda"
+        return {"name": self.name, "model": self.name, "size": size, "digest": self.digest,
+                "details": self.details(), "expires_at": NEVER_EXPIRES,
+                "size_vram": size if on_gpu else 0,
+                "context_length": self.state.bundle.config.max_seq_len}
+
+    def model_info(self) -> dict[str, Any]:
+        """GGUF-style keys, as Ollama's `model_info`."""
+        c, a = self.state.bundle.config, self.architecture
+        return {"general.architecture": a, "general.parameter_count": c.num_params,
+                f"{a}.context_length": c.max_seq_len, f"{a}.embedding_length": c.dim,
+                f"{a}.block_count": c.num_layers, f"{a}.feed_forward_length": c.ffn_dim,
+                f"{a}.attention.head_count": c.num_heads,
+                f"{a}.attention.head_count_kv": c.num_kv_heads,
+                f"{a}.attention.key_length": c.head_dim, f"{a}.rope.freq_base": c.rope_theta,
+                f"{a}.attention.layer_norm_rms_epsilon": c.norm_eps, f"{a}.vocab_size":
+                c.vocab_size}
+
+    def show(self) -> dict[str, Any]:
+        """The /api/show object: the defaults a request gets, as Modelfile parameters."""
+        defaults = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
+                    "top_p": DEFAULT_TOP_P, "num_ctx": self.state.bundle.config.max_seq_len}
+        parameters = "\n".join(f"{k:<30} {v}" for k, v in defaults.items())
+        modelfile = (f"# Served by Levante\nFROM {self.state.bundle.path}\n"
+                     + "".join(f"PARAMETER {k} {v}\n" for k, v in defaults.items()))
+        return {"modelfile": modelfile, "parameters": parameters, "template": self.template,
+                "details": self.details(), "model_info": self.model_info(),
+                "capabilities": ["completion"], "modified_at": self.modified_at}

@@ -1,0 +1,246 @@
+"""Ollama request bodies (pydantic, the HTTP boundary), options as SamplingParams, model names."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from levante.engine.sampler import SamplingParams
+from levante.errors import ContextLengthError, RequestError
+from levante.weights.hub import ALIASES
+
+log = logging.getLogger(__name__)
+
+# Ollama's documented sampling defaults, used where a request leaves an option out, so Ollama
+# clients get the answers they expect. Not `repeat_penalty 1.1`: Ollama applies it to the last
+# 64 tokens only, ours looks at the whole context, so the same number would bite harder here.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.9
+# SamplingParams field -> the Ollama option it came from, for error messages.
+_OPTION_NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"}
+
+
+class Options(BaseModel):
+    """`options` of /api/chat and /api/generate; an unknown name is refused (a typo would
+    otherwise change nothing, silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    num_predict: int | None = None
+    stop: str | list[str] | None = None
+    num_ctx: int | None = Field(default=None, ge=1)
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Sampling methods we do not implement: accepted only at their neutral value.
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    typical_p: float | None = None
+    tfs_z: float | None = None
+    # Loading and hardware knobs of llama.cpp with no meaning here: accepted and ignored.
+    numa: bool | None = None
+    num_batch: int | None = None
+    num_gpu: int | None = None
+    main_gpu: int | None = None
+    low_vram: bool | None = None
+    f16_kv: bool | None = None
+    logits_all: bool | None = None
+    vocab_only: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    embedding_only: bool | None = None
+    num_thread: int | None = None
+    num_keep: int | None = None
+    penalize_newline: bool | None = None
+
+    @field_validator("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "typical_p", "tfs_z")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def check_supported(self) -> None:
+        """Refuse sampling methods we would otherwise ignore, naming the option."""
+        if self.mirostat not in (None, 0):
+            raise RequestError("options.mirostat: mirostat sampling is not supported; use "
+                               "temperature, top_k, top_p or min_p", param="options.mirostat")
+        for name in ("typical_p", "tfs_z"):
+            if getattr(self, name) not in (None, 1.0):
+                raise RequestError(f"options.{name}: only 1.0 (off) is supported",
+                                   param=f"options.{name}")
+        if self.repeat_last_n not in (None, -1, 0):
+            raise RequestError(
+                "options.repeat_last_n: penalties here look at the whole context; send -1 "
+                "(whole context) or 0 (off), or leave it out", param="options.repeat_last_n")
+
+    def sampling_params(self, *, num_prompt_tokens: int, context: int,
+                        logprobs: int | None) -> SamplingParams:
+        """The engine's parameters for a prompt of `num_prompt_tokens` in a `context` window.
+
+        `num_ctx` above the server's context is clamped to it (as Ollama clamps it to the
+        model's trained context); a prompt that does not fit is refused, never truncated.
+        Output stops where the window is full (`done_reason` "length"), like `num_predict`.
+        """
+        window = min(self.num_ctx or context, context)
+        if num_prompt_tokens >= window:
+            source = "options.num_ctx" if window < context else "the server's context"
+            raise ContextLengthError(f"the prompt has {num_prompt_tokens} tokens; {source} is "
+                                     f"{window}", param="options.num_ctx")
+        if self.num_predict is not None and (self.num_predict == 0 or self.num_predict < -2):
+            raise RequestError("options.num_predict must be a positive number of tokens, -1 "
+                               "(no limit) or -2 (fill the context)", param="options.num_predict")
+        room = window - num_prompt_tokens
+        max_tokens = min(self.num_predict, room) if (self.num_predict or 0) > 0 else room
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling())
+        except RequestError as e:
+            name = _OPTION_NAMES.get(e.param or "", e.param or "")
+            message = str(e).replace(e.param or "", name, 1)
+            raise RequestError(f"options.{message}", param=f"options.{name}") from None
+
+    def _sampling(self) -> dict[str, Any]:
+        """llama.cpp's conventions: temperature <= 0 is greedy, top_k <= 0 and top_p >= 1 are
+        off, a negative seed is random, repeat_last_n 0 turns the repeat penalty off."""
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        top_k = DEFAULT_TOP_K if self.top_k is None else self.top_k
+        top_p = DEFAULT_TOP_P if self.top_p is None else min(self.top_p, 1.0)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        is_repeat_off = self.repeat_last_n == 0 or self.repeat_penalty is None
+        repeat = 1.0 if is_repeat_off else self.repeat_penalty
+        return {"temperature": max(temperature, 0.0), "top_k": top_k if top_k > 0 else None,
+                "top_p": top_p, "min_p": self.min_p or 0.0, "repetition_penalty": repeat,
+                "presence_penalty": self.presence_penalty or 0.0,
+                "frequency_penalty": self.frequency_penalty or 0.0,
+                "seed": None if self.seed is None or self.seed < 0 else self.seed, "stop": stop}
+
+
+class _Generating(BaseModel):
+    """Fields /api/chat and /api/generate share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: Options | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: float | str | None = None  # the model stays loaded while the server runs
+    think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def check_supported(self) -> None:
+        """Refuse what we cannot honour yet (structured output, thinking); log unknown fields."""
+        for name in self.model_extra or {}:
+            log.info("ignoring unknown Ollama request field %r", name)
+        if self.format not in (None, ""):
+            raise RequestError("format is not supported yet (structured output is coming); "
+                               "leave format out", param="format")
+        if self.think not in (None, False):
+            raise RequestError(f'"{self.model}" does not support thinking', param="think")
+        (self.options or Options()).check_supported()
+
+    def num_logprobs(self) -> int | None:
+        """None (no logprobs) or how many alternatives to list with each token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ChatBody(_Generating):
+    """POST /api/chat."""
+
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat formats take them; refuses images and tool traffic."""
+        if self.tools:
+            raise RequestError("tools are not supported yet (tool calling is coming); "
+                               "leave tools out", param="tools")
+        messages = []
+        for index, message in enumerate(self.messages):
+            for name in ("images", "tool_calls", "tool_name"):
+                if message.get(name):
+                    what = "images" if name == "images" else "tool calls"
+                    raise RequestError(f"messages[{index}].{name}: {what} are not supported",
+                                       param="messages")
+            if message.get("role") == "tool":
+                raise RequestError(f"messages[{index}]: tool results are not supported yet",
+                                   param="messages")
+            # "thinking" (a thinking model's earlier reasoning) is not part of the prompt.
+            messages.append({"role": message.get("role"), "content": message.get("content")})
+        return messages
+
+
+class GenerateBody(_Generating):
+    """POST /api/generate."""
+
+    prompt: str = ""
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    suffix: str | None = None
+    images: list[str] | None = None
+
+    def check_supported(self) -> None:
+        """As for chat, and refuse the fields that would change the prompt in ways we don't."""
+        super().check_supported()
+        if self.template:
+            raise RequestError("template is not supported: the model's own chat template is "
+                               "used; send raw: true with a formatted prompt instead",
+                               param="template")
+        if self.suffix:
+            raise RequestError("suffix (fill in the middle) is not supported", param="suffix")
+        if self.images:
+            raise RequestError("images are not supported: this model reads text only",
+                               param="images")
+        if self.raw and self.system:
+            raise RequestError("system has no effect with raw: true; put it in the prompt",
+                               param="system")
+
+
+class NamedBody(BaseModel):
+    """POST /api/show and /api/pull: `model`, or `name` as older clients send it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+
+    @property
+    def ref(self) -> str:
+        ref = self.model or self.name
+        if not ref:
+            raise RequestError("model is required", param="model")
+        return ref
+
+
+def served_name(requested: str, served: tuple[str, ...]) -> str | None:
+    """The served name `requested` means, as Ollama clients write it, or None.
+
+    Example: served ("smollm2",): "smollm2", "smollm2:latest" and "smollm2:135m" (an alias
+    in `levante.weights.hub`) all give "smollm2"; "llama3.2" gives None.
+    """
+    bare = requested.removesuffix(":latest")
+    for name in (requested, bare, ALIASES.get(requested.lower()), ALIASES.get(bare.lower())):
+        if name in served:
+            return name
+    return None
+
+
+def tagged(name: str) -> str:
+    """A name as Ollama lists it, with a tag: "smollm2" -> "smollm2:latest"."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
