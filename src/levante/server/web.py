@@ -1,0 +1,47 @@
+"""The browser chat page at `/`: static files shipped in the package (no build step, no CDN)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from levante.server.app import ServerConfig
+from levante.server.routes import ServerState
+
+# URL path -> (file in levante/web, media type). app.PUBLIC_PATHS lists these paths too.
+ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+# Only our own files run, style and fetch; nothing may frame the page.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def register_web(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
+    """Serve the chat page and its assets, unless `config.no_web`; the page calls /v1 itself."""
+    del state  # the page learns everything through the API
+    if config.no_web:
+        return
+    folder = files("levante") / "web"
+    for path, (name, media_type) in ASSETS.items():
+        app.add_api_route(path, _static(folder.joinpath(name).read_bytes(), media_type),
+                          methods=["GET"], include_in_schema=False)
+
+
+def _static(content: bytes, media_type: str) -> Callable[[], Awaitable[Response]]:
+    """An endpoint answering with one file read at startup."""
+    async def endpoint() -> Response:
+        return Response(content, media_type=media_type, headers=HEADERS)
+
+    return endpoint
