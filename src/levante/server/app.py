@@ -23,7 +23,8 @@ from levante.server.protocol import error_body
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-PUBLIC_PATHS = ("/health",)
+# The chat page and its assets are public (it asks for the key); the API behind it is not.
+PUBLIC_PATHS = ("/health", "/", "/static/app.js", "/static/style.css")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     cors_origins: tuple[str, ...] = ()
     extra_hosts: tuple[str, ...] = field(default=())
+    no_web: bool = False
 
 
 class HTTPError(Exception):
@@ -140,7 +142,9 @@ def guard_middleware(config: ServerConfig) -> Callable[..., Awaitable[Response]]
 
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
+    from levante.server.ollama import register_ollama
     from levante.server.routes import register
+    from levante.server.web import register_web
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -163,6 +167,8 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     register(app, config, state)
+    register_ollama(app, config, state)
+    register_web(app, config, state)
     return app
 
 
