@@ -92,6 +92,8 @@ def test_params_defaults_normalization_and_replace() -> None:
     assert hash(params) == hash(SamplingParams(temperature=1.0, logit_bias=((3, -2.5), (9, 1.0))))
     assert not params.is_greedy
     assert params.replace(temperature=0).is_greedy and params.replace(top_k=1).is_greedy
+    assert params.replace(temperature=1e-30).is_greedy
+    assert not params.replace(temperature=0.01).is_greedy
     assert params.replace(max_tokens=None).max_tokens is None
     with pytest.raises(RequestError):
         params.replace(top_p=2.0)
@@ -189,7 +191,8 @@ def test_repetition_penalty_matches_transformers() -> None:
                    prompts=prompts, outputs=outputs)
     for row, penalty in enumerate(penalties):
         input_ids = torch.tensor([prompts[row] + outputs[row]])
-        reference = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, logits[row:row + 1].clone())
+        processor = RepetitionPenaltyLogitsProcessor(penalty)
+        reference = processor(input_ids, logits[row:row + 1].clone())
         torch.testing.assert_close(ours[row], reference[0], rtol=0, atol=0)
 
 
@@ -300,7 +303,8 @@ def run_steps(rows: list[SamplingParams], target: int, num_steps: int = 50) -> l
 def test_seeded_row_is_reproducible_and_batch_independent() -> None:
     seeded = SamplingParams(seed=1234, temperature=1.5, top_p=0.95, repetition_penalty=1.2)
     alone = run_steps([seeded], 0)
-    others = [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(seed=1, top_p=0.5)]
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=5),
+              SamplingParams(seed=1, top_p=0.5)]
     assert run_steps([seeded], 0) == alone
     assert run_steps([others[0], seeded, *others[1:]], 1) == alone
     assert run_steps([*others, seeded], 3) == alone
@@ -313,7 +317,8 @@ def test_mixed_params_in_one_batch_act_per_row() -> None:
     logits = torch.randn(5, 40, generator=gen)
     peaked = torch.tensor(PROBS).log()
     logits[3, :5], logits[3, 5:] = peaked, -INF
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias=((17, 50.0),)),
+    params = [SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias=((17, 50.0),)),
               SamplingParams(top_k=1), SamplingParams(top_p=0.6, seed=3),
               SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0)]
     outputs = [[], [], [], [], [int(logits[4].argmax())] * 3]

@@ -21,6 +21,7 @@ MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_SEED = 2**63 - 1
 NUM_CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: logits / 1e-30 would overflow float32
 
 
 def _invalid(param: str, rule: str, value: object, *, label: str | None = None) -> RequestError:
@@ -80,7 +81,8 @@ def _normalize_logit_bias(pairs: object) -> tuple[tuple[int, float], ...]:
     biases: dict[int, float] = {}
     for pair in pairs:
         if not isinstance(pair, tuple) or len(pair) != 2:
-            raise _invalid("logit_bias", "a (token_id, bias) pair", pair, label="each logit_bias entry")
+            raise _invalid("logit_bias", "a (token_id, bias) pair", pair,
+                           label="each logit_bias entry")
         token_id, bias = pair
         if not _is_int(token_id) or token_id < 0:
             raise _invalid("logit_bias", "an integer >= 0", token_id, label="logit_bias token id")
@@ -95,10 +97,11 @@ def _normalize_logit_bias(pairs: object) -> tuple[tuple[int, float], ...]:
 class SamplingParams:
     """How to pick each next token and when to stop; validated on construction.
 
-    temperature 0 is greedy. Penalties: `repetition_penalty` as in transformers (over prompt
-    and output tokens), `presence_penalty`/`frequency_penalty` as in OpenAI (output tokens
-    only). `logit_bias` is stored as (token_id, bias) pairs sorted by id, so the object stays
-    hashable. `stop`, `stop_token_ids` and `logit_bias` must be tuples: callers convert.
+    temperature 0 (below 1e-5) is greedy. Penalties: `repetition_penalty` as in transformers
+    (over prompt and output tokens), `presence_penalty`/`frequency_penalty` as in OpenAI
+    (output tokens only). `logit_bias` is stored as (token_id, bias) pairs sorted by id, so
+    the object stays hashable. `stop`, `stop_token_ids` and `logit_bias` must be tuples:
+    callers convert.
     """
 
     max_tokens: int | None = 256  # None: up to the context limit
@@ -148,8 +151,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """True when sampling reduces to argmax: temperature 0 or top_k 1."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when sampling reduces to argmax: temperature 0 (below 1e-5) or top_k 1."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:
@@ -449,7 +452,7 @@ def _gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     index = _long(rows, logits.device)
     log_probs = logits[index].log_softmax(dim=-1)  # [R, V]
     chosen = log_probs.gather(1, token_ids[index][:, None]).squeeze(1).tolist()
-    num_top = max(params[row].logprobs or 0 for row in rows)
+    num_top = min(max(params[row].logprobs or 0 for row in rows), logits.shape[-1])
     top_values, top_ids = log_probs.topk(num_top, dim=-1)  # [R, num_top], descending
     values_list, ids_list = top_values.tolist(), top_ids.tolist()
     for j, row in enumerate(rows):
