@@ -188,6 +188,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact pool size (tests); overrides kv_cache_memory
     max_queue: int = 256  # waiting requests before new ones are refused
     enable_prefix_caching: bool = False
+    num_speculative_tokens: int = 0  # prompt-lookup drafts per step for greedy requests; 0 = off
+    speculative_ngram: int = 3  # longest n-gram matched against earlier tokens to draft
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -195,6 +197,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.num_speculative_tokens <= 16 or self.speculative_ngram < 1:
+            raise ConfigError(f"EngineConfig.num_speculative_tokens must be 0..16 and "
+                              f"speculative_ngram >= 1, got {self.num_speculative_tokens!r}, "
+                              f"{self.speculative_ngram!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ConfigError(f"EngineConfig.num_kv_blocks must be positive, got "
                               f"{self.num_kv_blocks!r}")

@@ -145,3 +145,20 @@ def test_prefix_cache_under_pressure_keeps_outputs(model: Transformer) -> None:
                                              enable_prefix_caching=True))
     assert _run(tight, prompts, params) == expected
     assert tight.pool.num_free == tight.pool.num_blocks
+
+
+def test_speculative_decoding_keeps_greedy_outputs(model: Transformer) -> None:
+    """Prompt-lookup drafts on repetitive prompts: same tokens, and some drafts accepted."""
+    base = _prompts(model.config.vocab_size, [6, 9, 4])
+    prompts = [p * 6 for p in base]  # repetitive, like text a summary copies from
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4))
+    expected = _run(plain, prompts, params)
+    spec = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4,
+                                            num_speculative_tokens=4))
+    assert _run(spec, prompts, params) == expected
+    assert spec.num_draft_tokens > 0
+    assert spec.pool.num_free == spec.pool.num_blocks
+    # sampled (non-greedy) requests never speculate and stay seed-reproducible
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    assert _run(spec, prompts[:1], seeded) == _run(plain, prompts[:1], seeded)

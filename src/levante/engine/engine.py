@@ -92,6 +92,8 @@ class Engine:
         self.sampler = Sampler(model.config.vocab_size, eos_ids=self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens = 0  # tokens run through the model, all requests
+        self.num_draft_tokens = 0  # speculative tokens proposed / accepted
+        self.num_accepted_tokens = 0
         self.texts: dict[str, TextState] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks,
                  self.config.block_size, self.capacity_tokens)
@@ -177,23 +179,76 @@ class Engine:
 
     def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
                            rows: list[int]) -> list[StepOutput]:
+        accepted = self._verify_drafts(batch, logits, rows)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += num_new
+            # Drafts' K/V count only where accepted; the rest is overwritten later.
+            num_accepted = len(accepted.get(request.request_id, ())) - 1
+            request.num_computed_tokens += num_new - len(request.draft_ids) + max(0, num_accepted)
             self.num_computed_tokens += num_new
             self.scheduler.cache_computed_blocks(request)
-        if not rows:
-            return []
-        requests = [batch.requests[i] for i in rows]
-        sampled = self.sampler(
-            logits, [r.params for r in requests],
-            prompt_ids=[r.prompt_ids for r in requests],
-            output_ids=[r.output_ids for r in requests],
-            generators=[r.generator for r in requests])
+        plain = [j for j, i in enumerate(rows) if not batch.requests[i].draft_ids]
         outputs = []
-        for i, request in enumerate(requests):
-            outputs.append(self._append_token(request, sampled.token_ids[i],
-                                              sampled.logprobs[i], sampled.top_logprobs[i]))
+        if plain:
+            requests = [batch.requests[rows[j]] for j in plain]
+            sampled = self.sampler(
+                logits[plain] if len(plain) < len(rows) else logits,
+                [r.params for r in requests],
+                prompt_ids=[r.prompt_ids for r in requests],
+                output_ids=[r.output_ids for r in requests],
+                generators=[r.generator for r in requests])
+            for k, request in enumerate(requests):
+                outputs.append(self._append_token(request, sampled.token_ids[k],
+                                                  sampled.logprobs[k], sampled.top_logprobs[k]))
+        for request in batch.requests:
+            if request.request_id in accepted:
+                outputs.append(self._append_tokens(request, accepted[request.request_id]))
         return outputs
+
+    def _verify_drafts(self, batch: Batch, logits: torch.Tensor,
+                       rows: list[int]) -> dict[str, list[int]]:
+        """Greedy tokens each speculating request keeps: accepted drafts plus one more.
+
+        Row j of a request's rows is the model's choice after draft j - 1; drafts are kept
+        while they equal those choices, so outputs equal plain greedy decoding.
+        """
+        kept: dict[str, list[int]] = {}
+        spec = [j for j, i in enumerate(rows) if batch.requests[i].draft_ids]
+        if not spec:
+            return kept
+        choices = logits[spec].argmax(dim=-1).tolist()
+        cursor = 0
+        for i in dict.fromkeys(rows[j] for j in spec):
+            request = batch.requests[i]
+            drafts = request.draft_ids
+            targets = choices[cursor:cursor + len(drafts) + 1]
+            cursor += len(drafts) + 1
+            n = 0
+            while n < len(drafts) and drafts[n] == targets[n]:
+                n += 1
+            kept[request.request_id] = drafts[:n] + [targets[n]]
+            self.num_draft_tokens += len(drafts)
+            self.num_accepted_tokens += n
+        return kept
+
+    def _append_tokens(self, request: Request, tokens: list[int]) -> StepOutput:
+        """Append several greedy tokens, stopping at the first that ends the request."""
+        request.draft_ids = []
+        merged: StepOutput | None = None
+        for token in tokens:
+            out = self._append_token(request, token, None, None)
+            if merged is None:
+                merged = out
+            else:
+                merged.new_token_ids += out.new_token_ids
+                merged.new_text += out.new_text
+                merged.logprobs += out.logprobs
+                merged.top_logprobs += out.top_logprobs
+                merged.finished, merged.finish_reason = out.finished, out.finish_reason
+                merged.num_output_tokens = out.num_output_tokens
+            if out.finished:
+                break
+        assert merged is not None
+        return merged
 
     def _append_token(self, request: Request, token: int, logprob: float | None,
                       top: list[tuple[int, float]] | None) -> StepOutput:

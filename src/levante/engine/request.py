@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,10 +48,12 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     error: str | None = None
+    constraint: Any = None  # a grammar matcher (levante.structured) while output is constrained
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not recomputed)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
+    draft_ids: list[int] = field(default_factory=list)  # speculative tokens for this step
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -64,6 +67,13 @@ class Request:
         """Token at position `index` of prompt + output."""
         n = len(self.prompt_ids)
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    @property
+    def can_speculate(self) -> bool:
+        """Greedy with nothing that reshapes the logits: argmax verification is exact."""
+        p = self.params
+        return (p.is_greedy and not p.has_penalties and not p.logit_bias and p.logprobs is None
+                and p.min_tokens == 0 and self.constraint is None)
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         """Tokens at positions [start, stop) of prompt + output, without concatenating all."""

@@ -19,9 +19,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
-        """Compute the batch; logits [S, vocab] for the S requests that reach their last token.
+        """Compute the batch; logits for the requests that reach their last known token.
 
-        Returns the logits and, for each of their rows, the index of the request in the batch.
+        A request with speculative drafts gets 1 + len(drafts) rows (its last token's and each
+        draft's); others one. Returns logits [rows, vocab] and each row's request index.
         """
         token_ids: list[int] = []
         positions: list[int] = []
@@ -31,12 +32,14 @@ class ModelRunner:
         for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
             end = start + num_new
-            token_ids.extend(request.token_slice(start, end))
+            drafts = request.draft_ids
+            token_ids.extend(request.token_slice(start, end - len(drafts)) + drafts)
             positions.extend(range(start, end))
             context_lens.append(end)
-            if end == request.num_tokens:
-                sample_rows.append(len(token_ids) - 1)
-                sample_requests.append(i)
+            if end - len(drafts) == request.num_tokens:
+                first_row = len(token_ids) - 1 - len(drafts)
+                sample_rows.extend(range(first_row, len(token_ids)))
+                sample_requests.extend([i] * (1 + len(drafts)))
         attention = build_paged_attention(
             self.cache, block_tables=[r.block_ids for r in batch.requests],
             context_lens=context_lens, query_lens=list(batch.num_new_tokens), device=self.device)

@@ -70,6 +70,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            request.draft_ids = self._drafts(request, budget) if num_new == 1 else []
+            num_new += len(request.draft_ids)
             while not self._grow(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,6 +85,24 @@ class Scheduler:
         if not preempted:
             budget = self._admit(scheduled, counts, budget)
         return Batch(tuple(scheduled), tuple(counts), tuple(preempted))
+
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Prompt-lookup drafts: what followed the last earlier occurrence of the latest n-gram.
+
+        Example, n-gram 2: tokens [5, 6, 7, 9, 5, 6] end in (5, 6), seen at 0, followed by
+        [7, 9, ...], so the drafts are [7, 9, 5, 6][:k].
+        """
+        k = min(self.config.num_speculative_tokens, budget - 1,
+                request.max_tokens - len(request.output_ids) - 1)
+        if k <= 0 or not request.can_speculate:
+            return []
+        tokens = request.token_slice(0, request.num_tokens)
+        for n in range(min(self.config.speculative_ngram, len(tokens) - 1), 0, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    return tokens[start + n:start + n + k]
+        return []
 
     def _admit(self, scheduled: list[Request], counts: list[int], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
