@@ -6,7 +6,7 @@ MODEL ?= smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test browser lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,9 +21,16 @@ run: setup
 	$(VENV)/bin/levante pull $(MODEL)
 	$(VENV)/bin/levante serve $(MODEL) --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/levante pull $(MODEL)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium for the chat-page test (skipped with a reason where it can't be had).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
+	    || echo "chromium not installed: the browser test will be skipped"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

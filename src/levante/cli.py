@@ -154,8 +154,14 @@ def serve(
     kv_cache_memory: Annotated[str | None, typer.Option(help="e.g. 2GB")] = None,
     dtype: Annotated[str, typer.Option()] = "float32",
     served_model_name: Annotated[str | None, typer.Option()] = None,
+    no_web: Annotated[bool, typer.Option(
+        "--no-web", help="Do not serve the browser chat page at /")] = False,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="reuse KV blocks of repeated prompt prefixes")] = True,
+    num_speculative_tokens: Annotated[int, typer.Option(
+        help="prompt-lookup draft tokens per step for greedy requests (0 = off)")] = 0,
 ) -> None:
-    """Serve a model with OpenAI's API (and /health, /metrics) on HOST:PORT."""
+    """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics."""
     from levante.server.app import ServerConfig, serve as run_server
 
     try:
@@ -163,7 +169,8 @@ def serve(
             ref=ref, host=host, port=port, api_key=api_key, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
-            served_model_name=served_model_name)
+            served_model_name=served_model_name, no_web=no_web,
+            enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens)
         run_server(config)
     except LevanteError as e:
         _fail(e)

@@ -43,6 +43,8 @@ class ServerConfig:
     num_kv_blocks: int | None = None
     dtype: str = "float32"
     served_model_name: str | None = None
+    enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0
     max_body_bytes: int = 8 * 2**20
     cors_origins: tuple[str, ...] = ()
     extra_hosts: tuple[str, ...] = field(default=())
