@@ -56,6 +56,25 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def narrow_mistral_dir(tmp_path_factory: pytest.TempPathFactory, tekken_path: Path) -> Path:
+    """An HF Mistral folder with tekken.json, 64 wide with tied embeddings: the V7 chat format
+    on a model small enough (8M parameters) to load, train and merge in a second."""
+    import shutil
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder = tmp_path_factory.mktemp("narrow-mistral")
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=131072, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=32, max_position_embeddings=1024, sliding_window=None,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    MistralForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    shutil.copy(tekken_path, folder / "tekken.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_llama_dir: Path) -> HFTokenizer:
     """The tiny folder's tokenizer (eos = <|im_end|>)."""
     return HFTokenizer.from_file(tiny_llama_dir / "tokenizer.json",

@@ -53,7 +53,8 @@ def adapter_pair(tmp_path_factory: pytest.TempPathFactory,
     return first, second
 
 
-@pytest.mark.parametrize("base", ["tiny_llama_dir", "tiny_mistral_hf"])
+@pytest.mark.parametrize("base", [
+    "tiny_llama_dir", "tiny_mistral_hf", "narrow_mistral_dir"])
 def test_hf_peft_loads_our_adapter_with_equal_logits(
         base: str, request: pytest.FixtureRequest, tmp_path: Path,
         folder_model: Callable[[Path], Transformer]) -> None:
@@ -89,15 +90,15 @@ def test_saved_keys_are_peft_names(adapter_pair: tuple[Path, Path]) -> None:
 
 
 def test_merged_checkpoint_equals_base_plus_adapter(
-        tmp_path: Path, tiny_mistral_hf: Path,
+        tmp_path: Path, narrow_mistral_dir: Path,
         folder_model: Callable[[Path], Transformer]) -> None:
     from transformers import AutoModelForCausalLM
 
     from levante.finetune.job import merge_adapter
 
-    adapter = make_adapter(folder_model(tiny_mistral_hf), tmp_path / "adapter")
-    expected = logits(load_adapter(folder_model(tiny_mistral_hf), adapter).get_base_model())
-    merged_dir = merge_adapter(str(tiny_mistral_hf), adapter, tmp_path / "merged")
+    adapter = make_adapter(folder_model(narrow_mistral_dir), tmp_path / "adapter")
+    expected = logits(load_adapter(folder_model(narrow_mistral_dir), adapter).get_base_model())
+    merged_dir = merge_adapter(str(narrow_mistral_dir), adapter, tmp_path / "merged")
     assert {p.name for p in merged_dir.iterdir()} >= {"config.json", "model.safetensors",
                                                       "tekken.json"}
     torch.testing.assert_close(logits(folder_model(merged_dir)), expected, rtol=1e-4, atol=1e-4)
@@ -140,10 +141,10 @@ def test_set_batch_builds_the_token_index(adapter_pair: tuple[Path, Path],
     assert served.index_of(None) == 0
 
 
-def test_adapter_for_another_base_is_refused(tmp_path: Path, tiny_mistral_hf: Path,
+def test_adapter_for_another_base_is_refused(tmp_path: Path, narrow_mistral_dir: Path,
                                              tiny_model: Callable[[], Transformer],
                                              folder_model: Callable[[Path], Transformer]) -> None:
-    adapter = make_adapter(folder_model(tiny_mistral_hf), tmp_path / "mistral-adapter",
+    adapter = make_adapter(folder_model(narrow_mistral_dir), tmp_path / "mistral-adapter",
                            targets=("q_proj",))
     with pytest.raises(ModelFileError, match="another base model"):
         attach_adapters(tiny_model(), {"m": adapter})

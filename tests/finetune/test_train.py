@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ from levante.finetune.train import (
 from levante.model import Transformer
 from levante.tokenizer import HFTokenizer
 
-FAST = dict(rank=8, alpha=16.0, dropout=0.0, batch_size=4, max_seq_len=256, seed=0)
+FAST: dict[str, Any] = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "batch_size": 4,
+                        "max_seq_len": 256, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +164,8 @@ def test_unknown_target_module_is_a_config_error(tiny_model: Callable[[], Transf
         add_lora(tiny_model(), TrainConfig(**FAST, target_modules=("qkv_proj",)))
 
 
-def test_finetune_end_to_end_on_a_mistral_folder(tmp_path: Path, tiny_mistral_hf: Path) -> None:
+def test_finetune_end_to_end_on_a_mistral_folder(tmp_path: Path,
+                                                narrow_mistral_dir: Path) -> None:
     """The CLI's entry: data with a bad line and a mix, held-out eval, adapter, merge."""
     from levante.finetune.job import finetune
 
@@ -175,10 +178,10 @@ def test_finetune_end_to_end_on_a_mistral_folder(tmp_path: Path, tiny_mistral_hf
     held = tmp_path / "heldout.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in heldout))
     config = TrainConfig(**{**FAST, "batch_size": 2}, max_steps=2, gradient_checkpointing=True)
-    out = finetune(str(tiny_mistral_hf), data, tmp_path / "out", config=config,
+    out = finetune(str(narrow_mistral_dir), data, tmp_path / "out", config=config,
                    mix=[f"{general}:0.2"], eval_path=held, merge=True, num_compare=2)
-    assert out.data.problems == [f"{data}:9: not valid JSON (Expecting property name enclosed "
-                                 "in double quotes at column 2)"]
+    assert out.data.problems == [(f"{data}:9: not valid JSON (Expecting property name "
+                                  "enclosed in double quotes at column 2)")]
     assert out.data.mixed == {str(general): 2}
     assert (out.adapter_dir / "adapter_model.safetensors").is_file()
     assert json.loads((out.adapter_dir / "adapter_config.json").read_text())["r"] == 8
@@ -186,3 +189,31 @@ def test_finetune_end_to_end_on_a_mistral_folder(tmp_path: Path, tiny_mistral_hf
     assert len(out.comparisons) == 2 and out.comparisons[0].reference.startswith('{"answer"')
     assert out.merged_dir is not None and (out.merged_dir / "model.safetensors").is_file()
     assert (out.merged_dir / "tekken.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_qlora_trains_on_a_quantized_frozen_base(
+        fmt: str, tmp_path: Path, tiny_model: Callable[[], Transformer],
+        examples: list[Example]) -> None:
+    from levante.finetune.adapters import load_adapter, save_adapter
+    from levante.quant.linear import Int4Linear, Int8Linear
+
+    config = TrainConfig(**{**FAST, "alpha": 64.0}, lr=3e-3, epochs=6, warmup_ratio=0.1,
+                         quant=fmt)
+    float_loss = evaluate(tiny_model(), examples, batch_size=8, pad_id=0).loss
+    model = tiny_model()
+    peft_model = add_lora(model, config)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is (Int8Linear if fmt == "int8" else Int4Linear)
+    assert type(model.lm_head) is Int8Linear  # the head stays 8-bit under int4
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
+    before = evaluate(model, examples, batch_size=8, pad_id=0)
+    assert before.loss == pytest.approx(float_loss, rel=0.02)  # quantization barely moves it
+    train(peft_model, examples, config, pad_id=0)
+    after = evaluate(model, examples, batch_size=8, pad_id=0)
+    assert after.loss < 0.9 * before.loss, (before, after)
+    # the adapter is a plain LoRA: it loads on the float base and keeps most of the gain
+    save_adapter(peft_model, tmp_path, base_ref="tiny")
+    on_float = evaluate(load_adapter(tiny_model(), tmp_path).get_base_model(), examples,
+                        batch_size=8, pad_id=0)
+    assert on_float.loss < 0.92 * float_loss

@@ -61,22 +61,26 @@ class DataReport:
         return out
 
 
+class _BadLine(Exception):
+    """A JSONL line that is not a chat example; the message says why."""
+
+
 def _conversation(path: Path, number: int, line: str) -> Conversation:
-    """Parse one line; ValueError with the reason if it is not a chat example."""
+    """Parse one line; _BadLine with the reason if it is not a chat example."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise _BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
+        raise _BadLine("'messages' must be a non-empty list")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        raise ValueError("no assistant message to learn from")
+        raise _BadLine("no assistant message to learn from")
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
-        raise ValueError("'tools' must be a list")
+        raise _BadLine("'tools' must be a list")
     return Conversation(messages, tools, f"{path}:{number}")
 
 
@@ -94,7 +98,7 @@ def read_conversations(path: Path, *, strict: bool = False,
             continue
         try:
             conversations.append(_conversation(path, number, line))
-        except ValueError as e:
+        except _BadLine as e:
             _problem(f"{path}:{number}: {e}", strict, problems)
     return conversations
 

@@ -108,13 +108,6 @@ def compare_answers(bundle: Bundle, peft_model: PeftModel, conversations: Sequen
     return [Comparison(*row) for row in zip(texts, references, base, tuned)]
 
 
-def _quantize(model: torch.nn.Module, fmt: str) -> None:
-    """QLoRA: the frozen base's linears in int8/int4 (the quantization module's linears)."""
-    from levante.quant.linear import quantize_model
-
-    quantize_model(model, fmt)
-
-
 def finetune(ref: str, data: Path, out: Path, *, config: TrainConfig,
              mix: Sequence[str] = (), eval_path: Path | None = None, merge: bool = False,
              strict: bool = False, resume: bool = False, num_compare: int = 5,
@@ -136,9 +129,7 @@ def finetune(ref: str, data: Path, out: Path, *, config: TrainConfig,
                                       report=report)
     for line in report.lines(config.max_seq_len):
         say(line, highlight=False, markup=False)
-    if config.quant is not None:
-        _quantize(bundle.model, config.quant)
-    peft_model = add_lora(bundle.model, config)
+    peft_model = add_lora(bundle.model, config)  # QLoRA: also quantizes the frozen base
     pad_id = min(bundle.tokenizer.eos_ids) if bundle.tokenizer.eos_ids else 0
     out = Path(out)
     result = train(peft_model, examples, config, pad_id=pad_id, eval_examples=eval_examples,

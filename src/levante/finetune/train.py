@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from levante.errors import ConfigError
 from levante.finetune.adapters import LORA_TARGETS
@@ -92,16 +94,46 @@ class TrainConfig:
 def add_lora(model: Transformer, config: TrainConfig) -> PeftModel:
     """Wrap `model` with trainable LoRA pairs on `config.target_modules`; the base is frozen.
 
-    The A matrices' random start depends only on `config.seed`.
+    The A matrices' random start depends only on `config.seed`. With `config.quant` (QLoRA)
+    the frozen linears are then quantized (`quantize_frozen_base`).
     """
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none")
     try:
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            return get_peft_model(model, lora)
+            peft_model = get_peft_model(model, lora)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(f"--target-modules: {e}") from None
+    if config.quant is not None:
+        quantize_frozen_base(peft_model, config.quant)
+    return peft_model
+
+
+def quantize_frozen_base(peft_model: PeftModel, fmt: str) -> None:
+    """QLoRA: every frozen linear in int8/int4 (levante.quant.linear); LoRA pairs stay float.
+
+    LoRA goes on first, then the base layers inside peft's wrappers are swapped: peft cannot
+    wrap our quantized linears itself (it places new layers by the target's `weight` or first
+    parameter; ours hold only buffers). The swap follows `quantize_model`'s rule: the output
+    head gets int8 under int4. The "dequantize" kernel keeps the layers differentiable with
+    respect to their input; with gradient checkpointing only one layer's float weights exist
+    at a time in the backward pass.
+    """
+    from levante.quant.linear import Int4Linear, Int8Linear
+
+    model = peft_model.get_base_model()
+    lora_ids = {id(m) for layer in model.modules() if isinstance(layer, LoraLayer)
+                for pairs in (layer.lora_A, layer.lora_B) for m in pairs.values()}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or id(module) in lora_ids:
+            continue
+        weight = module.weight.detach()
+        quantized: nn.Module = (
+            Int8Linear.from_float(weight, kernel="dequantize")
+            if fmt == "int8" or name.removesuffix(".base_layer") == "lm_head"
+            else Int4Linear.from_float(weight, kernel="dequantize"))
+        model.set_submodule(name, quantized.to(weight.device))
 
 
 def enable_gradient_checkpointing(model: Transformer) -> None:
@@ -300,6 +332,7 @@ def train(peft_model: PeftModel, examples: Sequence[Example], config: TrainConfi
 
     Checkpoints go to out_dir/checkpoint (every `save_every` steps and at the end); `resume`
     continues from there. Held-out loss is measured before, every `eval_every` steps and after.
+    Seeds torch's global RNG with `config.seed` (dropout), so a run is reproducible.
     """
     if not examples:
         raise ConfigError("no training examples left after loading the data")
@@ -332,9 +365,17 @@ def _loop(run: _Run, batches: list[list[Example]], pad_id: int,
           eval_examples: Sequence[Example], checkpoint: Path | None,
           console: Console | None) -> None:
     config, result, model = run.config, run.result, run.peft_model.get_base_model()
-    evaluate_now = (lambda: result.evals.append((run.step, evaluate(
-        model, eval_examples, batch_size=config.batch_size, pad_id=pad_id)))) \
-        if eval_examples else (lambda: None)
+
+    def evaluate_now() -> None:
+        if not eval_examples:
+            return
+        measured = evaluate(model, eval_examples, batch_size=config.batch_size, pad_id=pad_id)
+        result.evals.append((run.step, measured))
+        if console is not None:
+            console.print(f"step {run.step}: held-out loss {measured.loss:.4f}, perplexity "
+                          f"{measured.perplexity:.2f} ({measured.num_tokens} tokens)",
+                          highlight=False)
+
     evaluate_now()
     start = time.perf_counter()
     with _progress(console) as progress:
