@@ -164,6 +164,7 @@ class Generation:
     async def sse(self, *, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         started: set[int] = set()
+        failed = False
         try:
             async for index, out in self._events():
                 choice = self.choices[index]
@@ -172,14 +173,15 @@ class Generation:
                 if out.error:
                     body = error_body(out.error, type_="server_error")
                     yield f"data: {json.dumps(body)}\n\n"
-                    return
+                    failed = True
+                    break
                 chunk = self._chunk(choice, out, choice.logprobs[num_logprobs:],
                                     first=index not in started)
                 started.add(index)
                 if include_usage:
                     chunk["usage"] = None
                 yield f"data: {json.dumps(chunk)}\n\n"
-            if include_usage:
+            if include_usage and not failed:
                 yield "data: " + json.dumps(self._envelope([], usage=self._usage())) + "\n\n"
         finally:
             self.abort()
