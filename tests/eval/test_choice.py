@@ -1,0 +1,141 @@
+"""Multiple choice: our loglikelihoods equal transformers' on the real SmolLM2, letters parse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from levante.eval.choice import (
+    Question,
+    encode_pair,
+    format_prompt,
+    loglikelihoods,
+    parse_letter,
+    read_questions,
+    run_mmlu,
+    score_questions,
+)
+from levante.eval.tasks import EndpointModel, LocalModel
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_gguf: Path) -> Any:
+    import levante.bundle
+
+    return levante.bundle.load(str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path) -> Any:
+    """transformers' own GGUF loader (dequantizes to float32; ~26 s, once per session)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_loglikelihood(hf_model: Any, context: list[int], continuation: list[int],
+                     cache: dict[tuple[int, ...], torch.Tensor]) -> float:
+    """Reference: transformers' logits for the unpadded sequence, log_softmax, summed.
+
+    The forward pass is cached per input, so the four one-token letters share one.
+    """
+    ids = tuple(context + continuation[:-1])
+    if ids not in cache:
+        cache[ids] = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    logprobs = cache[ids]
+    n = len(context)
+    return sum(logprobs[n - 1 + i, t].item() for i, t in enumerate(continuation))
+
+
+def test_shipped_sample_is_well_formed() -> None:
+    questions = read_questions()
+    assert len(questions) == 20
+    assert all(len(q.choices) == 4 and 0 <= q.answer < 4 and q.subject for q in questions)
+    assert len({q.answer for q in questions}) == 4  # answers spread over all letters
+
+
+@pytest.mark.parametrize("style", ["letter", "text"])
+def test_choice_scores_match_transformers(smollm2_bundle: Any, hf_smollm2: Any,
+                                          style: str) -> None:
+    questions = read_questions(limit=20 if style == "letter" else 2)
+    scores = score_questions(smollm2_bundle.model, smollm2_bundle.tokenizer, questions,
+                             style=style)
+    tokenizer, cache = smollm2_bundle.tokenizer, {}
+    for question, score in zip(questions, scores):
+        options = [f" {'ABCD'[i]}" if style == "letter" else f" {c}"
+                   for i, c in enumerate(question.choices)]
+        expected = [hf_loglikelihood(hf_smollm2, *encode_pair(tokenizer, format_prompt(question),
+                                                              option), cache)
+                    for option in options]
+        assert score.logprobs == pytest.approx(expected, abs=1e-3)
+        assert score.predicted == max(range(4), key=expected.__getitem__)
+
+
+def test_batched_equals_one_at_a_time(smollm2_bundle: Any) -> None:
+    tokenizer = smollm2_bundle.tokenizer
+    questions = read_questions(limit=2)
+    requests = [encode_pair(tokenizer, format_prompt(q), f" {c}") for q in questions
+                for c in q.choices]
+    batched = loglikelihoods(smollm2_bundle.model, requests)
+    alone = loglikelihoods(smollm2_bundle.model, requests, max_batch_tokens=1)
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert len({len(c) for _, c in requests}) > 1  # multi-token continuations, padded
+
+
+def test_run_mmlu_local_reports_accuracy_with_stderr(smollm2_bundle: Any) -> None:
+    model = LocalModel("smollm2", SimpleNamespace(bundle=smollm2_bundle))
+    result = run_mmlu(model, limit=8)
+    acc = result.metrics[0]
+    assert acc.name == "acc" and result.num_samples == 8
+    correct = [s["predicted"] == s["answer"] for s in result.samples]
+    assert acc.value == sum(correct) / 8
+    p = acc.value
+    assert acc.stderr == pytest.approx((p * (1 - p) / 7) ** 0.5)
+
+
+def test_reads_lettered_columns(tmp_path: Path) -> None:
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6",
+                                "answer": "B"}) + "\n")
+    assert read_questions(path) == [Question("2+2?", ("3", "4", "5", "6"), 1, "")]
+
+
+def test_bad_answer_names_the_record(tmp_path: Path) -> None:
+    from levante.errors import ModelFileError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    with pytest.raises(ModelFileError, match="record 0: answer 5"):
+        read_questions(path)
+
+
+@pytest.mark.parametrize("text,expected", [("B", 1), (" (C)", 2), ("D. Tokyo", 3),
+                                           ("The answer is A.", 0), ("I think it's C", 2),
+                                           ("A good answer is B", 1), ("none", None)])
+def test_parse_letter(text: str, expected: int | None) -> None:
+    assert parse_letter(text, 4) == expected
+
+
+def test_endpoint_answers_by_generation() -> None:
+    questions = read_questions(limit=4)
+    replies = iter(["B", "The answer is C", "D", "A"])
+
+    def create(**kwargs: Any) -> Any:
+        assert kwargs["temperature"] == 0.0
+        message = SimpleNamespace(content=next(replies))
+        return SimpleNamespace(choices=[SimpleNamespace(message=message)])
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    with pytest.MonkeyPatch.context() as mp:  # one worker: replies arrive in question order
+        mp.setattr("levante.eval.tasks.ENDPOINT_WORKERS", 1)
+        result = run_mmlu(EndpointModel("remote", client), limit=4)
+    assert [s["predicted"] for s in result.samples] == [1, 2, 3, 0]
+    expected = sum(p == q.answer for p, q in zip([1, 2, 3, 0], questions)) / 4
+    assert result.metrics[0].value == expected
