@@ -1,0 +1,1 @@
+"""Benchmarks against any OpenAI-compatible endpoint: scenarios, load generator, report and plot."""
