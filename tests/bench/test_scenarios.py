@@ -45,7 +45,7 @@ def test_smollm2_prompts_have_exact_lengths(smollm2_gguf: Path, corpus: str) -> 
     tokenizer, chat = load_prompt_tokenizer(str(smollm2_gguf))
     builder = PromptBuilder(corpus, tokenizer, chat)
     for scenario in SCENARIOS.values():
-        prompts = [builder.build(scenario, i) for i in range(2)]
+        prompts = [builder.build(scenario, i) for i in range(6)]
         for prompt in prompts:
             assert prompt.is_exact
             assert len(chat.encode(prompt.messages, tools=prompt.tools)) == scenario.input_len
@@ -60,9 +60,13 @@ def test_mistral_v7_prompts_count_tools(tekken_path: Path, corpus: str) -> None:
 
     tokenizer = MistralTokenizer.from_file(tekken_path)
     chat = MistralChatFormat(tokenizer)
-    prompt = PromptBuilder(corpus, tokenizer, chat).build(SCENARIOS["function"], 3)
-    ids = chat.encode(prompt.messages, tools=prompt.tools)
-    assert len(ids) == 2000 and 5 in ids  # [AVAILABLE_TOOLS] is inside the count
+    builder = PromptBuilder(corpus, tokenizer, chat)
+    for scenario in SCENARIOS.values():
+        for i in range(3):
+            prompt = builder.build(scenario, i)
+            ids = chat.encode(prompt.messages, tools=prompt.tools)
+            assert len(ids) == scenario.input_len
+            assert (5 in ids) == (scenario.name == "function")  # [AVAILABLE_TOOLS] counted
 
 
 def test_without_a_tokenizer_lengths_are_approximate(corpus: str) -> None:

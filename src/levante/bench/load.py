@@ -206,7 +206,7 @@ async def _run_all(config: BenchConfig, scenarios: list[Scenario], builder: Prom
                                 max_retries=0, timeout=config.request_timeout_s)
     async with client:
         model, ignore_eos = await probe(client, config.model, config.ignore_eos)
-        levels = []
+        levels, offset = [], 0
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=Console(stderr=True),
                       disable=not show_progress) as bar:
@@ -214,7 +214,9 @@ async def _run_all(config: BenchConfig, scenarios: list[Scenario], builder: Prom
                 for concurrency in config.concurrency:
                     total = config.requests_for(concurrency)
                     num_prompts = min(total or 4 * concurrency, MAX_DISTINCT_PROMPTS)
-                    prompts = [builder.build(scenario, i) for i in range(num_prompts)]
+                    # fresh text per level too, so a prefix cache cannot replay the last level
+                    prompts = [builder.build(scenario, offset + i) for i in range(num_prompts)]
+                    offset += num_prompts
                     task = bar.add_task(f"{scenario.name} x{concurrency}", total=total)
                     run = await run_level(client, config, model, scenario, prompts, concurrency,
                                           functools.partial(bar.advance, task),

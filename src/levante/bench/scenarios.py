@@ -17,6 +17,7 @@ POST_TTFT_S = 0.476
 POST_TOKENS_PER_S = 150.0
 CHARS_PER_TOKEN = 4.0  # rule of thumb for English BPE text, used only without a tokenizer
 MAX_FIT_ROUNDS = 12
+MAX_SHIFTS = 4  # first-token shifts tried when no cut lands exactly on the length
 
 SEARCH_TOOL = {"type": "function", "function": {
     "name": "search_knowledge_base",
@@ -113,7 +114,7 @@ class PromptBuilder:
     With the model's tokenizer (and chat format) the whole rendered request, tools included,
     is counted; without one (a remote model) length is approximated at 4 characters per token
     and the server's reported prompt_tokens is what the report shows. Each request starts at a
-    different paragraph, so prefix caches do not turn a benchmark into a cache test; the corpus
+    different sentence, so prefix caches do not turn a benchmark into a cache test; the corpus
     is read round and round when a prompt needs more text than it holds.
     """
 
@@ -124,7 +125,9 @@ class PromptBuilder:
         self.text = text
         self.tokenizer = tokenizer
         self.chat_format = chat_format
-        self.starts = [0] + [m.end() for m in re.finditer(r"\n\s*\n", text) if m.end() < len(text)]
+        # prompts start at sentence beginnings: a few hundred distinct starts in the corpus
+        self.starts = [0] + [m.end() for m in re.finditer(r"[.!?]\s+", text)
+                             if m.end() < len(text)]
 
     @classmethod
     def from_corpus(cls, path: str | Path | None = None, tokenizer: Any | None = None,
@@ -138,7 +141,7 @@ class PromptBuilder:
 
     def build(self, scenario: Scenario, request_index: int) -> Prompt:
         """The prompt of request `request_index` in `scenario`, fitted to its input length."""
-        start = self.starts[(request_index * 7) % len(self.starts)]
+        start = self.starts[(request_index * 37) % len(self.starts)]
         chars = int(scenario.input_len * CHARS_PER_TOKEN * 2) + 64
         window = (self.text[start:] + "\n\n" + self.text) * math.ceil(
             chars / (len(self.text) + 2) + 1)
@@ -148,27 +151,44 @@ class PromptBuilder:
         return self._fit_exact(scenario, self.tokenizer.encode(window))
 
     def _fit_exact(self, scenario: Scenario, window_ids: list[int]) -> Prompt:
-        """Find the number of corpus tokens k whose rendered request is input_len tokens."""
-        target, tools = scenario.input_len, list(scenario.tools) or None
-        k = min(8 * _num_messages(scenario), len(window_ids))  # a few tokens per message
-        best: tuple[int, list[dict[str, Any]]] | None = None
-        tried = set()
-        for _ in range(MAX_FIT_ROUNDS):
-            tried.add(k)
-            messages = self._messages(scenario, self._decode_chunks(window_ids[:k], scenario))
-            count = self._count(messages, tools)
-            if count <= target and (best is None or count > best[0]):
-                best = (count, messages)
-            # count - k is the template's overhead (about constant): step by the shortfall;
-            # when the step revisits a k (merges at the cut), creep by one token instead
-            step = k + target - count
-            k = step if step not in tried else k + (1 if count < target else -1)
-            if count == target or not 1 <= k <= len(window_ids) or k in tried:
+        """The longest prompt of at most input_len tokens, exactly input_len where some cut of
+        the text gets there (a later first token changes how the cut merges: try a few)."""
+        best: Prompt | None = None
+        for shift in range(MAX_SHIFTS):
+            prompt = self._fit_from(scenario, window_ids[shift:])
+            if prompt is not None and (best is None or prompt.num_tokens > best.num_tokens):
+                best = prompt
+            if best is not None and best.num_tokens == scenario.input_len:
                 break
         if best is None:
             raise ConfigError(f"scenario {scenario.name!r}: cannot fit a prompt in "
-                              f"{target} tokens (the instruction alone is longer)")
-        return Prompt(best[1], tools, best[0], is_exact=True)
+                              f"{scenario.input_len} tokens (the instruction alone is longer)")
+        return best
+
+    def _fit_from(self, scenario: Scenario, ids: list[int]) -> Prompt | None:
+        """Search the number k of corpus tokens: count(k) - k is the template's (nearly
+        constant) overhead, so step by the shortfall; creep by one when a step repeats."""
+        target, tools = scenario.input_len, list(scenario.tools) or None
+        num_messages = _num_messages(scenario)
+        probe = min(8 * num_messages, len(ids))
+        overhead = self._count(self._messages(scenario, self._chunks(ids[:probe], 8, num_messages)),
+                               tools) - probe
+        size = max((target - overhead) // num_messages, 1)  # tokens per message but the last
+        k, tried = target - overhead, set()
+        best: Prompt | None = None
+        for _ in range(MAX_FIT_ROUNDS):
+            if not num_messages <= k <= len(ids) or k in tried:
+                break
+            tried.add(k)
+            messages = self._messages(scenario, self._chunks(ids[:k], size, num_messages))
+            count = self._count(messages, tools)
+            if count <= target and (best is None or count > best.num_tokens):
+                best = Prompt(messages, tools, count, is_exact=True)
+            if count == target:
+                break
+            step = k + target - count
+            k = step if step not in tried else k + (1 if count < target else -1)
+        return best
 
     def _fit_approx(self, scenario: Scenario, window: str) -> Prompt:
         tools = list(scenario.tools) or None
@@ -180,11 +200,12 @@ class PromptBuilder:
         return Prompt(self._messages(scenario, chunks), tools, scenario.input_len,
                       is_exact=False)
 
-    def _decode_chunks(self, ids: list[int], scenario: Scenario) -> list[str]:
-        """`ids` split evenly over the messages, each decoded (so k+1 ids only grow the last)."""
-        size = math.ceil(len(ids) / _num_messages(scenario))
-        return [self.tokenizer.decode(ids[i:i + size]).strip("\ufffd")
-                for i in range(0, len(ids), size)]
+    def _chunks(self, ids: list[int], size: int, num_messages: int) -> list[str]:
+        """`ids` as message texts: `size` tokens each, the last message takes the rest (so one
+        more id only grows the last text); each decoded on its own."""
+        cuts = [i * size for i in range(num_messages)]
+        pieces = [ids[a:b] for a, b in zip(cuts, cuts[1:] + [len(ids)])]
+        return [self.tokenizer.decode(piece).strip("\ufffd") for piece in pieces]
 
     def _count(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
         if self.chat_format is not None:
