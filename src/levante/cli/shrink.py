@@ -1,0 +1,88 @@
+"""`levante finetune | quantize | plan`: adapt a model, shrink its weights, plan its memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from levante.cli import Ref, _fail, app, console, err_console
+from levante.errors import LevanteError
+
+
+@app.command()
+def finetune(
+    ref: Ref,
+    data: Annotated[Path, typer.Option(help="chat JSONL (OpenAI `messages`, optional `tools`)")],
+    out: Annotated[Path, typer.Option(help="folder for the PEFT adapter (and checkpoint/, merged/)")],
+    mix: Annotated[list[str] | None, typer.Option(
+        help="FILE:SHARE blends another JSONL at that share, e.g. general.jsonl:0.2 (repeatable)")] = None,
+    eval_path: Annotated[Path | None, typer.Option(
+        "--eval", help="held-out JSONL: loss/perplexity before, during, after; side-by-side answers")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 64,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank)")] = None,
+    dropout: Annotated[float, typer.Option()] = 0.05,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine | linear | constant (after warmup)")] = "cosine",
+    warmup_ratio: Annotated[float, typer.Option()] = 0.05,
+    epochs: Annotated[int, typer.Option()] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps; overrides --epochs")] = None,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    max_seq_len: Annotated[int, typer.Option(help="longer sequences are truncated (counted)")] = 2048,
+    target_modules: Annotated[str, typer.Option(help="comma-separated linears to adapt")] =
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (the frozen base)")] = "float32",
+    quant: Annotated[str | None, typer.Option(help="QLoRA: int8 | int4 frozen base")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option()] = True,
+    eval_every: Annotated[int | None, typer.Option(help="steps between held-out evaluations")] = None,
+    save_every: Annotated[int | None, typer.Option(help="steps between resumable checkpoints")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    merge: Annotated[bool, typer.Option(help="also write a merged HF checkpoint to OUT/merged")] = False,
+    strict: Annotated[bool, typer.Option(help="a malformed data line is fatal")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """LoRA/QLoRA fine-tune REF on chat JSONL; writes a PEFT adapter HF peft can load."""
+    from levante.finetune.job import finetune as run_finetune
+    from levante.finetune.train import TrainConfig
+
+    try:
+        config = TrainConfig(
+            rank=rank, alpha=alpha, dropout=dropout, lr=lr, schedule=schedule,
+            warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            grad_accum=grad_accum, max_seq_len=max_seq_len, dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+            eval_every=eval_every, save_every=save_every, seed=seed, quant=quant)
+        result = run_finetune(ref, data, out, config=config, mix=mix or (), eval_path=eval_path,
+                              merge=merge, strict=strict, resume=resume,
+                              console=err_console if as_json else console)
+    except LevanteError as e:
+        _fail(e)
+    before, after = result.eval_before, result.eval_after
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "adapter": str(result.adapter_dir),
+            "merged": str(result.merged_dir) if result.merged_dir else None,
+            "steps": result.train.num_steps, "seconds": result.train.seconds,
+            "train_loss": result.train.history[-1]["loss"] if result.train.history else None,
+            "eval": [{"step": s, "loss": e.loss, "perplexity": e.perplexity}
+                     for s, e in result.train.evals],
+            "skipped_lines": result.data.problems, "truncated": result.data.num_truncated,
+            "comparisons": [vars(c) for c in result.comparisons]}) + "\n")
+        return
+    if before is not None and after is not None:
+        console.print(f"held-out loss {before.loss:.4f} -> {after.loss:.4f} "
+                      f"(perplexity {before.perplexity:.2f} -> {after.perplexity:.2f})")
+    if result.comparisons:
+        table = Table("reference", "base", "adapter", title="held-out prompts", show_lines=True)
+        for c in result.comparisons:
+            table.add_row(c.reference, c.base.strip(), c.adapter.strip())
+        console.print(table)
+    console.print(f"adapter -> {result.adapter_dir}"
+                  + (f"; merged -> {result.merged_dir}" if result.merged_dir else ""))
