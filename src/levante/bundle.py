@@ -96,7 +96,7 @@ def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
     except ConfigError as e:
         raise ModelFileError(path / "config.json", str(e)) from None
     state = load_safetensors_state_dict(hf_shards(path), config, dtype=dtype)
-    tokenizer, chat = _folder_tokenizer(path)
+    tokenizer, chat = load_tokenizer(path)
     config = _limit(config, max_seq_len)
     return Bundle(ref, path, "safetensors-hf", config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat)
@@ -112,14 +112,15 @@ def _load_consolidated(ref: str, path: Path, dtype: torch.dtype, device: str,
     if not files:
         raise ModelFileError(path, "no consolidated*.safetensors file")
     state = load_safetensors_state_dict(files, config, dtype=dtype, consolidated=True)
-    tokenizer, chat = _folder_tokenizer(path)
+    tokenizer, chat = load_tokenizer(path)
     config = _limit(config, max_seq_len)
     return Bundle(ref, path, "safetensors-consolidated",
                   config, Transformer.from_state_dict(config, state, device=device), tokenizer, chat)
 
 
-def _folder_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:
-    """tekken.json selects Mistral's tokenizer (V7 instruct); else HF tokenizer files."""
+def load_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:
+    """A folder's tokenizer and chat format: tekken.json selects Mistral's (V7 instruct),
+    else HF tokenizer files."""
     tekken = path / "tekken.json"
     if tekken.exists():
         mistral = MistralTokenizer.from_file(tekken)

@@ -230,7 +230,7 @@ def _num_messages(scenario: Scenario) -> int:
 
 def load_prompt_tokenizer(ref: str) -> tuple[Any, Any | None]:
     """The tokenizer and chat format of a local model ref, without loading its weights."""
-    from levante.bundle import _folder_tokenizer
+    from levante.bundle import load_tokenizer
     from levante.chat import JinjaChatFormat
     from levante.tokenizer import HFTokenizer
     from levante.weights.gguf import GGUFFile
@@ -238,7 +238,7 @@ def load_prompt_tokenizer(ref: str) -> tuple[Any, Any | None]:
 
     path = resolve(ref)
     if path.is_dir():
-        return _folder_tokenizer(path)
+        return load_tokenizer(path)
     meta = GGUFFile(path).metadata
     tokenizer = HFTokenizer.from_gguf_metadata(meta)
     chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) \
