@@ -98,8 +98,11 @@ def compare_answers(bundle: Bundle, peft_model: PeftModel, conversations: Sequen
         references.append(str(conversation.messages[last].get("content") or ""))
     model = peft_model.get_base_model()
     model.eval()
-    llm = LLM(dataclasses.replace(bundle, model=model), engine_config=EngineConfig(
-        max_model_len=min(bundle.config.max_seq_len, max(map(len, prompts)) + max_tokens)))
+    engine_config = EngineConfig(  # KV pool sized for exactly these prompts
+        max_model_len=min(bundle.config.max_seq_len, max(map(len, prompts)) + max_tokens),
+        max_num_seqs=len(prompts),
+        enable_prefix_caching=False)  # same prompts, base then adapter: their KV differ
+    llm = LLM(dataclasses.replace(bundle, model=model), engine_config=engine_config)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     with peft_model.disable_adapter():
         base = [c.text for c in llm.generate(prompts, params)]
