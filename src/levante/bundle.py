@@ -131,7 +131,7 @@ def load_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:
     config_path = path / "tokenizer_config.json"
     tokenizer = HFTokenizer.from_file(tokenizer_json,
                                       config_path if config_path.exists() else None)
-    template = _read_json(config_path).get("chat_template") if config_path.exists() else None
-    chat = JinjaChatFormat.from_hf_config(_read_json(config_path), tokenizer) \
-        if template else None
+    has_template = (path / "chat_template.jinja").exists() or (
+        config_path.exists() and _read_json(config_path).get("chat_template") is not None)
+    chat = JinjaChatFormat.from_hf_config(config_path, tokenizer) if has_template else None
     return tokenizer, chat

@@ -86,3 +86,22 @@ def test_bad_config_field(copy: Path) -> None:
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFileError, match="config.json.*num_kv_heads"):
         load(str(copy))
+
+
+def test_hf_folder_with_jinja_template(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """An HF Llama folder (tokenizer.json + tokenizer_config.json with a chat template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    bundle = load(str(folder))
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             return_dict=False)
+    assert bundle.chat_format is not None
+    assert bundle.chat_format.encode(messages) == list(expected)
