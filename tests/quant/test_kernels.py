@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, quants
 
 from levante.quant import kernels
 from levante.quant.kernels import PackedWeight
@@ -49,22 +49,22 @@ def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def reference_from_quantized(x: torch.Tensor, raw: np.ndarray,
                              qtype: GGMLQuantizationType) -> torch.Tensor:
-    """sum_b d_w * d_x * (integer block dot) + min term, in float64, from torch's quantizer."""
+    """sum_b d_w * d_x * (integer block dot) + min term, in float64, from the file's bytes."""
     xq, dx, sx = (t.double() for t in reference_quantize(x))
-    w = pack(qtype, raw)
-    num_rows = w.shape[0]
+    num_rows = raw.shape[0]
+    blocks = torch.from_numpy(raw).view(num_rows, -1, GGML_QUANT_SIZES[qtype][1])
+    w_d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).double()  # [N, nb]
     if qtype == Q8_0:
-        wq = w.qs.view(torch.int8).double()
+        wq = blocks[..., 2:].contiguous().view(torch.int8).double()  # [N, nb, 32]
     else:
-        low, high = (w.qs & 0x0F), (w.qs >> 4)
-        wq = torch.stack([low.view(num_rows, -1, 16), high.view(num_rows, -1, 16)], 2).double()
-    wq = wq.reshape(num_rows, -1, 32)  # [N, nb, 32]
+        packed = blocks[..., 4:] if qtype == Q4_1 else blocks[..., 2:]  # byte j: j, j + 16
+        wq = torch.cat([packed & 0x0F, packed >> 4], dim=-1).double()
     integer = torch.einsum("mbj,nbj->mnb", xq.view(x.shape[0], -1, 32), wq)  # exact
-    scale = torch.einsum("mb,nb->mnb", dx, w.d.double())
-    y = (integer * scale).sum(-1)
-    if qtype != Q8_0:
-        w_min = w.m.double() if w.m is not None else -8.0 * w.d.double()
-        y += sx @ w_min.T
+    y = (integer * torch.einsum("mb,nb->mnb", dx, w_d)).sum(-1)
+    if qtype == Q4_1:
+        y += sx @ blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).double().T
+    elif qtype == Q4_0:
+        y += sx @ (-8.0 * w_d).T
     return y
 
 
@@ -103,11 +103,12 @@ def test_quantize_activations_equal_torch_rule() -> None:
     assert torch.equal(q, ref_q) and torch.equal(d, ref_d) and torch.equal(s, ref_s)
 
 
+@pytest.mark.parametrize("num_cols", [96, 576, 608])  # 3, 18, 19 blocks: odd and short rows
 @pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
-def test_integer_dot_products_are_exact(qtype: GGMLQuantizationType) -> None:
+def test_integer_dot_products_are_exact(qtype: GGMLQuantizationType, num_cols: int) -> None:
     """Powers-of-two scales and integer x with amax 127: every float step is exact."""
     gen = torch.Generator().manual_seed(1)
-    num_rows, num_cols, num_inputs = 9, 576, 6
+    num_rows, num_inputs = 9, 6
     nb = num_cols // 32
     if qtype == Q8_0:  # the full int8 range, -128 included
         qs = torch.randint(0, 256, (num_rows, num_cols), dtype=torch.uint8, generator=gen)
@@ -145,13 +146,33 @@ def test_repack_is_lossless(real_weights: dict, qtype: GGMLQuantizationType) -> 
                        torch.from_numpy(quants.dequantize(raw, qtype)))
 
 
+def test_repack_layout_worked_example() -> None:
+    """The PackedWeight docstring's example, byte for byte."""
+    block0 = bytes([0x00, 0x3C, 0x00, 0xBC, 0x21, 0x43] + [0] * 14)  # d 1.0, m -1.0
+    block1 = bytes([0x00, 0x38, 0x00, 0x00, 0x65, 0x87] + [0] * 14)  # d 0.5, m 0.0
+    raw = torch.frombuffer(bytearray(block0 + block1), dtype=torch.uint8)
+    w = kernels.repack(Q4_1, raw, (1, 64))
+    assert w.d.tolist() == [[1.0, 0.5]] and w.m is not None and w.m.tolist() == [[-1.0, 0.0]]
+    assert w.qs.shape == (1, 32)
+    assert w.qs[0, [0, 1, 16, 17]].tolist() == [0x51, 0x73, 0x62, 0x84]
+    weight = kernels.dequantize_packed(w)[0]
+    assert weight[[0, 16, 32, 48]].tolist() == [0.0, 1.0, 2.5, 3.0]
+    # Five rows, row i's quant bytes all equal to i: groups of 4 interleave their units.
+    raw = torch.cat([torch.cat([torch.tensor([0, 0x3C, 0, 0], dtype=torch.uint8),
+                                torch.full((16,), i, dtype=torch.uint8)]).repeat(4)
+                     for i in range(5)])
+    w = kernels.repack(Q4_1, raw, (5, 128))  # 4 blocks per row: 2 units
+    units = w.qs.reshape(-1, 32)[:, 0].tolist()  # a unit's first byte is i | i << 4 = 17 i
+    assert units == [17 * row for row in (0, 1, 2, 3, 0, 1, 2, 3, 4, 4)]
+
+
 def test_pytorch_fallback_equals_dequantized_matmul(real_weights: dict,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     raw = real_weights[Q4_1]
     weight = torch.from_numpy(quants.dequantize(raw, Q4_1))
     x = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(4))
     expected = x @ weight.T
-    monkeypatch.setattr(kernels, "_kernel_isa", lambda: None)  # as without a compiler
+    monkeypatch.setattr(kernels, "_kernel", lambda: None)  # as without a compiler
     y = kernels.qlinear(x, pack(Q4_1, raw))
     assert y.shape == (2, 3, weight.shape[0])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "q_gemm.cpp"
 # Set to "torch" to skip the C++ kernel (e.g. to compare paths); anything else means "auto".
 KERNEL_ENV = "LEVANTE_QUANT_KERNEL"
 BLOCK_SIZE = 32
+ROWS_PER_GROUP = 4  # rows whose 32-byte units are interleaved in PackedWeight.qs
 
 # Bytes of each block's fields as stored in the file: (scale, min, quants).
 _FIELDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
@@ -49,15 +51,23 @@ class PackedWeight:
     """A [N, K] GGUF block-quantized weight split into the kernel's arrays (nb = K / 32).
 
     GGUF stores each row as nb blocks of 32 weights; a block is its f16 scale d, (Q4_1) its
-    f16 min m, then its quants. `repack` moves each field into its own array, so the kernel
-    streams quants without stepping over scales:
-      qs: uint8 [N, nb * 32] (Q8_0, int8 values) or [N, nb * 16] (Q4: byte j of a block holds
-          value j in its low nibble and value j + 16 in its high nibble, as in the file)
+    f16 min m, then its quants. `repack` moves each field into its own array:
       d:  float16 [N, nb]; m: float16 [N, nb] for Q4_1, else None.
-    Example, a Q4_1 row of K = 64 is two 20-byte blocks, bytes
-    `00 3C | 00 BC | A1 ... (16) | 00 38 | 00 00 | 7F ... (16)` (f16 little-endian) ->
-    d = [1.0, 0.5], m = [-1.0, 0.0], qs = the two 16-byte runs back to back (32 bytes);
-    weight 0 = 1.0 * 0x1 - 1.0 = 0.0, weight 16 = 1.0 * 0xA - 1.0 = 9.0.
+      qs: uint8 [N, nb * 32] (Q8_0) or [N, nb * 16] (Q4_0/Q4_1), arranged for the kernel:
+        1. A row's quants become 32-byte units. Q8_0: one block (the file's int8 values).
+           Q4: a pair of blocks, byte i holding value i of block 2p in its low nibble and
+           value i of block 2p + 1 in its high nibble (the file packs a block alone,
+           byte j = value j | value j + 16 << 4), so one load and two masks give two
+           blocks. An odd last Q4 block stays as in the file (16 bytes, the row's tail).
+        2. Rows go in groups of 4 with units interleaved: unit 0 of rows 0..3, unit 1 of
+           rows 0..3, ..., then the 4 tails; the last N % 4 rows are stored alone. The kernel
+           computes 4 rows at once and so reads one sequential stream.
+    Example, a Q4_1 row of K = 64 is two 20-byte blocks, bytes (f16 little-endian)
+    `00 3C | 00 BC | 21 43 ... (16) | 00 38 | 00 00 | 65 87 ... (16)`: d = [1.0, 0.5],
+    m = [-1.0, 0.0]; block 0's values are [1, 3, ..., 2, 4, ...] (value 16 = 0x2), block 1's
+    [5, 7, ..., 6, 8, ...]; the row's one unit has byte 0 = 0x51 (value 0 of each block) and
+    byte 16 = 0x62 (value 16). With N = 5 such rows, qs holds units of rows 0, 1, 2, 3,
+    then row 4's (1 unit per row here).
     Weight j of block b is d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q with q signed (Q8_0).
     """
 
@@ -79,7 +89,11 @@ class PackedWeight:
         fields = [self.d.view(torch.uint8).view(num_rows, num_blocks, 2)]
         if self.m is not None:
             fields.append(self.m.view(torch.uint8).view(num_rows, num_blocks, 2))
-        fields.append(self.qs.view(num_rows, num_blocks, -1))
+        rows = _deinterleave_rows(self.qs, _num_units(self.qtype, num_blocks))
+        if self.qtype == GGMLQuantizationType.Q8_0:
+            fields.append(rows.view(num_rows, num_blocks, 32))
+        else:
+            fields.append(_unpair_nibbles(rows, num_blocks))
         return torch.cat(fields, dim=-1).reshape(-1)
 
 
@@ -102,8 +116,68 @@ def repack(qtype: GGMLQuantizationType, raw: torch.Tensor, shape: tuple[int, int
     quant_start = scale_size + min_size
     d = blocks[..., :scale_size].contiguous().view(torch.float16).squeeze(-1)
     m = blocks[..., scale_size:quant_start].contiguous().view(torch.float16).squeeze(-1)
-    qs = blocks[..., quant_start:quant_start + quant_size].reshape(num_rows, -1).contiguous()
+    quants = blocks[..., quant_start:quant_start + quant_size]  # [N, nb, quant_size]
+    if qtype == GGMLQuantizationType.Q8_0:
+        rows = quants.reshape(num_rows, -1)
+    else:
+        rows = _pair_nibbles(quants)
+    qs = _interleave_rows(rows, _num_units(qtype, num_cols // BLOCK_SIZE))
     return PackedWeight(qtype, (num_rows, num_cols), qs, d, m if min_size else None)
+
+
+def _pair_nibbles(quants: torch.Tensor) -> torch.Tensor:
+    """File-order Q4 bytes [N, nb, 16] -> paired layout [N, nb * 16] (see PackedWeight)."""
+    num_rows, num_blocks, _ = quants.shape
+    num_paired = num_blocks - num_blocks % 2
+    values = torch.cat([quants[:, :num_paired] & 0x0F, quants[:, :num_paired] >> 4], dim=-1)
+    pairs = values.view(num_rows, num_paired // 2, 2, 32)  # [N, pairs, block in pair, value]
+    packed = pairs[:, :, 0] | (pairs[:, :, 1] << 4)  # [N, pairs, 32]
+    tail = quants[:, num_paired:]  # [N, 0 or 1, 16]
+    return torch.cat([packed.reshape(num_rows, -1), tail.reshape(num_rows, -1)], dim=1)
+
+
+def _unpair_nibbles(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`_pair_nibbles`' inverse: [N, nb * 16] -> file-order bytes [N, nb, 16]."""
+    num_rows, num_paired = qs.shape[0], num_blocks - num_blocks % 2
+    packed = qs[:, :num_paired * 16].reshape(num_rows, num_paired // 2, 1, 32)
+    values = torch.cat([packed & 0x0F, packed >> 4], dim=2).view(num_rows, num_paired, 32)
+    blocks = values[..., :16] | (values[..., 16:] << 4)  # [N, paired blocks, 16]
+    tail = qs[:, num_paired * 16:].reshape(num_rows, num_blocks % 2, 16)
+    return torch.cat([blocks, tail], dim=1)
+
+
+def _num_units(qtype: GGMLQuantizationType, num_blocks: int) -> int:
+    """32-byte units per row: one per Q8_0 block, one per pair of Q4 blocks."""
+    return num_blocks if qtype == GGMLQuantizationType.Q8_0 else num_blocks // 2
+
+
+def _interleave_rows(rows: torch.Tensor, num_units: int) -> torch.Tensor:
+    """[N, row_bytes] -> [N, row_bytes] with each group of 4 rows' units interleaved."""
+    num_rows, row_bytes = rows.shape
+    num_groups = num_rows // ROWS_PER_GROUP
+    num_grouped, unit_bytes = num_groups * ROWS_PER_GROUP, num_units * 32
+    groups = rows[:num_grouped].reshape(num_groups, ROWS_PER_GROUP, row_bytes)
+    units = groups[..., :unit_bytes].reshape(num_groups, ROWS_PER_GROUP, num_units, 32)
+    tails = groups[..., unit_bytes:]  # [G, 4, 0 or 16]
+    grouped = torch.cat([units.transpose(1, 2).reshape(num_groups, ROWS_PER_GROUP * unit_bytes),
+                         tails.reshape(num_groups, ROWS_PER_GROUP * (row_bytes - unit_bytes))],
+                        dim=1)
+    return torch.cat([grouped.view(num_grouped, row_bytes), rows[num_grouped:]]).contiguous()
+
+
+def _deinterleave_rows(qs: torch.Tensor, num_units: int) -> torch.Tensor:
+    """`_interleave_rows`' inverse."""
+    num_rows, row_bytes = qs.shape
+    num_groups = num_rows // ROWS_PER_GROUP
+    num_grouped, unit_bytes = num_groups * ROWS_PER_GROUP, num_units * 32
+    grouped = qs[:num_grouped].reshape(num_groups, ROWS_PER_GROUP * row_bytes)
+    units = grouped[:, :ROWS_PER_GROUP * unit_bytes].reshape(num_groups, num_units,
+                                                             ROWS_PER_GROUP, 32)
+    tails = grouped[:, ROWS_PER_GROUP * unit_bytes:].reshape(num_groups, ROWS_PER_GROUP,
+                                                             row_bytes - unit_bytes)
+    rows = torch.cat([units.transpose(1, 2).reshape(num_groups, ROWS_PER_GROUP, unit_bytes),
+                      tails], dim=2)
+    return torch.cat([rows.reshape(num_grouped, row_bytes), qs[num_grouped:]])
 
 
 def dequantize_packed(w: PackedWeight) -> torch.Tensor:
@@ -118,7 +192,13 @@ def linear_dequantized(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 def available() -> bool:
     """True if the compiled kernel is loaded (building it on first call, cached after)."""
-    return _kernel_isa() is not None
+    return _kernel() is not None
+
+
+def kernel_isa() -> str | None:
+    """What the compiled kernel targets ("avx2+vnni", "avx2", "scalar"); None if not built."""
+    kernel = _kernel()
+    return kernel.isa if kernel is not None else None
 
 
 def qlinear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -129,11 +209,14 @@ def qlinear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     num_rows, num_cols = w.shape
     if x.shape[-1] != num_cols:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {num_cols}")
+    kernel = _kernel()
+    if kernel is not None and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return kernel.qlinear(x, w.qs, w.d, w.m, w.qtype.value)  # decode's case: no copies
     flat = x.reshape(-1, num_cols).to(torch.float32).contiguous()  # [M, K]
-    if _kernel_isa() is None:
+    if kernel is None:
         out = linear_dequantized(flat, w)
     else:
-        out = torch.ops.levante_quant.qlinear(flat, w.qs, w.d, w.m, int(w.qtype))
+        out = kernel.qlinear(flat, w.qs, w.d, w.m, w.qtype.value)
     return out.view(*x.shape[:-1], num_rows).to(x.dtype)
 
 
@@ -143,13 +226,23 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     Per block of 32: d = amax / 127, q = round(x * (127 / amax)) (ties to even; 0 if
     amax = 0), s = d * sum(q). Runs the compiled kernel's code; needs `available()`.
     """
-    if _kernel_isa() is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not built (see the log)")
-    return torch.ops.levante_quant.quantize_rows(x.to(torch.float32).contiguous())
+    return kernel.quantize_rows(x.to(torch.float32).contiguous())
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """The loaded library's ops."""
+
+    isa: str  # "avx2+vnni", "avx2" or "scalar": what the compiler targeted
+    qlinear: Callable[..., torch.Tensor]
+    quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @functools.cache
-def _kernel_isa() -> str | None:
+def _kernel() -> _Kernel | None:
     """Build (if needed) and load the kernel once per process; log which path runs."""
     if os.environ.get(KERNEL_ENV) == "torch":
         logger.info("quantized matmul: PyTorch dequantize + F.linear (%s=torch)", KERNEL_ENV)
@@ -163,10 +256,11 @@ def _kernel_isa() -> str | None:
                        "PyTorch dequantize + F.linear, which is much slower", SOURCE, detail)
         return None
     torch.library.register_fake("levante_quant::qlinear")(_qlinear_shape)
-    isa = str(torch.ops.levante_quant.isa())
-    logger.info("quantized matmul: compiled kernel (%s, %d threads) from %s", isa,
+    ops = torch.ops.levante_quant
+    kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default)
+    logger.info("quantized matmul: compiled kernel (%s, %d threads) from %s", kernel.isa,
                 torch.get_num_threads(), library)
-    return isa
+    return kernel
 
 
 def _qlinear_shape(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,

@@ -1,0 +1,189 @@
+"""The quantized matmul kernel next to torch float32, per SmolLM2 shape and as a whole model.
+
+Usage: .venv/bin/python benchmarks/kernels.py [--ref smollm2] [--repeats 30] [--rounds 3]
+  [--tokens 128] [--skip-model]
+
+Part 1, per weight shape of SmolLM2 (Q4_1 layers, Q8_0 tied head), at M = 1 (decode) and
+M = 64 (prefill): our kernel vs `F.linear` on the dequantized float32 weight, each the
+minimum over `--repeats` interleaved samples (the machine is shared: the minimum is the
+least disturbed run), with GB/s of weight bytes read and the tokens/s these matmuls alone
+would allow for a whole forward (30 layers x 7 matmuls + the head).
+Part 2, the whole model: one float32 SmolLM2 from `levante.bundle.load`; its q/k/v/o/
+gate/up/down and lm_head are swapped between the float nn.Linear and a module calling our
+kernel on the GGUF's own blocks; `LLM.generate` greedy at batch 1, rounds interleaved,
+best round reported. llama.cpp is not run here (see benchmarks/peers.py); its figures on
+this machine were ~82 decode and ~200 prefill tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from levante.quant import kernels
+from levante.quant.kernels import PackedWeight
+from levante.weights.gguf import GGUFFile
+from levante.weights.layout import interleaved_to_half
+
+# (label, GGUF tensor of layer 0, how many such matmuls one SmolLM2 forward runs)
+SHAPES = [("q, o     576x576", "blk.0.attn_q.weight", 60),
+          ("k, v     192x576", "blk.0.attn_k.weight", 60),
+          ("gate, up 1536x576", "blk.0.ffn_gate.weight", 60),
+          ("down     576x1536", "blk.0.ffn_down.weight", 30),
+          ("head     49152x576", "token_embd.weight", 1)]
+PROMPT = ("The history of astronomy is long and rich. Early observers tracked the motions of "
+          "the sun, the moon and the planets, and built calendars around them. ") * 4
+
+
+def min_time(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Seconds per call of each fn: min over `repeats` samples, the fns interleaved."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
+        fn()  # warm-up
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / 5)
+    return best
+
+
+def pack(gguf: GGUFFile, name: str, num_heads: int | None = None) -> PackedWeight:
+    """A tensor's blocks repacked; q/k rows reordered to rotate-half as our loader does."""
+    shape = gguf.tensor_shape(name)
+    rows = gguf.raw(name).view(shape[0], -1)  # [N, bytes per row]: whole blocks per row
+    if num_heads is not None:
+        rows = interleaved_to_half(rows, num_heads)
+    return kernels.repack(gguf.tensor_type(name), rows, (shape[0], shape[1]))
+
+
+def shape_table(gguf: GGUFFile, repeats: int) -> None:
+    """Part 1: per-shape times at M = 1 and 64 and the implied whole-forward tokens/s."""
+    for num_rows in (1, 64):
+        print(f"\nM = {num_rows}{'':<14}{'ours ms':>10}{'GB/s':>7}{'f32 ms':>10}{'GB/s':>7}"
+              f"{'speedup':>9}")
+        totals = [0.0, 0.0]
+        for label, name, count in SHAPES:
+            w = pack(gguf, name)
+            weight = kernels.dequantize_packed(w)
+            x = torch.randn(num_rows, w.shape[1])
+            ours, f32 = min_time([partial(kernels.qlinear, x, w), partial(F.linear, x, weight)],
+                                 repeats)
+            totals[0] += count * ours
+            totals[1] += count * f32
+            print(f"{label:<20}{ours * 1e3:>10.3f}{w.nbytes / ours / 1e9:>7.1f}"
+                  f"{f32 * 1e3:>10.3f}{weight.nbytes / f32 / 1e9:>7.1f}{f32 / ours:>8.2f}x")
+        print(f"{'matmuls/forward':<20}{totals[0] * 1e3:>10.2f}{'':>7}{totals[1] * 1e3:>10.2f}"
+              f"{'':>7}{totals[1] / totals[0]:>8.2f}x")
+        print(f"  => matmul-only bound: ours {num_rows / totals[0]:.0f} tokens/s, "
+              f"float32 {num_rows / totals[1]:.0f} tokens/s")
+
+
+class QuantLinear(nn.Module):
+    """Stand-in for nn.Linear that computes with a packed GGUF weight."""
+
+    def __init__(self, weight: PackedWeight) -> None:
+        super().__init__()
+        self.weight_packed = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.qlinear(x, self.weight_packed)
+
+
+def quant_modules(model: nn.Module, gguf: GGUFFile) -> dict[tuple[nn.Module, str], nn.Module]:
+    """(parent, attribute) -> QuantLinear for every projection and the head, from the file."""
+    config = model.config
+    swaps: dict[tuple[nn.Module, str], nn.Module] = {
+        (model, "lm_head"): QuantLinear(pack(gguf, "output.weight" if "output.weight"
+                                             in gguf.tensor_names else "token_embd.weight"))}
+    names = {"q_proj": ("attn_q", config.num_heads), "k_proj": ("attn_k", config.num_kv_heads),
+             "v_proj": ("attn_v", None), "o_proj": ("attn_output", None),
+             "gate_proj": ("ffn_gate", None), "up_proj": ("ffn_up", None),
+             "down_proj": ("ffn_down", None)}
+    for i, layer in enumerate(model.model.layers):
+        for attr, (gguf_name, heads) in names.items():
+            parent = layer.self_attn if attr.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
+                else layer.mlp
+            swaps[(parent, attr)] = QuantLinear(pack(gguf, f"blk.{i}.{gguf_name}.weight", heads))
+    return swaps
+
+
+def swap(swaps: dict[tuple[nn.Module, str], nn.Module]) -> dict[tuple[nn.Module, str], nn.Module]:
+    """Install `swaps`; return what they replaced (to swap back)."""
+    old = {}
+    for (parent, attr), module in swaps.items():
+        old[(parent, attr)] = getattr(parent, attr)
+        setattr(parent, attr, module)
+    return old
+
+
+def model_table(ref: str, num_tokens: int, rounds: int) -> None:
+    """Part 2: whole-model greedy decode, float32 vs quantized linears, interleaved rounds."""
+    from levante import LLM, SamplingParams
+    from levante.bundle import load
+
+    bundle = load(ref, dtype=torch.float32, max_seq_len=2048)
+    gguf = GGUFFile(Path(bundle.path))
+    llm = LLM(bundle)
+    quant = quant_modules(bundle.model, gguf)
+    float_modules = {key: getattr(*key) for key in quant}
+    prompt_ids = llm.encode_prompt(PROMPT)
+    params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
+    weights_mb = sum(m.weight_packed.nbytes for m in quant.values()) / 1e6
+    print(f"\nwhole model: {ref}, prompt {len(prompt_ids)} tokens, {num_tokens} new, greedy, "
+          f"batch 1; quantized linears hold {weights_mb:.0f} MB")
+    results: dict[str, list[tuple[float, float]]] = {"float32": [], "q4_1 kernel": []}
+    tokens: dict[str, list[int]] = {}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, modules in (("float32", float_modules), ("q4_1 kernel", quant)):
+            swap(modules)
+            done = llm.generate(prompt_ids, params)[0]
+            tokens[name] = done.token_ids
+            if round_index:
+                results[name].append((done.prefill_tokens_per_s, done.decode_tokens_per_s))
+    swap(float_modules)
+    print(f"{'linears':<14}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    best = {k: (max(p for p, _ in v), max(d for _, d in v)) for k, v in results.items()}
+    for name, (prefill, decode) in best.items():
+        print(f"{name:<14}{prefill:>15.1f}{decode:>15.1f}")
+    q, f = best["q4_1 kernel"], best["float32"]
+    print(f"{'ratio':<14}{q[0] / f[0]:>14.2f}x{q[1] / f[1]:>14.2f}x")
+    same = next((i for i, (a, b) in enumerate(zip(tokens["float32"], tokens["q4_1 kernel"]))
+                 if a != b), num_tokens)
+    print(f"greedy tokens equal to float32's for the first {same} of {num_tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ref", default="smollm2")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args()
+
+    from levante.weights.hub import resolve
+
+    path = resolve(args.ref)
+    assert kernels.available(), "kernel not built: see the log"
+    print(f"kernel {kernels.kernel_isa()}; torch threads {torch.get_num_threads()}; "
+          f"load average {os.getloadavg()[0]:.2f} (shared machine: minimum of "
+          f"{args.repeats} samples per cell)")
+    with torch.inference_mode():
+        shape_table(GGUFFile(path), args.repeats)
+    if not args.skip_model:
+        model_table(args.ref, args.tokens, args.rounds)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
