@@ -164,3 +164,28 @@ def test_read_adapter_scales_b(adapter_pair: tuple[Path, Path]) -> None:
     torch.testing.assert_close(b, 2.0 * raw[f"{prefix}.lora_B.weight"])
     assert set(weights.modules) == {f"model.layers.{i}.self_attn.{m}_proj"
                                     for i in (0, 1) for m in "qv"}
+
+
+def test_engine_serves_two_adapters_and_the_base_in_one_batch(
+        adapter_pair: tuple[Path, Path], tiny_model: Callable[[], Transformer]) -> None:
+    """Through the engine's flattened batches (and its prefix cache keyed by adapter)."""
+    from levante.config import EngineConfig
+    from levante.engine.engine import Engine
+    from levante.engine.sampler import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = IDS[0].tolist()
+    config = EngineConfig(max_model_len=64, num_kv_blocks=32, block_size=4,
+                          enable_prefix_caching=True)
+    model = tiny_model()
+    served = attach_adapters(model, {"first": adapter_pair[0], "second": adapter_pair[1]})
+    engine = Engine(model, None, config, adapters=served)
+
+    def run(adapter_ids: list[int]) -> list[list[int]]:
+        ids = [engine.add_request(prompt, params, adapter_id=a) for a in adapter_ids]
+        outs = engine.run_to_completion(ids)
+        return [[t for o in outs[rid] for t in o.new_token_ids] for rid in ids]
+
+    alone = [run([a])[0] for a in (0, 1, 2)]
+    assert len({tuple(a) for a in alone}) == 3  # the adapters change the output
+    assert run([2, 0, 1]) == [alone[2], alone[0], alone[1]]

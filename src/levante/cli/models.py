@@ -102,6 +102,19 @@ def run(
             return
 
 
+def _lora_pairs(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """['sql=/a/b'] -> (('sql', '/a/b'),); a spec without '=' is an error naming it."""
+    from levante.errors import ConfigError
+
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--lora takes NAME=PATH, got {spec!r}")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
 def _ask() -> str | None:
     try:
         text = console.input("[bold]>>> [/bold]")
@@ -139,6 +152,8 @@ def serve(
         help="reuse KV blocks of repeated prompt prefixes")] = True,
     num_speculative_tokens: Annotated[int, typer.Option(
         help="prompt-lookup draft tokens per step for greedy requests (0 = off)")] = 0,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
 ) -> None:
     """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics."""
     from levante.server.app import ServerConfig
@@ -150,7 +165,8 @@ def serve(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
             served_model_name=served_model_name, no_web=no_web,
-            enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens)
+            enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
+            lora=_lora_pairs(lora or []))
         run_server(config)
     except LevanteError as e:
         _fail(e)

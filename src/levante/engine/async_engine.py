@@ -24,6 +24,8 @@ class _Submit:
     outputs: asyncio.Queue[StepOutput]
     accepted: asyncio.Future[str]
     loop: asyncio.AbstractEventLoop
+    grammar: Any = None
+    adapter_id: int = 0
 
 
 class AsyncEngine:
@@ -72,12 +74,14 @@ class AsyncEngine:
         return len(self._streams)
 
     async def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
-                          request_id: str) -> RequestStream:
+                          request_id: str, *, grammar: Any = None,
+                          adapter_id: int = 0) -> RequestStream:
         """Submit a request; raises RequestError if the engine refuses it, else its stream."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         accepted: asyncio.Future[str] = loop.create_future()
-        self._commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop))
+        self._commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop,
+                                   grammar, adapter_id))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -139,7 +143,8 @@ class AsyncEngine:
     def _handle(self, command: Any) -> None:
         if isinstance(command, _Submit):
             try:
-                self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+                self.engine.add_request(command.prompt_ids, command.params, command.request_id,
+                                        grammar=command.grammar, adapter_id=command.adapter_id)
             except Exception as exc:  # noqa: BLE001 - handed to the caller's await
                 command.loop.call_soon_threadsafe(_set_exception, command.accepted, exc)
                 return

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,11 @@ from levante.engine.sampler import Sampler, SamplingParams, make_generator
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ContextLengthError, RequestError
 from levante.model import Transformer
+from levante.structured import Grammar, fill_masks
 from levante.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # peft (behind adapters) is heavy: imported only when adapters are served
+    from levante.finetune.adapters import AdapterSet
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,8 @@ class Engine:
     """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, *, adapters: AdapterSet | None = None
+                 ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
@@ -85,7 +91,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, enable_caching=self.config.enable_prefix_caching)
         cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
                         dtype=dtype, device=model.rope_cos.device)
-        self.runner = ModelRunner(model, cache)
+        self.runner = ModelRunner(model, cache, adapters=adapters)
         self.scheduler = Scheduler(self.config, self.pool)
         eos = set(model.config.eos_ids) | (set(tokenizer.eos_ids) if tokenizer else set())
         self.eos_ids = frozenset(eos)
@@ -108,17 +114,25 @@ class Engine:
         return self.scheduler.has_work
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises RequestError before anything is allocated."""
+                    request_id: str | None = None, *, grammar: Grammar | None = None,
+                    adapter_id: int = 0) -> str:
+        """Validate and queue a request; raises RequestError before anything is allocated.
+
+        With a grammar, every sampled token is masked to what it allows, and the request
+        stops when the grammar's output is complete.
+        """
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         prompt = self._check_prompt(prompt_ids)
+        params.check_token_ids(self.model.config.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt), params)
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise RequestError("the waiting queue is full; retry later", code="queue_full")
         request = Request(request_id, prompt, params, max_tokens,
-                          generator=make_generator(params.seed))
+                          generator=make_generator(params.seed),
+                          constraint=None if grammar is None else grammar.matcher(),
+                          adapter_id=adapter_id)
         self.requests[request_id] = request
         if self.tokenizer is not None:
             self.texts[request_id] = TextState(self.tokenizer, prompt, params.stop,
@@ -190,12 +204,14 @@ class Engine:
         outputs = []
         if plain:
             requests = [batch.requests[rows[j]] for j in plain]
+            matchers = [r.constraint for r in requests]
             sampled = self.sampler(
                 logits[plain] if len(plain) < len(rows) else logits,
                 [r.params for r in requests],
                 prompt_ids=[r.prompt_ids for r in requests],
                 output_ids=[r.output_ids for r in requests],
-                generators=[r.generator for r in requests])
+                generators=[r.generator for r in requests],
+                allowed=fill_masks(matchers, logits.shape[-1]) if any(matchers) else None)
             for k, request in enumerate(requests):
                 outputs.append(self._append_token(request, sampled.token_ids[k],
                                                   sampled.logprobs[k], sampled.top_logprobs[k]))
@@ -262,8 +278,13 @@ class Engine:
         text_state = self.texts.get(request.request_id)
         if is_stop_token:
             status = RequestStatus.FINISHED_STOPPED
-        elif text_state is not None and text_state.add(token):
-            status = RequestStatus.FINISHED_STOPPED
+        else:
+            if request.constraint is not None:
+                request.constraint.consume(token)
+                if request.constraint.is_finished:  # the constrained output is complete
+                    status = RequestStatus.FINISHED_STOPPED
+            if text_state is not None and text_state.add(token):
+                status = RequestStatus.FINISHED_STOPPED
         if status is None and len(request.output_ids) >= request.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         new_text = ""

@@ -49,6 +49,7 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     constraint: Any = None  # a grammar matcher (levante.structured) while output is constrained
+    adapter_id: int = 0  # LoRA adapter serving this request (0 = the base model)
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not recomputed)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from levante.engine.kv_cache import KVCache, build_paged_attention
 from levante.engine.scheduler import Batch
 from levante.model import Transformer
 
+if TYPE_CHECKING:
+    from levante.finetune.adapters import AdapterSet
+
 
 class ModelRunner:
     """Owns the model and the KV cache; one `run` per engine step."""
 
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, *,
+                 adapters: AdapterSet | None = None) -> None:
         self.model = model
         self.cache = cache
+        self.adapters = adapters
         self.device = model.rope_cos.device
 
     @torch.inference_mode()
@@ -45,6 +52,8 @@ class ModelRunner:
             context_lens=context_lens, query_lens=list(batch.num_new_tokens), device=self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.adapters is not None:
+            self.adapters.set_batch([r.adapter_id for r in batch.requests], batch.num_new_tokens)
         hidden = self.model(ids, pos, attention)
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size), []

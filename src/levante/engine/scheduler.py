@@ -155,8 +155,10 @@ class Scheduler:
     def hash_blocks(self, request: Request, *, limit: int) -> None:
         """Extend `request.block_hashes` over its full blocks within the first `limit` tokens."""
         size = self.config.block_size
+        # KV computed under a LoRA adapter differs from the base's: the adapter seeds the chain.
+        seed = request.adapter_id.to_bytes(8, "little") if request.adapter_id else None
         for i in range(len(request.block_hashes), limit // size):
-            parent = request.block_hashes[-1] if request.block_hashes else None
+            parent = request.block_hashes[-1] if request.block_hashes else seed
             request.block_hashes.append(
                 block_hash(parent, request.token_slice(i * size, (i + 1) * size)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class ServerConfig:
     ref: str
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a logged repr
     max_model_len: int | None = None
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
@@ -44,6 +45,7 @@ class ServerConfig:
     dtype: str = "float32"
     served_model_name: str | None = None
     enable_prefix_caching: bool = True
+    lora: tuple[tuple[str, str], ...] = ()  # (served name, adapter folder)
     num_speculative_tokens: int = 0
     max_body_bytes: int = 8 * 2**20
     cors_origins: tuple[str, ...] = ()
@@ -94,13 +96,26 @@ async def parse_body(request: Request, model: type[BaseModel], limit: int) -> An
         raise HTTPError(413, f"request body is {len(body)} bytes; the limit is {limit}",
                         type_="invalid_request_error", code="request_too_large")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
         raise HTTPError(400, f"body is not valid JSON: {e}",
                         type_="invalid_request_error") from None
     if not isinstance(data, dict):
         raise HTTPError(400, "body must be a JSON object", type_="invalid_request_error")
     return model.model_validate(data)
+
+
+def _reject_constant(name: str) -> Any:
+    """`NaN`, `Infinity`, `-Infinity`: Python's json accepts them, JSON (RFC 8259) does not."""
+    raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number that overflows a double (`1e400`) would otherwise read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range (numbers must be finite)")
+    return value
 
 
 def _host_name(header: str) -> str:
@@ -171,7 +186,37 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
     register(app, config, state)
     register_ollama(app, config, state)
     register_web(app, config, state)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Put the request-body models into /openapi.json: the routes read bodies through
+    `parse_body` (to answer bad JSON and sizes in OpenAI's shape), so FastAPI cannot see them."""
+    from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody
+    from levante.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    bodies: dict[str, type[BaseModel]] = {
+        "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+        "/api/chat": ChatBody, "/api/generate": GenerateBody, "/api/show": NamedBody,
+        "/api/pull": NamedBody}
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in bodies.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            document["paths"][path]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": ref}}}
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(config: ServerConfig) -> None:

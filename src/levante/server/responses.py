@@ -39,12 +39,15 @@ class Generation:
     """Runs the choices of one HTTP request and renders them, whole or streamed."""
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, tokenizer: Tokenizer,
-                 jobs: list[Job], *, n: int, chat: bool, model: str) -> None:
+                 jobs: list[Job], *, n: int, chat: bool, model: str, adapter_id: int = 0,
+                 grammar: Any = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.jobs = jobs
         self.n = n
+        self.adapter_id = adapter_id
+        self.grammar = grammar
         self.chat = chat
         self.model = model
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -58,7 +61,8 @@ class Generation:
         try:
             for index, prompt, params in self.jobs:
                 self.streams.append(await self.engine.add_request(
-                    prompt, params, f"{self.id}-{index}"))
+                    prompt, params, f"{self.id}-{index}", grammar=self.grammar,
+                    adapter_id=self.adapter_id))
         except BaseException:
             self.abort()
             raise

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,6 +21,9 @@ from levante.server.metrics import Metrics
 from levante.server.protocol import ChatCompletionRequest, CompletionRequest
 from levante.server.responses import Generation
 
+if TYPE_CHECKING:
+    from levante.finetune.adapters import AdapterSet
+
 
 @dataclass
 class ServerState:
@@ -31,6 +35,7 @@ class ServerState:
     metrics: Metrics
     max_queue: int
     created: int
+    adapters: AdapterSet | None = None
 
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
@@ -47,7 +52,12 @@ class ServerState:
             kv_cache_memory=config.kv_cache_memory, num_kv_blocks=config.num_kv_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             num_speculative_tokens=config.num_speculative_tokens)
-        engine = Engine(bundle.model, bundle.tokenizer, engine_config)
+        adapters = None
+        if config.lora:
+            from levante.finetune.adapters import attach_adapters
+
+            adapters = attach_adapters(bundle.model, {n: Path(p) for n, p in config.lora})
+        engine = Engine(bundle.model, bundle.tokenizer, engine_config, adapters=adapters)
         async_engine = AsyncEngine(engine)
         pool = engine.pool
         metrics = Metrics(running=lambda: async_engine.num_running,
@@ -56,13 +66,23 @@ class ServerState:
                           kv_total=pool.num_blocks)
         names = tuple(dict.fromkeys(n for n in (config.served_model_name, config.ref,
                                                 bundle.name) if n))
-        return cls(bundle, async_engine, names, metrics, config.max_queue, int(time.time()))
+        return cls(bundle, async_engine, names, metrics, config.max_queue, int(time.time()),
+                   adapters)
 
-    def check_model(self, name: str) -> None:
-        if name not in self.model_names:
-            raise HTTPError(404, f"model {name!r} does not exist; this server has "
-                            f"{', '.join(self.model_names)}", type_="invalid_request_error",
-                            param="model", code="model_not_found")
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """The base model's names, then each LoRA adapter's."""
+        return self.model_names + (tuple(self.adapters.names) if self.adapters else ())
+
+    def check_model(self, name: str) -> int:
+        """The adapter id serving `name` (0 = the base model); 404 for an unknown name."""
+        if name in self.model_names:
+            return 0
+        if self.adapters is not None and name in self.adapters.names:
+            return self.adapters.index_of(name)
+        raise HTTPError(404, f"model {name!r} does not exist; this server has "
+                        f"{', '.join(self.served_names)}", type_="invalid_request_error",
+                        param="model", code="model_not_found")
 
     def check_capacity(self, num_new: int) -> None:
         if self.engine.num_active + num_new > self.max_queue:
@@ -85,7 +105,7 @@ def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": state.created, "owned_by": "levante"}
-            for n in state.model_names]}
+            for n in state.served_names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -112,7 +132,7 @@ async def _complete(request: Request, state: ServerState,
 async def _handle(request: Request, state: ServerState,
                   body: ChatCompletionRequest | CompletionRequest, *, chat: bool) -> Response:
     body.check_extras()
-    state.check_model(body.model)
+    adapter_id = state.check_model(body.model)
     params = body.params()
     if chat:
         assert isinstance(body, ChatCompletionRequest)
@@ -124,7 +144,7 @@ async def _handle(request: Request, state: ServerState,
     jobs = _jobs(prompts, params, body.n)
     state.check_capacity(len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
-                        n=body.n, chat=chat, model=body.model)
+                        n=body.n, chat=chat, model=body.model, adapter_id=adapter_id)
     await stream.start()
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
