@@ -1,13 +1,15 @@
 """The quantized matmul kernel next to torch float32, per SmolLM2 shape and as a whole model.
 
 Usage: .venv/bin/python benchmarks/kernels.py [--ref smollm2] [--repeats 30] [--rounds 3]
-  [--tokens 128] [--skip-model]
+  [--tokens 128] [--threads N] [--skip-model]
 
 Part 1, per weight shape of SmolLM2 (Q4_1 layers, Q8_0 tied head), at M = 1 (decode) and
 M = 64 (prefill): our kernel vs `F.linear` on the dequantized float32 weight, each the
 minimum over `--repeats` interleaved samples (the machine is shared: the minimum is the
 least disturbed run), with GB/s of weight bytes read and the tokens/s these matmuls alone
-would allow for a whole forward (30 layers x 7 matmuls + the head).
+would allow for a whole forward (30 layers x 7 matmuls + the head). Repeating one shape
+keeps its weight in cache, so part 1b runs a decode token's 211 matmuls in model order,
+each weight once, as decode does.
 Part 2, the whole model: one float32 SmolLM2 from `levante.bundle.load`; its q/k/v/o/
 gate/up/down and lm_head are swapped between the float nn.Linear and a module calling our
 kernel on the GGUF's own blocks; `LLM.generate` greedy at batch 1, rounds interleaved,
@@ -33,12 +35,14 @@ from levante.quant.kernels import PackedWeight
 from levante.weights.gguf import GGUFFile
 from levante.weights.layout import interleaved_to_half
 
-# (label, GGUF tensor of layer 0, how many such matmuls one SmolLM2 forward runs)
-SHAPES = [("q, o     576x576", "blk.0.attn_q.weight", 60),
-          ("k, v     192x576", "blk.0.attn_k.weight", 60),
-          ("gate, up 1536x576", "blk.0.ffn_gate.weight", 60),
-          ("down     576x1536", "blk.0.ffn_down.weight", 30),
-          ("head     49152x576", "token_embd.weight", 1)]
+# (label, GGUF tensor of layer 0, how many such matmuls one SmolLM2 forward runs for the
+# decode token / for each prefill token: the head only projects a prompt's last token)
+SHAPES = [("q, o     576x576", "blk.0.attn_q.weight", 60, 60),
+          ("k, v     192x576", "blk.0.attn_k.weight", 60, 60),
+          ("gate, up 1536x576", "blk.0.ffn_gate.weight", 60, 60),
+          ("down     576x1536", "blk.0.ffn_down.weight", 30, 30),
+          ("head     49152x576", "token_embd.weight", 1, 0)]
+LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 PROMPT = ("The history of astronomy is long and rich. Early observers tracked the motions of "
           "the sun, the moon and the planets, and built calendars around them. ") * 4
 
@@ -67,25 +71,47 @@ def pack(gguf: GGUFFile, name: str, num_heads: int | None = None) -> PackedWeigh
 
 
 def shape_table(gguf: GGUFFile, repeats: int) -> None:
-    """Part 1: per-shape times at M = 1 and 64 and the implied whole-forward tokens/s."""
+    """Part 1: per-shape times at M = 1 and 64 (weights hot in cache) and what they imply."""
     for num_rows in (1, 64):
         print(f"\nM = {num_rows}{'':<14}{'ours ms':>10}{'GB/s':>7}{'f32 ms':>10}{'GB/s':>7}"
               f"{'speedup':>9}")
         totals = [0.0, 0.0]
-        for label, name, count in SHAPES:
+        for label, name, decode_count, prefill_count in SHAPES:
             w = pack(gguf, name)
             weight = kernels.dequantize_packed(w)
             x = torch.randn(num_rows, w.shape[1])
             ours, f32 = min_time([partial(kernels.qlinear, x, w), partial(F.linear, x, weight)],
                                  repeats)
+            count = decode_count if num_rows == 1 else prefill_count
             totals[0] += count * ours
             totals[1] += count * f32
             print(f"{label:<20}{ours * 1e3:>10.3f}{w.nbytes / ours / 1e9:>7.1f}"
                   f"{f32 * 1e3:>10.3f}{weight.nbytes / f32 / 1e9:>7.1f}{f32 / ours:>8.2f}x")
-        print(f"{'matmuls/forward':<20}{totals[0] * 1e3:>10.2f}{'':>7}{totals[1] * 1e3:>10.2f}"
-              f"{'':>7}{totals[1] / totals[0]:>8.2f}x")
-        print(f"  => matmul-only bound: ours {num_rows / totals[0]:.0f} tokens/s, "
+        print(f"{'matmuls/token':<20}{totals[0] * 1e3 / num_rows:>10.3f}{'':>7}"
+              f"{totals[1] * 1e3 / num_rows:>10.3f}{'':>7}{totals[1] / totals[0]:>8.2f}x")
+        print(f"  => matmul-only bound, weights hot: ours {num_rows / totals[0]:.0f} tokens/s, "
               f"float32 {num_rows / totals[1]:.0f} tokens/s")
+
+
+def sweep_table(gguf: GGUFFile, repeats: int) -> None:
+    """Part 1b: one decode token's 211 matmuls, each weight read once (from DRAM, as in decode)."""
+    num_layers = 1 + max(int(n.split(".")[1]) for n in gguf.tensor_names if n.startswith("blk."))
+    names = [f"blk.{i}.{t}.weight" for i in range(num_layers) for t in LAYER_TENSORS]
+    packed = [pack(gguf, n) for n in [*names, "token_embd.weight"]]
+    floats = [kernels.dequantize_packed(w) for w in packed]
+    inputs = {k: torch.randn(1, k) for k in {w.shape[1] for w in packed}}
+
+    def sweep(linear: Callable[[torch.Tensor, object], object], weights: list) -> None:
+        for w in weights:
+            linear(inputs[w.shape[1]], w)
+
+    ours, f32 = min_time([partial(sweep, kernels.qlinear, packed),
+                          partial(sweep, F.linear, floats)], max(3, repeats // 5))
+    num_bytes = [sum(w.nbytes for w in packed), sum(w.nbytes for w in floats)]
+    print(f"\nM = 1, all {len(packed)} matmuls of a token, each weight once (not in cache):")
+    print(f"  ours {ours * 1e3:.2f} ms ({num_bytes[0] / ours / 1e9:.1f} GB/s, "
+          f"{1 / ours:.0f} tokens/s), float32 {f32 * 1e3:.2f} ms ({num_bytes[1] / f32 / 1e9:.1f} "
+          f"GB/s, {1 / f32:.0f} tokens/s): {f32 / ours:.2f}x")
 
 
 class QuantLinear(nn.Module):
@@ -169,7 +195,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from levante.weights.hub import resolve
 
@@ -180,6 +210,7 @@ def main() -> None:
           f"{args.repeats} samples per cell)")
     with torch.inference_mode():
         shape_table(GGUFFile(path), args.repeats)
+        sweep_table(GGUFFile(path), args.repeats)
     if not args.skip_model:
         model_table(args.ref, args.tokens, args.rounds)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

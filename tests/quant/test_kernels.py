@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +208,39 @@ def test_rejects_bad_input(real_weights: dict) -> None:
         kernels.repack(Q4_1, raw, (576, 1530))
     with pytest.raises(ValueError, match="features"):
         kernels.qlinear(torch.randn(1, 576), kernels.repack(Q4_1, raw, (576, 1536)))
+
+
+PORTABLE_CHECK = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+from gguf import GGMLQuantizationType
+from levante.quant import kernels
+ops = torch.ops.levante_quant
+assert ops.isa() == "scalar", ops.isa()
+gen = torch.Generator().manual_seed(0)
+for qtype, quant_bytes in ((GGMLQuantizationType.Q8_0, 32), (GGMLQuantizationType.Q4_1, 16)):
+    num_rows, num_blocks = 7, 19
+    qs = torch.randint(0, 256, (num_rows, num_blocks * quant_bytes), dtype=torch.uint8,
+                       generator=gen)
+    d = (torch.rand(num_rows, num_blocks, generator=gen) / 8).half()
+    m = -d * 8 if qtype == GGMLQuantizationType.Q4_1 else None
+    w = kernels.PackedWeight(qtype, (num_rows, num_blocks * 32), qs, d, m)
+    x = torch.randn(5, num_blocks * 32, generator=gen)
+    q, dx, _ = ops.quantize_rows(x)
+    x_rounded = q.double().view(5, num_blocks, 32) * dx.double().unsqueeze(-1)
+    expected = x_rounded.view(5, -1) @ kernels.dequantize_packed(w).double().T
+    y = ops.qlinear(x, w.qs, w.d, w.m, int(qtype))
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_portable_build_matches(tmp_path: Path) -> None:
+    """The no-AVX2 build (what a CPU without AVX2 compiles) computes the same (~40 s)."""
+    library = tmp_path / "q_gemm_portable.so"
+    subprocess.run(kernels._compile_command(library, arch="x86-64"), check=True)
+    out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(library)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

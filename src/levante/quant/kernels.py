@@ -269,14 +269,14 @@ def _qlinear_shape(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.
     return x.new_empty(x.shape[0], qs.shape[0])
 
 
-def _compile_command(output: Path) -> list[str]:
-    """The compiler call for this CPU (-march=native: the cached library never leaves it)."""
+def _compile_command(output: Path, *, arch: str = "native") -> list[str]:
+    """The compiler call; -march=native by default: the cached library never leaves this CPU."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     lib_dir = library_paths()[0]
-    return [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+    return [compiler, "-O3", f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
             str(SOURCE), "-o", str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{lib_dir}"]

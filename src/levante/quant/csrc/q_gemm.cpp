@@ -212,6 +212,7 @@ inline int32_t quant_value(const uint8_t* base, int rows, int r, int64_t nb, int
 
 #ifdef LQ_AVX2
 constexpr int kGroup = 8;  // blocks whose scales are computed together
+constexpr int64_t kPrefetch = 2048;  // bytes of qs requested ahead of use
 
 template <int RW, int RX>
 struct TileState {
@@ -310,6 +311,10 @@ void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int
   const uint8_t* base = group_base<QT>(w, n0);
   for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
     const int64_t count = std::min<int64_t>(kGroup, nb - b0);
+    // Ask for the stream kPrefetch bytes ahead (past this tile's end it is the next tile).
+    const uint8_t* ahead = base + b0 * RW * quant_bytes<QT>() + kPrefetch;
+    for (int64_t off = 0; off < count * RW * quant_bytes<QT>(); off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     group_scales<RW, RX>(t, wd, a, m0, b0, count);
     group_dots<QT, RW, RX>(t, base, nb, a, m0, b0, count);
   }
