@@ -18,6 +18,7 @@ from levante.engine.sampler import SamplingParams
 from levante.server.metrics import Metrics
 from levante.server.protocol import error_body
 from levante.tokenizer import Tokenizer
+from levante.tools import ChatDelta, ToolCallStreamer
 
 Job = tuple[int, list[int], SamplingParams]
 
@@ -33,6 +34,15 @@ class Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    streamer: ToolCallStreamer | None = None  # when the reply may hold tool calls
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def message(self) -> dict[str, Any]:
+        """The whole assistant message in OpenAI's shape."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.text or None,
+                "tool_calls": self.tool_calls}
 
 
 class Generation:
@@ -40,7 +50,7 @@ class Generation:
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, tokenizer: Tokenizer,
                  jobs: list[Job], *, n: int, chat: bool, model: str, adapter_id: int = 0,
-                 grammar: Any = None) -> None:
+                 grammar: Any = None, tool_style: str | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -53,7 +63,9 @@ class Generation:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.streams: list[RequestStream] = []
-        self.choices = [Choice(i, len(p)) for i, p, _ in jobs]
+        self.choices = [Choice(i, len(p), streamer=None if tool_style is None else
+                               ToolCallStreamer(tokenizer, style=tool_style))
+                        for i, p, _ in jobs]
         self.start_time = time.monotonic()
 
     async def start(self) -> None:
@@ -105,15 +117,27 @@ class Generation:
             self.metrics.tpot.observe(gap)
         self.metrics.generation_tokens.inc(len(out.new_token_ids))
 
-    def _update(self, choice: Choice, out: StepOutput) -> None:
-        choice.text += out.new_text
+    def _update(self, choice: Choice, out: StepOutput) -> ChatDelta:
+        """Fold an output into its choice; returns what it adds to the message."""
         choice.token_ids.extend(out.new_token_ids)
         for token, lp, top in zip(out.new_token_ids, out.logprobs, out.top_logprobs):
             if lp is not None:
                 choice.logprobs.append(self._logprob(token, lp, top))
+        if choice.streamer is None:
+            delta = ChatDelta(out.new_text)
+        else:  # tool calls are parsed from token ids ([TOOL_CALLS] is a control token)
+            delta = choice.streamer.add(out.new_token_ids)
+            if out.finished:
+                tail = choice.streamer.finish()
+                delta = ChatDelta(delta.content + tail.content,
+                                  delta.tool_calls + tail.tool_calls)
+                choice.tool_calls = [c.to_openai() for c in choice.streamer.calls]
+        choice.text += delta.content
         if out.finished:
-            choice.finish_reason = out.finish_reason
             choice.error = out.error
+            called = choice.tool_calls and out.finish_reason == "stop"
+            choice.finish_reason = "tool_calls" if called else out.finish_reason
+        return delta
 
     def _logprob(self, token: int, logprob: float,
                  top: list[tuple[int, float]] | None) -> dict[str, Any]:
@@ -153,7 +177,7 @@ class Generation:
     def _whole(self) -> dict[str, Any]:
         if self.chat:
             choices = [{"index": c.index,
-                        "message": {"role": "assistant", "content": c.text},
+                        "message": c.message(),
                         "logprobs": {"content": c.logprobs} if c.logprobs else None,
                         "finish_reason": c.finish_reason} for c in self.choices]
             kind = "chat.completion"
@@ -173,13 +197,13 @@ class Generation:
             async for index, out in self._events():
                 choice = self.choices[index]
                 num_logprobs = len(choice.logprobs)
-                self._update(choice, out)
+                delta = self._update(choice, out)
                 if out.error:
                     body = error_body(out.error, type_="server_error")
                     yield f"data: {json.dumps(body)}\n\n"
                     failed = True
                     break
-                chunk = self._chunk(choice, out, choice.logprobs[num_logprobs:],
+                chunk = self._chunk(choice, delta, choice.logprobs[num_logprobs:],
                                     first=index not in started)
                 started.add(index)
                 if include_usage:
@@ -196,19 +220,21 @@ class Generation:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def _chunk(self, choice: Choice, out: StepOutput, logprobs: list[dict[str, Any]], *,
+    def _chunk(self, choice: Choice, delta: ChatDelta, logprobs: list[dict[str, Any]], *,
                first: bool) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {"content": out.new_text}
+            body_delta: dict[str, Any] = {"content": delta.content}
+            if delta.tool_calls:
+                body_delta = {"content": delta.content or None, "tool_calls": delta.tool_calls}
             if first:
-                delta["role"] = "assistant"
-            body = {"index": choice.index, "delta": delta,
+                body_delta["role"] = "assistant"
+            body = {"index": choice.index, "delta": body_delta,
                     "logprobs": {"content": logprobs} if logprobs else None,
-                    "finish_reason": out.finish_reason}
+                    "finish_reason": choice.finish_reason}
         else:
-            body = {"index": choice.index, "text": out.new_text,
+            body = {"index": choice.index, "text": delta.content,
                     "logprobs": _completion_logprobs(logprobs) if logprobs else None,
-                    "finish_reason": out.finish_reason}
+                    "finish_reason": choice.finish_reason}
         return self._envelope([body])
 
 

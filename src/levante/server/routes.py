@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.bundle import Bundle
+from levante.chat_request import ChatRequests
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.engine import Engine
@@ -36,6 +38,10 @@ class ServerState:
     max_queue: int
     created: int
     adapters: AdapterSet | None = None
+    chats: ChatRequests = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chats = ChatRequests(self.bundle)
 
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
@@ -134,40 +140,28 @@ async def _handle(request: Request, state: ServerState,
     body.check_extras()
     adapter_id = state.check_model(body.model)
     params = body.params()
+    grammar, tool_style = None, None
     if chat:
         assert isinstance(body, ChatCompletionRequest)
-        _reject_unimplemented(body)
-        prompts = [_encode_chat(state, body)]
+        prepared = await asyncio.to_thread(
+            state.chats.prepare, body.messages, tools=body.tools, tool_choice=body.tool_choice,
+            response_format=body.response_format, parallel_tool_calls=body.parallel_tool_calls)
+        prompts = [prepared.prompt_ids]
+        grammar, tool_style = prepared.grammar, prepared.tool_style
     else:
         assert isinstance(body, CompletionRequest)
         prompts = [_encode_text(state, p) for p in body.prompts()]
     jobs = _jobs(prompts, params, body.n)
     state.check_capacity(len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
-                        n=body.n, chat=chat, model=body.model, adapter_id=adapter_id)
+                        n=body.n, chat=chat, model=body.model, adapter_id=adapter_id,
+                        grammar=grammar, tool_style=tool_style)
     await stream.start()
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream.sse(include_usage=usage),
                                  media_type="text/event-stream")
     return JSONResponse(await stream.collect(request))
-
-
-def _reject_unimplemented(body: ChatCompletionRequest) -> None:
-    fmt = body.response_format
-    if fmt is not None and fmt.get("type") not in (None, "text"):
-        raise RequestError(f"response_format type {fmt.get('type')!r} is not supported",
-                           param="response_format")
-    if body.tools and body.tool_choice not in (None, "none"):
-        raise RequestError("tool calling is not supported by this server yet", param="tools")
-
-
-def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    chat_format = state.bundle.chat_format
-    if chat_format is None:
-        raise RequestError("this model has no chat template; use /v1/completions",
-                           param="messages")
-    return chat_format.encode(body.messages)
 
 
 def _encode_text(state: ServerState, prompt: str | list[int]) -> list[int]:
