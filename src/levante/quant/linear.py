@@ -1,0 +1,368 @@
+"""Weight-only int8/int4 linears, `quantize_model` (swap each nn.Linear), and their checkpoint form.
+
+Kernels, measured on the development CPU (AMD Zen 5, AVX512-BF16, torch 2.13, batch-1 GEMV,
+one thread, best of several interleaved runs): 4096x4096 f32 `F.linear` 5.4 ms,
+`_weight_int8pack_mm` 0.95 ms, `_weight_int4pack_mm_for_cpu` 0.85 ms; at SmolLM2's 1536x576
+0.060 / 0.025 / 0.026 ms. Both packed kernels are only fast with bf16 activations (f32 in: 4-10x
+slower than f32 `F.linear`, f16 in: ~50x), so they run in bf16 and the residual stream stays in
+the model's dtype. torchao is not used: its int8 path is only fast under torch.compile and its
+default int4 config fails on CPU (shared/NOTES.md). Other devices get the plain-torch
+"dequantize" kernel (dequantize the layer's weight, then `F.linear`) until measured there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from levante.config import ModelConfig
+from levante.errors import ConfigError, ModelFileError
+from levante.model import Transformer
+from levante.weights.layout import expected_shapes
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("int8", "int4")
+KERNELS = ("packed", "dequantize")
+PACKED_DTYPE = torch.bfloat16  # activation and scale dtype the packed CPU kernels want
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+PACK_ROWS = 4096  # rows packed per call: a multiple of the kernel's 64-row blocks
+
+
+def default_kernel(device: torch.device | str) -> str:
+    """The fastest measured kernel for `device`: packed on CPU, dequantize elsewhere."""
+    return "packed" if torch.device(device).type == "cpu" else "dequantize"
+
+
+def _check_kernel(kernel: str, device: torch.device) -> None:
+    if kernel not in KERNELS:
+        raise ConfigError(f"quantized kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "packed" and device.type != "cpu":
+        raise ConfigError(f"the packed int8/int4 kernels are wired for CPU only, not {device}; "
+                          f"use kernel='dequantize'")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: [N, K] float -> (int8 codes [N, K], f32 scales [N]).
+
+    scale = max|w_row| / 127, code = round(w / scale) in [-127, 127]; w ~ code * scale.
+    """
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4-bit: [N, K] -> (uint8 codes 0..15 [N, K], scales, mins [N, K/g]).
+
+    Per group of `group_size` inputs: scale = (max - min) / 15, code = round((w - min) / scale);
+    w ~ code * scale + min (the Q4_1 rule, as gpt-fast's group quantizer).
+    """
+    rows, cols = weight.shape
+    if group_size not in INT4_GROUP_SIZES or cols % group_size:
+        raise ConfigError(f"int4 group size must be one of {INT4_GROUP_SIZES} and divide the "
+                          f"input width {cols}; got {group_size}")
+    w = weight.float().reshape(rows, cols // group_size, group_size)
+    mins, maxs = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((maxs - mins) / 15).clamp_min(1e-12)
+    codes = torch.round((w - mins[..., None]) / scales[..., None]).clamp_(0, 15)
+    return codes.to(torch.uint8).reshape(rows, cols), scales, mins
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] -> [N, K/2] bytes: column 2j in the low nibble, 2j+1 high.
+
+    Example: codes [[1, 2, 15, 0]] -> [[0x21, 0x0F]].
+    This is the portable layout Levante writes to disk; CPU kernels get their own packing.
+    """
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: [N, K/2] bytes -> uint8 codes [N, K]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def _pack_for_cpu_kernel(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] -> `_weight_int4pack_mm_for_cpu`'s layout, PACK_ROWS rows at a time.
+
+    The layout depends on the CPU's vector width but is blocked by output rows, so row
+    chunks pack independently (tests check chunked == whole); chunks cap the int32 copy.
+    """
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes[start:start + PACK_ROWS].to(torch.int32), 1)
+        for start in range(0, codes.shape[0], PACK_ROWS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied if its data is not 64-byte aligned (tensors read from safetensors often
+    are not); `_weight_int8pack_mm` segfaults on such weights from 8 rows of input up."""
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+
+
+def _linear_2d(x: torch.Tensor, out_features: int, fn: object) -> torch.Tensor:
+    """Run `fn` on x flattened to [M, K]; reshape to [..., out_features] in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = fn(flat)  # type: ignore[operator]
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (codes * scale)^T with int8 codes [N, K] and one f32 scale per output row."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, *,
+                 kernel: str | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.kernel = kernel or default_kernel(codes.device)
+        _check_kernel(self.kernel, codes.device)
+        self.register_buffer("codes", _aligned(codes.to(torch.int8).contiguous()))
+        self.register_buffer("scales", scales.float().contiguous())
+        # the packed kernel multiplies by bf16 scales; we scale in f32 afterwards instead
+        self.register_buffer("unit_scales", torch.ones(self.out_features, dtype=PACKED_DTYPE,
+                                                       device=codes.device), persistent=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, kernel: str | None = None) -> Int8Linear:
+        """Quantize a float weight [N, K] per output channel."""
+        codes, scales = quantize_int8(weight)
+        return cls(codes, scales, kernel=kernel)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight this layer computes with, as float32 [N, K]."""
+        return self.codes.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        return _linear_2d(x, self.out_features, lambda flat: torch.ops.aten._weight_int8pack_mm(
+            flat.to(PACKED_DTYPE), self.codes, self.unit_scales).float() * self.scales)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise 4-bit weights: w = sum over planes of (u - 8) * S + Z per group of inputs.
+
+    Codes of up to 4 bits take one plane (u = code, S = scale, Z = offset + 8 * scale).
+    Codes of 5-8 bits (Q8_0, Q5_K) split into a high and a low nibble plane, both run by the
+    same int4 kernel: w = s * (16h + l) + o = [(h - 8) * 16s + 128s] + [(l - 8) * s + 8s + o].
+    Example: Q8_0 code 200 = 16 * 12 + 8, d = 0.5, o = -64 -> 96 + 4 - 64 = 36 = (200 - 128) * 0.5.
+    S and Z are stored in bf16 (the CPU kernel takes them in the activation dtype).
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, *,
+                 bits: int = 4, kernel: str | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scales.shape[1]
+        if (self.group_size not in INT4_GROUP_SIZES
+                or self.group_size * scales.shape[1] != self.in_features):
+            raise ConfigError(f"int4 groups of {self.in_features}/{scales.shape[1]} inputs are "
+                              f"not supported; group size must be one of {INT4_GROUP_SIZES}")
+        if not 1 <= bits <= 8:
+            raise ConfigError(f"Int4Linear holds codes of 1 to 8 bits, not {bits}")
+        self.kernel = kernel or default_kernel(codes.device)
+        _check_kernel(self.kernel, codes.device)
+        scales, offsets = scales.float(), offsets.float()
+        if bits <= 4:
+            planes = [(codes, scales, offsets + 8 * scales)]
+        else:
+            planes = [(codes >> 4, 16 * scales, 128 * scales),
+                      (codes & 0x0F, scales, offsets + 8 * scales)]
+        self.num_planes = len(planes)
+        for index, (plane, plane_scales, zeros) in enumerate(planes):
+            self._add_plane(index, plane, plane_scales, zeros)
+
+    def _add_plane(self, index: int, codes: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor) -> None:
+        # kernel layout: weights packed for the CPU kernel, scales_and_zeros [K/g, N, 2]
+        packed = _pack_for_cpu_kernel(codes) if self.kernel == "packed" else pack_nibbles(codes)
+        scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(PACKED_DTYPE)
+        self.register_buffer(f"packed_{index}", packed.contiguous())
+        self.register_buffer(f"scales_and_zeros_{index}", scales_and_zeros.contiguous())
+
+    def _plane(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"packed_{index}"), getattr(self, f"scales_and_zeros_{index}")
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, group_size: int = 32,
+                   kernel: str | None = None) -> Int4Linear:
+        """Quantize a float weight [N, K] group-wise (see `quantize_int4`)."""
+        codes, scales, mins = quantize_int4(weight, group_size)
+        return cls(codes, scales, mins, kernel=kernel)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [N, K]; only the portable ("dequantize" kernel) layout."""
+        if self.kernel != "dequantize":
+            raise ConfigError("Int4Linear.dequantize needs kernel='dequantize': the packed CPU "
+                              "layout is private to PyTorch's kernel")
+        weight = torch.zeros(self.out_features, self.in_features, device=self.packed_0.device)
+        for index in range(self.num_planes):
+            packed, scales_and_zeros = self._plane(index)
+            groups = unpack_nibbles(packed).float().view(self.out_features, -1, self.group_size)
+            scales = scales_and_zeros[..., 0].t().float()[..., None]  # [N, K/g, 1]
+            zeros = scales_and_zeros[..., 1].t().float()[..., None]
+            weight += ((groups - 8) * scales + zeros).view_as(weight)
+        return weight
+
+    def _packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.to(PACKED_DTYPE)
+        out = None
+        for index in range(self.num_planes):
+            packed, scales_and_zeros = self._plane(index)
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, packed, self.group_size, scales_and_zeros).float()
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        return _linear_2d(x, self.out_features, self._packed_matmul)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"planes={self.num_planes}, kernel={self.kernel}")
+
+
+def quantize_model(model: Transformer, fmt: str, *, group_size: int = 32,
+                   kernel: str | None = None) -> Transformer:
+    """Swap every nn.Linear of `model` for an int8 or int4 one, in place; returns `model`.
+
+    Norms and the embedding stay in float: they are a small share of the bytes and an
+    embedding lookup reads one row per token. The output head is quantized too (it is the
+    largest single matmul per token); under "int4" it gets int8, as llama.cpp keeps the output
+    at 6-8 bits. A tied head gets its own quantized copy while the embedding stays float.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"quantization format must be one of {FORMATS}, got {fmt!r}")
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear)]
+    for name, module in targets:
+        weight = module.weight.detach()
+        if fmt == "int8" or name == "lm_head":
+            new: nn.Module = Int8Linear.from_float(weight, kernel=kernel)
+        else:
+            new = Int4Linear.from_float(weight, group_size=group_size, kernel=kernel)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    log.info("quantized %d linear layers to %s", len(targets), fmt)
+    return model
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skip `torch.nn.init` calls while building modules whose weights are replaced anyway."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def model_skeleton(config: ModelConfig) -> Transformer:
+    """A Transformer whose weights are allocated but never written, to be replaced module by module.
+
+    Not the meta device: initializing meta tensors (and the rotary table) goes through
+    torch._refs, which imports torch._dynamo: +4 s and +76 MB resident, more than half of
+    SmolLM2's quantized weights. These CPU tensors are never touched, so they take no resident
+    memory, and each is freed when the module holding it is replaced.
+    """
+    with _SkipInit():
+        return Transformer(config)
+
+
+# Levante's int8/int4 checkpoint (safetensors), version 1. Header metadata QUANT_METADATA_KEY =
+# '{"version": 1, "format": "int8"|"int4", "group_size": 32}'. A quantized linear P.weight is
+# int8: P.qweight int8 [N, K] + P.scales f32 [N]           (w = q * scale)
+# int4: P.qweight uint8 [N, K/2] (pack_nibbles) + P.scales, P.mins f16 [N, K/g] (as Q4_1)
+#       (w = code * scale + min)
+# The output head is int8 in both (as quantize_model) and present even when tied; norms are
+# f32, the embedding bf16, names as in HF checkpoints.
+QUANT_METADATA_KEY = "levante.quant"
+QUANT_FORMAT_VERSION = 1
+
+
+def quantized_tensors(fmt: str, name: str, weight: torch.Tensor,
+                      group_size: int = 32) -> dict[str, torch.Tensor]:
+    """What Levante's checkpoint stores for tensor `name` (HF naming) under format `fmt`."""
+    if weight.dim() == 1:
+        return {name: weight.float()}
+    if name == "model.embed_tokens.weight":
+        return {name: weight.to(torch.bfloat16)}
+    stem = name.removesuffix(".weight")
+    if fmt == "int8" or name == "lm_head.weight":
+        codes, scales = quantize_int8(weight)
+        return {f"{stem}.qweight": codes, f"{stem}.scales": scales}
+    codes, scales, mins = quantize_int4(weight, group_size)
+    return {f"{stem}.qweight": pack_nibbles(codes), f"{stem}.scales": scales.half(),
+            f"{stem}.mins": mins.half()}
+
+
+def read_quant_metadata(path: Path) -> dict[str, Any] | None:
+    """The `levante.quant` header of a safetensors file, checked; None for a float checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        text = (f.metadata() or {}).get(QUANT_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(path, f"{QUANT_METADATA_KEY} header is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("version") != QUANT_FORMAT_VERSION \
+            or meta.get("format") not in FORMATS:
+        raise ModelFileError(path, f"{QUANT_METADATA_KEY} header {text!r} is not version "
+                                   f"{QUANT_FORMAT_VERSION} of int8/int4")
+    return meta
+
+
+def load_quantized_checkpoint(files: list[Path], config: ModelConfig, dtype: torch.dtype, *,
+                              kernel: str | None = None) -> Transformer:
+    """A Transformer from Levante int8/int4 safetensors (see `quantized_tensors`), on CPU."""
+    from safetensors.torch import load_file
+
+    stored: dict[str, torch.Tensor] = {}
+    for path in files:
+        stored.update(load_file(path))
+    model = model_skeleton(config)
+    where = files[0] if len(files) == 1 else files[0].parent
+    for name, shape in {**expected_shapes(config), "lm_head.weight": (0,)}.items():
+        if name in stored:
+            _assign(model, name, nn.Parameter(stored.pop(name).to(dtype), requires_grad=False))
+            continue
+        stem = name.removesuffix(".weight")
+        try:
+            codes, scales = stored.pop(f"{stem}.qweight"), stored.pop(f"{stem}.scales")
+            if codes.dtype == torch.int8:
+                linear: nn.Module = Int8Linear(codes, scales, kernel=kernel)
+            else:
+                linear = Int4Linear(unpack_nibbles(codes), scales, stored.pop(f"{stem}.mins"),
+                                    kernel=kernel)
+        except KeyError as e:
+            raise ModelFileError(where, f"missing tensor {e.args[0]}") from None
+        if name != "lm_head.weight" and (linear.out_features, linear.in_features) != shape:
+            raise ModelFileError(where, f"{stem} holds a {linear.out_features}x"
+                                        f"{linear.in_features} weight, expected {shape}")
+        _assign(model, stem, linear)
+    return model.eval()
+
+
+def _assign(model: nn.Module, path: str, value: nn.Module | nn.Parameter) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, value)

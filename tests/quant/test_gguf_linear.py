@@ -1,0 +1,200 @@
+"""GGUF weights kept quantized: each block format against dequantize-then-matmul, SmolLM2 whole."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
+from torch import nn
+
+from levante.config import ModelConfig
+from levante.model import Transformer
+from levante.quant.gguf_blocks import dequantize
+from levante.quant.gguf_linear import (
+    BlockKernelLinear,
+    GGUFEmbedding,
+    RawBlockLinear,
+    gguf_linear,
+    k_quant_codes,
+    load_gguf_quantized,
+    model_nbytes,
+    read_rows,
+)
+from levante.quant.linear import Int4Linear
+from levante.weights.gguf import GGUFFile, load_gguf_state_dict
+from levante.weights.layout import interleaved_to_half
+
+Q = GGMLQuantizationType
+ROWS, COLS = 64, 512
+MODULE_FOR = {Q.Q8_0: BlockKernelLinear, Q.Q4_0: BlockKernelLinear, Q.Q4_1: BlockKernelLinear,
+              Q.Q4_K: Int4Linear, Q.Q5_K: Int4Linear, Q.Q6_K: RawBlockLinear, Q.F16: nn.Linear}
+
+
+def random_k_blocks(qtype: GGMLQuantizationType, num_blocks: int, seed: int) -> np.ndarray:
+    """Random K-quant super-blocks with finite, small f16 scales (d, dmin or Q6_K's d)."""
+    rng = np.random.default_rng(seed)
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (num_blocks, type_size), dtype=np.uint8)
+    scales = rng.uniform(1e-4, 2e-3, (num_blocks, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        blocks[:, 208:210] = scales[:, :2]
+    else:
+        blocks[:, 0:4] = scales
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def typed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GGUF holding one [64, 512] weight per block format our linears handle."""
+    path = tmp_path_factory.mktemp("gguf") / "typed.gguf"
+    writer = GGUFWriter(path, arch="llama")
+    gen = np.random.default_rng(0)
+    weight = gen.normal(0, 0.02, (ROWS, COLS)).astype(np.float32)
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        writer.add_tensor(qtype.name, quants.quantize(weight, qtype), raw_dtype=qtype)
+    for qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        blocks = random_k_blocks(qtype, ROWS * COLS // 256, seed=int(qtype))
+        writer.add_tensor(qtype.name, blocks.reshape(ROWS, -1), raw_dtype=qtype)
+    writer.add_tensor("F16", weight.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K])
+def test_k_quant_codes_are_bit_exact(qtype: GGMLQuantizationType) -> None:
+    blocks = torch.from_numpy(random_k_blocks(qtype, 16, seed=7))
+    codes, scales, offsets = k_quant_codes(blocks, qtype)
+    assert codes.max() < (16 if qtype == Q.Q4_K else 32)
+    values = codes.float().view(16, 8, 32) * scales[..., None] + offsets[..., None]
+    expected = dequantize(blocks.reshape(-1), qtype, (16, 256))
+    assert torch.equal(values.view(16, 256), expected)
+
+
+def test_read_rows_equals_the_mapped_bytes(typed_gguf: Path) -> None:
+    gguf_file = GGUFFile(typed_gguf)
+    with open(typed_gguf, "rb") as handle:
+        for name in gguf_file.tensor_names:
+            rows = read_rows(handle, gguf_file, name)
+            assert rows.shape[0] == ROWS
+            assert torch.equal(rows.reshape(-1), gguf_file.raw(name))
+
+
+@pytest.mark.parametrize("qtype", list(MODULE_FOR))
+@pytest.mark.parametrize("num_heads", [None, 4])
+def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGMLQuantizationType,
+                                                   num_heads: int | None) -> None:
+    gguf_file = GGUFFile(typed_gguf)
+    with open(typed_gguf, "rb") as handle:
+        layer = gguf_linear(gguf_file, qtype.name, handle, dtype=torch.float32,
+                            num_heads=num_heads)
+    assert type(layer) is MODULE_FOR[qtype]
+    weight = gguf_file.load(qtype.name)
+    if num_heads is not None:
+        weight = interleaved_to_half(weight, num_heads)
+    x = torch.randn(3, COLS, generator=torch.Generator().manual_seed(1))
+    expected = F.linear(x, weight)
+    out = layer(x)
+    scale = expected.abs().max()
+    if qtype in (Q.Q6_K, Q.F16):  # float weights as stored: float32 exact
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * scale)
+    elif qtype in (Q.Q4_K, Q.Q5_K):  # bf16 activations, scales and offsets
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * scale)
+    else:  # the block kernel quantizes activations to 8 bits per 32 values
+        torch.testing.assert_close(out, expected, rtol=0.05, atol=0.03 * scale)
+        assert F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize(("name", "num_heads"), [("blk.0.attn_q.weight", 9),
+                                                 ("blk.0.attn_k.weight", 3),
+                                                 ("token_embd.weight", None)])
+def test_chunked_repack_equals_whole(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch,
+                                     name: str, num_heads: int | None) -> None:
+    from levante.quant import gguf_linear as module
+    from levante.quant import kernels
+
+    gguf_file = GGUFFile(smollm2_gguf)
+    rows = gguf_file.raw(name).view(gguf_file.tensor_shape(name)[0], -1)
+    if num_heads is not None:
+        rows = interleaved_to_half(rows, num_heads)
+    whole = kernels.repack(gguf_file.tensor_type(name), rows, gguf_file.tensor_shape(name))
+    monkeypatch.setattr(module, "CHUNK_BYTES", 5000)  # odd-sized chunks, many of them
+    with open(smollm2_gguf, "rb") as handle:
+        chunked = module._repack_in_chunks(handle, gguf_file, name, num_heads)
+    assert torch.equal(chunked.qs, whole.qs) and torch.equal(chunked.d, whole.d)
+    assert (chunked.m is None) == (whole.m is None)
+    assert chunked.m is None or torch.equal(chunked.m, whole.m)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: Path) -> tuple[GGUFFile, ModelConfig]:
+    gguf_file = GGUFFile(smollm2_gguf)
+    config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=False)
+    return gguf_file, config.replace(max_seq_len=256)
+
+
+def test_smollm2_quantized_matches_the_float_model(smollm2: tuple[GGUFFile, ModelConfig],
+                                                   smollm2_gguf: Path) -> None:
+    gguf_file, config = smollm2
+    quantized = load_gguf_quantized(gguf_file, config, torch.float32)
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, BlockKernelLinear)
+    assert isinstance(quantized.lm_head, BlockKernelLinear)  # the tied head, Q8_0
+    assert isinstance(quantized.model.embed_tokens, GGUFEmbedding)
+    assert model_nbytes(quantized) <= smollm2_gguf.stat().st_size
+    state = load_gguf_state_dict(gguf_file, config, torch.float32)
+    reference = Transformer.from_state_dict(config, state)
+    ids = torch.randint(0, config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(quantized.model.embed_tokens(ids),
+                                   reference.model.embed_tokens(ids), rtol=0, atol=0)
+        expected = reference.logits(reference(ids))
+        out = quantized.logits(quantized(ids))
+    assert F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99
+    assert (out.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from levante import LLM  # the public API: engine, tokenizers, bundle
+    if sys.argv[1] == "load":
+        from levante.config import EngineConfig, ModelConfig
+        from levante.engine.engine import Engine
+        from levante.engine.sampler import SamplingParams
+        from levante.quant.gguf_linear import load_gguf_quantized
+        from levante.weights.gguf import GGUFFile
+        gguf_file = GGUFFile(sys.argv[2])
+        config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=False)
+        model = load_gguf_quantized(gguf_file, config.replace(max_seq_len=256), torch.float32)
+        engine = Engine(model, None, EngineConfig(max_model_len=256, num_kv_blocks=1))
+        engine.add_request([1, 504, 3458, 282, 4649, 314], SamplingParams(max_tokens=1))
+        while engine.has_work:
+            engine.step()
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(json.dumps({"peak_kib": int(status["VmHWM"].split()[0])}))
+""")
+
+
+def _peak_kib(*args: str) -> int:
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True,
+                          timeout=300, check=True)
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"])
+
+
+def test_loading_q4_1_adds_less_than_1_5x_the_file(smollm2_gguf: Path) -> None:
+    """Peak RSS of load + one generated token, minus a process that only imports levante."""
+    baseline = _peak_kib("import")
+    loaded = _peak_kib("load", str(smollm2_gguf))
+    added = (loaded - baseline) * 1024
+    assert added < 1.5 * smollm2_gguf.stat().st_size, (
+        f"loading added {added / 1e6:.0f} MB for a {smollm2_gguf.stat().st_size / 1e6:.0f} MB file")
