@@ -1,0 +1,398 @@
+"""`levante quantize`: a checkpoint -> a GGUF file, or Levante's int8/int4 safetensors folder.
+
+GGUF output is streamed tensor by tensor through `gguf.GGUFWriter` with `gguf.quants.quantize`
+(llama.cpp's own reference quantizers). gguf-py 0.19 writes F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1
+but no K-quants (Q3_K..Q6_K have no Python quantizer), so "q4_mix" follows llama.cpp's Q4_K_M
+choice per tensor (`plan.llama_cpp_type`) with writable stand-ins: Q4_K -> Q4_1, Q6_K -> Q8_0
+(and Q4_0/Q4_1 files keep the output head at Q8_0 where llama.cpp uses Q6_K).
+
+Levante's int8/int4 safetensors folder: config.json, the tokenizer files, and a
+model.safetensors in the format `levante.quant.linear.quantized_tensors` documents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, quants
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from levante.config import ModelConfig
+from levante.errors import ConfigError, ModelFileError
+from levante.plan import llama_cpp_type
+from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
+from levante.weights.layout import (
+    CONSOLIDATED_GLOBAL_NAMES,
+    CONSOLIDATED_LAYER_NAMES,
+    GGUF_GLOBAL_NAMES,
+    GGUF_LAYER_NAMES,
+    expected_shapes,
+    half_to_interleaved,
+    interleaved_to_half,
+)
+
+log = logging.getLogger(__name__)
+Q = GGMLQuantizationType
+
+GGUF_FORMATS: dict[str, tuple[GGMLQuantizationType | None, int]] = {
+    # format -> (type of every 2-D tensor, or None for a mix; llama.cpp's general.file_type)
+    "f16": (Q.F16, 1), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7), "q4_0": (Q.Q4_0, 2),
+    "q4_1": (Q.Q4_1, 3), "q4_mix": (None, 3),
+}
+SAFETENSORS_FORMATS = ("int8", "int4")
+FORMATS = (*GGUF_FORMATS, *SAFETENSORS_FORMATS)
+WRITABLE = {Q.Q4_K: Q.Q4_1, Q.Q6_K: Q.Q8_0}  # K-quant -> what gguf-py can write instead
+TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What `quantize_checkpoint` wrote."""
+
+    path: Path
+    format: str
+    num_tensors: int
+    num_bytes: int
+    tensor_types: dict[str, int]  # storage type -> how many tensors
+    seconds: float
+
+
+@dataclass
+class _Source:
+    """A checkpoint as float32 tensors under our (HF) names, rotate-half q/k rows."""
+
+    path: Path
+    kind: str  # "gguf" | "hf" | "consolidated"
+    config: ModelConfig
+    load: Callable[[str], torch.Tensor]
+    gguf_path: Path | None = None
+
+
+def quantize_checkpoint(src: str | Path, *, to: str, out: str | Path,
+                        progress: bool = True) -> QuantizeResult:
+    """Read `src` (a GGUF file, an HF or consolidated folder, a model ref); write `to` at `out`."""
+    if to not in FORMATS:
+        raise ConfigError(f"--to must be one of {', '.join(FORMATS)} (K-quants such as q4_k_m "
+                          f"cannot be written by gguf-py; q4_mix is the closest); got {to!r}")
+    from levante.weights.hub import resolve
+
+    start = time.perf_counter()
+    out = Path(out)
+    with _open_source(resolve(str(src))) as source:
+        if to in GGUF_FORMATS:
+            types = _write_gguf(source, to, out, progress)
+        else:
+            types = _write_levante(source, to, out, progress)
+    size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.iterdir()))
+    return QuantizeResult(out, to, sum(types.values()), size, types,
+                          time.perf_counter() - start)
+
+
+@contextmanager
+def _open_source(path: Path) -> Iterator[_Source]:
+    if path.is_file():
+        from levante.weights.gguf import GGUFFile
+
+        gguf_file = GGUFFile(path)
+        has_output = "output.weight" in gguf_file.tensor_names
+        config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=has_output)
+        to_gguf = _reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
+
+        def load_gguf(name: str) -> torch.Tensor:
+            if name == "lm_head.weight" and config.tie_embeddings:
+                name = "model.embed_tokens.weight"
+            return _unpermuted(config, name, gguf_file.load(to_gguf(name)))
+
+        yield _Source(path, "gguf", config, load_gguf, gguf_path=path)
+        return
+    with ExitStack() as stack:
+        yield _safetensors_source(path, stack)
+
+
+def _safetensors_source(folder: Path, stack: ExitStack) -> _Source:
+    from levante.weights.safetensors import hf_shards
+
+    consolidated = not (folder / "config.json").exists()
+    if consolidated and not (folder / "params.json").exists():
+        raise ModelFileError(folder, "folder has neither config.json nor params.json")
+    config = (ModelConfig.from_params(_read_json(folder / "params.json")) if consolidated
+              else ModelConfig.from_hf(_read_json(folder / "config.json")))
+    files = sorted(folder.glob("consolidated*.safetensors")) if consolidated else hf_shards(folder)
+    where: dict[str, Any] = {}
+    for file in files:
+        handle = stack.enter_context(safe_open(file, framework="pt"))
+        where.update({name: handle for name in handle.keys()})  # noqa: SIM118
+    stored_name = (_reverse_names(CONSOLIDATED_GLOBAL_NAMES, CONSOLIDATED_LAYER_NAMES, "layers.")
+                   if consolidated else (lambda name: name))
+
+    def load(name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and config.tie_embeddings:
+            name = "model.embed_tokens.weight"
+        key = stored_name(name)
+        if key not in where:
+            raise ModelFileError(folder, f"missing tensor {key}")
+        tensor = where[key].get_tensor(key).float()
+        return _unpermuted(config, name, tensor) if consolidated else tensor
+
+    return _Source(folder, "consolidated" if consolidated else "hf", config, load)
+
+
+def _reverse_names(global_names: dict[str, str], layer_names: dict[str, str],
+                   prefix: str) -> Callable[[str], str]:
+    """Our (HF) name -> the checkpoint's name.
+
+    Example: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight" (GGUF tables).
+    """
+    globals_back = {ours: theirs for theirs, ours in global_names.items()}
+    layers_back = {ours: theirs for theirs, ours in layer_names.items()}
+
+    def convert(name: str) -> str:
+        if name in globals_back:
+            return globals_back[name]
+        _, _, index, rest = name.split(".", 3)
+        return f"{prefix}{index}.{layers_back[rest]}"
+
+    return convert
+
+
+def _unpermuted(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if name.endswith("q_proj.weight"):
+        return interleaved_to_half(tensor, config.num_heads)
+    if name.endswith("k_proj.weight"):
+        return interleaved_to_half(tensor, config.num_kv_heads)
+    return tensor
+
+
+def _permuted(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if name.endswith("q_proj.weight"):
+        return half_to_interleaved(tensor, config.num_heads)
+    if name.endswith("k_proj.weight"):
+        return half_to_interleaved(tensor, config.num_kv_heads)
+    return tensor
+
+
+def export_type(fmt: str, name: str, shape: tuple[int, ...], num_layers: int) -> Q:
+    """The GGUF type `fmt` writes tensor `name` (HF naming) in; norms stay F32."""
+    if len(shape) == 1:
+        return Q.F32
+    single, _ = GGUF_FORMATS[fmt]
+    if single in (Q.F16, Q.BF16, Q.Q8_0):
+        return single
+    qtype = llama_cpp_type("q4_k_m" if single is None else fmt, name, num_layers)
+    return WRITABLE.get(qtype, qtype)
+
+
+def _encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
+    """float32 [..., K] -> what GGUFWriter stores: F32/F16 values, else uint8 block bytes."""
+    array = tensor.contiguous().numpy()
+    if qtype == Q.F32:
+        return array
+    if qtype == Q.F16:
+        return array.astype(np.float16)
+    return quants.quantize(array, qtype)
+
+
+def _tensor_info(fmt: str, name: str, shape: tuple[int, ...],
+                 config: ModelConfig) -> tuple[Q, tuple[int, ...], np.dtype[Any], int]:
+    """(type, shape as GGUFWriter wants it, numpy dtype, bytes) for one tensor."""
+    qtype = export_type(fmt, name, shape, config.num_layers)
+    if qtype in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+        return qtype, shape, dtype, int(np.prod(shape)) * dtype.itemsize
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block_size:
+        raise ConfigError(f"{name}: rows of {shape[-1]} values are not whole {qtype.name} "
+                          f"blocks of {block_size}")
+    byte_shape = (*shape[:-1], shape[-1] // block_size * type_size)
+    return qtype, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def _write_gguf(source: _Source, fmt: str, out: Path, progress: bool) -> dict[str, int]:
+    config = source.config
+    to_gguf = _reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
+    shapes = expected_shapes(config)
+    writer = GGUFWriter(out, arch="llama")
+    _add_model_metadata(writer, config, fmt, source.path.name)
+    _add_tokenizer(writer, source)
+    infos = {name: _tensor_info(fmt, name, shape, config) for name, shape in shapes.items()}
+    for name, (qtype, shape, dtype, nbytes) in infos.items():
+        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
+        writer.add_tensor_info(to_gguf(name), shape, dtype, nbytes, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with _progress(progress, f"quantizing to {fmt}", len(infos)) as advance:
+        for name, (qtype, _, _, _) in infos.items():
+            tensor = _permuted(config, name, source.load(name))
+            writer.write_tensor_data(_encode(tensor, qtype))
+            advance()
+    writer.close()
+    return _count(qtype.name for qtype, *_ in infos.values())
+
+
+def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, fmt: str, name: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(GGUF_FORMATS[fmt][1])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: GGUFWriter, source: _Source) -> None:
+    """Tokenizer metadata: copied from a GGUF source, else converted as llama.cpp's script does."""
+    if source.gguf_path is not None:
+        from gguf import GGUFReader, GGUFValueType
+
+        for key, field in GGUFReader(source.gguf_path).fields.items():
+            if key.startswith("tokenizer."):
+                array = field.types[0] == GGUFValueType.ARRAY
+                writer.add_key_value(key, field.contents(), field.types[0],
+                                     sub_type=field.types[-1] if array else None)
+        return
+    if (source.path / "tekken.json").exists():
+        _add_tekken(writer, source.path)
+    elif (source.path / "tokenizer.json").exists():
+        _add_bpe(writer, source.path)
+    else:
+        raise ModelFileError(source.path, "no tokenizer (tekken.json or tokenizer.json) to "
+                                          "write into the GGUF")
+
+
+def _add_tekken(writer: GGUFWriter, folder: Path) -> None:
+    from gguf.vocab import MistralVocab
+
+    vocab = MistralVocab(folder)
+    tokens, scores, types = zip(*vocab.all_tokens())
+    writer.add_tokenizer_model(vocab.gguf_tokenizer_model)
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_merges(vocab.extract_vocab_merges_from_model())
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(types))
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def _add_bpe(writer: GGUFWriter, folder: Path) -> None:
+    from gguf.vocab import BpeVocab, SpecialVocab
+
+    vocab = BpeVocab(folder)
+    tokens, _, types = zip(*vocab.all_tokens())
+    writer.add_tokenizer_model("gpt2")
+    # llama.cpp's converter names the pre-tokenizer by hashing sample encodings; we cannot
+    # tell which regex a tokenizer.json's pre-tokenizer matches, so say so and use GPT-2's.
+    log.warning("%s: pre-tokenizer unknown to llama.cpp's table; writing tokenizer.ggml.pre "
+                "= 'gpt2' (check tokenization of the output)", folder)
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(list(tokens))
+    writer.add_token_types(list(types))
+    SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _write_levante(source: _Source, fmt: str, out: Path, progress: bool) -> dict[str, int]:
+    """Levante's int8/int4 safetensors folder (format in the module docstring)."""
+    config = source.config
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    names = list(expected_shapes(config))
+    if config.tie_embeddings:  # the int8 head is stored even when tied
+        names.append("lm_head.weight")
+    with _progress(progress, f"quantizing to {fmt}", len(names)) as advance:
+        for name in names:
+            tensors.update(quantized_tensors(fmt, name, source.load(name)))
+            advance()
+    metadata = {QUANT_METADATA_KEY: json.dumps(
+        {"version": QUANT_FORMAT_VERSION, "format": fmt, "group_size": 32})}
+    save_file(tensors, out / "model.safetensors", metadata=metadata)
+    (out / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+    _copy_tokenizer(source, out)
+    return _count(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+
+
+def hf_config(config: ModelConfig) -> dict[str, Any]:
+    """A transformers-style config.json that `ModelConfig.from_hf` reads back to `config`."""
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+            "vocab_size": config.vocab_size, "hidden_size": config.dim,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+            "intermediate_size": config.ffn_dim, "rope_theta": config.rope_theta,
+            "rms_norm_eps": config.norm_eps, "max_position_embeddings": config.max_seq_len,
+            "tie_word_embeddings": config.tie_embeddings, "bos_token_id": config.bos_id,
+            "eos_token_id": list(config.eos_ids), "sliding_window": None,
+            "torch_dtype": "bfloat16"}
+
+
+def _copy_tokenizer(source: _Source, out: Path) -> None:
+    if source.gguf_path is None:
+        for name in TOKENIZER_FILES:
+            if (source.path / name).exists():
+                shutil.copy(source.path / name, out / name)
+        return
+    from levante.tokenizer import HFTokenizer
+    from levante.weights.gguf import GGUFFile
+
+    meta = GGUFFile(source.gguf_path).metadata
+    tokenizer = HFTokenizer.from_gguf_metadata(meta, path=source.gguf_path)
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    tokens = meta["tokenizer.ggml.tokens"]
+    settings: dict[str, Any] = {"add_bos_token": tokenizer.should_add_bos}
+    if tokenizer.bos_id is not None:
+        settings["bos_token"] = tokens[tokenizer.bos_id]
+    if "tokenizer.ggml.eos_token_id" in meta:
+        settings["eos_token"] = tokens[int(meta["tokenizer.ggml.eos_token_id"])]
+    if "tokenizer.chat_template" in meta:
+        settings["chat_template"] = meta["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+
+@contextmanager
+def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    with Progress(transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _count(names: Iterator[str] | Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(path, f"cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "expected a JSON object")
+    return data
