@@ -1,0 +1,301 @@
+"""Memory planner: weight bytes per format, KV cache per token and context, overhead, the verdict.
+
+Weights come from a real tensor list (a GGUF file's stored sizes, a safetensors checkpoint's
+shapes) or a preset's shapes. GGUF formats cost what their blocks cost (bits per weight from
+`gguf.GGML_QUANT_SIZES`: Q8_0 8.5, Q4_0 4.5, Q4_1 5.0, Q4_K 4.5, Q5_K 5.5, Q6_K 6.5625), and
+the K-quant mixes (Q4_K_M, ...) pick a type per tensor the way llama.cpp's quantizer does, so
+for Mistral Small 3 they land on the sizes of the published files (Q4_K_M 14.3 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from levante.config import PRESETS, ModelConfig
+from levante.errors import ConfigError, ModelFileError
+from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected_shapes, hf_name
+
+Q = GGMLQuantizationType
+KV_BYTES_PER_ELEMENT = 2  # f16/bf16 KV cache, as GPU servers and llama.cpp keep it
+FIXED_OVERHEAD_BYTES = 512 * 2**20  # allocator slack, runtime context, code: an allowance
+PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
+
+# The launch post's deployment table for Mistral Small 3, shown next to our numbers.
+POST_ROWS = {"f16": ("FP16", 48e9), "q8_0": ("8-bit", 24e9), "q4_k_m": ("Q4_K_M", 12e9),
+             "q3_k_m": ("3-bit", 9e9)}
+FLOAT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0}
+SINGLE_TYPES = {"q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+K_MIXES = ("q5_k_m", "q4_k_m", "q3_k_m")
+LEVANTE_FORMATS = ("int8", "int4")  # levante.quant.linear, computed in memory
+FORMATS = (*FLOAT_BITS, *SINGLE_TYPES, *K_MIXES, *LEVANTE_FORMATS)
+# llama.cpp falls back to these when a row is not whole 256-value super-blocks
+K_FALLBACK = {Q.Q3_K: Q.IQ4_NL, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+
+def bits_per_weight(qtype: GGMLQuantizationType) -> float:
+    """Bits one weight takes in a GGUF type: block bytes x 8 / values per block."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    return type_size * 8 / block_size
+
+
+def _use_more_bits(layer: int, num_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits: first/last eighth and every third."""
+    return (layer < num_layers // 8 or layer >= 7 * num_layers // 8
+            or (layer - num_layers // 8) % 3 == 2)
+
+
+def llama_cpp_type(fmt: str, name: str, num_layers: int) -> GGMLQuantizationType:
+    """The GGUF type llama.cpp's quantizer gives tensor `name` (HF naming) under `fmt`.
+
+    Simplified from llama.cpp's `llama_tensor_get_type` for dense Llama/Mistral models
+    (before its fallback for rows that are not whole super-blocks, see `gguf_tensor_type`).
+    Q4_K_M / Q5_K_M: attn_v and ffn_down of `_use_more_bits` layers and the output get Q6_K,
+    the rest Q4_K / Q5_K. Q3_K_M: attn_v Q5_K in the first two layers else Q4_K, ffn_down Q5_K
+    in the first sixteenth else Q4_K, attn_output Q4_K, output Q6_K, the rest Q3_K.
+    Q4_0 / Q4_1 files keep the output at Q6_K; Q8_0 and Q6_K are uniform.
+    """
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+    if fmt in SINGLE_TYPES:
+        base = SINGLE_TYPES[fmt]
+        return base if base in (Q.Q8_0, Q.Q6_K) or name != "lm_head.weight" else Q.Q6_K
+    if name == "lm_head.weight":
+        return Q.Q6_K
+    if fmt == "q3_k_m":
+        return _q3_k_m_type(name, layer, num_layers)
+    if fmt not in ("q4_k_m", "q5_k_m"):
+        raise ConfigError(f"no llama.cpp type rule for format {fmt!r}")
+    more = name.endswith(("v_proj.weight", "down_proj.weight")) and _use_more_bits(
+        layer, num_layers)
+    return Q.Q6_K if more else (Q.Q4_K if fmt == "q4_k_m" else Q.Q5_K)
+
+
+def gguf_tensor_type(fmt: str, name: str, num_layers: int, row_size: int) -> GGMLQuantizationType:
+    """`llama_cpp_type`, then llama.cpp's fallback where rows are not whole 256-value blocks."""
+    chosen = llama_cpp_type(fmt, name, num_layers)
+    if chosen in K_FALLBACK and row_size % 256:
+        return K_FALLBACK[chosen]
+    return chosen
+
+
+def _q3_k_m_type(name: str, layer: int, num_layers: int) -> GGMLQuantizationType:
+    if name.endswith("v_proj.weight"):
+        return Q.Q5_K if layer < 2 else Q.Q4_K
+    if name.endswith("down_proj.weight"):
+        return Q.Q5_K if layer < num_layers // 16 else Q.Q4_K
+    if name.endswith("o_proj.weight"):
+        return Q.Q4_K
+    return Q.Q3_K
+
+
+def tensor_bytes(fmt: str, name: str, shape: tuple[int, ...], num_layers: int) -> int:
+    """Bytes tensor `name` takes in format `fmt`; 1-D tensors (norms) stay float32 in GGUF."""
+    count = math.prod(shape)
+    if fmt in FLOAT_BITS:
+        return count * int(FLOAT_BITS[fmt]) // 8
+    if len(shape) == 1:
+        return count * (2 if fmt in LEVANTE_FORMATS else 4)
+    rows, cols = shape
+    if name == "model.embed_tokens.weight" and fmt in LEVANTE_FORMATS:  # stays bf16
+        return count * 2
+    if fmt == "int8" or (fmt == "int4" and name == "lm_head.weight"):  # + an f32 scale per row
+        return count + 4 * rows
+    if fmt == "int4":  # nibbles + bf16 scale and zero per group of 32
+        return count // 2 + rows * (cols // 32) * 4
+    block_size, type_size = GGML_QUANT_SIZES[gguf_tensor_type(fmt, name, num_layers, cols)]
+    return count // block_size * type_size
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    """Weights of the model in one format, with the launch post's figure where it gives one."""
+
+    format: str
+    weights_bytes: int
+    bits_per_weight: float
+    post_label: str | None = None
+    post_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What running a model takes on one device, and whether it fits `memory`."""
+
+    model: str
+    source: str  # "preset" | "gguf" | "safetensors"
+    quant: str
+    context: int
+    batch: int
+    tensor_parallel: int
+    memory: int | None
+    num_params: int
+    weights_bytes: int  # per device
+    kv_bytes_per_token: int  # per device, one sequence
+    kv_cache_bytes: int  # per device, context x batch
+    overhead_bytes: int
+    total_bytes: int
+    fits: bool | None  # None when no memory was given
+    max_context: int | None  # longest context (up to the model's) that fits; None: no memory
+    model_max_context: int
+    rows: tuple[FormatRow, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON-ready object (`levante plan --json`)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Weights:
+    config: ModelConfig
+    shapes: dict[str, tuple[int, ...]]  # HF names
+    stored_bytes: int | None  # what the file holds as it is (None for presets)
+    stored_format: str | None
+    source: str
+
+
+def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = None,
+         batch: int = 1, memory: int | None = None, tensor_parallel: int = 1) -> Plan:
+    """Plan memory for a preset name or a model ref; `quant` None means the file as stored.
+
+    Per device: weights / tensor_parallel, KV heads split across devices (at least one each),
+    overhead = FIXED_OVERHEAD_BYTES + one prefill chunk's activations + the batch's logits.
+    """
+    weights = _weights(ref_or_preset)
+    config = weights.config
+    context = config.max_seq_len if context is None else context
+    _check_args(quant, context, batch, memory, tensor_parallel, weights)
+    if quant is None and weights.stored_bytes is not None:
+        fmt, total_weights = weights.stored_format or "stored", weights.stored_bytes
+    else:
+        fmt = quant or "bf16"  # a preset without --quant: bf16, as checkpoints ship
+        total_weights = _format_bytes(fmt, weights)
+    weights_bytes = -(-total_weights // tensor_parallel)
+    kv_heads = -(-config.num_kv_heads // tensor_parallel)
+    kv_per_token = config.num_layers * kv_heads * config.head_dim * 2 * KV_BYTES_PER_ELEMENT
+    kv_cache = kv_per_token * context * batch
+    overhead = overhead_bytes(config, batch, tensor_parallel)
+    total = weights_bytes + kv_cache + overhead
+    fits = None if memory is None else total <= memory
+    max_context = None
+    if memory is not None:
+        room = memory - weights_bytes - overhead
+        max_context = max(0, min(config.max_seq_len, room // (kv_per_token * batch)))
+    rows = tuple(_row(f, weights, ref_or_preset) for f in FORMATS)
+    return Plan(ref_or_preset, weights.source, fmt, context, batch, tensor_parallel, memory,
+                sum(math.prod(s) for s in weights.shapes.values()), weights_bytes, kv_per_token,
+                kv_cache, overhead, total, fits, max_context, config.max_seq_len, rows)
+
+
+def overhead_bytes(config: ModelConfig, batch: int, tensor_parallel: int = 1) -> int:
+    """Runtime allowance + float32 activations of one prefill chunk + the batch's logits."""
+    width = (config.dim * 2 + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+             + 2 * config.ffn_dim) // tensor_parallel
+    return FIXED_OVERHEAD_BYTES + PREFILL_CHUNK_TOKENS * width * 4 + batch * config.vocab_size * 4
+
+
+def _check_args(quant: str | None, context: int, batch: int, memory: int | None,
+                tensor_parallel: int, weights: _Weights) -> None:
+    if quant is not None and quant not in FORMATS:
+        raise ConfigError(f"--quant must be one of {', '.join(FORMATS)}; got {quant!r}")
+    for name, value in (("context", context), ("batch", batch),
+                        ("tensor_parallel", tensor_parallel)):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if memory is not None and memory <= 0:
+        raise ConfigError(f"memory must be positive, got {memory}")
+    if context > weights.config.max_seq_len:
+        raise ConfigError(f"context {context} exceeds the model's {weights.config.max_seq_len}")
+
+
+def _format_bytes(fmt: str, weights: _Weights) -> int:
+    layers = weights.config.num_layers
+    return sum(tensor_bytes(fmt, name, shape, layers) for name, shape in weights.shapes.items())
+
+
+def _row(fmt: str, weights: _Weights, ref: str) -> FormatRow:
+    nbytes = _format_bytes(fmt, weights)
+    num_params = sum(math.prod(s) for s in weights.shapes.values())
+    post = POST_ROWS.get(fmt) if ref == "mistral-small-3" else None
+    return FormatRow(fmt, nbytes, round(nbytes * 8 / num_params, 3),
+                     post[0] if post else None, post[1] if post else None)
+
+
+def _weights(ref: str) -> _Weights:
+    if ref in PRESETS:
+        config = PRESETS[ref]
+        return _Weights(config, expected_shapes(config), None, None, "preset")
+    from levante.weights.hub import resolve
+
+    path = resolve(ref)
+    if path.is_file():
+        return _gguf_weights(path)
+    return _safetensors_weights(path)
+
+
+def _gguf_weights(path: Path) -> _Weights:
+    from levante.weights.gguf import GGUFFile
+
+    gguf_file = GGUFFile(path)
+    has_output = "output.weight" in gguf_file.tensor_names
+    try:
+        config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=has_output)
+    except ConfigError as e:
+        raise ModelFileError(path, str(e)) from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    stored = 0
+    for name in gguf_file.tensor_names:
+        ours = hf_name(name, layer_names=GGUF_LAYER_NAMES, global_names=GGUF_GLOBAL_NAMES,
+                       layer_prefix="blk.")
+        if ours is not None:
+            shapes[ours] = gguf_file.tensor_shape(name)
+            stored += gguf_file.nbytes(name)
+    file_type = gguf_file.metadata.get("general.file_type")
+    return _Weights(config, shapes, stored, _FILE_TYPES.get(file_type), "gguf")
+
+
+# general.file_type (llama.cpp's LLAMA_FTYPE_*) -> our format name
+_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 12: "q3_k_m", 15: "q4_k_m",
+               17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+
+
+def _safetensors_weights(folder: Path) -> _Weights:
+    from safetensors import safe_open
+
+    from levante.weights.safetensors import hf_shards
+
+    if (folder / "config.json").exists():
+        config = ModelConfig.from_hf(_json(folder / "config.json"))
+        files = hf_shards(folder)
+    elif (folder / "params.json").exists():
+        config = ModelConfig.from_params(_json(folder / "params.json"))
+        files = sorted(folder.glob("consolidated*.safetensors"))
+    else:
+        raise ModelFileError(folder, "folder has neither config.json nor params.json")
+    stored, dtypes = 0, set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                tensor = f.get_slice(name)
+                dtypes.add(tensor.get_dtype())
+                stored += math.prod(tensor.get_shape()) * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+    fmt = {"BF16": "bf16", "F16": "f16", "F32": "f32"}.get(dtypes.pop()) if len(dtypes) == 1 \
+        else None
+    return _Weights(config, expected_shapes(config), stored, fmt, "safetensors")
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F64": 8, "I32": 4, "I64": 8}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(path, f"cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "expected a JSON object")
+    return data

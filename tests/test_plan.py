@@ -1,0 +1,104 @@
+"""The memory planner's arithmetic, checked by hand, and its readings of real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gguf import GGMLQuantizationType
+
+from levante.errors import ConfigError
+from levante.plan import FIXED_OVERHEAD_BYTES, bits_per_weight, plan
+
+Q = GGMLQuantizationType
+GB = 10**9
+
+
+def test_bits_per_weight_from_block_layouts() -> None:
+    expected = {Q.Q8_0: 8.5, Q.Q4_0: 4.5, Q.Q4_1: 5.0, Q.Q4_K: 4.5, Q.Q5_K: 5.5, Q.Q6_K: 6.5625}
+    assert {qtype: bits_per_weight(qtype) for qtype in expected} == expected
+
+
+def _more_bits_layers(num_layers: int) -> set[int]:
+    """llama.cpp's use_more_bits for 40 layers, listed: first/last 5, then every third."""
+    return set(range(5)) | set(range(35, 40)) | set(range(7, 35, 3))
+
+
+def test_mistral_small_3_q4_k_m_at_32k_in_24gb_by_hand() -> None:
+    result = plan("mistral-small-3", quant="q4_k_m", context=32768, memory=24 * GB)
+    assert _more_bits_layers(40) == {0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34,
+                                     35, 36, 37, 38, 39}
+
+    def q4_k(count: int) -> int:  # 144 bytes per 256 values
+        return count // 256 * 144
+
+    def q6_k(count: int) -> int:  # 210 bytes per 256 values
+        return count // 256 * 210
+
+    dim, q_rows, kv_rows, ffn, vocab = 5120, 32 * 128, 8 * 128, 32768, 131072
+    weights = q4_k(vocab * dim) + q6_k(vocab * dim) + (2 * 40 + 1) * dim * 4  # embed, head, norms
+    for layer in range(40):
+        more = layer in _more_bits_layers(40)
+        weights += q4_k(q_rows * dim) + q4_k(kv_rows * dim) + q4_k(dim * q_rows)  # q, k, o
+        weights += (q6_k if more else q4_k)(kv_rows * dim)  # v
+        weights += 2 * q4_k(ffn * dim) + (q6_k if more else q4_k)(dim * ffn)  # gate, up, down
+    assert result.weights_bytes == weights == 14_326_026_240  # the published file: 14.33 GB
+
+    per_token = 40 * 8 * 128 * 2 * 2
+    assert result.kv_bytes_per_token == per_token == 163_840
+    assert result.kv_cache_bytes == 32768 * per_token
+    activations = 512 * (2 * dim + (32 + 2 * 8) * 128 + 2 * ffn) * 4
+    assert result.overhead_bytes == FIXED_OVERHEAD_BYTES + activations + vocab * 4
+    total = weights + 32768 * per_token + result.overhead_bytes
+    assert result.total_bytes == total and result.fits is (total <= 24 * GB) is True
+    room = 24 * GB - weights - result.overhead_bytes
+    assert result.max_context == min(32768, room // per_token) == 32768
+
+    too_small = plan("mistral-small-3", quant="q4_k_m", context=32768, memory=16 * GB)
+    assert too_small.fits is False
+    assert too_small.max_context == (16 * GB - weights - result.overhead_bytes) // per_token
+
+
+def test_mistral_small_3_rows_next_to_the_post() -> None:
+    rows = {row.format: row for row in plan("mistral-small-3").rows}
+    assert rows["f16"].post_label == "FP16" and rows["f16"].post_bytes == 48e9
+    assert rows["f16"].weights_bytes == 23_572_403_200 * 2
+    assert rows["q8_0"].post_label == "8-bit" and rows["q8_0"].weights_bytes == 25_046_896_640
+    assert rows["q4_k_m"].post_bytes == 12e9 and 4.8 < rows["q4_k_m"].bits_per_weight < 4.9
+    assert rows["q3_k_m"].post_label == "3-bit" and 11.4 * GB < rows["q3_k_m"].weights_bytes \
+        < 11.5 * GB
+    assert all(row.post_label is None for row in plan("smollm2").rows)
+
+
+def test_tensor_parallel_splits_weights_and_kv_heads() -> None:
+    one = plan("mistral-small-3", quant="q8_0", context=8192)
+    two = plan("mistral-small-3", quant="q8_0", context=8192, tensor_parallel=2)
+    assert two.weights_bytes == one.weights_bytes // 2
+    assert two.kv_bytes_per_token == one.kv_bytes_per_token // 2
+    assert one.fits is None and one.max_context is None  # no memory given
+
+
+def test_gguf_file_counts_its_stored_bytes(smollm2_gguf: Path) -> None:
+    from levante.weights.gguf import GGUFFile
+
+    gguf_file = GGUFFile(smollm2_gguf)
+    result = plan(str(smollm2_gguf), context=4096, memory=GB)
+    assert result.source == "gguf" and result.quant == "q4_1"
+    assert result.weights_bytes == sum(gguf_file.nbytes(n) for n in gguf_file.tensor_names)
+    assert result.kv_bytes_per_token == 30 * 3 * 64 * 2 * 2
+    assert result.fits is True and result.max_context == 8192
+    assert plan(str(smollm2_gguf), quant="q8_0").weights_bytes > result.weights_bytes
+
+
+def test_safetensors_folder_counts_its_dtypes(tiny_mistral_hf: Path) -> None:
+    result = plan(str(tiny_mistral_hf))
+    assert result.source == "safetensors" and result.quant == "f32"
+    assert result.weights_bytes == result.num_params * 4
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"quant": "q2_xs"}, "--quant"), ({"context": 65536}, "exceeds"),
+    ({"batch": 0}, "batch"), ({"memory": -1}, "memory")])
+def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan("mistral-small-3", **kwargs)  # type: ignore[arg-type]
