@@ -54,3 +54,19 @@ def test_bad_sampling_value() -> None:
 def test_list_shows_the_default_model(smollm2_gguf: Path) -> None:
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0 and "smollm2" in result.output
+
+
+def test_generate_with_json_schema(smollm2_gguf: Path, tmp_path: Path) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "required": ["city"], "additionalProperties": False,
+              "properties": {"city": {"type": "string", "maxLength": 20}}}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema))
+    result = runner.invoke(app, ["generate", str(smollm2_gguf), "--prompt",
+                                 "What is the capital of France?", "--json-schema", str(path),
+                                 "--max-tokens", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(data["text"]), schema)

@@ -62,3 +62,21 @@ def test_seed_reproducible_and_stop_strings(llm: LLM) -> None:
     word = a.text.split()[1] if len(a.text.split()) > 1 else a.text.strip()[:2]
     c = llm.generate("Tell me a story:", params.replace(stop=(word,)))[0]
     assert c.finish_reason == "stop" and word not in c.text and a.text.startswith(c.text)
+
+
+def test_chat_with_tools_and_schema(llm: LLM) -> None:
+    import json
+
+    import jsonschema
+
+    tool = {"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "required": ["a", "b"], "additionalProperties": False,
+                       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    done = llm.chat([{"role": "user", "content": "What is 2 + 3?"}],
+                    SamplingParams(max_tokens=40, temperature=0.0), tools=[tool],
+                    tool_choice="required")
+    assert done.finish_reason == "tool_calls" and done.tool_calls
+    call = done.tool_calls[0]["function"]
+    assert call["name"] == "add"
+    jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])

@@ -10,10 +10,13 @@ from typing import Any
 import torch
 
 from levante.bundle import Bundle, load
+from levante.chat_request import ChatRequests
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
+from levante.structured import Grammar
+from levante.tools import parse_tool_calls
 
 Prompt = str | Sequence[int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +35,7 @@ class Completion:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     error: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI-shaped
 
     def to_json(self) -> dict[str, Any]:
         """The shape `levante generate --json` prints (shared/DESIGN.md)."""
@@ -55,6 +59,7 @@ class LLM:
         config = engine_config or EngineConfig(max_model_len=self.bundle.config.max_seq_len)
         self.engine = Engine(self.bundle.model, self.bundle.tokenizer, config)
         self.tokenizer = self.bundle.tokenizer
+        self.chats = ChatRequests(self.bundle)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt (with BOS if the model uses one) or ids as given."""
@@ -79,10 +84,23 @@ class LLM:
                          params or SamplingParams())
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
-             tools: list[dict[str, Any]] | None = None) -> Completion:
-        """Answer a conversation (OpenAI-style message dicts)."""
-        return self._run([self.encode_chat(messages, tools=tools)],
-                         params or SamplingParams())[0]
+             tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None,
+             response_format: dict[str, Any] | None = None) -> Completion:
+        """Answer a conversation (OpenAI-style message dicts); with tools or a response_format
+        the output is constrained by grammar, and calls come back in `tool_calls`."""
+        prepared = self.chats.prepare(messages, tools=tools, tool_choice=tool_choice,
+                                      response_format=response_format)
+        done = self._run([prepared.prompt_ids], params or SamplingParams(),
+                         grammar=prepared.grammar)[0]
+        if prepared.tool_style is not None:
+            content, calls = parse_tool_calls(done.token_ids, self.tokenizer,
+                                              style=prepared.tool_style)
+            done.text = content or ""
+            done.tool_calls = [c.to_openai() for c in calls]
+            if calls and done.finish_reason == "stop":
+                done.finish_reason = "tool_calls"
+        return done
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
         """Yield each step's output for one request until it finishes."""
@@ -97,9 +115,10 @@ class LLM:
         finally:
             self.engine.abort(request_id)
 
-    def _run(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _run(self, prompt_ids: list[list[int]], params: SamplingParams, *,
+             grammar: Grammar | None = None) -> list[Completion]:
         start = time.perf_counter()
-        ids = [self.engine.add_request(p, params) for p in prompt_ids]
+        ids = [self.engine.add_request(p, params, grammar=grammar) for p in prompt_ids]
         completions = {rid: Completion(p) for rid, p in zip(ids, prompt_ids)}
         first: dict[str, float] = {}
         pending = set(ids)

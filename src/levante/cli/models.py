@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -49,15 +50,19 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    json_schema: Annotated[Path | None, typer.Option(
+        help="JSON schema file: the answer is JSON valid against it (implies --chat)")] = None,
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
     from levante.llm import LLM
 
     try:
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        response_format = _schema_format(json_schema) if json_schema else None
         llm = LLM(ref, dtype=dtype)
-        if chat:
-            result = llm.chat([{"role": "user", "content": prompt}], params)
+        if chat or response_format:
+            result = llm.chat([{"role": "user", "content": prompt}], params,
+                              response_format=response_format)
         else:
             result = llm.generate(prompt, params)[0]
     except LevanteError as e:
@@ -100,6 +105,17 @@ def run(
         messages.append({"role": "assistant", "content": answer})
         if turns is not None and not turns:
             return
+
+
+def _schema_format(path: Path) -> dict[str, Any]:
+    """An OpenAI json_schema response_format from a schema file (errors name the file)."""
+    from levante.errors import ConfigError
+
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read a JSON schema ({e})") from None
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
 def _lora_pairs(specs: list[str]) -> tuple[tuple[str, str], ...]:
