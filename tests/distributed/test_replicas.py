@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from levante.distributed.replicas import Replica, Router, create_front, routing_key, start_replicas
+from levante.server.app import ServerConfig
 
 
 def _free_port() -> int:
@@ -151,9 +152,9 @@ def test_a_client_leaving_mid_stream_releases_the_replica() -> None:
 
 
 def test_two_smollm2_replicas_serve_16_concurrent_clients(smollm2_gguf: Path) -> None:
-    replicas = start_replicas(str(smollm2_gguf), 2, serve_args=[
-        "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
-        "--served-model-name", "smollm2"])
+    config = ServerConfig(ref=str(smollm2_gguf), max_model_len=512, max_num_seqs=8,
+                          max_num_batched_tokens=256, served_model_name="smollm2", no_web=True)
+    replicas = start_replicas(config, 2)
     try:
         replicas.wait_ready(timeout_s=300)
         with _serving(create_front(replicas.urls)) as front:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,10 @@ from levante.engine.scheduler import Batch
 from levante.errors import ConfigError, LevanteError
 from levante.model import Transformer
 from levante.weights.hub import resolve
+
+if TYPE_CHECKING:
+    from levante.server.app import ServerConfig
+    from levante.server.routes import ServerState
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,7 +170,11 @@ def _serve_steps(model: Transformer, control: dist.ProcessGroup, device: torch.d
     runner: ModelRunner | None = None
     while True:
         message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=control)
+        try:
+            dist.broadcast_object_list(message, src=0, group=control)
+        except RuntimeError as e:  # gloo: "Connection closed by peer"
+            log.error("rank 0 went away (%s); this worker exits", str(e).splitlines()[0])
+            return
         item = message[0]
         if item is None:
             return
@@ -254,7 +263,7 @@ class TensorParallelGroup:
         external = torchrun_rank() is not None
         if external and torchrun_rank() != 0:
             raise ConfigError("TensorParallelGroup.start runs on rank 0; other torchrun ranks "
-                              "call levante.distributed.launch.run_worker")
+                              "call run_torchrun_worker")
         spec = LaunchSpec(str(path), tensor_parallel, dtype, device, max_model_len,
                           "env://" if external else f"tcp://127.0.0.1:{_free_port()}",
                           timeout_s)
@@ -299,10 +308,9 @@ class TensorParallelGroup:
     def engine_config(self, config: EngineConfig | None = None) -> EngineConfig:
         """`config` (default: the model's context) with the KV pool sized for N ranks.
 
-        On CUDA each rank has its own memory and the engine's own sizing holds. On a CPU host
-        the N ranks share the memory budget: `kv_pool_blocks` gives min(wanted,
-        budget / per_block); asking it for N times the sequences and dividing by N gives
-        min(wanted, budget / (N * per_block)).
+        On CUDA each rank has its own memory: the engine's sizing holds. On one CPU host the N
+        ranks share the budget: `kv_pool_blocks` gives min(wanted, budget / per_block), so N
+        times the sequences, divided by N, gives min(wanted, budget / (N * per_block)).
         """
         config = config or EngineConfig(max_model_len=self.bundle.config.max_seq_len)
         model = self.bundle.model
@@ -319,6 +327,9 @@ class TensorParallelGroup:
 
         Call once per engine (the last one attached is the one the workers follow).
         """
+        if engine.runner.adapters is not None:
+            raise ConfigError("LoRA adapters are not supported with tensor parallelism yet; "
+                              "serve a merged checkpoint (levante finetune --merge) instead")
         cache = engine.runner.cache
         dtype = next(k for k, v in DTYPES.items() if v == cache.keys[0].dtype)
         self.send(CacheSetup(cache.num_blocks, cache.block_size, dtype))
@@ -388,11 +399,8 @@ def tensor_parallel_llm(ref: str, *, tensor_parallel: int, dtype: str = "float32
         yield llm
 
 
-def server_state(group: TensorParallelGroup, config: Any) -> Any:
-    """A `ServerState` (levante.server.routes) over the group's model, its engine attached.
-
-    `config` is the `ServerConfig`; the KV pool is sized per rank (`engine_config`).
-    """
+def server_state(group: TensorParallelGroup, config: ServerConfig) -> ServerState:
+    """The server's state over the group's model, its engine attached, KV sized per rank."""
     from levante.server.routes import ServerState
 
     wanted = EngineConfig(max_model_len=group.bundle.config.max_seq_len,
@@ -406,13 +414,15 @@ def server_state(group: TensorParallelGroup, config: Any) -> Any:
     return state
 
 
-def serve_tensor_parallel(config: Any, *, tensor_parallel: int, device: str = "cpu") -> None:
+def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int, device: str = "cpu") -> None:
     """`levante serve --tensor-parallel N`: as `levante.server.app.serve`, over N ranks."""
     import uvicorn
 
     from levante.server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if config.lora:
+        raise ConfigError("--lora is not supported with --tensor-parallel yet")
     if torchrun_rank() not in (None, 0):
         run_torchrun_worker(config.ref, dtype=config.dtype, device=device,
                             max_model_len=config.max_model_len)
@@ -423,5 +433,12 @@ def serve_tensor_parallel(config: Any, *, tensor_parallel: int, device: str = "c
         log.info("tensor parallel %d: weight bytes per rank %s", tensor_parallel,
                  group.weight_bytes)
         app = create_app(config, server_state(group, config))
+        # uvicorn drains on SIGTERM, then re-raises it to the previous handler: make that an
+        # exception, so leaving this block stops the workers (the default would just kill us).
+        signal.signal(signal.SIGTERM, _raise_system_exit)
         uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                     timeout_graceful_shutdown=30)
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)

@@ -14,10 +14,12 @@ counts (routed, in flight, failed) are at the front's /metrics.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +140,13 @@ def create_front(urls: list[str], *, config: ServerConfig | None = None,
     app = FastAPI(title="Levante front", lifespan=lifespan)
     app.state.router = router
     app.middleware("http")(guard_middleware(config))
+    _register_routes(app, router, metrics, client)
+    return app
+
+
+def _register_routes(app: FastAPI, router: Router, metrics: FrontMetrics,
+                     client: httpx.AsyncClient) -> None:
+    """/metrics and /health of the front itself; every other path goes to a replica."""
 
     @app.get("/metrics")
     async def front_metrics() -> Response:
@@ -145,7 +154,8 @@ def create_front(urls: list[str], *, config: ServerConfig | None = None,
 
     @app.get("/health")
     async def health() -> Response:
-        states = {r.url: await _is_healthy(client, r.url) for r in router.replicas}
+        answers = await asyncio.gather(*(_is_healthy(client, r.url) for r in router.replicas))
+        states = {r.url: ok for r, ok in zip(router.replicas, answers)}
         return JSONResponse({"replicas": states}, status_code=200 if any(states.values())
                             else 503)
 
@@ -159,8 +169,6 @@ def create_front(urls: list[str], *, config: ServerConfig | None = None,
         return JSONResponse(error_body("no replica could take the request",
                                        type_="server_error", code="no_replica"),
                             status_code=502)
-
-    return app
 
 
 async def _is_healthy(client: httpx.AsyncClient, url: str) -> bool:
@@ -258,45 +266,73 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_replicas(ref: str, num_replicas: int, *, serve_args: list[str] | None = None,
-                   api_key: str | None = None) -> ReplicaSet:
-    """Start `num_replicas` `levante serve REF` processes on free loopback ports.
+def serve_args(config: ServerConfig) -> list[str]:
+    """The `levante serve` flags that give a replica `config`'s model and engine settings
+    (host, port and the API key are the launcher's business)."""
+    args = [config.ref, "--max-num-seqs", str(config.max_num_seqs),
+            "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+            "--max-queue", str(config.max_queue), "--dtype", config.dtype,
+            "--num-speculative-tokens", str(config.num_speculative_tokens),
+            "--prefix-caching" if config.enable_prefix_caching else "--no-prefix-caching"]
+    optional = {"--max-model-len": config.max_model_len,
+                "--kv-cache-memory": config.kv_cache_memory,
+                "--served-model-name": config.served_model_name}
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, str(value)]
+    for name, path in config.lora:
+        args += ["--lora", f"{name}={path}"]
+    return args + (["--no-web"] if config.no_web else [])
 
-    `serve_args` go to each (e.g. ["--max-model-len", "512"]). On a CPU the replicas share
-    the cores: each gets cores / N threads unless OMP_NUM_THREADS is set.
+
+def start_replicas(config: ServerConfig, num_replicas: int, *,
+                   extra_args: list[str] | None = None) -> ReplicaSet:
+    """Start `num_replicas` `levante serve` processes with `config`'s settings (`serve_args`)
+    on free loopback ports; `extra_args` go to each too (e.g. ["--tensor-parallel", "2"]).
+
+    On a CPU the replicas share the cores: each gets cores / N threads unless
+    OMP_NUM_THREADS is set. The API key travels by environment, not visible in `ps`.
     """
     if num_replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {num_replicas}")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_replicas)))
-    if api_key:
-        env["LEVANTE_API_KEY"] = api_key  # by environment: not visible in `ps`
+    if config.api_key:
+        env["LEVANTE_API_KEY"] = config.api_key
     processes, urls = [], []
     for _ in range(num_replicas):
         port = _free_port()
-        command = [sys.executable, "-m", "levante.cli", "serve", ref, "--host", "127.0.0.1",
-                   "--port", str(port), "--no-web", *(serve_args or [])]
+        command = [sys.executable, "-m", "levante.cli", "serve", *serve_args(config),
+                   "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
         processes.append(subprocess.Popen(command, env=env))
         urls.append(f"http://127.0.0.1:{port}")
     return ReplicaSet(processes, urls)
 
 
-def serve_replicas(ref: str | None, *, num_replicas: int, config: ServerConfig,
-                   serve_args: list[str] | None = None, upstreams: list[str] | None = None,
-                   prefix_aware: bool = True) -> None:
-    """Run the front on config.host:port over `num_replicas` local engines and `upstreams`."""
+def serve_replicas(config: ServerConfig, *, num_replicas: int,
+                   upstreams: list[str] | None = None, prefix_aware: bool = True,
+                   extra_args: list[str] | None = None) -> None:
+    """`levante serve --replicas N [--upstream URL]...`: the front on config.host:port over
+    N local engines (none if 0) and the Levante servers at `upstreams`."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    replicas = start_replicas(ref, num_replicas, serve_args=serve_args,
-                              api_key=config.api_key) if ref and num_replicas else None
+    replicas = start_replicas(config, num_replicas, extra_args=extra_args) \
+        if num_replicas else None
     try:
         if replicas is not None:
             replicas.wait_ready()
         urls = (replicas.urls if replicas else []) + list(upstreams or [])
         app = create_front(urls, config=config, prefix_aware=prefix_aware)
         log.info("front on %s:%d over %s", config.host, config.port, ", ".join(urls))
+        # uvicorn re-raises SIGTERM to the previous handler after draining: make it an
+        # exception so `finally` stops the replicas instead of orphaning them.
+        signal.signal(signal.SIGTERM, _raise_system_exit)
         uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     finally:
         if replicas is not None:
             replicas.stop()
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
