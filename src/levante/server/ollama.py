@@ -21,6 +21,7 @@ from levante.server.app import HTTPError, ServerConfig, error_response, parse_bo
 from levante.server.ollama_model import ModelFacts, file_size
 from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody, Options, served_name
 from levante.server.routes import ServerState
+from levante.tools import parse_tool_calls
 from levante.weights import hub
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama release whose API shapes these routes follow
@@ -126,14 +127,28 @@ async def _generate(request: Request, state: ServerState,
         # Ollama's answer to an empty request: the model is loaded (it always is here).
         return JSONResponse({**_envelope(is_chat, body.model, ""), "done": True,
                              "done_reason": "load"})
-    prompt_ids = _encode(state, body)
+    grammar, tool_style = None, None
+    if isinstance(body, ChatBody) and state.bundle.chat_format is not None:
+        prepared = await asyncio.to_thread(
+            state.chats.prepare, body.chat_messages(), tools=body.tools,
+            response_format=body.response_format())
+        prompt_ids, grammar, tool_style = (prepared.prompt_ids, prepared.grammar,
+                                           prepared.tool_style)
+    else:
+        prompt_ids = _encode(state, body)
+        if body.response_format() is not None:
+            grammar = await asyncio.to_thread(
+                state.chats.compiler.compile, response_format=body.response_format(),
+                chat_style=state.chats.style)
     params = (body.options or Options()).sampling_params(
         num_prompt_tokens=len(prompt_ids), context=state.bundle.config.max_seq_len,
         logprobs=body.num_logprobs())
     state.check_capacity(1)
-    stream = await state.engine.add_request(prompt_ids, params, f"ollama-{uuid.uuid4().hex}")
+    stream = await state.engine.add_request(prompt_ids, params, f"ollama-{uuid.uuid4().hex}",
+                                            grammar=grammar)
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    run = _Run(state, stream, prompt_ids, body.model, is_chat=is_chat, started_ns=started_ns)
+    run = _Run(state, stream, prompt_ids, body.model, is_chat=is_chat, started_ns=started_ns,
+               tool_style=tool_style)
     if body.stream:
         return StreamingResponse(run.lines(), media_type=NDJSON)
     return JSONResponse(await run.collect(request))
@@ -178,6 +193,7 @@ class _Run:
     model: str
     is_chat: bool
     started_ns: int
+    tool_style: str | None = None  # replies may hold tool calls: parsed at the end
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
     first_ns: int | None = None
     text: str = ""
@@ -213,6 +229,14 @@ class _Run:
         first = self.first_ns or end
         body = {**_envelope(self.is_chat, self.model, text), "done": True,
                 "done_reason": self.done_reason or "stop"}
+        if self.tool_style is not None:
+            content, calls = parse_tool_calls(self.output_ids, self.state.bundle.tokenizer,
+                                              style=self.tool_style)
+            if calls:  # Ollama's shape: arguments as an object, no ids
+                body["message"] = {"role": "assistant", "content": content or "",
+                                   "tool_calls": [{"function": {
+                                       "name": c.name, "arguments": json.loads(c.arguments)}}
+                                       for c in calls]}
         if logprobs:
             body["logprobs"] = logprobs
         if not self.is_chat:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -145,12 +146,21 @@ class _Generating(BaseModel):
         """Refuse what we cannot honour yet (structured output, thinking); log unknown fields."""
         for name in self.model_extra or {}:
             log.info("ignoring unknown Ollama request field %r", name)
-        if self.format not in (None, ""):
-            raise RequestError("format is not supported yet (structured output is coming); "
-                               "leave format out", param="format")
         if self.think not in (None, False):
             raise RequestError(f'"{self.model}" does not support thinking', param="think")
         (self.options or Options()).check_supported()
+
+    def response_format(self) -> dict[str, Any] | None:
+        """Ollama's `format` as an OpenAI response_format: "json" or a JSON schema."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return {"type": "json_object"}
+        if isinstance(self.format, dict):
+            return {"type": "json_schema", "json_schema": {"name": "format",
+                                                           "schema": self.format}}
+        raise RequestError(f'format must be "json" or a JSON schema, got {self.format!r}',
+                           param="format")
 
     def num_logprobs(self) -> int | None:
         """None (no logprobs) or how many alternatives to list with each token."""
@@ -164,23 +174,47 @@ class ChatBody(_Generating):
     tools: list[dict[str, Any]] | None = None
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        """Messages as the chat formats take them; refuses images and tool traffic."""
-        if self.tools:
-            raise RequestError("tools are not supported yet (tool calling is coming); "
-                               "leave tools out", param="tools")
-        messages = []
+        """Messages in OpenAI's shape. Ollama's calls carry no ids: each gets one, and tool
+        results are matched to the earlier calls in order. Images are refused."""
+        messages: list[dict[str, Any]] = []
+        pending: list[str] = []  # ids of calls not yet answered, oldest first
         for index, message in enumerate(self.messages):
-            for name in ("images", "tool_calls", "tool_name"):
-                if message.get(name):
-                    what = "images" if name == "images" else "tool calls"
-                    raise RequestError(f"messages[{index}].{name}: {what} are not supported",
-                                       param="messages")
-            if message.get("role") == "tool":
-                raise RequestError(f"messages[{index}]: tool results are not supported yet",
+            if not isinstance(message, dict):
+                raise RequestError(f"messages[{index}] must be an object", param="messages")
+            if message.get("images"):
+                raise RequestError(f"messages[{index}].images: images are not supported",
                                    param="messages")
             # "thinking" (a thinking model's earlier reasoning) is not part of the prompt.
-            messages.append({"role": message.get("role"), "content": message.get("content")})
+            entry: dict[str, Any] = {"role": message.get("role"),
+                                     "content": message.get("content")}
+            if message.get("tool_calls"):
+                entry["tool_calls"] = _openai_calls(index, message["tool_calls"], pending)
+            if message.get("role") == "tool":
+                if not pending:
+                    raise RequestError(f"messages[{index}]: a tool result with no call before "
+                                       "it", param="messages")
+                entry["tool_call_id"] = pending.pop(0)
+            messages.append(entry)
         return messages
+
+
+def _openai_calls(index: int, calls: Any, pending: list[str]) -> list[dict[str, Any]]:
+    """Ollama's [{"function": {"name", "arguments": {...}}}] as OpenAI calls with fresh ids."""
+    if not isinstance(calls, list):
+        raise RequestError(f"messages[{index}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"messages[{index}].tool_calls: each needs function.name",
+                               param="messages")
+        call_id = f"call{index}x{len(pending)}"
+        pending.append(call_id)
+        arguments = function.get("arguments") or {}
+        out.append({"id": call_id, "type": "function", "function": {
+            "name": function["name"], "arguments": arguments if isinstance(arguments, str)
+            else json.dumps(arguments)}})
+    return out
 
 
 class GenerateBody(_Generating):
