@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,24 @@ from rich.table import Table
 
 from levante.cli import Ref, _fail, _parse_size, _sampling, app, console
 from levante.errors import LevanteError
+
+TensorParallel = Annotated[int, typer.Option(
+    "--tensor-parallel", "-tp",
+    help="split every layer over N processes (num_heads and num_kv_heads must divide by N)")]
+Device = Annotated[str, typer.Option(help="cpu (gloo) | cuda (NCCL, one GPU per rank)")]
+
+
+def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str
+              ) -> AbstractContextManager[Any]:
+    """An LLM in one process, or (N > 1) over N tensor-parallel ranks stopped on exit."""
+    if tensor_parallel > 1:
+        from levante.distributed.launch import tensor_parallel_llm
+
+        return tensor_parallel_llm(ref, tensor_parallel=tensor_parallel, dtype=dtype,
+                                   device=device)
+    from levante.llm import LLM
+
+    return nullcontext(LLM(ref, dtype=dtype, device=device))
 
 
 @app.command()
@@ -52,19 +71,19 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     json_schema: Annotated[Path | None, typer.Option(
         help="JSON schema file: the answer is JSON valid against it (implies --chat)")] = None,
+    tensor_parallel: TensorParallel = 1,
+    device: Device = "cpu",
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
-    from levante.llm import LLM
-
     try:
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
         response_format = _schema_format(json_schema) if json_schema else None
-        llm = LLM(ref, dtype=dtype)
-        if chat or response_format:
-            result = llm.chat([{"role": "user", "content": prompt}], params,
-                              response_format=response_format)
-        else:
-            result = llm.generate(prompt, params)[0]
+        with _open_llm(ref, dtype, tensor_parallel, device) as llm:
+            if chat or response_format:
+                result = llm.chat([{"role": "user", "content": prompt}], params,
+                                  response_format=response_format)
+            else:
+                result = llm.generate(prompt, params)[0]
     except LevanteError as e:
         _fail(e)
     if as_json:
@@ -82,15 +101,20 @@ def run(
     temperature: Annotated[float, typer.Option()] = 0.15,
     seed: Annotated[int | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "float32",
+    tensor_parallel: TensorParallel = 1,
+    device: Device = "cpu",
 ) -> None:
     """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
-    from levante.llm import LLM
-
     try:
         params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
-        llm = LLM(ref, dtype=dtype)
+        with _open_llm(ref, dtype, tensor_parallel, device) as llm:
+            _chat_loop(llm, prompt, system, params)
     except LevanteError as e:
         _fail(e)
+
+
+def _chat_loop(llm: Any, prompt: str | None, system: str | None, params: Any) -> None:
+    """One answer for `prompt`, or turns read from the terminal until /bye or EOF."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     turns = [prompt] if prompt is not None else None
     while True:
@@ -98,10 +122,7 @@ def run(
         if text is None:
             return
         messages.append({"role": "user", "content": text})
-        try:
-            answer = _stream_answer(llm, messages, params)
-        except LevanteError as e:
-            _fail(e)
+        answer = _stream_answer(llm, messages, params)
         messages.append({"role": "assistant", "content": answer})
         if turns is not None and not turns:
             return
@@ -170,8 +191,22 @@ def serve(
         help="prompt-lookup draft tokens per step for greedy requests (0 = off)")] = 0,
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
+    tensor_parallel: TensorParallel = 1,
+    device: Device = "cpu",
+    replicas: Annotated[int, typer.Option(
+        help="engine processes behind one load-routing front (0: front over --upstream only)"
+    )] = 1,
+    upstream: Annotated[list[str] | None, typer.Option(
+        help="base URL of another Levante server for the front to route to (repeatable)")
+    ] = None,
+    prefix_routing: Annotated[bool, typer.Option(
+        help="send a conversation to the same replica each turn (within a load bound)")] = True,
 ) -> None:
-    """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics."""
+    """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics.
+
+    --tensor-parallel N splits each layer over N processes; --replicas N runs N engines
+    behind a front on HOST:PORT that routes by load (its /metrics counts per replica).
+    """
     from levante.server.app import ServerConfig
     from levante.server.app import serve as run_server
 
@@ -183,6 +218,18 @@ def serve(
             served_model_name=served_model_name, no_web=no_web,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             lora=_lora_pairs(lora or []))
-        run_server(config)
+        if replicas != 1 or upstream:
+            from levante.distributed.replicas import serve_replicas
+
+            per_replica = ["--tensor-parallel", str(tensor_parallel), "--device", device] \
+                if tensor_parallel > 1 else None
+            serve_replicas(config, num_replicas=replicas, upstreams=upstream,
+                           prefix_aware=prefix_routing, extra_args=per_replica)
+        elif tensor_parallel > 1:
+            from levante.distributed.launch import serve_tensor_parallel
+
+            serve_tensor_parallel(config, tensor_parallel=tensor_parallel, device=device)
+        else:
+            run_server(config)
     except LevanteError as e:
         _fail(e)
