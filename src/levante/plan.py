@@ -213,8 +213,13 @@ def _check_args(quant: str | None, context: int, batch: int, memory: int | None,
 
 
 def _format_bytes(fmt: str, weights: _Weights) -> int:
-    layers = weights.config.num_layers
-    return sum(tensor_bytes(fmt, name, shape, layers) for name, shape in weights.shapes.items())
+    config = weights.config
+    total = sum(tensor_bytes(fmt, name, shape, config.num_layers)
+                for name, shape in weights.shapes.items())
+    if fmt in LEVANTE_FORMATS and config.tie_embeddings:  # quantize_model's int8 head copy
+        total += tensor_bytes(fmt, "lm_head.weight", (config.vocab_size, config.dim),
+                              config.num_layers)
+    return total
 
 
 def _row(fmt: str, weights: _Weights, ref: str) -> FormatRow:
