@@ -1,0 +1,143 @@
+"""GPU benchmark for the `mistral-small-3` preset with random weights (same shapes, same speed).
+
+One prepared script for a lent GPU (target: under 8 minutes on an H100), printing one table:
+batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode, time to
+first token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams.
+
+    python benchmarks/gpu.py                      # on a GPU: the real preset
+    python benchmarks/gpu.py --scale 16 --device cpu --bandwidth-gbs 20   # CPU smoke run
+
+--scale N divides the layer count and every width by N (head_dim stays 128 where it can),
+so the script's whole path is exercised on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from levante.config import EngineConfig, ModelConfig, preset
+from levante.engine.engine import Engine
+from levante.engine.sampler import SamplingParams
+from levante.model import Transformer
+
+
+def scaled(config: ModelConfig, scale: int) -> ModelConfig:
+    """The preset shrunk by `scale` in depth and width, keeping its ratios."""
+    if scale == 1:
+        return config
+    heads = max(4, config.num_heads // scale)
+    kv = max(1, heads * config.num_kv_heads // config.num_heads)
+    return config.replace(num_layers=max(2, config.num_layers // scale),
+                          dim=max(256, config.dim // scale), num_heads=heads, num_kv_heads=kv,
+                          ffn_dim=max(512, config.ffn_dim // scale),
+                          vocab_size=max(4096, config.vocab_size // scale), max_seq_len=4096)
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: str) -> Transformer:
+    """A Transformer with small random weights, made directly on the device."""
+    with torch.device("meta"):
+        model = Transformer(config, max_positions=config.max_seq_len)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    from levante.model import rotary_table
+
+    cos, sin = rotary_table(config, config.max_seq_len)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.to(dtype).eval()
+
+
+def weight_bytes(model: Transformer) -> int:
+    seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    seen.update({id(b): b.numel() * b.element_size() for n, b in model.named_buffers()
+                 if not n.startswith("rope")})
+    return sum(seen.values())
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_rate(engine: Engine, *, batch: int, prompt_len: int, new_tokens: int,
+                device: str) -> tuple[float, float]:
+    """(aggregate decode tokens/s, time to first token in s) for `batch` equal requests."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompt = list(range(10, 10 + prompt_len))
+    sync(device)
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for _ in range(batch)]
+    first = None
+    pending = set(ids)
+    while pending:
+        for out in engine.step():
+            if first is None:
+                sync(device)
+                first = time.perf_counter()
+            if out.finished:
+                pending.discard(out.request_id)
+    sync(device)
+    end = time.perf_counter()
+    assert first is not None
+    return batch * (new_tokens - 1) / (end - first), first - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0,
+                        help="HBM bandwidth for the bound (H100 SXM: 3350 GB/s)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=32)
+    args = parser.parse_args()
+    device = args.device
+    config = scaled(preset("mistral-small-3"), args.scale)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device {name}; preset mistral-small-3 / scale {args.scale}: {config.num_layers} "
+          f"layers, dim {config.dim}, {config.num_params / 1e9:.2f}B params")
+    rows = []
+    model = random_model(config, torch.bfloat16, device)
+    engine_config = EngineConfig(max_model_len=2048, max_num_seqs=args.streams,
+                                 max_num_batched_tokens=2048,
+                                 num_kv_blocks=args.streams * 2048 // 16 // 4)
+    engine = Engine(model, None, engine_config)
+    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # warm-up
+    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
+    rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
+                          device=device)
+    rows.append(("bf16 decode, batch 1", f"{rate:.1f} tok/s",
+                 f"{rate / bound:.0%} of bound {bound:.1f}"))
+    _, ttft = decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
+    rows.append(("bf16 TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", "target <= 100 ms"))
+    rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
+                          new_tokens=args.new_tokens, device=device)
+    rows.append((f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", ""))
+    del engine
+    rows.append(_int8_row(model, engine_config, args, device))
+    print(f"{'measure':<34}{'value':>16}  note")
+    for label, value, note in rows:
+        print(f"{label:<34}{value:>16}  {note}")
+
+
+def _int8_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
+              device: str) -> tuple[str, str, str]:
+    """int8 weight-only decode through the quantization module, where it is available."""
+    try:
+        from levante.quant.linear import quantize_model
+    except ImportError as e:
+        return ("int8 decode, batch 1", "n/a", f"quantization unavailable: {e}")
+    quantize_model(model, "int8")
+    engine = Engine(model, None, engine_config)
+    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)
+    rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
+                          device=device)
+    return ("int8 decode, batch 1", f"{rate:.1f} tok/s", "target >= 150 tok/s on an H100")
+
+
+if __name__ == "__main__":
+    main()
