@@ -77,6 +77,37 @@ def decode_speeds(base: Bundle, models: dict[str, Transformer], prompt_ids: list
     return best
 
 
+def print_speeds(base: Bundle, models: dict[str, Transformer], prompt_ids: list[int],
+                 num_tokens: int, rounds: int) -> None:
+    """The decode table: tokens/s per format, ratio to f32, agreement with f32's tokens."""
+    speeds = decode_speeds(base, models, prompt_ids, num_tokens, rounds)
+    print(f"\ndecode, batch 1, {num_tokens} tokens after a {len(prompt_ids)}-token prompt, best "
+          f"of {rounds} rounds (interleaved); {os.getloadavg()[0]:.2f} load average at the end")
+    print(f"{'format':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'vs f32':>8}"
+          f"{'same tokens as f32':>20}")
+    f32_tokens, f32_decode = speeds["f32"][2], speeds["f32"][1]
+    for fmt, (prefill, decode, tokens) in speeds.items():
+        same = next((i for i, (a, b) in enumerate(zip(tokens, f32_tokens)) if a != b),
+                    len(tokens))
+        print(f"{fmt:<11}{prefill:>15.1f}{decode:>14.1f}{decode / f32_decode:>7.2f}x"
+              f"{same:>14} of {len(tokens)}")
+
+
+def print_perplexities(models: dict[str, Transformer], corpus_ids: list[int], window: int,
+                       stride: int) -> None:
+    """The quality table: perplexity per format and its change against f32."""
+    print(f"\nperplexity, {len(corpus_ids)} corpus tokens, window {window}, stride {stride}")
+    print(f"{'format':<11}{'perplexity':>12}{'vs f32':>10}{'seconds':>10}")
+    reference = None
+    for fmt, model in models.items():
+        start = time.perf_counter()
+        value = perplexity(model, corpus_ids, window=window, stride=stride)
+        reference = reference or value
+        mark = "  (int8 target: within 1%)" if fmt == "int8" else ""
+        print(f"{fmt:<11}{value:>12.4f}{(value / reference - 1) * 100:>+9.2f}%"
+              f"{time.perf_counter() - start:>10.1f}{mark}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,30 +133,9 @@ def main() -> None:
     for fmt, model in models.items():
         print(f"{fmt:<11}{model_nbytes(model) / 1e6:>9.1f}")
     if not args.skip_speed:
-        speeds = decode_speeds(base, models, corpus_ids[:64], args.tokens, args.rounds)
-        print(f"\ndecode, batch 1, {args.tokens} tokens, best of {args.rounds} rounds "
-              f"(interleaved); {os.getloadavg()[0]:.2f} load average at the end")
-        print(f"{'format':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'vs f32':>8}"
-              f"{'same tokens as f32':>20}")
-        f32_tokens, f32_decode = speeds["f32"][2], speeds["f32"][1]
-        for fmt, (prefill, decode, tokens) in speeds.items():
-            same = next((i for i, (a, b) in enumerate(zip(tokens, f32_tokens)) if a != b),
-                        len(tokens))
-            print(f"{fmt:<11}{prefill:>15.1f}{decode:>14.1f}{decode / f32_decode:>7.2f}x"
-                  f"{same:>14} of {len(tokens)}")
+        print_speeds(base, models, corpus_ids[:64], args.tokens, args.rounds)
     if not args.skip_ppl:
-        print(f"\nperplexity, {len(corpus_ids)} corpus tokens, window {args.window}, "
-              f"stride {args.stride}")
-        print(f"{'format':<11}{'perplexity':>12}{'vs f32':>10}{'seconds':>10}")
-        reference = None
-        for fmt, model in models.items():
-            start = time.perf_counter()
-            value = perplexity(model, corpus_ids, window=args.window, stride=args.stride)
-            reference = reference or value
-            change = (value / reference - 1) * 100
-            mark = "  (int8 target: within 1%)" if fmt == "int8" else ""
-            print(f"{fmt:<11}{value:>12.4f}{change:>+9.2f}%{time.perf_counter() - start:>10.1f}"
-                  f"{mark}")
+        print_perplexities(models, corpus_ids, args.window, args.stride)
     print(f"\n{wait_for_quiet(limit_s=0)} at the end")
 
 

@@ -185,9 +185,13 @@ def test_quantize_model_swaps_linears_and_stays_close(fmt: str) -> None:
     assert cosine > (0.999 if fmt == "int8" else 0.95)  # 4 bits on Gaussian weights: ~8% noise
 
 
-def test_quantize_model_rejects_unknown_format() -> None:
+def test_quantize_model_rejects_unknown_format_and_nothing_to_do() -> None:
+    model = _tiny_model(_tiny_config())
     with pytest.raises(ConfigError, match="int8"):
-        quantize_model(_tiny_model(_tiny_config()), "int3")
+        quantize_model(model, "int3")
+    quantize_model(model, "int8")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(model, "int4")
 
 
 def test_int8_model_takes_about_half_the_bytes_of_bf16() -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,7 +381,7 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[], No
         yield lambda: bar.advance(task)
 
 
-def _count(names: Iterator[str] | Any) -> dict[str, int]:
+def _count(names: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1

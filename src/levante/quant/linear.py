@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,11 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
 
-def _linear_2d(x: torch.Tensor, out_features: int, fn: object) -> torch.Tensor:
+def _linear_2d(x: torch.Tensor, out_features: int,
+               fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Run `fn` on x flattened to [M, K]; reshape to [..., out_features] in x's dtype."""
     flat = x.reshape(-1, x.shape[-1])
-    out = fn(flat)  # type: ignore[operator]
+    out = fn(flat)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -251,6 +253,9 @@ def quantize_model(model: Transformer, fmt: str, *, group_size: int = 32,
         raise ConfigError(f"quantization format must be one of {FORMATS}, got {fmt!r}")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear)]
+    if not targets:
+        raise ConfigError(f"the model has no float linear layers to quantize to {fmt} (is it "
+                          f"already quantized, e.g. a GGUF kept in its own blocks?)")
     for name, module in targets:
         weight = module.weight.detach()
         if fmt == "int8" or name == "lm_head":
