@@ -112,25 +112,6 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
-
-// sum_b f16(h[b]) * f[b]
-inline float dot_f16_f32(const uint16_t* h, const float* f, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= n; b += 8) {
-    const __m256 hv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + b)));
-    acc = _mm256_fmadd_ps(hv, _mm256_loadu_ps(f + b), acc);
-  }
-  float r = hsum(acc);
-  for (; b < n; ++b) r += f16_to_f32(h[b]) * f[b];
-  return r;
-}
-#else
-inline float dot_f16_f32(const uint16_t* h, const float* f, int64_t n) {
-  float r = 0.0f;
-  for (int64_t b = 0; b < n; ++b) r += f16_to_f32(h[b]) * f[b];
-  return r;
-}
 #endif
 
 // One row of x -> 8-bit blocks, llama.cpp's Q8 rule: d = amax / 127, q = round(x * 127 / amax)
@@ -180,14 +161,6 @@ void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
   }
 }
 
-// The Q4 min term of output row n against activation row i: sum_b m[n,b] * s[i,b].
-template <int64_t QT>
-inline float min_term(const Weights& w, int64_t n, const Acts& a, int64_t i) {
-  if constexpr (QT == kQ4_1) return dot_f16_f32(w.m + n * w.nb, a.s + i * a.nb, w.nb);
-  if constexpr (QT == kQ4_0) return -8.0f * dot_f16_f32(w.d + n * w.nb, a.s + i * a.nb, w.nb);
-  return 0.0f;
-}
-
 template <int64_t QT>
 constexpr int64_t quant_bytes() { return QT == kQ8_0 ? 32 : 16; }
 
@@ -217,27 +190,47 @@ constexpr int64_t kPrefetch = 2048;  // bytes of qs requested ahead of use
 template <int RW, int RX>
 struct TileState {
   __m256 acc[RW][RX];
+  float tail_min[RW][RX];  // Q4 min terms of a last group shorter than kGroup
   alignas(32) float scale[RW][RX][kGroup];  // d_w * d_x of the current group's blocks
 };
 
-// scale[r][c][j] = d_w[row r, block b0 + j] * d_x[row c, block b0 + j] for j < count.
-template <int RW, int RX>
-inline void group_scales(TileState<RW, RX>& t, const uint16_t* const* wd, const Acts& a,
+// For blocks [b0, b0 + count): scale[r][c][j] = d_w[row r, b0 + j] * d_x[row c, b0 + j];
+// the Q4 min terms m[r, b] * s_x[c, b] go into the accumulators' lanes (a short last group:
+// into tail_min).
+template <int64_t QT, int RW, int RX>
+inline void group_scales(TileState<RW, RX>& t, const Weights& w, int64_t n0, const Acts& a,
                          int64_t m0, int64_t b0, int64_t count) {
+  const auto f16x8 = [](const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
   if (count == kGroup) {
-    __m256 dw[RW];
-    for (int r = 0; r < RW; ++r)
-      dw[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd[r] + b0)));
+    __m256 dw[RW], mw[RW];
+    for (int r = 0; r < RW; ++r) {
+      dw[r] = f16x8(w.d + (n0 + r) * w.nb + b0);
+      if constexpr (QT == kQ4_1) mw[r] = f16x8(w.m + (n0 + r) * w.nb + b0);
+      if constexpr (QT == kQ4_0) mw[r] = _mm256_mul_ps(dw[r], _mm256_set1_ps(-8.0f));
+    }
     for (int c = 0; c < RX; ++c) {
       const __m256 dx = _mm256_loadu_ps(a.d + (m0 + c) * a.nb + b0);
       for (int r = 0; r < RW; ++r) _mm256_store_ps(t.scale[r][c], _mm256_mul_ps(dw[r], dx));
+      if constexpr (QT != kQ8_0) {
+        const __m256 sx = _mm256_loadu_ps(a.s + (m0 + c) * a.nb + b0);
+        for (int r = 0; r < RW; ++r) t.acc[r][c] = _mm256_fmadd_ps(mw[r], sx, t.acc[r][c]);
+      }
     }
     return;
   }
-  for (int r = 0; r < RW; ++r)
-    for (int c = 0; c < RX; ++c)
-      for (int64_t j = 0; j < count; ++j)
-        t.scale[r][c][j] = _cvtsh_ss(wd[r][b0 + j]) * a.d[(m0 + c) * a.nb + b0 + j];
+  for (int r = 0; r < RW; ++r) {
+    for (int c = 0; c < RX; ++c) {
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t wb = (n0 + r) * w.nb + b0 + j, xb = (m0 + c) * a.nb + b0 + j;
+        const float dw = _cvtsh_ss(w.d[wb]);
+        t.scale[r][c][j] = dw * a.d[xb];
+        if constexpr (QT == kQ4_1) t.tail_min[r][c] += _cvtsh_ss(w.m[wb]) * a.s[xb];
+        if constexpr (QT == kQ4_0) t.tail_min[r][c] += -8.0f * dw * a.s[xb];
+      }
+    }
+  }
 }
 
 // acc[r][c] += scale[r][c][j] * (integer dot of weight block wu[r] with x block b of row c).
@@ -303,10 +296,11 @@ template <int64_t QT, int RW, int RX>
 void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int64_t ldy) {
   const int64_t nb = w.nb;
   TileState<RW, RX> t;
-  const uint16_t* wd[RW];
   for (int r = 0; r < RW; ++r) {
-    wd[r] = w.d + (n0 + r) * nb;
-    for (int c = 0; c < RX; ++c) t.acc[r][c] = _mm256_setzero_ps();
+    for (int c = 0; c < RX; ++c) {
+      t.acc[r][c] = _mm256_setzero_ps();
+      t.tail_min[r][c] = 0.0f;
+    }
   }
   const uint8_t* base = group_base<QT>(w, n0);
   for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
@@ -315,14 +309,24 @@ void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int
     const uint8_t* ahead = base + b0 * RW * quant_bytes<QT>() + kPrefetch;
     for (int64_t off = 0; off < count * RW * quant_bytes<QT>(); off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-    group_scales<RW, RX>(t, wd, a, m0, b0, count);
+    group_scales<QT, RW, RX>(t, w, n0, a, m0, b0, count);
     group_dots<QT, RW, RX>(t, base, nb, a, m0, b0, count);
   }
   for (int r = 0; r < RW; ++r)
-    for (int c = 0; c < RX; ++c)
-      y[(m0 + c) * ldy + n0 + r] = hsum(t.acc[r][c]) + min_term<QT>(w, n0 + r, a, m0 + c);
+    for (int c = 0; c < RX; ++c) y[(m0 + c) * ldy + n0 + r] = hsum(t.acc[r][c]) + t.tail_min[r][c];
 }
 #else
+// The Q4 min term of output row n against activation row i: sum_b m[n,b] * s[i,b].
+template <int64_t QT>
+float min_term(const Weights& w, int64_t n, const Acts& a, int64_t i) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const float m = QT == kQ4_1 ? f16_to_f32(w.m[n * w.nb + b]) : -8.0f * f16_to_f32(w.d[n * w.nb + b]);
+    sum += m * a.s[i * a.nb + b];
+  }
+  return QT == kQ8_0 ? 0.0f : sum;
+}
+
 // Portable tile: the same arithmetic, one (row, row) pair at a time.
 template <int64_t QT, int RW, int RX>
 void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int64_t ldy) {
