@@ -17,9 +17,8 @@ from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
 from levante.bundle import Bundle, load
 from levante.config import EngineConfig
-from levante.engine.engine import Engine, StepOutput
+from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
-from levante.engine.scheduler import Batch
 from levante.errors import RequestError
 from levante.structured import (
     Grammar,
@@ -91,63 +90,24 @@ def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
                                                    "strict": True}}
 
 
-class GrammarEngine(Engine):
-    """The grammar step proposed for Engine, as a test double until engine.py has it.
-
-    Per step: masks for the sampling rows before the sampler, consume after it. A finished
-    grammar allows only EOS, so the sequence stops on the next token. Matchers live per
-    request, beside the KV cache: preemption recomputes KV for tokens already consumed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.matchers: dict[str, Matcher] = {}
-        self.num_preempted = 0
-
-    def add_constrained(self, prompt_ids: list[int], params: SamplingParams,
-                        grammar: Grammar | None) -> str:
-        request_id = self.add_request(prompt_ids, params)
-        if grammar is not None:
-            self.matchers[request_id] = grammar.matcher()
-        return request_id
-
-    def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
-                           rows: list[int]) -> list[StepOutput]:
-        self.num_preempted += len(batch.preempted)
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += num_new
-        requests = [batch.requests[i] for i in rows]
-        matchers = [self.matchers.get(r.request_id) for r in requests]
-        allowed = fill_masks(matchers, logits.shape[1]) if any(matchers) else None
-        sampled = self.sampler(
-            logits, [r.params for r in requests], prompt_ids=[r.prompt_ids for r in requests],
-            output_ids=[r.output_ids for r in requests],
-            generators=[r.generator for r in requests], allowed=allowed)
-        outputs = []
-        for i, request in enumerate(requests):
-            if matchers[i] is not None:
-                matchers[i].consume(sampled.token_ids[i])
-            outputs.append(self._append_token(request, sampled.token_ids[i],
-                                              sampled.logprobs[i], sampled.top_logprobs[i]))
-        return outputs
-
-
-def generate(bundle: Bundle, prompt_ids: list[int], grammars: list[Grammar | None], *,
+def generate(bundle: Bundle, requests: list[tuple[list[int], Grammar | None]], *,
              max_tokens: int, num_kv_blocks: int | None = None
              ) -> tuple[list[tuple[list[int], str, str]], int]:
-    """(token ids, text, finish_reason) per grammar, sampled (seeded); and preemptions."""
-    config = EngineConfig(max_model_len=512, max_num_seqs=len(grammars),
+    """(token ids, text, finish_reason) per (prompt, grammar), sampled and seeded; and the
+    number of preemptions. All requests run as one batch through the engine."""
+    config = EngineConfig(max_model_len=256, max_num_seqs=len(requests),
                           num_kv_blocks=num_kv_blocks)
-    engine = GrammarEngine(bundle.model, bundle.tokenizer, config)
-    ids = [engine.add_constrained(prompt_ids, SamplingParams(max_tokens=max_tokens, seed=seed),
-                                  grammar) for seed, grammar in enumerate(grammars)]
+    engine = Engine(bundle.model, bundle.tokenizer, config)
+    ids = [engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, seed=seed),
+                              grammar=grammar) for seed, (prompt, grammar) in enumerate(requests)]
+    tracked = [engine.requests[request_id] for request_id in ids]
     outputs = engine.run_to_completion(ids)
     results = []
     for request_id in ids:
         steps = outputs[request_id]
         results.append(([t for s in steps for t in s.new_token_ids],
                          "".join(s.new_text for s in steps), str(steps[-1].finish_reason)))
-    return results, engine.num_preempted
+    return results, sum(request.num_preemptions for request in tracked)
 
 
 @pytest.fixture(scope="module")
@@ -406,60 +366,81 @@ def test_parser_limits_fail_the_matcher_not_the_process(mistral_compiler: Gramma
 
 # --- random models: every finished output is valid -----------------------------------------
 
-def check_schema_outputs(bundle: Bundle, compiler: GrammarCompiler, style: str) -> None:
-    grammars = [compiler.compile(response_format=json_schema_format(SCHEMAS[i % 10]),
-                                 chat_style=style) for i in range(30)]
-    prompt = bundle.tokenizer.encode("Answer in JSON:")
-    results, _ = generate(bundle, prompt, list(grammars), max_tokens=160)
+Results = list[tuple[list[int], str, str]]
+
+
+def schemas_and_tool_calls(bundle: Bundle, compiler: GrammarCompiler, style: str,
+                           tool_prompt: list[int]) -> tuple[Results, Results]:
+    """60 sampled requests as one batch: 30 across the 10 schemas, 30 with tool_choice
+    "required" over the 3 tools (one call each: a random model keeps adding parallel calls;
+    parallel calls are checked above)."""
+    schema_prompt = bundle.tokenizer.encode("Answer in JSON:")
+    requests = [(schema_prompt, compiler.compile(
+        response_format=json_schema_format(SCHEMAS[i % 10]), chat_style=style))
+        for i in range(30)]
+    calls = compiler.compile(tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                             chat_style=style)
+    results, _ = generate(bundle, requests + [(tool_prompt, calls)] * 30, max_tokens=160)
+    return results[:30], results[30:]
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_outputs(tiny_mistral: Bundle, tiny_compiler: GrammarCompiler
+                         ) -> tuple[Results, Results]:
+    prompt = tiny_mistral.tokenizer.encode("What is the weather in Paris?", add_bos=True)
+    return schemas_and_tool_calls(tiny_mistral, tiny_compiler, "mistral", prompt)
+
+
+@pytest.fixture(scope="module")
+def smollm2_outputs(smollm2: Bundle, smollm2_compiler: GrammarCompiler
+                    ) -> tuple[Results, Results]:
+    prompt = smollm2.tokenizer.encode("<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
+    return schemas_and_tool_calls(smollm2, smollm2_compiler, "json", prompt)
+
+
+def check_schema_outputs(results: Results) -> None:
     for i, (_, text, finish_reason) in enumerate(results):
         assert finish_reason == "stop", (i, text)
         jsonschema.validate(json.loads(text), SCHEMAS[i % 10])
 
 
-def test_random_tiny_mistral_outputs_validate_against_10_schemas(
-        tiny_mistral: Bundle, tiny_compiler: GrammarCompiler) -> None:
-    check_schema_outputs(tiny_mistral, tiny_compiler, "mistral")
-
-
-def test_smollm2_outputs_validate_against_10_schemas(smollm2: Bundle,
-                                                     smollm2_compiler: GrammarCompiler) -> None:
-    check_schema_outputs(smollm2, smollm2_compiler, "json")
-
-
-def check_required_tool_calls(bundle: Bundle, compiler: GrammarCompiler, style: str,
-                              prompt: list[int]) -> None:
-    # One call each: a random model keeps adding parallel calls (those are tested above).
-    grammar = compiler.compile(tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                               chat_style=style)
-    results, _ = generate(bundle, prompt, [grammar] * 30, max_tokens=160)
+def check_tool_calls(results: Results, tokenizer: Tokenizer, style: str) -> None:
     names = set()
     for i, (ids, text, finish_reason) in enumerate(results):
         assert finish_reason == "stop", (i, text)
-        content, calls = parse_tool_calls(ids, bundle.tokenizer, style=style)
+        content, calls = parse_tool_calls(ids, tokenizer, style=style)
         assert content is None and len(calls) == 1, (i, text)
         jsonschema.validate(json.loads(calls[0].arguments), PARAMETERS[calls[0].name])
         names.add(calls[0].name)
     assert len(names) > 1  # the sampled calls reach more than one tool
 
 
-def test_random_tiny_mistral_required_tool_calls_validate(tiny_mistral: Bundle,
-                                                          tiny_compiler: GrammarCompiler) -> None:
-    prompt = tiny_mistral.tokenizer.encode("What is the weather in Paris?", add_bos=True)
-    check_required_tool_calls(tiny_mistral, tiny_compiler, "mistral", prompt)
+def test_random_tiny_mistral_outputs_validate_against_10_schemas(
+        tiny_mistral_outputs: tuple[Results, Results]) -> None:
+    check_schema_outputs(tiny_mistral_outputs[0])
 
 
-def test_smollm2_required_tool_calls_validate(smollm2: Bundle,
-                                              smollm2_compiler: GrammarCompiler) -> None:
-    prompt = smollm2.tokenizer.encode("<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-                                      "<|im_start|>assistant\n")
-    check_required_tool_calls(smollm2, smollm2_compiler, "json", prompt)
+def test_random_tiny_mistral_required_tool_calls_validate(
+        tiny_mistral: Bundle, tiny_mistral_outputs: tuple[Results, Results]) -> None:
+    check_tool_calls(tiny_mistral_outputs[1], tiny_mistral.tokenizer, "mistral")
+
+
+def test_smollm2_outputs_validate_against_10_schemas(
+        smollm2_outputs: tuple[Results, Results]) -> None:
+    check_schema_outputs(smollm2_outputs[0])
+
+
+def test_smollm2_required_tool_calls_validate(
+        smollm2: Bundle, smollm2_outputs: tuple[Results, Results]) -> None:
+    check_tool_calls(smollm2_outputs[1], smollm2.tokenizer, "json")
 
 
 def test_cut_off_output_is_length_not_valid(tiny_mistral: Bundle,
                                             tiny_compiler: GrammarCompiler) -> None:
     grammar = tiny_compiler.compile(response_format=json_schema_format(SCHEMAS[0]),
                                     chat_style="mistral")
-    results, _ = generate(tiny_mistral, tiny_mistral.tokenizer.encode("JSON:"), [grammar],
+    results, _ = generate(tiny_mistral, [(tiny_mistral.tokenizer.encode("JSON:"), grammar)],
                           max_tokens=4)
     _, text, finish_reason = results[0]
     assert finish_reason == "length"
@@ -469,12 +450,13 @@ def test_cut_off_output_is_length_not_valid(tiny_mistral: Bundle,
 
 def test_matchers_survive_preemption(tiny_mistral: Bundle, tiny_compiler: GrammarCompiler
                                      ) -> None:
-    """Recompute after preemption replays tokens the matcher already consumed."""
+    """Recompute after preemption replays tokens the matcher already consumed: matchers
+    live with the request, not with its KV blocks."""
     grammars = [tiny_compiler.compile(response_format=json_schema_format(SCHEMAS[i]),
-                                      chat_style="mistral") for i in (0, 6, 8)] * 4
+                                      chat_style="mistral") for i in (0, 6, 8)] * 2
     prompt = tiny_mistral.tokenizer.encode("JSON please, and make it a long one:", add_bos=True)
-    results, num_preempted = generate(tiny_mistral, prompt, list(grammars), max_tokens=100,
-                                      num_kv_blocks=12)
+    results, num_preempted = generate(tiny_mistral, [(prompt, g) for g in grammars],
+                                      max_tokens=100, num_kv_blocks=8)
     assert num_preempted > 0
     for i, (_, text, finish_reason) in enumerate(results):
         assert finish_reason == "stop"
