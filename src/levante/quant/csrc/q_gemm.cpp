@@ -313,7 +313,8 @@ void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int
     group_dots<QT, RW, RX>(t, base, nb, a, m0, b0, count);
   }
   for (int r = 0; r < RW; ++r)
-    for (int c = 0; c < RX; ++c) y[(m0 + c) * ldy + n0 + r] = hsum(t.acc[r][c]) + t.tail_min[r][c];
+    for (int c = 0; c < RX; ++c)
+      y[(m0 + c) * ldy + n0 + r] = hsum(t.acc[r][c]) + t.tail_min[r][c];
 }
 #else
 // The Q4 min term of output row n against activation row i: sum_b m[n,b] * s[i,b].
@@ -321,7 +322,8 @@ template <int64_t QT>
 float min_term(const Weights& w, int64_t n, const Acts& a, int64_t i) {
   float sum = 0.0f;
   for (int64_t b = 0; b < w.nb; ++b) {
-    const float m = QT == kQ4_1 ? f16_to_f32(w.m[n * w.nb + b]) : -8.0f * f16_to_f32(w.d[n * w.nb + b]);
+    const int64_t wb = n * w.nb + b;
+    const float m = QT == kQ4_1 ? f16_to_f32(w.m[wb]) : -8.0f * f16_to_f32(w.d[wb]);
     sum += m * a.s[i * a.nb + b];
   }
   return QT == kQ8_0 ? 0.0f : sum;
