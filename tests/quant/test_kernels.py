@@ -242,5 +242,5 @@ def test_portable_build_matches(tmp_path: Path) -> None:
     library = tmp_path / "q_gemm_portable.so"
     subprocess.run(kernels._compile_command(library, arch="x86-64"), check=True)
     out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(library)],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,9 +242,18 @@ class _Kernel:
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()  # first calls from several threads build and register once
+
+
 def _kernel() -> _Kernel | None:
-    """Build (if needed) and load the kernel once per process; log which path runs."""
+    """The loaded kernel, or None for the PyTorch path (decided once per process)."""
+    with _LOAD_LOCK:
+        return _load_kernel()
+
+
+@functools.cache
+def _load_kernel() -> _Kernel | None:
+    """Build (if needed) and load the kernel; log which path runs."""
     if os.environ.get(KERNEL_ENV) == "torch":
         logger.info("quantized matmul: PyTorch dequantize + F.linear (%s=torch)", KERNEL_ENV)
         return None
