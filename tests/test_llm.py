@@ -80,3 +80,12 @@ def test_chat_with_tools_and_schema(llm: LLM) -> None:
     call = done.tool_calls[0]["function"]
     assert call["name"] == "add"
     jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
+
+
+@pytest.mark.parametrize("quant", ["gguf", "int8"])
+def test_quantized_loads_answer(smollm2_gguf: Path, quant: str) -> None:
+    """Kept in GGUF blocks, or requantized to int8: the answer survives the quantization."""
+    small = LLM(str(smollm2_gguf), max_model_len=256, quant=quant)
+    done = small.generate("The capital of France is", SamplingParams(max_tokens=4,
+                                                                     temperature=0.0))[0]
+    assert "Paris" in done.text

@@ -35,17 +35,36 @@ class Bundle:
     chat_format: ChatFormat | None
 
 
+QUANT_FORMATS = ("none", "gguf", "int8", "int4")
+
+
 def load(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         max_seq_len: int | None = None) -> Bundle:
-    """Resolve `ref` (registry name, local path or hub repo) and load it ready to run."""
+         max_seq_len: int | None = None, quant: str = "none") -> Bundle:
+    """Resolve `ref` (registry name, local path or hub repo) and load it ready to run.
+
+    quant: "none" keeps float weights (a GGUF is dequantized to `dtype`); "gguf" computes
+    with a GGUF file's own blocks, never building the float model; "int8" / "int4" quantize
+    a float checkpoint's linears at load (weight-only).
+    """
+    if quant not in QUANT_FORMATS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANT_FORMATS)}, got {quant!r}")
     path = resolve(ref)
+    if quant == "gguf" and not path.is_file():
+        raise ConfigError(f"--quant gguf needs a GGUF file; {ref} is a safetensors folder "
+                          f"(use int8 or int4)")
     if path.is_file():
-        return _load_gguf(ref, path, dtype, device, max_seq_len)
-    if (path / "config.json").exists():
-        return _load_hf(ref, path, dtype, device, max_seq_len)
-    if (path / "params.json").exists():
-        return _load_consolidated(ref, path, dtype, device, max_seq_len)
-    raise ModelFileError(path, "folder has neither config.json nor params.json")
+        bundle = _load_gguf(ref, path, dtype, device, max_seq_len, keep_blocks=quant == "gguf")
+    elif (path / "config.json").exists():
+        bundle = _load_hf(ref, path, dtype, device, max_seq_len)
+    elif (path / "params.json").exists():
+        bundle = _load_consolidated(ref, path, dtype, device, max_seq_len)
+    else:
+        raise ModelFileError(path, "folder has neither config.json nor params.json")
+    if quant in ("int8", "int4"):
+        from levante.quant.linear import quantize_model
+
+        quantize_model(bundle.model, quant)
+    return bundle
 
 
 def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
@@ -58,7 +77,7 @@ def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
 
 
 def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
-               max_seq_len: int | None) -> Bundle:
+               max_seq_len: int | None, *, keep_blocks: bool = False) -> Bundle:
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     try:
@@ -66,11 +85,16 @@ def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
                                        in gguf_file.tensor_names)
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
-    state = load_gguf_state_dict(gguf_file, config, dtype)
     tokenizer = HFTokenizer.from_gguf_metadata(meta)
     template = meta.get("tokenizer.chat_template")
     chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) if template else None
     config = _limit(config, max_seq_len)
+    if keep_blocks:
+        from levante.quant.gguf_linear import load_gguf_quantized
+
+        model = load_gguf_quantized(gguf_file, config, dtype)
+        return Bundle(ref, path, "gguf", config, model.to(device), tokenizer, chat)
+    state = load_gguf_state_dict(gguf_file, config, dtype)
     return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat)
 

@@ -50,12 +50,12 @@ class LLM:
 
     def __init__(self, ref: str | Bundle, *, dtype: str = "float32",
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", quant: str = "none") -> None:
         if dtype not in DTYPES:
             raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}",
                                param="dtype")
         self.bundle = ref if isinstance(ref, Bundle) else load(
-            ref, dtype=DTYPES[dtype], device=device, max_seq_len=max_model_len)
+            ref, dtype=DTYPES[dtype], device=device, max_seq_len=max_model_len, quant=quant)
         config = engine_config or EngineConfig(max_model_len=self.bundle.config.max_seq_len)
         self.engine = Engine(self.bundle.model, self.bundle.tokenizer, config)
         self.tokenizer = self.bundle.tokenizer

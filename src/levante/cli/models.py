@@ -20,7 +20,11 @@ TensorParallel = Annotated[int, typer.Option(
 Device = Annotated[str, typer.Option(help="cpu (gloo) | cuda (NCCL, one GPU per rank)")]
 
 
-def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str
+Quant = Annotated[str, typer.Option(
+    help="none | gguf (compute with a GGUF's own blocks) | int8 | int4 (weight-only)")]
+
+
+def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str, quant: str = "none"
               ) -> AbstractContextManager[Any]:
     """An LLM in one process, or (N > 1) over N tensor-parallel ranks stopped on exit."""
     if tensor_parallel > 1:
@@ -30,7 +34,7 @@ def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str
                                    device=device)
     from levante.llm import LLM
 
-    return nullcontext(LLM(ref, dtype=dtype, device=device))
+    return nullcontext(LLM(ref, dtype=dtype, device=device, quant=quant))
 
 
 @app.command()
@@ -73,12 +77,13 @@ def generate(
         help="JSON schema file: the answer is JSON valid against it (implies --chat)")] = None,
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
+    quant: Quant = "none",
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
     try:
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
         response_format = _schema_format(json_schema) if json_schema else None
-        with _open_llm(ref, dtype, tensor_parallel, device) as llm:
+        with _open_llm(ref, dtype, tensor_parallel, device, quant) as llm:
             if chat or response_format:
                 result = llm.chat([{"role": "user", "content": prompt}], params,
                                   response_format=response_format)
@@ -103,11 +108,12 @@ def run(
     dtype: Annotated[str, typer.Option()] = "float32",
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
+    quant: Quant = "none",
 ) -> None:
     """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
     try:
         params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
-        with _open_llm(ref, dtype, tensor_parallel, device) as llm:
+        with _open_llm(ref, dtype, tensor_parallel, device, quant) as llm:
             _chat_loop(llm, prompt, system, params)
     except LevanteError as e:
         _fail(e)
@@ -193,6 +199,7 @@ def serve(
         help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
+    quant: Quant = "none",
     replicas: Annotated[int, typer.Option(
         help="engine processes behind one load-routing front (0: front over --upstream only)"
     )] = 1,
@@ -215,6 +222,7 @@ def serve(
             ref=ref, host=host, port=port, api_key=api_key, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
+            quant=quant,
             served_model_name=served_model_name, no_web=no_web,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             lora=_lora_pairs(lora or []))

@@ -51,7 +51,7 @@ class ServerState:
         if config.dtype not in DTYPES:
             raise RequestError(f"dtype must be one of {sorted(DTYPES)}", param="dtype")
         bundle = bundle or load(config.ref, dtype=DTYPES[config.dtype],
-                                max_seq_len=config.max_model_len)
+                                max_seq_len=config.max_model_len, quant=config.quant)
         engine_config = EngineConfig(
             max_model_len=bundle.config.max_seq_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
