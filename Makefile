@@ -6,7 +6,7 @@ MODEL ?= smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test browser lint clean
+.PHONY: setup run test browser fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ browser:
 	    && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
 	    || echo "chromium not installed: the browser test will be skipped"; fi
+
+# A longer fuzz run than the suite's: the API (schemathesis) and GGUF metadata (hypothesis).
+fuzz: setup
+	$(PY) benchmarks/fuzz_api.py --examples 500 --seconds-per-operation 120
+	LEVANTE_FUZZ_EXAMPLES=5000 LEVANTE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider tests/weights/test_gguf_fuzz.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -173,8 +173,6 @@ def test_a_request_that_can_never_fit_is_refused_at_admission(small_kv) -> None:
     assert_nothing_leaked(small_kv)
 
 
-@pytest.mark.xfail(strict=True, reason="routes.py check_capacity: a request with more choices "
-                   "than max_queue gets 503 (retry later) though it can never be admitted")
 def test_more_choices_than_the_queue_holds_is_400(http, server) -> None:
     body = {"model": "smollm2", "prompt": ["a"] * 5, "n": 16, "max_tokens": 2}
     error = error_of(http.post("/v1/completions", json=body), 400)
@@ -227,12 +225,7 @@ def narrow_clean(narrow) -> Iterator[LiveServer]:
     narrow.wait_idle(timeout=30)
 
 
-# Starlette's BaseHTTPMiddleware (`app.middleware("http")`, the guard) hides disconnects from
-# `request.is_disconnected()`, which the non-streaming paths poll; fixed by a plain-ASGI guard.
-HIDDEN_DISCONNECT = pytest.mark.xfail(strict=True, reason="app.py guard is a BaseHTTPMiddleware")
-
-
-@pytest.mark.parametrize("stream", [True, pytest.param(False, marks=HIDDEN_DISCONNECT)])
+@pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_while_queued_is_dropped_from_the_queue(narrow_clean, stream: bool) -> None:
     narrow = narrow_clean
     scheduler = narrow.engine.scheduler
@@ -263,7 +256,6 @@ def test_disconnect_after_some_chunks_frees_everything(narrow_clean, num_chunks:
     assert_nothing_leaked(narrow)
 
 
-@HIDDEN_DISCONNECT
 def test_disconnect_during_a_whole_response_frees_everything(narrow_clean) -> None:
     narrow = narrow_clean
     body = {**CHAT, "max_tokens": 1500, "ignore_eos": True}
@@ -274,7 +266,6 @@ def test_disconnect_during_a_whole_response_frees_everything(narrow_clean) -> No
     assert_nothing_leaked(narrow)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py parse_body reads the whole body before checking")
 def test_a_chunked_body_over_the_limit_is_413_before_it_ends(server) -> None:
     """No Content-Length to check: the server must stop reading at the limit, not buffer on."""
     url = urlparse(server.base_url)

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from levante.errors import ConfigError
-from levante.server.app import ServerConfig, guard_middleware
+from levante.server.app import GuardMiddleware, ServerConfig
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def create_front(urls: list[str], *, config: ServerConfig | None = None,
 
     app = FastAPI(title="Levante front", lifespan=lifespan)
     app.state.router = router
-    app.middleware("http")(guard_middleware(config))
+    app.add_middleware(GuardMiddleware, config=config)
     _register_routes(app, router, metrics, client)
     return app
 

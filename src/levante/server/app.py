@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from levante.errors import ContextLengthError, LevanteError, RequestError
 from levante.server.protocol import error_body
@@ -92,10 +93,14 @@ def error_response(exc: Exception) -> JSONResponse:
 
 async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
     """Read and validate a JSON object body; 400 for bad JSON, 413 when too large."""
-    body = await request.body()
-    if len(body) > limit:
-        raise HTTPError(413, f"request body is {len(body)} bytes; the limit is {limit}",
-                        type_="invalid_request_error", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body has no Content-Length to check
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is over {limit} bytes (the limit)",
+                            type_="invalid_request_error", code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
@@ -158,6 +163,31 @@ def guard_middleware(config: ServerConfig) -> Callable[..., Awaitable[Response]]
     return guard
 
 
+class GuardMiddleware:
+    """`guard_middleware` as plain ASGI. Not `app.middleware("http")`: Starlette's
+    BaseHTTPMiddleware hides client disconnects from `request.is_disconnected()`, so a
+    non-streaming request whose client left would run on to its end."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+        self.app = app
+        self.guard = guard_middleware(config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        passed = Response()
+
+        async def call_next(_: Request) -> Response:
+            return passed
+
+        response = await self.guard(Request(scope, receive), call_next)
+        if response is passed:
+            await self.app(scope, receive, send)
+        else:
+            await response(scope, receive, send)
+
+
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
     from levante.server.ollama import register_ollama
@@ -171,7 +201,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         state.engine.stop()
 
     app = FastAPI(title="Levante", version="0.1.0", lifespan=lifespan)
-    app.middleware("http")(guard_middleware(config))
+    app.add_middleware(GuardMiddleware, config=config)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -91,6 +91,10 @@ class ServerState:
                         param="model", code="model_not_found")
 
     def check_capacity(self, num_new: int) -> None:
+        """503 while the queue is full; 400 for a request that could never be admitted."""
+        if num_new > self.max_queue:
+            raise RequestError(f"this request asks for {num_new} sequences (prompts x n); "
+                               f"the server queues at most {self.max_queue}", param="n")
         if self.engine.num_active + num_new > self.max_queue:
             raise HTTPError(503, "the server is at capacity; retry later",
                             type_="server_overloaded", code="queue_full",
