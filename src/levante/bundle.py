@@ -85,9 +85,7 @@ def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
                                        in gguf_file.tensor_names)
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
-    tokenizer = HFTokenizer.from_gguf_metadata(meta)
-    template = meta.get("tokenizer.chat_template")
-    chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) if template else None
+    tokenizer, chat = _gguf_tokenizer(path, meta)
     config = _limit(config, max_seq_len)
     if keep_blocks:
         from levante.quant.gguf_linear import load_gguf_quantized
@@ -97,6 +95,24 @@ def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
     state = load_gguf_state_dict(gguf_file, config, dtype)
     return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat)
+
+
+# What malformed tokenizer metadata raises inside `tokenizers`/jinja2 (untrusted input).
+METADATA_ERRORS = (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError)
+
+
+def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, ChatFormat | None]:
+    """A GGUF's tokenizer and chat template; bad metadata is a ModelFileError naming the file."""
+    try:
+        tokenizer = HFTokenizer.from_gguf_metadata(meta, path=path)
+        template = meta.get("tokenizer.chat_template")
+        chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) if template else None
+    except ModelFileError:
+        raise
+    except METADATA_ERRORS as e:
+        raise ModelFileError(path, f"bad tokenizer or chat template metadata: "
+                             f"{type(e).__name__}: {e}") from None
+    return tokenizer, chat
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,6 +9,17 @@ from typing import Any
 from levante.errors import ConfigError
 
 
+MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
+                 "head_dim": 4096, "vocab_size": 2**22}
+
+
+def _whole(value: Any, name: str) -> int:
+    """An integer field from a model file: ints only (no bools, floats or strings)."""
+    if type(value) is not int:
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Dimensions of a decoder-only transformer (HF naming in comments)."""
@@ -33,6 +44,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            # Bounds far above any real model, so a crafted file cannot make us allocate
+            # (a rope table for 2**40 positions) or loop (2**40 layers) without limit.
+            if value > MAX_DIMENSION.get(name, 2**20):
+                raise ConfigError(f"ModelConfig.{name} = {value} is beyond any real model "
+                                  f"(at most {MAX_DIMENSION.get(name, 2**20)})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
@@ -131,27 +147,36 @@ class ModelConfig:
                 raise ConfigError(f"GGUF metadata lacks {arch}.{name}")
             return value
 
-        dim = int(key("embedding_length"))
-        num_heads = int(key("attention.head_count"))
-        tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        return cls(
-            vocab_size=vocab,
-            dim=dim,
-            num_layers=int(key("block_count")),
-            num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-            head_dim=int(key("attention.key_length", dim // num_heads)),
-            ffn_dim=int(key("feed_forward_length")),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            max_seq_len=int(key("context_length", 4096)),
-            tie_embeddings=not has_output_tensor,
-            bos_id=None if bos is None else int(bos),
-            eos_ids=() if eos is None else (int(eos),),
-        )
+        def whole(name: str, default: Any = None) -> int:
+            return _whole(key(name, default), f"{arch}.{name}")
+
+        try:
+            dim = whole("embedding_length")
+            num_heads = whole("attention.head_count")
+            if num_heads <= 0:
+                raise ConfigError(f"{arch}.attention.head_count must be positive, got {num_heads}")
+            tokens = meta.get("tokenizer.ggml.tokens")
+            vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list)
+                                                       else 0)
+            eos = meta.get("tokenizer.ggml.eos_token_id")
+            bos = meta.get("tokenizer.ggml.bos_token_id")
+            return cls(
+                vocab_size=_whole(vocab, f"{arch}.vocab_size"),
+                dim=dim,
+                num_layers=whole("block_count"),
+                num_heads=num_heads,
+                num_kv_heads=whole("attention.head_count_kv", num_heads),
+                head_dim=whole("attention.key_length", dim // num_heads),
+                ffn_dim=whole("feed_forward_length"),
+                rope_theta=float(key("rope.freq_base", 10000.0)),
+                norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+                max_seq_len=whole("context_length", 4096),
+                tie_embeddings=not has_output_tensor,
+                bos_id=None if bos is None else _whole(bos, "tokenizer.ggml.bos_token_id"),
+                eos_ids=() if eos is None else (_whole(eos, "tokenizer.ggml.eos_token_id"),),
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(f"GGUF metadata has a malformed value: {e}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {
