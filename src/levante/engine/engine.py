@@ -20,7 +20,7 @@ from levante.engine.sampler import Sampler, SamplingParams, make_generator
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ContextLengthError, RequestError
 from levante.model import Transformer
-from levante.structured import Grammar, fill_masks
+from levante.structured import Grammar, MatcherError, fill_masks
 from levante.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # peft (behind adapters) is heavy: imported only when adapters are served
@@ -280,10 +280,15 @@ class Engine:
             status = RequestStatus.FINISHED_STOPPED
         else:
             if request.constraint is not None:
-                request.constraint.consume(token)
-                if request.constraint.is_finished:  # the constrained output is complete
-                    status = RequestStatus.FINISHED_STOPPED
-            if text_state is not None and text_state.add(token):
+                try:
+                    request.constraint.consume(token)
+                except MatcherError as e:  # a parser limit: fail this request, not the batch
+                    request.error = str(e)
+                    status = RequestStatus.FINISHED_ERROR
+                else:
+                    if request.constraint.is_finished:  # the constrained output is complete
+                        status = RequestStatus.FINISHED_STOPPED
+            if text_state is not None and text_state.add(token) and status is None:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and len(request.output_ids) >= request.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
@@ -297,7 +302,7 @@ class Engine:
         return StepOutput(
             request.request_id, [token], new_text, status is not None,
             None if status is None else status.finish_reason, request.num_prompt_tokens,
-            len(request.output_ids), [logprob], [top])
+            len(request.output_ids), [logprob], [top], error=request.error)
 
     def _fail(self, batch: Batch, message: str) -> list[StepOutput]:
         outputs = []
