@@ -115,7 +115,8 @@ def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, ChatFo
     return tokenizer, chat
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model file's JSON object (config.json, params.json, ...); errors name the file."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -127,7 +128,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
              max_seq_len: int | None) -> Bundle:
-    hf = _read_json(path / "config.json")
+    hf = read_json_object(path / "config.json")
     if "auto_map" in hf:
         raise ModelFileError(path / "config.json", "declares auto_map (remote code); Levante "
                              "never runs code shipped with a model")
@@ -145,7 +146,7 @@ def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
 def _load_consolidated(ref: str, path: Path, dtype: torch.dtype, device: str,
                        max_seq_len: int | None) -> Bundle:
     try:
-        config = ModelConfig.from_params(_read_json(path / "params.json"))
+        config = ModelConfig.from_params(read_json_object(path / "params.json"))
     except ConfigError as e:
         raise ModelFileError(path / "params.json", str(e)) from None
     files = sorted(path.glob("consolidated*.safetensors"))
@@ -172,6 +173,6 @@ def load_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:
     tokenizer = HFTokenizer.from_file(tokenizer_json,
                                       config_path if config_path.exists() else None)
     has_template = (path / "chat_template.jinja").exists() or (
-        config_path.exists() and _read_json(config_path).get("chat_template") is not None)
+        config_path.exists() and read_json_object(config_path).get("chat_template") is not None)
     chat = JinjaChatFormat.from_hf_config(config_path, tokenizer) if has_template else None
     return tokenizer, chat

@@ -9,7 +9,6 @@ for Mistral Small 3 they land on the sizes of the published files (Q4_K_M 14.3 G
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from levante.bundle import read_json_object
 from levante.config import PRESETS, ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected_shapes, hf_name
@@ -274,10 +274,10 @@ def _safetensors_weights(folder: Path) -> _Weights:
     from levante.weights.safetensors import hf_shards
 
     if (folder / "config.json").exists():
-        config = ModelConfig.from_hf(_json(folder / "config.json"))
+        config = ModelConfig.from_hf(read_json_object(folder / "config.json"))
         files = hf_shards(folder)
     elif (folder / "params.json").exists():
-        config = ModelConfig.from_params(_json(folder / "params.json"))
+        config = ModelConfig.from_params(read_json_object(folder / "params.json"))
         files = sorted(folder.glob("consolidated*.safetensors"))
     else:
         raise ModelFileError(folder, "folder has neither config.json nor params.json")
@@ -296,11 +296,3 @@ def _safetensors_weights(folder: Path) -> _Weights:
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F64": 8, "I32": 4, "I64": 8}
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelFileError(path, "expected a JSON object")
-    return data

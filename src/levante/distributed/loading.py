@@ -18,7 +18,6 @@ head's rows stay together and the result equals slicing the un-permuted full wei
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from safetensors import SafetensorError, safe_open
 
-from levante.bundle import Bundle, load_tokenizer
+from levante.bundle import Bundle, load_tokenizer, read_json_object
 from levante.chat import ChatFormat, JinjaChatFormat
 from levante.config import ModelConfig
 from levante.distributed.parallel import ShardSlice, parallelize, shard_plan
@@ -172,7 +171,7 @@ def read_model_config(path: Path, *, max_seq_len: int | None = None) -> tuple[st
     if path.is_file():
         fmt, config = "gguf", _gguf_config(GGUFFile(path))
     elif (path / "config.json").exists():
-        hf = _read_json(path / "config.json")
+        hf = read_json_object(path / "config.json")
         if "auto_map" in hf:
             raise ModelFileError(path / "config.json", "declares auto_map (remote code); "
                                  "Levante never runs code shipped with a model")
@@ -180,7 +179,7 @@ def read_model_config(path: Path, *, max_seq_len: int | None = None) -> tuple[st
     elif (path / "params.json").exists():
         fmt = "safetensors-consolidated"
         config = _parse(path / "params.json", ModelConfig.from_params,
-                        _read_json(path / "params.json"))
+                        read_json_object(path / "params.json"))
     else:
         raise ModelFileError(path, "folder has neither config.json nor params.json")
     if max_seq_len is not None:
@@ -204,16 +203,6 @@ def _parse(path: Path, build: Any, data: dict[str, Any]) -> ModelConfig:
         return build(data)  # type: ignore[no-any-return]
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelFileError(path, "expected a JSON object")
-    return data
 
 
 def shard_reader(path: Path, fmt: str, config: ModelConfig) -> ShardReader:

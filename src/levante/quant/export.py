@@ -29,6 +29,7 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from levante.bundle import read_json_object
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.plan import llama_cpp_type
@@ -128,8 +129,8 @@ def _safetensors_source(folder: Path, stack: ExitStack) -> _Source:
     consolidated = not (folder / "config.json").exists()
     if consolidated and not (folder / "params.json").exists():
         raise ModelFileError(folder, "folder has neither config.json nor params.json")
-    config = (ModelConfig.from_params(_read_json(folder / "params.json")) if consolidated
-              else ModelConfig.from_hf(_read_json(folder / "config.json")))
+    config = (ModelConfig.from_params(read_json_object(folder / "params.json")) if consolidated
+              else ModelConfig.from_hf(read_json_object(folder / "config.json")))
     files = sorted(folder.glob("consolidated*.safetensors")) if consolidated else hf_shards(folder)
     where: dict[str, Any] = {}
     for file in files:
@@ -388,11 +389,3 @@ def _count(names: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelFileError(path, "expected a JSON object")
-    return data
