@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from levante.cli import Ref, _fail, app, console, err_console
+from levante.cli import Ref, _fail, _parse_size, app, console, err_console
 from levante.errors import LevanteError
 
 
@@ -86,3 +86,90 @@ def finetune(
         console.print(table)
     console.print(f"adapter -> {result.adapter_dir}"
                   + (f"; merged -> {result.merged_dir}" if result.merged_dir else ""))
+
+
+@app.command()
+def quantize(
+    src: Ref,
+    to: Annotated[str, typer.Option("--to", help="GGUF: q8_0 | q4_0 | q4_1 | q4_mix | f16 | "
+                                                 "bf16; Levante safetensors: int8 | int4")],
+    out: Annotated[Path, typer.Option("--out", help="output .gguf file, or folder for int8/int4")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Write SRC (safetensors or GGUF) as a quantized GGUF file or a Levante int8/int4 folder."""
+    from levante.quant.export import quantize_checkpoint
+
+    try:
+        result = quantize_checkpoint(src, to=to, out=out, progress=not as_json)
+    except LevanteError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "path": str(result.path), "format": result.format,
+            "num_tensors": result.num_tensors, "num_bytes": result.num_bytes,
+            "tensor_types": result.tensor_types, "seconds": result.seconds}) + "\n")
+        return
+    types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
+    console.print(f"wrote {result.path}: {result.num_bytes / 1e6:,.1f} MB, {types}, "
+                  f"in {result.seconds:.1f} s")
+
+
+@app.command()
+def plan(
+    ref: Annotated[str, typer.Argument(help="a preset (mistral-small-3, smollm2) or model ref")],
+    quant: Annotated[str | None, typer.Option(help="f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | "
+                                                   "q4_k_m | q4_0 | q4_1 | q3_k_m | int8 | "
+                                                   "int4 (default: as stored, bf16 for a "
+                                                   "preset)")] = None,
+    context: Annotated[int | None, typer.Option(help="tokens per sequence (default: the "
+                                                     "model's context)")] = None,
+    batch: Annotated[int, typer.Option(help="sequences at once")] = 1,
+    memory: Annotated[str | None, typer.Option(help="memory per device, e.g. 24GB")] = None,
+    tensor_parallel: Annotated[int, typer.Option("--tensor-parallel",
+                                                 help="devices sharing the model")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Memory a model needs: weights per format, KV cache, overhead, and whether it fits."""
+    from levante.plan import plan as make_plan
+
+    try:
+        result = make_plan(ref, quant=quant, context=context, batch=batch,
+                           memory=_parse_size(memory), tensor_parallel=tensor_parallel)
+    except LevanteError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    has_post = any(row.post_label for row in result.rows)
+    table = Table("format", "bits/weight", "weights GB", *(["launch post"] if has_post else []),
+                  title=f"{ref}: {result.num_params / 1e9:.2f} B parameters")
+    for row in result.rows:
+        post = [f"{row.post_label} ~{row.post_bytes / 1e9:.0f} GB" if row.post_label else ""]
+        table.add_row(row.format, f"{row.bits_per_weight:.2f}", f"{row.weights_bytes / 1e9:.2f}",
+                      *(post if has_post else []))
+    console.print(table)
+    per_device = " per device" if result.tensor_parallel > 1 else ""
+    console.print(
+        f"{result.quant} weights {result.weights_bytes / 1e9:.2f} GB{per_device}; KV cache "
+        f"{result.kv_bytes_per_token / 1024:.0f} KiB/token x {result.context} tokens x "
+        f"{result.batch} = {result.kv_cache_bytes / 1e9:.2f} GB; overhead "
+        f"{result.overhead_bytes / 1e9:.2f} GB; total {result.total_bytes / 1e9:.2f} GB")
+    if result.memory is not None:
+        verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+        console.print(f"{verdict} in {result.memory / 1e9:.1f} GB; longest context that fits: "
+                      f"{result.max_context} tokens (model max {result.model_max_context})")
+
+
+# `levante eval --task perplexity` is already wired in cli/measure.py to
+# `evaluate_perplexity(ref, data, quant=..., dtype=...)`; to expose the window, add there:
+#     window: Annotated[int, typer.Option(help="perplexity: tokens per window")] = 512,
+#     stride: Annotated[int, typer.Option(help="perplexity: tokens between windows")] = 256,
+# and pass `window=window, stride=stride` to evaluate_perplexity.
+
+
+# For `generate`, `run` and `serve`, add this option and pass it on to LLM/ServerConfig
+# (see the report for the bundle.load change it needs):
+#     quant: Annotated[str | None, typer.Option(
+#         help="int8 | int4: quantize a float checkpoint at load; none: expand a GGUF to "
+#              "float (default: GGUF files keep their own blocks)")] = None,
+# e.g. in generate:  llm = LLM(ref, dtype=dtype, quant=quant)
