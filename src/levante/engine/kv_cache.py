@@ -126,11 +126,23 @@ class PagedAttention:
 
     cache: KVCache
     slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
-    key_slots: torch.Tensor  # [B, L] cache slot of each key position (padded with 0)
+    block_index: torch.Tensor  # [B * max_blocks] block tables, flattened (padded with 0)
+    context_len: int  # L: the longest context; keys past a sequence's own are masked
     mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None: decode-only
     query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
     num_seqs: int
     max_query_len: int
+
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """Each sequence's keys or values, whole blocks at a time: [B, kv_heads, L, head_dim].
+
+        One `index_select` of block rows: a row gather of ~block_size * kv_heads * head_dim
+        contiguous values each. (Indexing per slot, `cache[slots]`, took 5.6 of a 9.4 ms
+        SmolLM2 decode step at 500 tokens of context on 2 cores.)
+        """
+        rows = cache.view(self.cache.num_blocks, -1).index_select(0, self.block_index)
+        rows = rows.view(self.num_seqs, -1, *cache.shape[1:])  # [B, max_blocks * bs, kv, hd]
+        return rows[:, :self.context_len].transpose(1, 2)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
@@ -138,10 +150,8 @@ class PagedAttention:
         k_cache, v_cache = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
-        # [B, L, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]
-        keys = k_cache[self.key_slots].transpose(1, 2)
-        values = v_cache[self.key_slots].transpose(1, 2)
         b, qn = self.num_seqs, self.max_query_len
+        keys, values = self._gather(k_cache), self._gather(v_cache)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
         else:
@@ -190,6 +200,7 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         query_index = (torch.arange(num_seqs * max_q).view(num_seqs, max_q))[q_valid]
         query_index = query_index.to(device)
     return PagedAttention(
-        cache=cache, slot_mapping=slot_mapping.to(device), key_slots=key_slots.to(device),
+        cache=cache, slot_mapping=slot_mapping.to(device),
+        block_index=table.view(-1).to(device), context_len=max_len,
         mask=None if mask is None else mask.to(device), query_index=query_index,
         num_seqs=num_seqs, max_query_len=max_q)
