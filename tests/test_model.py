@@ -58,3 +58,29 @@ def test_rope_theta_and_positions_matter(reference, tiny_mistral_hf: Path) -> No
         expected = reference(ids).logits[:, -5:]
         got = ours.logits(ours(ids))[:, -5:]
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_fused_projections_equal_separate_and_share_memory(tiny_mistral_hf: Path) -> None:
+    """q/k/v and gate/up joined into one matmul each: same logits, parts become views."""
+    ours = _load(tiny_mistral_hf, False)
+    ids = _tokens(ours.config.vocab_size, (2, 19), seed=3)
+    with torch.no_grad():
+        expected = ours.logits(ours(ids))
+        assert ours.fuse_projections() == 2 * ours.config.num_layers
+        got = ours.logits(ours(ids))
+    attn = ours.model.layers[0].self_attn
+    assert attn.qkv_proj is not None
+    joined = attn.qkv_proj.weight
+    assert attn.k_proj.weight.data_ptr() == joined[attn.q_proj.weight.shape[0]:].data_ptr()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    ours.unfuse_projections()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)), expected, rtol=0, atol=0)
+
+
+def test_projections_of_different_kinds_stay_separate(tiny_mistral_hf: Path) -> None:
+    ours = _load(tiny_mistral_hf, False)
+    mlp = ours.model.layers[0].mlp
+    mlp.up_proj = torch.nn.Sequential(mlp.up_proj)  # e.g. a wrapper (LoRA) on one part
+    assert ours.fuse_projections() == 2 * ours.config.num_layers - 1
+    assert mlp.gate_up_proj is None

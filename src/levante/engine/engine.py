@@ -84,6 +84,7 @@ class Engine:
                  config: EngineConfig | None = None, *, adapters: AdapterSet | None = None
                  ) -> None:
         self.model = model
+        model.fuse_projections()  # q/k/v and gate/up as one matmul each: fewer, larger calls
         self.tokenizer = tokenizer
         self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
         dtype = model.model.embed_tokens.weight.dtype

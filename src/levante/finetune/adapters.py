@@ -279,6 +279,7 @@ def attach_adapters(model: Transformer, adapters: dict[str, Path]) -> AdapterSet
     may target only linears inside the decoder layers, so one per-token index serves them all.
     """
     weights = [read_adapter(path) for path in adapters.values()]
+    model.unfuse_projections()  # the wrappers replace the parts a fused matmul would skip
     dtype = model.model.norm.weight.dtype
     context = AdapterContext()
     originals: dict[str, nn.Module] = {}

@@ -16,6 +16,7 @@ the exception: it looks rows up in the map, touching only the pages of tokens it
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import torch
@@ -168,6 +169,32 @@ class BlockKernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.qlinear(x, self.weight_packed)
+
+    @classmethod
+    def concat(cls, parts: Sequence[nn.Module]) -> BlockKernelLinear | None:
+        """The parts stacked by output rows (`model.RowConcatenable`); they become views.
+
+        Rows are interleaved in groups of 4 (`kernels.PackedWeight`), so every part but the
+        last must have a multiple of 4 rows for the stacked arrays to be the stacked layout.
+        """
+        weights = [p.weight_packed for p in parts if isinstance(p, BlockKernelLinear)]
+        if len(weights) != len(parts) or len({(w.qtype, w.shape[1]) for w in weights}) != 1 \
+                or any(w.shape[0] % 4 for w in weights[:-1]):
+            return None
+        mins = [w.m for w in weights]
+        joined = kernels.PackedWeight(
+            weights[0].qtype, (sum(w.shape[0] for w in weights), weights[0].shape[1]),
+            torch.cat([w.qs for w in weights]), torch.cat([w.d for w in weights]),
+            None if mins[0] is None else torch.cat([m for m in mins if m is not None]))
+        start = 0
+        for part, w in zip(parts, weights):
+            end = start + w.shape[0]
+            assert isinstance(part, BlockKernelLinear)
+            part.weight_packed = kernels.PackedWeight(
+                w.qtype, w.shape, joined.qs[start:end], joined.d[start:end],
+                None if joined.m is None else joined.m[start:end])
+            start = end
+        return cls(joined)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.weight_packed.qtype.name}"
