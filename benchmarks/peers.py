@@ -55,7 +55,7 @@ def llama_python() -> Path:
     venv = levante_home() / "peers" / "llama-cpp"
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import llama_cpp"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         return python
     print(f"building llama-cpp-python {LLAMA_CPP_VERSION} in {venv} (about 10 minutes)...",
           flush=True)

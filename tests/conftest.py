@@ -68,8 +68,11 @@ def tiny_mistral_consolidated(tmp_path_factory: pytest.TempPathFactory, tiny_mis
 
     from safetensors.torch import load_file, save_file
 
-    from levante.weights.layout import (CONSOLIDATED_GLOBAL_NAMES, CONSOLIDATED_LAYER_NAMES,
-                                        half_to_interleaved)
+    from levante.weights.layout import (
+        CONSOLIDATED_GLOBAL_NAMES,
+        CONSOLIDATED_LAYER_NAMES,
+        half_to_interleaved,
+    )
 
     c = TINY_MISTRAL
     folder = tmp_path_factory.mktemp("tiny-mistral-consolidated")

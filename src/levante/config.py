@@ -8,7 +8,6 @@ from typing import Any
 
 from levante.errors import ConfigError
 
-
 MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
                  "head_dim": 4096, "vocab_size": 2**22}
 

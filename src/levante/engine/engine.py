@@ -187,7 +187,7 @@ class Engine:
         try:
             logits, rows = self.runner.run(batch)
             outputs = self._sample_and_update(batch, logits, rows)
-        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+        except Exception as exc:  # a failed step fails its requests, not the engine
             log.exception("engine step failed")
             return self._fail(batch, f"internal error in the model step: {exc}")
         return outputs

@@ -133,7 +133,7 @@ async def _complete(request: Request, state: ServerState,
     endpoint = "chat" if chat else "completions"
     try:
         response = await _handle(request, state, body, chat=chat)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
         response = error_response(exc)
     state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response

@@ -50,7 +50,7 @@ def load_safetensors_state_dict(files: list[Path], config: ModelConfig, *, dtype
             raise ModelFileError(path, "shard listed in the index is missing")
         try:
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
                     target = _target_name(name, consolidated)
                     if target is None or target not in expected:
                         log.debug("%s: ignoring tensor %s", path, name)
