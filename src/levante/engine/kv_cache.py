@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from levante.config import ModelConfig
+from levante.quant import kernels
 
 
 class BlockPool:
@@ -127,6 +128,7 @@ class PagedAttention:
     cache: KVCache
     slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
     block_index: torch.Tensor  # [B * max_blocks] block tables, flattened (padded with 0)
+    context_lens: torch.Tensor  # [B] int64: keys each sequence attends to, its new ones included
     context_len: int  # L: the longest context; keys past a sequence's own are masked
     mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None: decode-only
     query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
@@ -146,11 +148,22 @@ class PagedAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        """Write the new K/V into the cache, then attend over each sequence's whole context."""
+        """Write the new K/V into the cache, then attend over each sequence's whole context.
+
+        A decode-only step in float32 on CPU reads the blocks in place with the compiled
+        kernel; other steps gather each sequence's blocks and call SDPA.
+        """
         k_cache, v_cache = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
         b, qn = self.num_seqs, self.max_query_len
+        if (self.query_index is None and q.device.type == "cpu"
+                and q.dtype == k_cache.dtype == torch.float32):
+            out = kernels.paged_decode_attention(
+                q.contiguous(), k_cache, v_cache, self.block_index.view(b, -1),
+                self.context_lens, block_size=self.cache.block_size)
+            if out is not None:
+                return out
         keys, values = self._gather(k_cache), self._gather(v_cache)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
@@ -201,6 +214,6 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         query_index = query_index.to(device)
     return PagedAttention(
         cache=cache, slot_mapping=slot_mapping.to(device),
-        block_index=table.view(-1).to(device), context_len=max_len,
+        block_index=table.view(-1).to(device), context_lens=ctx.to(device), context_len=max_len,
         mask=None if mask is None else mask.to(device), query_index=query_index,
         num_seqs=num_seqs, max_query_len=max_q)

@@ -4,7 +4,8 @@
 computes `x @ W^T` with activations quantized to 8 bits per block of 32 and integer SIMD
 dot products (csrc/q_gemm.cpp, compiled for this CPU at first use and cached under
 `$LEVANTE_HOME/kernels`). Without a C++ compiler it dequantizes and uses `F.linear`: correct,
-slow, and logged once.
+slow, and logged once. The same library carries the decode-step paged attention kernel
+(csrc/paged_attention.cpp, `paged_decode_attention`), which the engine's KV cache calls.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from levante.quant.gguf_blocks import dequantize, expected_nbytes
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "q_gemm.cpp"
-# Set to "torch" to skip the C++ kernel (e.g. to compare paths); anything else means "auto".
+# Compiled together into one library (the `levante_quant` ops); each file's bytes key the cache.
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("q_gemm.cpp", "paged_attention.cpp"))
+# Set to "torch" to skip the C++ kernels, matmul and attention (e.g. to compare paths);
+# anything else means "auto".
 KERNEL_ENV = "LEVANTE_QUANT_KERNEL"
 BLOCK_SIZE = 32
 ROWS_PER_GROUP = 4  # rows whose 32-byte units are interleaved in PackedWeight.qs
@@ -233,6 +237,25 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return kernel.quantize_rows(x.to(torch.float32).contiguous())
 
 
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           block_size: int) -> torch.Tensor | None:
+    """One query token per sequence attending to its paged context; None without the kernel.
+
+    q [B, H, D] float32; k_cache, v_cache [num_blocks * block_size, KV, D] float32 (one
+    layer's pool); block_tables [B, max_blocks] int64; context_lens [B] int64. Sequence b's
+    token t is in slot `block_tables[b, t // block_size] * block_size + t % block_size`, and
+    query head h reads KV head h // (H // KV). Returns softmax(q k^T / sqrt(D)) v as [B, H, D],
+    computed in place from the pool (csrc/paged_attention.cpp). Bad input (dtype, shape, a
+    block id outside the pool, a context longer than its table) raises RuntimeError.
+    """
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    return kernel.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                         block_size, q.shape[-1] ** -0.5)
+
+
 @dataclass(frozen=True)
 class _Kernel:
     """The loaded library's ops."""
@@ -240,6 +263,7 @@ class _Kernel:
     isa: str  # "avx2+vnni", "avx2" or "scalar": what the compiler targeted
     qlinear: Callable[..., torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    paged_decode_attention: Callable[..., torch.Tensor]
 
 
 _LOAD_LOCK = threading.Lock()  # first calls from several threads build and register once
@@ -255,7 +279,8 @@ def _kernel() -> _Kernel | None:
 def _load_kernel() -> _Kernel | None:
     """Build (if needed) and load the kernel; log which path runs."""
     if os.environ.get(KERNEL_ENV) == "torch":
-        logger.info("quantized matmul: PyTorch dequantize + F.linear (%s=torch)", KERNEL_ENV)
+        logger.info("quantized matmul: PyTorch dequantize + F.linear, paged attention: "
+                    "gather + SDPA (%s=torch)", KERNEL_ENV)
         return None
     try:
         library = _build()
@@ -263,13 +288,17 @@ def _load_kernel() -> _Kernel | None:
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("quantized matmul: could not build or load %s (%s); falling back to "
-                       "PyTorch dequantize + F.linear, which is much slower", SOURCE, detail)
+                       "PyTorch dequantize + F.linear, which is much slower (and paged "
+                       "attention to gather + SDPA)",
+                       ", ".join(map(str, SOURCES)), detail)
         return None
     torch.library.register_fake("levante_quant::qlinear")(_qlinear_shape)
+    torch.library.register_fake("levante_quant::paged_decode_attention")(_attention_shape)
     ops = torch.ops.levante_quant
-    kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default)
-    logger.info("quantized matmul: compiled kernel (%s, %d threads) from %s", kernel.isa,
-                torch.get_num_threads(), library)
+    kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default,
+                     ops.paged_decode_attention.default)
+    logger.info("quantized matmul, paged attention: compiled kernels (%s, %d threads) from %s",
+                kernel.isa, torch.get_num_threads(), library)
     return kernel
 
 
@@ -277,6 +306,13 @@ def _qlinear_shape(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.
                    qtype: int) -> torch.Tensor:
     """Output shape for tracing (torch.compile): [M, N]."""
     return x.new_empty(x.shape[0], qs.shape[0])
+
+
+def _attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                     scale: float) -> torch.Tensor:
+    """Output shape for tracing: q's, [B, H, D]."""
+    return q.new_empty(q.shape)
 
 
 def _compile_command(output: Path, *, arch: str = "native") -> list[str]:
@@ -288,7 +324,7 @@ def _compile_command(output: Path, *, arch: str = "native") -> list[str]:
     lib_dir = library_paths()[0]
     return [compiler, "-O3", f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
-            str(SOURCE), "-o", str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
+            *map(str, SOURCES), "-o", str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{lib_dir}"]
 
 
@@ -303,7 +339,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _build() -> Path:
-    """Compile csrc/q_gemm.cpp once per (source, torch, CPU); later calls find the cache.
+    """Compile csrc/*.cpp once per (sources, torch, CPU); later calls find the cache.
 
     We call the compiler ourselves rather than `torch.utils.cpp_extension.load` because
     that one insists on a `ninja` binary on PATH, which a venv's python run without
@@ -312,15 +348,17 @@ def _build() -> Path:
     from levante.weights.hub import levante_home
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_fingerprint().encode(),
-                 " ".join(_compile_command(Path("out"))).encode(), sys.version.encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(),
+                 _cpu_fingerprint().encode(), " ".join(_compile_command(Path("out"))).encode(),
+                 sys.version.encode()):
         key.update(part)
     folder = levante_home() / "kernels"
-    library = folder / f"q_gemm-{key.hexdigest()[:16]}.so"
+    library = folder / f"levante_quant-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    logger.warning("compiling the quantized matmul kernel for this CPU (once, ~30-60 s)...")
+    logger.warning("compiling the quantized matmul and paged attention kernels for this CPU "
+                   "(once, ~30-60 s)...")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = Path(scratch) / library.name
