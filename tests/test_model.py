@@ -72,6 +72,7 @@ def test_fused_projections_equal_separate_and_share_memory(tiny_mistral_hf: Path
     assert attn.qkv_proj is not None
     joined = attn.qkv_proj.weight
     assert attn.k_proj.weight.data_ptr() == joined[attn.q_proj.weight.shape[0]:].data_ptr()
+    assert not any("qkv" in name or "gate_up" in name for name in ours.state_dict())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     ours.unfuse_projections()
     with torch.no_grad():

@@ -260,16 +260,20 @@ class Transformer(nn.Module):
         num_fused = 0
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up_proj = concat_linears([mlp.gate_proj, mlp.up_proj])
-            num_fused += (attn.qkv_proj is not None) + (mlp.gate_up_proj is not None)
+            qkv = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
+            # Plain attributes, not registered submodules: parameters(), state_dict() and
+            # byte counts see each weight once, under its HF name. Fuse after moving the model.
+            object.__setattr__(attn, "qkv_proj", qkv)
+            object.__setattr__(mlp, "gate_up_proj", gate_up)
+            num_fused += (qkv is not None) + (gate_up is not None)
         return num_fused
 
     def unfuse_projections(self) -> None:
         """Back to one matmul per HF linear (before swapping or wrapping those)."""
         for layer in self.model.layers:
-            layer.self_attn.qkv_proj = None
-            layer.mlp.gate_up_proj = None
+            object.__setattr__(layer.self_attn, "qkv_proj", None)
+            object.__setattr__(layer.mlp, "gate_up_proj", None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., vocab] in float32."""
