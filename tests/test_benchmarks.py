@@ -17,7 +17,7 @@ def test_gpu_script_runs_scaled_down_on_cpu() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--scale", "16", "--device", "cpu",
          "--bandwidth-gbs", "20", "--new-tokens", "4", "--streams", "2"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("bf16 decode, batch 1") and "of bound" in line for line in lines)
