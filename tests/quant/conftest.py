@@ -1,0 +1,32 @@
+"""Fixtures shared by the kernel tests."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from levante.quant import kernels
+
+
+@pytest.fixture(scope="session")
+def run_portable_check(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., None]:
+    """Runs a script against the no-AVX2 build (plain loops) of the kernel library.
+
+    The library (matmul and attention sources together) is compiled once per session
+    (~40 s); the script gets its path as argv[1] and must print "ok".
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is checked with x86 flags")
+    library = tmp_path_factory.mktemp("portable") / "levante_quant_portable.so"
+    subprocess.run(kernels._compile_command(library, arch="x86-64"), check=True)
+
+    def run(script: str, *args: str) -> None:
+        out = subprocess.run([sys.executable, "-c", script, str(library), *args],
+                             check=False, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    return run
