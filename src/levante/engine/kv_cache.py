@@ -127,7 +127,7 @@ class PagedAttention:
 
     cache: KVCache
     slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
-    block_index: torch.Tensor  # [B * max_blocks] block tables, flattened (padded with 0)
+    block_tables: torch.Tensor  # [B, max_blocks] block ids (padded with 0)
     context_lens: torch.Tensor  # [B] int64: keys each sequence attends to, its new ones included
     context_len: int  # L: the longest context; keys past a sequence's own are masked
     mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None: decode-only
@@ -142,7 +142,7 @@ class PagedAttention:
         contiguous values each. (Indexing per slot, `cache[slots]`, took 5.6 of a 9.4 ms
         SmolLM2 decode step at 500 tokens of context on 2 cores.)
         """
-        rows = cache.view(self.cache.num_blocks, -1).index_select(0, self.block_index)
+        rows = cache.view(self.cache.num_blocks, -1).index_select(0, self.block_tables.view(-1))
         rows = rows.view(self.num_seqs, -1, *cache.shape[1:])  # [B, max_blocks * bs, kv, hd]
         return rows[:, :self.context_len].transpose(1, 2)
 
@@ -160,7 +160,7 @@ class PagedAttention:
         if (self.query_index is None and q.device.type == "cpu"
                 and q.dtype == k_cache.dtype == torch.float32):
             out = kernels.paged_decode_attention(
-                q.contiguous(), k_cache, v_cache, self.block_index.view(b, -1),
+                q.contiguous(), k_cache, v_cache, self.block_tables,
                 self.context_lens, block_size=self.cache.block_size)
             if out is not None:
                 return out
@@ -214,6 +214,6 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         query_index = query_index.to(device)
     return PagedAttention(
         cache=cache, slot_mapping=slot_mapping.to(device),
-        block_index=table.view(-1).to(device), context_lens=ctx.to(device), context_len=max_len,
+        block_tables=table.to(device), context_lens=ctx.to(device), context_len=max_len,
         mask=None if mask is None else mask.to(device), query_index=query_index,
         num_seqs=num_seqs, max_query_len=max_q)
