@@ -19,7 +19,8 @@ from levante.weights.gguf import GGUFFile
 QT = GGMLQuantizationType
 QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
 # K-quants: gguf-py cannot quantize them; byte offsets of their f16 scale fields.
-K_QUANT_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+K_QUANT_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K: (80, 82),
+                      QT.Q3_K: (108,), QT.IQ4_XS: (0,)}
 
 
 def assert_same_bits(got: torch.Tensor, reference: np.ndarray) -> None:
@@ -95,10 +96,10 @@ def test_float_result_is_a_new_tensor_even_from_an_odd_offset() -> None:
 
 
 def test_unsupported_type_is_named() -> None:
-    data = torch.zeros(expected_nbytes(QT.Q2_K, (256,)), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="Q2_K is not supported"):
-        dequantize(data, QT.Q2_K, (256,))
-    assert QT.Q2_K not in SUPPORTED_TYPES
+    data = torch.zeros(expected_nbytes(QT.IQ2_XS, (256,)), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="IQ2_XS is not supported"):
+        dequantize(data, QT.IQ2_XS, (256,))
+    assert QT.IQ2_XS not in SUPPORTED_TYPES
 
 
 def test_byte_count_must_match_shape() -> None:

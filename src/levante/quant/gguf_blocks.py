@@ -140,6 +140,77 @@ def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int8).view(num_blocks, 16, 16).float().mul_(scale).view(num_blocks, QK_K)
 
 
+def _dequantize_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q2_K, 84-byte super-blocks of 256 values = 16 sub-blocks of 16.
+
+    Layout: 16 bytes of 4-bit scale (low nibble) and 4-bit min (high nibble) per sub-block,
+    64 bytes of 2-bit q, f16 d, f16 dmin. Value e = 128h + 32s + l (half h in 0..1, shift s in
+    0..3, l in 0..31) is bits 2s..2s+1 of qs[32h + l]; x = (d * sc) * q - (dmin * m) with the
+    scale/min of sub-block e // 16.
+    Example: scales[0] = 0x21, d = 1.0, dmin = 0.5, qs[0] = 0b11_10_01_00 -> value 0 is
+    1 * 0 - 1.0 = -1.0; value 32 (shift 1, sub-block 2) has q = 1.
+    """
+    num_blocks = blocks.shape[0]
+    d, dmin = _f16_field(blocks, 80), _f16_field(blocks, 82)
+    scales = blocks[:, :16]
+    dl = (d * (scales & 0x0F).float()).unsqueeze(-1)  # [n, 16, 1]
+    ml = (dmin * (scales >> 4).float()).unsqueeze(-1)
+    shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    q = (blocks[:, 16:80].reshape(num_blocks, 2, 1, 32) >> shift).bitwise_and_(3)
+    return q.view(num_blocks, 16, 16).float().mul_(dl).sub_(ml).view(num_blocks, QK_K)
+
+
+def _dequantize_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K, 110-byte super-blocks of 256 values = 16 sub-blocks of 16, 6-bit signed scales.
+
+    Layout: 32 bytes hmask, 64 bytes of 2-bit low bits, 12 bytes of scales, f16 d.
+    Value e = 128h + 32s + l takes its low 2 bits from bits 2s..2s+1 of qs[32h + l] and its
+    high bit from bit e // 32 of hmask[l]; q = low - 4 when that bit is 0, else low (-4..3).
+    Scale j (0..15) is the low (j < 8) or high (j >= 8) nibble of byte j % 8, plus bits
+    2(j // 4)..+1 of byte 8 + j % 4 as bits 4-5, minus 32; x = (d * scale_{e // 16}) * q.
+    Example: scale byte 0 = 0x21, byte 8 = 0b10 -> scale 0 = (0x1 | 0b10 << 4) - 32 = 1.
+    """
+    num_blocks = blocks.shape[0]
+    d = _f16_field(blocks, 108)
+    table = blocks[:, 96:108]
+    low_shift = torch.tensor([0, 4], dtype=torch.uint8).view(1, 2, 1)
+    high_shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)
+    low = (table[:, :8].reshape(num_blocks, 1, 8) >> low_shift).reshape(num_blocks, 16) & 0x0F
+    high = (table[:, 8:].reshape(num_blocks, 1, 4) >> high_shift).reshape(num_blocks, 16) & 0x03
+    scales = (low | (high << 4)).view(torch.int8) - 32
+    dl = (d * scales.float()).unsqueeze(-1)  # [n, 16, 1]
+    shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    q_low = (blocks[:, 32:96].reshape(num_blocks, 2, 1, 32) >> shift).bitwise_and_(3)
+    bits = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+    q_high = (blocks[:, :32].reshape(num_blocks, 1, 32) >> bits).bitwise_and_(1)  # [n, 8, 32]
+    q = q_low.view(num_blocks, 8, 32).view(torch.int8) - ((1 - q_high.view(torch.int8)) << 2)
+    return q.view(num_blocks, 16, 16).float().mul_(dl).view(num_blocks, QK_K)
+
+
+# IQ4_NL / IQ4_XS code book: a 4-bit code indexes these int8 values.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _dequantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS, 136-byte super-blocks of 256 values = 8 sub-blocks of 32, non-linear codes.
+
+    Layout: f16 d, u16 scales_h (2 high bits per sub-block), 4 bytes scales_l (4 low bits per
+    sub-block, low nibble first), 128 bytes of 4-bit codes (16 bytes per sub-block: byte i holds
+    value i in its low nibble and value i + 16 in its high nibble). Scale j is
+    (scales_l nibble j | bits 2j..2j+1 of scales_h << 4) - 32; x = (d * scale_j) * IQ4_VALUES[code].
+    Example: d = 1.0, scale 0 = 1, code 0x8 -> 1.0.
+    """
+    num_blocks = blocks.shape[0]
+    d = _f16_field(blocks, 0)
+    scales_h = blocks[:, 2:4].contiguous().view(torch.int16).int()  # [n, 1]
+    high = (scales_h >> torch.arange(0, 16, 2).view(1, 8)) & 0x03  # [n, 8]
+    low = _low_high_nibbles(blocks[:, 4:8]).transpose(1, 2).reshape(num_blocks, 8).int()
+    dl = (d * ((low | (high << 4)) - 32).float()).unsqueeze(-1)  # [n, 8, 1]
+    codes = _low_high_nibbles(blocks[:, 8:].reshape(num_blocks, 8, 16)).view(num_blocks, 8, 32)
+    values = torch.tensor(IQ4_VALUES, dtype=torch.float32)[codes.long()]
+    return values.mul_(dl).view(num_blocks, QK_K)
+
+
 BlockDequantizer = Callable[[torch.Tensor], torch.Tensor]
 
 # [n_blocks, type_size] uint8 -> [n_blocks, block_size] float32, one function per format.
@@ -150,6 +221,9 @@ BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, BlockDequantizer] = {
     GGMLQuantizationType.Q4_K: _dequantize_q4_k,
     GGMLQuantizationType.Q5_K: _dequantize_q5_k,
     GGMLQuantizationType.Q6_K: _dequantize_q6_k,
+    GGMLQuantizationType.Q2_K: _dequantize_q2_k,
+    GGMLQuantizationType.Q3_K: _dequantize_q3_k,
+    GGMLQuantizationType.IQ4_XS: _dequantize_iq4_xs,
 }
 
 # Plain float formats: torch dtype of the stored elements.
