@@ -333,6 +333,88 @@ def test_cors_allows_only_the_configured_origins(smollm2_bundle) -> None:
             assert refused.headers.get("access-control-allow-origin") in (None, "")
 
 
+# --- Host header: DNS rebinding (issue 20) -------------------------------------------------
+
+# Names that only look loopback: anyone can point them at 127.0.0.1 and read the API from a
+# page they serve (DNS rebinding), so a loopback-bound server refuses them.
+REBOUND_HOSTS = ["127.attacker.example", "127.0.0.1.evil.com", "localhost.evil.com",
+                 "127.attacker.example:8000", "localhost.evil.com.", "[127.0.0.1]", "::1:80",
+                 "localhost:8000@evil.com", "evil.com#localhost", "localhost:", "0.0.0.0", ""]
+LOOPBACK_HOSTS = ["localhost", "localhost:8000", "LOCALHOST", "LocalHost:8000", "localhost.",
+                  "localhost.:8000", "127.0.0.1", "127.0.0.1:8000", "127.9.8.7", "[::1]",
+                  "[::1]:8000", "::1"]
+
+
+@pytest.mark.parametrize("host", REBOUND_HOSTS)
+def test_names_that_only_look_loopback_are_refused(http, host: str) -> None:
+    error = error_of(http.get("/v1/models", headers={"Host": host}), 403)
+    assert error["code"] == "forbidden_host" and error["type"] == "invalid_request_error"
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+@pytest.mark.parametrize("host", LOOPBACK_HOSTS)
+def test_loopback_names_and_addresses_pass(http, host: str) -> None:
+    assert http.get("/v1/models", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ("LOCALHOST.:8000", "localhost"), ("[::1]:8000", "::1"), ("[::1]", "::1"), ("::1", "::1"),
+    ("[0:0:0:0:0:0:0:1]", "0:0:0:0:0:0:0:1"), ("Api.Example.", "api.example"),
+    ("[::1]x", None), ("[::1", None), ("a b", None), ("x:y", None), ("x:123456", None),
+    ("localhost..", None), ("ex ample.com:80", None), ("\u212aelvin.example", None)])
+def test_host_header_parsing(header: str, name: str | None) -> None:
+    from levante.server.app import host_name
+
+    assert host_name(header) == name
+
+
+def test_allowed_hosts_extend_the_loopback_names(smollm2_bundle) -> None:
+    for live in start_server("smollm2", smollm2_bundle, allowed_hosts=("Levante.Test.", "::2")):
+        assert live.config.allowed_hosts == ("levante.test", "::2")
+        with httpx.Client(base_url=live.base_url, timeout=60) as http:
+            for host in ("levante.test", "LEVANTE.test:8000", "levante.test.", "[::2]:80",
+                         "localhost"):
+                assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+            for host in ("evil.levante.test", "levante.test.evil.com", "127.levante.test"):
+                error = error_of(http.get("/v1/models", headers={"Host": host}), 403)
+                assert error["code"] == "forbidden_host"
+            assert http.get("/v1/models").status_code == 200
+
+
+def test_a_server_bound_beyond_loopback_keeps_no_host_check(smollm2_bundle) -> None:
+    # The guard reads config.host; the test server itself still listens on 127.0.0.1.
+    for live in start_server("smollm2", smollm2_bundle, host="0.0.0.0", api_key="k3y"):
+        with httpx.Client(base_url=live.base_url, timeout=60,
+                          headers={"Authorization": "Bearer k3y"}) as http:
+            assert http.get("/v1/models", headers={"Host": "anything.example"}).status_code \
+                == 200
+
+
+@pytest.mark.parametrize("bad", ["host:8000", "a b", "[::1]:80", "", "x/y"])
+def test_allowed_hosts_must_be_names(bad: str) -> None:
+    from levante.errors import ConfigError
+    from levante.server.app import ServerConfig
+
+    with pytest.raises(ConfigError, match="allowed_hosts"):
+        ServerConfig(ref="m", allowed_hosts=(bad,))
+
+
+def test_serve_allowed_hosts_option_reaches_the_config(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import levante.server.app
+    from levante.cli import app
+
+    seen = []
+    monkeypatch.setattr(levante.server.app, "serve", seen.append)
+    result = CliRunner().invoke(app, ["serve", "m", "--allowed-hosts", "a.example,B.example",
+                                      "--allowed-hosts", "c.example"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].allowed_hosts == ("a.example", "b.example", "c.example")
+    result = CliRunner().invoke(app, ["serve", "m", "--allowed-hosts", "a.example:80"])
+    assert result.exit_code == 1 and "allowed_hosts" in result.output
+
+
 # --- control tokens, memory ----------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="chat.py JinjaChatFormat.encode tokenizes the rendered "

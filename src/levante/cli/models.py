@@ -182,6 +182,10 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="LEVANTE_API_KEY")] = None,
+    allowed_hosts: Annotated[list[str] | None, typer.Option(
+        metavar="NAME[,NAME...]",
+        help="Host header names accepted besides localhost, 127.x.x.x and ::1 when bound to "
+             "loopback (e.g. a reverse proxy's name; repeatable)")] = None,
     max_model_len: Annotated[int | None, typer.Option()] = None,
     max_num_seqs: Annotated[int, typer.Option()] = 16,
     max_num_batched_tokens: Annotated[int, typer.Option()] = 512,
@@ -220,6 +224,8 @@ def serve(
     try:
         config = ServerConfig(
             ref=ref, host=host, port=port, api_key=api_key, max_model_len=max_model_len,
+            allowed_hosts=tuple(n for names in allowed_hosts or [] for n in names.split(",")
+                                if n.strip()),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
             quant=quant,

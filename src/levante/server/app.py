@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from levante.errors import ContextLengthError, LevanteError, RequestError
+from levante.errors import ConfigError, ContextLengthError, LevanteError, RequestError
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_NAMES = ("localhost",)  # besides loopback IP literals (127.0.0.0/8, ::1)
+HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # DNS names and IPv4 literals, lowercased
 # The chat page and its assets are public (it asks for the key); the API behind it is not.
 PUBLIC_PATHS = ("/health", "/", "/static/app.js", "/static/style.css")
 
@@ -51,8 +54,18 @@ class ServerConfig:
     num_speculative_tokens: int = 0
     max_body_bytes: int = 8 * 2**20
     cors_origins: tuple[str, ...] = ()
-    extra_hosts: tuple[str, ...] = field(default=())
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     no_web: bool = False
+
+    def __post_init__(self) -> None:
+        names = []
+        for given in self.allowed_hosts:
+            split = split_host(given)
+            if split is None or split[1] is not None:
+                raise ConfigError(f"allowed_hosts: {given!r} is not a host name or IP "
+                                  "(give names without a port, e.g. myhost.example)")
+            names.append(split[0])
+        object.__setattr__(self, "allowed_hosts", tuple(names))
 
 
 class HTTPError(Exception):
@@ -124,28 +137,90 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _host_name(header: str) -> str:
-    """'localhost:8000' -> 'localhost'; '[::1]:8000' -> '[::1]'."""
-    if header.startswith("["):
-        return header.split("]", 1)[0] + "]"
-    return header.rsplit(":", 1)[0]
+def host_name(header: str) -> str | None:
+    """The host part of a Host header, normalized; None if it is not one.
+
+    Lowercased, without port, brackets or a trailing dot: 'LOCALHOST.:8000' -> 'localhost',
+    '[::1]:8000' -> '::1', '::1' -> '::1' (a bare IPv6 literal, no port), '127.0.0.1' ->
+    '127.0.0.1'; 'a b', 'x:port' and '[::1' -> None.
+    """
+    split = split_host(header)
+    return None if split is None else split[0]
 
 
-def _is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+def split_host(header: str) -> tuple[str, str | None] | None:
+    """(normalized name, port or None) of a Host header or --allowed-hosts entry (see
+    `host_name`); None if malformed. ASCII only, so no Unicode case folding maps a name onto
+    'localhost' (the Kelvin sign lowercases to 'k')."""
+    if not header.isascii():
+        return None
+    text = header.strip().lower()
+    if text.startswith("["):  # [IPv6] or [IPv6]:port
+        address, sep, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+        if not sep or (rest and not _is_port(port)) or ":" not in address:
+            return None
+        return (address, port) if _is_ip(address) else None
+    if text.count(":") > 1:  # a bare IPv6 literal cannot carry a port
+        return (text, None) if _is_ip(text) else None
+    name, colon, port = text.partition(":")
+    name = name.removesuffix(".")
+    if (colon and not _is_port(port)) or not HOST_NAME.fullmatch(name):
+        return None
+    return name, port or None
+
+
+def _is_port(text: str | None) -> bool:
+    return text is not None and text.isascii() and text.isdigit() and len(text) <= 5
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(name: str) -> bool:
+    """'localhost' or a loopback IP literal (127.0.0.0/8, ::1), after `host_name`.
+
+    Exact names only: '127.attacker.example' or 'localhost.evil.com' are names anyone can
+    point at any address (DNS rebinding), so they are not loopback.
+    """
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_bind(host: str) -> bool:
+    """Whether `serve --host` binds loopback only (and so guards against DNS rebinding)."""
+    name = host_name(host)
+    return name is not None and is_loopback(name)
+
+
+def is_allowed_host(header: str, allowed_hosts: tuple[str, ...] = ()) -> bool:
+    """Whether a loopback-bound server answers a request with this Host header."""
+    name = host_name(header)
+    return name is not None and (is_loopback(name) or name in allowed_hosts)
 
 
 def guard_middleware(config: ServerConfig) -> Callable[..., Awaitable[Response]]:
     """API key (constant-time), DNS-rebinding Host check on loopback, body-size limit."""
 
+    checks_host = is_loopback_bind(config.host)  # bound elsewhere, there is no Host check
+
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                     ) -> Response:
-        if _is_loopback(config.host):
-            host = _host_name(request.headers.get("host", ""))
-            if not (_is_loopback(host) or host in config.extra_hosts):
+        if checks_host:
+            host = request.headers.get("host", "")
+            if not is_allowed_host(host, config.allowed_hosts):
                 return error_response(HTTPError(
-                    403, "Host header is not a loopback name", type_="invalid_request_error",
-                    code="forbidden_host"))
+                    403, f"Host header {host[:100]!r} is not a loopback name (others need "
+                    "--allowed-hosts)", type_="invalid_request_error", code="forbidden_host"))
         if config.api_key and request.url.path not in PUBLIC_PATHS:
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -257,7 +332,7 @@ def serve(config: ServerConfig) -> None:
     from levante.server.routes import ServerState
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not _is_loopback(config.host) and not config.api_key:
+    if not is_loopback_bind(config.host) and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it",
                     config.host)
     state = ServerState.build(config)
