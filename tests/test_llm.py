@@ -19,7 +19,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf: Path) -> LLM:
-    return LLM(str(smollm2_gguf), max_model_len=2048)
+    """The float path (the GGUF dequantized), whose numbers transformers can reproduce."""
+    return LLM(str(smollm2_gguf), max_model_len=2048, quant="none")
 
 
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
@@ -80,6 +81,16 @@ def test_chat_with_tools_and_schema(llm: LLM) -> None:
     call = done.tool_calls[0]["function"]
     assert call["name"] == "add"
     jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
+
+
+def test_a_gguf_runs_from_its_blocks_by_default(smollm2_gguf: Path) -> None:
+    from levante.quant.gguf_linear import BlockKernelLinear
+
+    default = LLM(str(smollm2_gguf), max_model_len=256)
+    assert isinstance(default.bundle.model.model.layers[0].self_attn.q_proj, BlockKernelLinear)
+    done = default.generate("The capital of France is", SamplingParams(max_tokens=4,
+                                                                       temperature=0.0))[0]
+    assert "Paris" in done.text
 
 
 @pytest.mark.parametrize("quant", ["gguf", "int8"])

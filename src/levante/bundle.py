@@ -35,20 +35,23 @@ class Bundle:
     chat_format: ChatFormat | None
 
 
-QUANT_FORMATS = ("none", "gguf", "int8", "int4")
+QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4")
 
 
 def load(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         max_seq_len: int | None = None, quant: str = "none") -> Bundle:
+         max_seq_len: int | None = None, quant: str = "auto") -> Bundle:
     """Resolve `ref` (registry name, local path or hub repo) and load it ready to run.
 
-    quant: "none" keeps float weights (a GGUF is dequantized to `dtype`); "gguf" computes
-    with a GGUF file's own blocks, never building the float model; "int8" / "int4" quantize
-    a float checkpoint's linears at load (weight-only).
+    quant: "auto" (the default) computes with a GGUF file's own blocks on the CPU and keeps
+    a safetensors checkpoint's float weights; "none" keeps float weights (a GGUF is
+    dequantized to `dtype`); "gguf" computes with a GGUF file's own blocks, never building
+    the float model; "int8" / "int4" quantize a float checkpoint's linears at load.
     """
     if quant not in QUANT_FORMATS:
         raise ConfigError(f"quant must be one of {', '.join(QUANT_FORMATS)}, got {quant!r}")
     path = resolve(ref)
+    if quant == "auto":  # the block kernels are CPU code; other devices get float weights
+        quant = "gguf" if path.is_file() and torch.device(device).type == "cpu" else "none"
     if quant == "gguf" and not path.is_file():
         raise ConfigError(f"--quant gguf needs a GGUF file; {ref} is a safetensors folder "
                           f"(use int8 or int4)")

@@ -50,7 +50,7 @@ class LLM:
 
     def __init__(self, ref: str | Bundle, *, dtype: str = "float32",
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 device: str = "cpu", quant: str = "none") -> None:
+                 device: str = "cpu", quant: str = "auto") -> None:
         if dtype not in DTYPES:
             raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}",
                                param="dtype")

@@ -21,10 +21,11 @@ Device = Annotated[str, typer.Option(help="cpu (gloo) | cuda (NCCL, one GPU per 
 
 
 Quant = Annotated[str, typer.Option(
-    help="none | gguf (compute with a GGUF's own blocks) | int8 | int4 (weight-only)")]
+    help="auto (a GGUF computes with its own blocks, safetensors stay float) | none (float; "
+         "a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load)")]
 
 
-def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str, quant: str = "none"
+def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str, quant: str = "auto"
               ) -> AbstractContextManager[Any]:
     """An LLM in one process, or (N > 1) over N tensor-parallel ranks stopped on exit."""
     if tensor_parallel > 1:
@@ -77,7 +78,7 @@ def generate(
         help="JSON schema file: the answer is JSON valid against it (implies --chat)")] = None,
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
-    quant: Quant = "none",
+    quant: Quant = "auto",
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
     try:
@@ -108,7 +109,7 @@ def run(
     dtype: Annotated[str, typer.Option()] = "float32",
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
-    quant: Quant = "none",
+    quant: Quant = "auto",
 ) -> None:
     """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
     try:
@@ -203,7 +204,7 @@ def serve(
         help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
-    quant: Quant = "none",
+    quant: Quant = "auto",
     replicas: Annotated[int, typer.Option(
         help="engine processes behind one load-routing front (0: front over --upstream only)"
     )] = 1,

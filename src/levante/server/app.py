@@ -47,7 +47,7 @@ class ServerConfig:
     kv_cache_memory: int | None = None
     num_kv_blocks: int | None = None
     dtype: str = "float32"
-    quant: str = "none"
+    quant: str = "auto"
     served_model_name: str | None = None
     enable_prefix_caching: bool = True
     lora: tuple[tuple[str, str], ...] = ()  # (served name, adapter folder)
