@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,16 +103,29 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device)
-                     for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device)
-                       for _ in range(config.num_layers)]
+        self.keys = [_untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        self.values = [_untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         """Bytes one block takes over all layers, K and V."""
         element = torch.empty((), dtype=dtype).element_size()
         return config.kv_bytes_per_token(element) * block_size
+
+
+def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device | str) -> torch.Tensor:
+    """Zeros whose pages are not written before use (CPU), so an idle pool costs no RSS.
+
+    torch.zeros fills every page at once: a pool sized for many sequences x the full context
+    became resident before the first token. numpy's zeros is calloc, which for large sizes
+    maps fresh zero pages that the OS backs only when a block is first written. Unused slots
+    must read as zeros (never NaN): attention reads whole blocks and masks the tail.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
