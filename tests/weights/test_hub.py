@@ -94,7 +94,26 @@ def test_resolve_and_offline_pull_find_the_snapshot() -> None:
 def test_registry_hub_model_resolves_through_the_cache() -> None:
     snapshot = cache_repo("mistralai/Mistral-Small-24B-Instruct-2501", hf_files(MISTRAL_REPO))
     assert resolve("mistral-small-3") == snapshot
-    assert resolve("mistral-small:24b") == snapshot
+    assert resolve("mistral-small3:bf16") == snapshot
+
+
+# bartowski's Mistral Small 3 GGUF repo as the Hub lays it out (file names as published).
+MISTRAL_GGUF_REPO = {f"Mistral-Small-24B-Instruct-2501-{tag}.gguf": b"GGUF" + tag.encode()
+                     for tag in ("Q3_K_L", "Q3_K_M", "Q3_K_S", "Q4_K_M", "Q4_K_S", "Q5_K_M",
+                                 "Q6_K", "Q6_K_L", "Q8_0", "IQ4_XS")}
+
+
+def test_mistral_small3_is_the_q4_k_m_gguf_with_tags_for_other_sizes() -> None:
+    snapshot = cache_repo("bartowski/Mistral-Small-24B-Instruct-2501-GGUF", MISTRAL_GGUF_REPO)
+    prefix = snapshot / "Mistral-Small-24B-Instruct-2501-"
+    for ref in ("mistral-small3", "mistral-small:24b", "Mistral-Small3", "mistral-small3:q4_k_m"):
+        assert resolve(ref) == Path(f"{prefix}Q4_K_M.gguf"), ref
+    for tag in ("q3_k_m", "q3_k_l", "q5_k_m", "q6_k", "q8_0"):
+        assert resolve(f"mistral-small3:{tag}") == Path(f"{prefix}{tag.upper()}.gguf"), tag
+    with pytest.raises(ModelRefError, match="mistral-small3 has no tag 'q9_k'.*q3_k_m.*bf16"):
+        resolve("mistral-small3:q9_k")
+    with pytest.raises(ModelRefError, match="run: levante pull mistral-small3.2:q8_0"):
+        resolve("mistral-small3.2:q8_0")  # a known entry, not pulled yet
 
 
 def test_missing_repo_offline_says_how_to_fix() -> None:
@@ -179,7 +198,8 @@ def test_local_refs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("ref", "message"), [
-    ("nonsense", "is not a model ref; a ref is a registry name \\(smollm2, mistral-small-3\\)"),
+    ("nonsense", ("is not a model ref; a ref is a registry name \\(smollm2, mistral-small-3, "
+                  "mistral-small3, mistral-small3.1, mistral-small3.2\\)")),
     ("./missing.gguf", "no such file or folder"),
     ("models/missing.gguf", "no such file or folder"),
 ])
