@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -23,6 +24,14 @@ Device = Annotated[str, typer.Option(help="cpu (gloo) | cuda (NCCL, one GPU per 
 Quant = Annotated[str, typer.Option(
     help="auto (a GGUF computes with its own blocks, safetensors stay float) | none (float; "
          "a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load)")]
+Verbose = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="log to stderr what loads and which kernel computes each weight type")]
+
+
+def _log_verbosely(verbose: bool) -> None:
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
 
 
 def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str, quant: str = "auto"
@@ -79,8 +88,10 @@ def generate(
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
     quant: Quant = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
+    _log_verbosely(verbose)
     try:
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
         response_format = _schema_format(json_schema) if json_schema else None
@@ -110,8 +121,10 @@ def run(
     tensor_parallel: TensorParallel = 1,
     device: Device = "cpu",
     quant: Quant = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
+    _log_verbosely(verbose)
     try:
         params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
         with _open_llm(ref, dtype, tensor_parallel, device, quant) as llm:
