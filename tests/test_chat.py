@@ -320,3 +320,166 @@ def test_endless_template_times_out(smollm2_chat: JinjaChatFormat) -> None:
 def test_template_syntax_error_is_a_value_error(smollm2_chat: JinjaChatFormat) -> None:
     with pytest.raises(ValueError, match="does not compile"):
         JinjaChatFormat("{% for %}", smollm2_chat.tokenizer, bos_token="", eos_token="")
+
+
+# --- tool calls and results whatever the assistant's content holds (issue 19) --------------
+
+CALL_CONTENTS = [None, "", "Let me check.", [{"type": "text", "text": "Let me check."}]]
+
+
+def agent_loop(content: Any) -> list[dict[str, Any]]:
+    """A question, two parallel calls with `content`, their results and the answer."""
+    calls = [
+        {"id": "call_9fK2xQz81LmN", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_Zr3", "type": "function",
+         "function": {"name": "get_time", "arguments": '{"zone": "Europe/Paris"}'}},
+    ]
+    return [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": content, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_9fK2xQz81LmN", "content": "22C, sunny"},
+        {"role": "tool", "tool_call_id": "call_Zr3", "content": [{"type": "text", "text": "9:41"}]},
+        {"role": "assistant", "content": "Sunny, 22C; it is 9:41."},
+        {"role": "user", "content": "Thanks!"},
+    ]
+
+
+CALLS_JSON = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+              '{"name": "get_time", "arguments": {"zone": "Europe/Paris"}}]}')
+RESULTS_JSON = [
+    '{"tool_call_id": "call_9fK2xQz81LmN", "name": "get_weather", "content": "22C, sunny"}',
+    '{"tool_call_id": "call_Zr3", "name": "get_time", "content": "9:41"}',
+]
+
+
+@pytest.mark.parametrize("content", CALL_CONTENTS)
+def test_mistral_tool_turns_match_mistral_common_for_any_content(
+    tekken: MistralTokenizer, reference_tekken_file: Path, content: Any
+) -> None:
+    reference = MistralCommonTokenizer.from_file(reference_tekken_file)
+    ids = {"call_9fK2xQz81LmN": to_mistral_id("call_9fK2xQz81LmN"),
+           "call_Zr3": to_mistral_id("call_Zr3")}
+    calls = [ToolCall(id=ids["call_9fK2xQz81LmN"],
+                      function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}')),
+             ToolCall(id=ids["call_Zr3"],
+                      function=FunctionCall(name="get_time", arguments='{"zone": "Europe/Paris"}'))]
+    text = content if content is None or isinstance(content, str) else content[0]["text"]
+    request = ChatCompletionRequest(messages=[
+        UserMessage(content="Weather and time in Paris?"),
+        AssistantMessage(content=text, tool_calls=calls),
+        ToolMessage(tool_call_id=ids["call_9fK2xQz81LmN"], content="22C, sunny"),
+        ToolMessage(tool_call_id=ids["call_Zr3"], content="9:41"),
+        AssistantMessage(content="Sunny, 22C; it is 9:41."),
+        UserMessage(content="Thanks!"),
+    ])
+    expected = reference.encode_chat_completion(request).tokens
+    assert MistralChatFormat(tekken).encode(agent_loop(content)) == expected
+    decoded = tekken.decode(expected, skip_special=False)
+    assert f'"arguments": {{"city": "Paris"}}, "id": "{ids["call_9fK2xQz81LmN"]}"' in decoded
+    assert f"[TOOL_RESULTS]{ids['call_Zr3']}[TOOL_CONTENT]9:41[/TOOL_RESULTS]" in decoded
+
+
+@pytest.mark.parametrize("content", CALL_CONTENTS)
+def test_smollm2_shows_calls_and_results_whatever_the_content(
+    smollm2_chat: JinjaChatFormat, smollm2_reference: Any, content: Any
+) -> None:
+    """SmolLM2's ChatML has no tools: the calls become the json-style reply, the results
+    "tool" turns tagged with their call; equal to transformers rendering those messages."""
+    assert not smollm2_chat.reads_tool_calls and smollm2_chat.tool_result_role() == "tool"
+    has_text = content not in (None, "")
+    shown = [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": ("Let me check.\n" if has_text else "") + CALLS_JSON},
+        {"role": "tool", "content": RESULTS_JSON[0]},
+        {"role": "tool", "content": RESULTS_JSON[1]},
+        {"role": "assistant", "content": "Sunny, 22C; it is 9:41."},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    expected = smollm2_reference.apply_chat_template(shown, add_generation_prompt=True)
+    messages = agent_loop(content)
+    assert smollm2_chat.encode(messages) == expected["input_ids"]
+    text = smollm2_chat.render(messages)
+    assert f"<|im_start|>assistant\n{'Let me check.' + chr(10) if has_text else ''}" \
+        f"{CALLS_JSON}<|im_end|>" in text
+    assert all(f"<|im_start|>tool\n{result}<|im_end|>" in text for result in RESULTS_JSON)
+    # a prefix of the conversation renders as a prefix (fine-tuning masks rely on it)
+    assert smollm2_chat.encode(messages[:4], add_generation_prompt=False) == \
+        expected["input_ids"][:len(smollm2_chat.encode(messages[:4], add_generation_prompt=False))]
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_a_template_with_tools_renders_them_itself(
+    smollm2_chat: JinjaChatFormat, content: str | None
+) -> None:
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.id }} {{ c.function.name }} "
+        "{{ c.function.arguments | tojson }}]{% endfor %}"
+        "{% if m.role == 'tool' %}({{ m.name }} {{ m.tool_call_id }}){% endif %}{% endfor %}"
+    )
+    fmt = JinjaChatFormat(template, smollm2_chat.tokenizer, bos_token="", eos_token="")
+    assert fmt.reads_tool_calls
+    assert fmt.render(agent_loop(content)[:4]) == (
+        "<user>Weather and time in Paris?"
+        '<assistant>[call_9fK2xQz81LmN get_weather {"city": "Paris"}]'
+        '[call_Zr3 get_time {"zone": "Europe/Paris"}]'
+        "<tool>22C, sunny(get_weather call_9fK2xQz81LmN)<tool>9:41(get_time call_Zr3)"
+    )
+
+
+def test_a_template_without_a_tool_role_gets_one_user_turn_of_results(
+    smollm2_chat: JinjaChatFormat,
+) -> None:
+    alternating = (
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 is even) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{% if m.role == 'user' %}[U]{{ m.content }}{% else %}[A]{{ m.content }}{% endif %}"
+        "{% endfor %}"
+    )
+    fmt = JinjaChatFormat(alternating, smollm2_chat.tokenizer, bos_token="", eos_token="")
+    assert not fmt.reads_tool_calls and fmt.tool_result_role() == "user"
+    with pytest.raises(RequestError, match="must alternate"):
+        fmt.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert fmt.render(agent_loop(None)) == (
+        f"[U]Weather and time in Paris?[A]{CALLS_JSON}[U]{RESULTS_JSON[0]}\n{RESULTS_JSON[1]}"
+        "[A]Sunny, 22C; it is 9:41.[U]Thanks!"
+    )
+    # a template that ignores unknown roles would drop a "tool" turn: results go to the user
+    ignoring = "{% for m in messages %}{% if m.role in ['user', 'assistant'] %}{{ m.content }}|" \
+        "{% endif %}{% endfor %}"
+    fmt = JinjaChatFormat(ignoring, smollm2_chat.tokenizer, bos_token="", eos_token="")
+    assert fmt.tool_result_role() == "user"
+    assert RESULTS_JSON[1] in fmt.render(agent_loop(""))
+
+
+def bad_tool_turn(kind: str) -> list[dict[str, Any]]:
+    messages = agent_loop(None)[:4]
+    call = messages[1]["tool_calls"][1]
+    if kind == "unknown id":
+        messages[3] = {**messages[3], "tool_call_id": "call_nope"}
+    elif kind == "no call before":
+        messages = [messages[0], messages[2]]
+    elif kind == "arguments not JSON":
+        call["function"]["arguments"] = '{"zone": Europe}'
+    else:
+        call["function"]["arguments"] = '"Europe/Paris"'
+    return messages
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("unknown id", r"^messages\[3\]: tool_call_id 'call_nope' matches no tool call"),
+    ("no call before", r"^messages\[1\]: tool_call_id 'call_9fK2xQz81LmN' matches no tool call"),
+    ("arguments not JSON",
+     r"^messages\[1\]: tool_calls\[1\]\.function\.arguments is not valid JSON"),
+    ("arguments not an object",
+     r"^messages\[1\]: tool_calls\[1\]\.function\.arguments must be a JSON object, got str"),
+])
+@pytest.mark.parametrize("chat", ["mistral", "smollm2"])
+def test_bad_tool_turns_are_request_errors_naming_the_message(
+    tekken: MistralTokenizer, smollm2_chat: JinjaChatFormat, chat: str, kind: str, match: str
+) -> None:
+    fmt = MistralChatFormat(tekken) if chat == "mistral" else smollm2_chat
+    with pytest.raises(RequestError, match=match) as caught:
+        fmt.encode(bad_tool_turn(kind))
+    assert caught.value.param == "messages"

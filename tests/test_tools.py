@@ -21,6 +21,8 @@ from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.tools import (
     ChatDelta,
     ToolCallStreamer,
+    json_calls_text,
+    json_result_text,
     new_tool_call_id,
     parse_tool_calls,
     resolve_tool_choice,
@@ -198,6 +200,27 @@ def test_parse_json_style(smollm2_tokenizer: HFTokenizer, text: str,
     content, calls = parse_tool_calls(ids, smollm2_tokenizer, style="json")
     assert content == expected_content
     assert [(c.name, c.arguments) for c in calls] == expected_calls
+
+
+def test_history_calls_are_the_json_style_reply(smollm2_tokenizer: HFTokenizer) -> None:
+    """What a template without tools is shown for past calls is exactly what the json style
+    asks the model to write, and parses back into the same calls, in the call schema."""
+    calls = [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
+             {"id": "call_2", "type": "function",
+              "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]
+    text = json_calls_text(calls)
+    assert text == ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
+                    '{"name": "add", "arguments": {"a": 1, "b": 2}}]}')
+    schema = tool_calls_schema(validate_tools([WEATHER, ADD]), parallel=True, style="json")
+    jsonschema.validate(json.loads(text), schema)
+    content, parsed = parse_tool_calls(smollm2_tokenizer.encode(text + "<|im_end|>"),
+                                       smollm2_tokenizer, style="json")
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == \
+        [("get_weather", {"city": "Zürich"}), ("add", {"a": 1, "b": 2})]
+    assert json.loads(json_result_text("call_1", "get_weather", "22C, «sunny»")) == \
+        {"tool_call_id": "call_1", "name": "get_weather", "content": "22C, «sunny»"}
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], style: str) -> list[ChatDelta]:

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from levante.errors import ModelFileError, RequestError
 from levante.tokenizer import MistralTokenizer, Tokenizer
+from levante.tools import json_calls_text, json_result_text
 
 Message = dict[str, Any]
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -86,23 +87,37 @@ def _check_content(index: int, content: Any, *, required: bool) -> None:
 
 
 def _check_tool_calls(index: int, tool_calls: Any) -> None:
-    """tool_calls is a list of {"id", "type": "function", "function": {"name", "arguments"}}."""
+    """tool_calls is a list of {"id", "type": "function", "function": {"name", "arguments"}},
+    the arguments a JSON object (or its text, as OpenAI sends them)."""
     if not isinstance(tool_calls, list):
         raise _fail(index, "'tool_calls' must be a list")
-    for call in tool_calls:
+    for number, call in enumerate(tool_calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise _fail(index, "each tool call needs 'function' with a string 'name'")
-        if not isinstance(function.get("arguments", ""), (str, dict)):
-            raise _fail(index, "tool call 'arguments' must be a JSON string")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError) as error:  # deep nesting recurses
+                raise _fail(index, f"tool_calls[{number}].function.arguments is not valid "
+                                   f"JSON: {error}") from None
+        if not isinstance(arguments, dict):
+            raise _fail(index, f"tool_calls[{number}].function.arguments must be a JSON "
+                               f"object, got {type(arguments).__name__}")
         if not isinstance(call.get("id", ""), str):
             raise _fail(index, "tool call 'id' must be a string")
 
 
 def check_messages(messages: Any) -> None:
-    """Raise RequestError(param="messages") naming the first malformed message."""
+    """Raise RequestError(param="messages") naming the first malformed message.
+
+    A tool message's `tool_call_id` must name a call of an earlier assistant message: a
+    result for an unknown call could not be shown against its call in any format.
+    """
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", param="messages")
+    call_ids: set[str] = set()
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _fail(index, f"expected an object, got {type(message).__name__}")
@@ -112,11 +127,17 @@ def check_messages(messages: Any) -> None:
         tool_calls = message.get("tool_calls")
         if role == "assistant" and tool_calls is not None:
             _check_tool_calls(index, tool_calls)
+            call_ids.update(call.get("id", "") for call in tool_calls)
         _check_content(
             index, message.get("content"), required=not (role == "assistant" and tool_calls)
         )
-        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-            raise _fail(index, "a tool message needs a string 'tool_call_id'")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _fail(index, "a tool message needs a string 'tool_call_id'")
+            if call_id not in call_ids:
+                raise _fail(index, f"tool_call_id {call_id[:64]!r} matches no tool call of an "
+                                   "earlier assistant message")
 
 
 def _check_tools(tools: Any) -> None:
@@ -290,23 +311,41 @@ def _environment() -> _ChatSandbox:
     return env
 
 
-def _template_message(index: int, message: Message) -> Message:
-    """What a template sees: None keys dropped, text parts joined, tool arguments as dicts."""
+def _template_message(message: Message) -> Message:
+    """What a template sees: None keys dropped, text parts joined, tool arguments as dicts
+    (HF's convention), and an assistant turn with calls has a string content ("" if none)."""
     message = {key: value for key, value in message.items() if value is not None}
     if isinstance(message.get("content"), list):
         message["content"] = "\n".join(part["text"] for part in message["content"])
     calls = []
     for call in message.get("tool_calls", []):
         function = dict(call["function"])
-        if isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"])
-            except json.JSONDecodeError as error:
-                raise _fail(index, f"tool call arguments are not valid JSON: {error}") from None
+        if isinstance(function.get("arguments"), str):  # valid JSON: check_messages ran
+            function["arguments"] = json.loads(function["arguments"])
         calls.append({**call, "function": function})
     if calls:
         message["tool_calls"] = calls
+        message.setdefault("content", "")
     return message
+
+
+def _reads_tool_calls(tree: jinja2.nodes.Template) -> bool:
+    """Whether a parsed template reads `tool_calls` (m.tool_calls, m['tool_calls'], 'tool_calls'
+    in m): one that never does has no way to show calls."""
+    for node in tree.find_all((jinja2.nodes.Getattr, jinja2.nodes.Const)):
+        if isinstance(node, jinja2.nodes.Getattr) and node.attr == "tool_calls":
+            return True
+        if isinstance(node, jinja2.nodes.Const) and node.value == "tool_calls":
+            return True
+    return False
+
+
+def _calls_as_content(message: Message) -> Message:
+    """An assistant turn with calls, for a template without tools: its text (if any), then the
+    calls as the "json" style's reply (levante.tools.json_calls_text)."""
+    calls = json_calls_text(message["tool_calls"])
+    text = message.get("content", "")
+    return {"role": "assistant", "content": f"{text}\n{calls}" if text.strip() else calls}
 
 
 def _render_within(template: jinja2.Template, context: dict[str, Any], timeout_s: float) -> str:
@@ -334,7 +373,23 @@ def _render_within(template: jinja2.Template, context: dict[str, Any], timeout_s
 
 class JinjaChatFormat:
     """A model's own Jinja chat template (HF conventions), rendered in a sandbox, then encoded
-    so special-token text written by the template becomes control tokens."""
+    so special-token text written by the template becomes control tokens.
+
+    Tool calls and results always reach the prompt, whatever an assistant turn's `content`
+    holds (null, "", text, text parts):
+
+    - A template that reads `tool_calls` (Qwen, Llama 3.1, Hermes, ...) renders them itself:
+      it gets HF-shaped messages (content "" instead of null, arguments as dicts, and the
+      function `name` on each tool message).
+    - A template that never does (SmolLM2's ChatML) would silently drop the calls, or fail on
+      a missing content. There the calls are written as what this project asks such models
+      to reply when calling (the "json" style of levante.tools): the assistant content becomes
+      `{"tool_calls": [{"name": ..., "arguments": {...}}]}` after any text. Each result
+      becomes `{"tool_call_id": ..., "name": ..., "content": ...}` (levante.tools.
+      json_result_text) in a "tool" turn when the template shows one (ChatML does: Hermes-style
+      models take results as `<|im_start|>tool`), else in a user turn, consecutive results
+      joined into one so templates that insist on alternating roles still render.
+    """
 
     def __init__(
         self,
@@ -349,12 +404,15 @@ class JinjaChatFormat:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.timeout_s = timeout_s
+        environment = _environment()
         try:
-            self._template = _environment().from_string(template)
+            self._template = environment.from_string(template)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(
                 f"chat template does not compile (line {error.lineno}): {error.message}"
             ) from None
+        self.reads_tool_calls = _reads_tool_calls(environment.parse(template))
+        self._tool_result_role: str | None = None  # probed on first use
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tokenizer: Tokenizer) -> JinjaChatFormat:
@@ -405,15 +463,8 @@ class JinjaChatFormat:
         check_messages(messages)
         if tools is not None:
             _check_tools(tools)
-        context = {
-            "messages": [_template_message(i, m) for i, m in enumerate(messages)],
-            "tools": tools,
-            "add_generation_prompt": add_generation_prompt,
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-        }
         try:
-            return _render_within(self._template, context, self.timeout_s)
+            return self._render(self.template_messages(messages), tools, add_generation_prompt)
         except _RenderTimeout:
             problem = f"rendering took over {self.timeout_s:g} s (does the template loop forever?)"
         except SecurityError as error:
@@ -421,6 +472,60 @@ class JinjaChatFormat:
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, RecursionError) as error:
             problem = f"failed: {type(error).__name__}: {error}"
         raise RequestError(f"chat template {problem}", param="messages")
+
+    def _render(self, messages: list[Message], tools: list[dict[str, Any]] | None,
+                add_generation_prompt: bool) -> str:
+        context = {
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+        return _render_within(self._template, context, self.timeout_s)
+
+    def template_messages(self, messages: list[Message]) -> list[Message]:
+        """The checked messages as the template gets them (see the class docstring)."""
+        names: dict[str, str] = {}  # call id -> function name
+        shown: list[Message] = []
+        results: Message | None = None  # the user turn of tool results being filled
+        for message in map(_template_message, messages):
+            if message["role"] == "assistant" and "tool_calls" in message:
+                calls = message["tool_calls"]
+                names.update((call.get("id", ""), call["function"]["name"]) for call in calls)
+                if not self.reads_tool_calls:
+                    message = _calls_as_content(message)
+            if message["role"] == "tool":
+                name = message.get("name") or names.get(message["tool_call_id"])
+                if self.reads_tool_calls:
+                    message = {**message, "name": name} if name else message
+                else:
+                    text = json_result_text(message["tool_call_id"], name, message["content"])
+                    if results is not None:  # one user turn for consecutive results
+                        results["content"] += "\n" + text
+                        continue
+                    message = {"role": self.tool_result_role(), "content": text}
+                    shown.append(message)
+                    results = message if message["role"] == "user" else None
+                    continue
+            shown.append(message)
+            results = None
+        return shown
+
+    def tool_result_role(self) -> str:
+        """The role for results: "tool" if the template shows such a turn, else "user" (probed
+        once, by rendering one)."""
+        if self._tool_result_role is None:
+            probe = json_result_text("probe", None, "levante probe 5f1c")
+            messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                        {"role": "tool", "content": probe}]
+            try:
+                text = self._render(messages, None, True)
+            except (_RenderTimeout, jinja2.TemplateError, TypeError, ValueError, KeyError,
+                    RecursionError):  # SecurityError is a TemplateError
+                text = ""
+            self._tool_result_role = "tool" if probe in text else "user"
+        return self._tool_result_role
 
     def encode(
         self,

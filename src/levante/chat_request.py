@@ -9,6 +9,8 @@ Ollama routes and the Python API alike:
   (`levante.tools.tools_system_prompt`) and a call is the JSON object
   `{"tool_calls": [{"name": ..., "arguments": {...}}]}`; the grammar forces that shape once
   the reply starts with "{" (auto) or from the first token (required / a named function).
+  Earlier calls and results in the history are shown in that same style when the template
+  has no tools of its own (`levante.chat.JinjaChatFormat`), never dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from levante.bundle import Bundle
-from levante.chat import MistralChatFormat
+from levante.chat import MistralChatFormat, check_messages
 from levante.errors import RequestError
 from levante.structured import Grammar, GrammarCompiler
 from levante.tools import resolve_tool_choice, tools_system_prompt, validate_tools
@@ -60,6 +62,7 @@ class ChatRequests:
         if chat_format is None:
             raise RequestError("this model has no chat template; use /v1/completions",
                                param="messages")
+        check_messages(messages)  # before a tools prompt shifts the indexes errors name
         checked = validate_tools(tools) if tools else []
         mode, _ = resolve_tool_choice(checked, tool_choice)
         grammar = None

@@ -16,6 +16,11 @@ Two call syntaxes ("chat styles"), both constrained by grammar (levante.structur
   reply is text. With a response_format as well, a "{" reply is either this object or the
   requested JSON; a reply starting `{"tool_calls": [` counts as calls.
 
+In the history, a chat template that knows no tools (no `tool_calls` in it) is given the
+"json" style's own text instead (levante.chat renders it): an assistant turn's calls become
+its content, `json_calls_text`, exactly the reply the model was asked for; a tool result
+becomes `json_result_text`, tagged with its call's id and function name.
+
 Parsing works on generated token ids, streaming or not (`ToolCallStreamer`, `parse_tool_calls`),
 and yields OpenAI-shaped calls: `{"id", "type": "function", "function": {"name", "arguments"}}`
 with `arguments` the generated JSON text. A call cut off by max_tokens is never reported as a
@@ -169,6 +174,31 @@ def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
             "To call functions, reply with only this JSON object and nothing else:\n"
             '{"tool_calls": [{"name": "<function name>", "arguments": {<arguments>}}]}\n'
             "Otherwise reply in plain text, not starting with \"{\".")
+
+
+def json_calls_text(tool_calls: list[dict[str, Any]]) -> str:
+    """OpenAI-shaped calls as the "json" style's reply, for a template without tools:
+
+    [{"id": "call_1", "type": "function", "function": {"name": "get_weather",
+    "arguments": '{"city": "Paris"}'}}] ->
+    '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
+    (the arguments may be given as text or, as templates see them, already parsed).
+    """
+    calls = []
+    for call in tool_calls:
+        function = call["function"]
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+        calls.append({"name": function["name"], "arguments": arguments})
+    return json.dumps({"tool_calls": calls}, ensure_ascii=False)
+
+
+def json_result_text(call_id: str, name: str | None, content: str) -> str:
+    """A tool result for a template without tools, tagged with its call, e.g.
+    '{"tool_call_id": "call_1", "name": "get_weather", "content": "22C, sunny"}'."""
+    return json.dumps({"tool_call_id": call_id, "name": name, "content": content},
+                      ensure_ascii=False)
 
 
 def tool_calls_token_id(tokenizer: Tokenizer) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -122,3 +123,95 @@ def test_batched_equals_alone(server) -> None:
     assert asyncio.run(run(True)) == asyncio.run(run(False))
     server.wait_idle()
     assert server.engine.pool.num_free == server.engine.pool.num_blocks
+
+
+# --- the agent loop: tools -> the model's call -> its result -> an answer (issue 19) --------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 24}}}}}
+ASK_WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def _call_and_answer(client, messages: list[dict], *, stream: bool, **kwargs):
+    """(content, tool calls as dicts, finish_reason) of one chat completion."""
+    kwargs = dict(model="smollm2", messages=messages, tools=[WEATHER], temperature=0,
+                  **kwargs)
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        message = choice.message
+    else:
+        with client.chat.completions.stream(**kwargs) as events:
+            for _ in events:
+                pass
+            choice = events.get_final_completion().choices[0]
+            message = choice.message
+    calls = [{"id": c.id, "type": "function",
+              "function": {"name": c.function.name, "arguments": c.function.arguments}}
+             for c in message.tool_calls or []]
+    return message.content, calls, choice.finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("content", [None, ""])
+def test_agent_loop_with_tool_results(client, server, stream: bool, content: str | None
+                                      ) -> None:
+    """The call the model made and the tool's result both reach the next prompt (they failed
+    with a 400 for content null, and silently vanished for content "")."""
+    _, calls, finish = _call_and_answer(client, ASK_WEATHER, stream=stream,
+                                        tool_choice="required", parallel_tool_calls=False,
+                                        max_tokens=60)
+    assert finish == "tool_calls" and calls and calls[0]["function"]["name"] == "get_weather"
+    history = [*ASK_WEATHER, {"role": "assistant", "content": content, "tool_calls": calls},
+               *({"role": "tool", "tool_call_id": c["id"], "content": "22C and sunny"}
+                 for c in calls)]
+    answer, more_calls, finish = _call_and_answer(client, history, stream=stream,
+                                                  tool_choice="none", max_tokens=16,
+                                                  extra_body={"min_tokens": 2})
+    assert answer and not more_calls and finish in ("stop", "length")
+
+    prompt_ids = server.state.chats.prepare(history, tools=[WEATHER],
+                                            tool_choice="none").prompt_ids
+    prompt = server.state.bundle.tokenizer.decode(prompt_ids, skip_special=False)
+    arguments = json.loads(calls[0]["function"]["arguments"])
+    call_text = json.dumps({"tool_calls": [{"name": c["function"]["name"],
+                                            "arguments": json.loads(c["function"]["arguments"])}
+                                           for c in calls]}, ensure_ascii=False)
+    result_text = json.dumps({"tool_call_id": calls[0]["id"], "name": "get_weather",
+                              "content": "22C and sunny"})
+    assert f"<|im_start|>assistant\n{call_text}<|im_end|>" in prompt
+    assert f"<|im_start|>tool\n{result_text}<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n") and "city" in arguments
+    # the server answered that very prompt
+    r = client.chat.completions.create(model="smollm2", messages=history, tools=[WEATHER],
+                                       tool_choice="none", max_tokens=1)
+    assert r.usage.prompt_tokens == len(prompt_ids)
+
+
+@pytest.mark.parametrize(("messages", "index", "match"), [
+    ([*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": '}}]}],
+     1, "not valid JSON"),
+    ([*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '["Paris"]'}}]}],
+     1, "must be a JSON object"),
+    ([*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+      {"role": "tool", "tool_call_id": "call_2", "content": "22C"}],
+     2, "tool_call_id 'call_2' matches no tool call"),
+    ([*ASK_WEATHER, {"role": "tool", "tool_call_id": "call_1", "content": "22C"}],
+     1, "tool_call_id 'call_1' matches no tool call"),
+])
+def test_malformed_tool_turns_are_400_naming_the_message(
+        client, messages: list[dict], index: int, match: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER],
+                                       max_tokens=4)
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["param"] == "messages"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"messages[{index}]: ") and match in error["message"]
