@@ -13,6 +13,7 @@ import torch
 from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
+from levante.gguf_vocab import TEKKEN_PRE
 from levante.model import Transformer
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.weights.gguf import GGUFFile, load_gguf_state_dict
@@ -105,8 +106,15 @@ METADATA_ERRORS = (TypeError, ValueError, IndexError, KeyError, OverflowError, Z
 
 
 def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, ChatFormat | None]:
-    """A GGUF's tokenizer and chat template; bad metadata is a ModelFileError naming the file."""
+    """A GGUF's tokenizer and chat template; bad metadata is a ModelFileError naming the file.
+
+    A Tekken vocabulary gets mistral-common's tokenizer and V7 format, as a tekken.json folder
+    does; its Jinja template is not used (why: levante/gguf_vocab.py).
+    """
     try:
+        if meta.get("tokenizer.ggml.pre") == TEKKEN_PRE:
+            mistral = MistralTokenizer.from_gguf_metadata(meta, path=path)
+            return mistral, MistralChatFormat(mistral)
         tokenizer = HFTokenizer.from_gguf_metadata(meta, path=path)
         template = meta.get("tokenizer.chat_template")
         chat = JinjaChatFormat.from_gguf_metadata(meta, tokenizer) if template else None

@@ -1,4 +1,5 @@
-"""Tokenizers: Tekken through mistral-common, HF `tokenizers` (from tokenizer.json or a GGUF's vocab), and streaming detokenization."""
+"""Tokenizers: Tekken through mistral-common (from tekken.json or a GGUF), HF `tokenizers` (from
+tokenizer.json or a GGUF's vocab), and streaming detokenization. GGUF vocabularies: gguf_vocab."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from mistral_common.tokens.tokenizers.instruct import (
 )
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
 from levante.errors import ModelFileError
+from levante.gguf_vocab import (
+    ADDS_BOS_BY_DEFAULT,
+    TEKKEN_PRE,
+    bpe_backend_from_gguf,
+    tekkenizer_from_gguf,
+)
 
 REPLACEMENT_CHAR = "\ufffd"
-GGUF_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
-GGUF_USER_DEFINED_TOKEN = 4  # LLAMA_TOKEN_TYPE_USER_DEFINED: matched whole, but not special
 
 
 class Tokenizer(Protocol):
@@ -124,7 +128,24 @@ class MistralTokenizer:
     @classmethod
     def from_file(cls, path: Path, *, version: str = "v7") -> MistralTokenizer:
         """Build offline from a tekken.json; `version` applies when the file lists no special tokens."""
-        tekken = _load_tekken(Path(path), version)
+        return cls._from_tekken(_load_tekken(Path(path), version), path)
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, meta: Mapping[str, Any], *, path: str | Path = "GGUF metadata"
+    ) -> MistralTokenizer:
+        """Tekken (V7) rebuilt from a GGUF whose `tokenizer.ggml.pre` is "tekken" (gguf_vocab)."""
+        tekken = tekkenizer_from_gguf(meta, path)
+        for key, name, token_id in (("tokenizer.ggml.bos_token_id", "<s>", tekken.bos_id),
+                                    ("tokenizer.ggml.eos_token_id", "</s>", tekken.eos_id)):
+            if key in meta and (type(meta[key]) is not int or meta[key] != token_id):
+                raise ModelFileError(path, f"{key} is {meta[key]!r}, but {name} is token "
+                                           f"{token_id}")
+        return cls._from_tekken(tekken, path)
+
+    @classmethod
+    def _from_tekken(cls, tekken: Tekkenizer, path: str | Path) -> MistralTokenizer:
+        """mistral-common's tokenizer with the instruct encoder of `tekken`'s version."""
         instruct = _INSTRUCT_TOKENIZERS.get(tekken.version)
         if instruct is None:
             supported = ", ".join(str(v.value) for v in _INSTRUCT_TOKENIZERS)
@@ -197,17 +218,25 @@ class HFTokenizer:
     def from_gguf_metadata(
         cls, meta: Mapping[str, Any], *, path: str | Path = "GGUF metadata"
     ) -> HFTokenizer:
-        """Byte-level BPE from a GGUF's `tokenizer.ggml.*` fields (errors name `path`)."""
-        backend = _gguf_backend(meta, path)
+        """Byte-level BPE from a GGUF's `tokenizer.ggml.*` fields (errors name `path`).
+
+        A Tekken vocabulary is refused: it is MistralTokenizer.from_gguf_metadata's.
+        """
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre == TEKKEN_PRE:
+            raise ModelFileError(path, "a Tekken GGUF (tokenizer.ggml.pre 'tekken') is loaded "
+                                       "with MistralTokenizer.from_gguf_metadata")
+        backend = bpe_backend_from_gguf(meta, path)
         bos_id = meta.get("tokenizer.ggml.bos_token_id")
         stop_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
         eos_ids = frozenset(int(meta[key]) for key in stop_keys if key in meta)
+        # llama.cpp's default when the file does not say: BOS for Llama 3's vocabularies only
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in ADDS_BOS_BY_DEFAULT)
         return cls(
             backend,
             bos_id=None if bos_id is None else int(bos_id),
             eos_ids=eos_ids,
-            # transformers and llama.cpp default to no BOS for gpt2 vocabularies
-            should_add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            should_add_bos=bool(add_bos),
         )
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
@@ -245,61 +274,6 @@ def _config_token_id(
     if token_id is None:
         raise ModelFileError(where, f"{key} {value!r} is not in the tokenizer's vocabulary")
     return int(token_id)
-
-
-# What llama.cpp's `tokenizer.ggml.pre` names mean, as HF pre-tokenizers. "smollm" is how
-# SmolLM2's own tokenizer.json splits (digits one by one, then GPT-2's regex); llama.cpp's
-# regexes for it agree. transformers' GGUF loader maps it to plain GPT-2 splitting instead.
-_GGUF_PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
-    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    ),
-}
-
-
-def _gguf_field(meta: Mapping[str, Any], key: str, path: str | Path) -> Any:
-    """A required metadata field, or ModelFileError naming it."""
-    if key not in meta:
-        raise ModelFileError(path, f"GGUF metadata lacks {key!r}, needed to build the tokenizer")
-    return meta[key]
-
-
-def _gguf_backend(meta: Mapping[str, Any], path: str | Path) -> HFBackend:
-    """A `tokenizers` byte-level BPE rebuilt from GGUF vocab, merges and token types."""
-    model = _gguf_field(meta, "tokenizer.ggml.model", path)
-    if model != "gpt2":
-        raise ModelFileError(
-            path, f"tokenizer.ggml.model {model!r} is not supported (only 'gpt2' byte-level BPE)"
-        )
-    pre = _gguf_field(meta, "tokenizer.ggml.pre", path)
-    if pre not in _GGUF_PRE_TOKENIZERS:
-        known = ", ".join(sorted(_GGUF_PRE_TOKENIZERS))
-        raise ModelFileError(path, f"tokenizer.ggml.pre {pre!r} is not supported ({known})")
-    tokens: list[str] = list(_gguf_field(meta, "tokenizer.ggml.tokens", path))
-    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(meta, "tokenizer.ggml.merges", path)]
-    if any(len(m) != 2 for m in merges):
-        raise ModelFileError(path, "tokenizer.ggml.merges has an entry that is not 'left right'")
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = HFBackend(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
-    backend.decoder = decoders.ByteLevel()
-    token_types = list(meta.get("tokenizer.ggml.token_type", ()))
-    typed = list(zip(tokens, token_types))
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in typed if k == GGUF_CONTROL_TOKEN]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, k in typed
-            if k == GGUF_USER_DEFINED_TOKEN
-        ]
-    )
-    return backend
 
 
 class IncrementalDetokenizer:

@@ -355,10 +355,15 @@ def _copy_tokenizer(source: _Source, out: Path) -> None:
             if (source.path / name).exists():
                 shutil.copy(source.path / name, out / name)
         return
+    from levante.gguf_vocab import TEKKEN_PRE, tekken_json_from_gguf
     from levante.tokenizer import HFTokenizer
     from levante.weights.gguf import GGUFFile
 
     meta = GGUFFile(source.gguf_path).metadata
+    if meta.get("tokenizer.ggml.pre") == TEKKEN_PRE:  # Mistral's own file, as its folders have
+        data = tekken_json_from_gguf(meta, source.gguf_path)
+        (out / "tekken.json").write_text(json.dumps(data))
+        return
     tokenizer = HFTokenizer.from_gguf_metadata(meta, path=source.gguf_path)
     tokenizer.backend.save(str(out / "tokenizer.json"))
     tokens = meta["tokenizer.ggml.tokens"]
