@@ -1,11 +1,15 @@
-"""Fast CPU matmul on GGUF Q8_0/Q4_0/Q4_1 weights: repack, build and call the C++ kernel.
+"""Fast CPU matmul on GGUF quantized weights and paged attention: build and call the C++ kernels.
 
-`repack` turns a tensor's raw GGUF blocks into a `PackedWeight` (losslessly); `qlinear(x, w)`
-computes `x @ W^T` with activations quantized to 8 bits per block of 32 and integer SIMD
-dot products (csrc/q_gemm.cpp, compiled for this CPU at first use and cached under
-`$LEVANTE_HOME/kernels`). Without a C++ compiler it dequantizes and uses `F.linear`: correct,
-slow, and logged once. The same library carries the decode-step paged attention kernel
-(csrc/paged_attention.cpp, `paged_decode_attention`), which the engine's KV cache calls.
+Q8_0/Q4_0/Q4_1: `repack` turns a tensor's raw GGUF blocks into a `PackedWeight` (losslessly);
+`qlinear(x, w)` computes `x @ W^T` with activations quantized to 8 bits per block of 32 and
+integer SIMD dot products (csrc/q_gemm.cpp).
+K-quants (`KQUANT_TYPES`: Q4_K): `kquant_linear(x, blocks, qtype)` computes on the
+file's own block bytes, rows [N, row_bytes], with activations quantized per 256 (Q8_K) and
+integer dot products (csrc/k_gemm.cpp; csrc/kquants/kquant.h says how to add a type).
+The kernels are compiled for this CPU at first use and cached under `$LEVANTE_HOME/kernels`.
+Without a C++ compiler both dequantize and use `F.linear`: correct, slow, and logged once. The
+same library carries the decode-step paged attention kernel (csrc/paged_attention.cpp,
+`paged_decode_attention`), which the engine's KV cache calls.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from levante.quant.gguf_blocks import dequantize, expected_nbytes
 
 logger = logging.getLogger(__name__)
 
-# Compiled together into one library (the `levante_quant` ops); each file's bytes key the cache.
-SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("q_gemm.cpp", "paged_attention.cpp"))
+# Compiled together into one library (the `levante_quant` ops); each file's bytes (and those of
+# the headers they include) key the cache.
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(_CSRC / name for name in ("q_gemm.cpp", "paged_attention.cpp", "k_gemm.cpp"))
+HEADERS = tuple(sorted(_CSRC.rglob("*.h")))
 # Set to "torch" to skip the C++ kernels, matmul and attention (e.g. to compare paths);
 # anything else means "auto".
 KERNEL_ENV = "LEVANTE_QUANT_KERNEL"
@@ -49,6 +55,10 @@ _FIELDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
     GGMLQuantizationType.Q4_1: (2, 2, 16),
 }
 SUPPORTED_TYPES = frozenset(_FIELDS)
+# K-quant types `kquant_linear` takes: the Python side of the registry in csrc/k_gemm.cpp
+# (LQ_KQUANT_TYPES); a test checks that the two agree.
+KQUANT_TYPES = frozenset({GGMLQuantizationType.Q4_K})
+K_BLOCK_SIZE = 256  # weights per K-quant super-block, and activations per Q8_K block
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,55 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return kernel.quantize_rows(x.to(torch.float32).contiguous())
 
 
+def kquant_linear(x: torch.Tensor, blocks: torch.Tensor,
+                  qtype: GGMLQuantizationType) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x's dtype, W a K-quant weight as the file stores it.
+
+    blocks: uint8 [N, K / 256 * type_size], row n being weight row n's super-blocks exactly as
+    in the GGUF file (rows may be reordered whole, as the loader does for q/k). Activations are
+    quantized per 256 values (see `quantize_activations_k`); the result is exact integer dot
+    products scaled in float32. Uses the compiled kernel where available, else dequantizes
+    and calls `F.linear` (see `available`). Bad shapes or dtypes raise RuntimeError from the
+    kernel (ValueError on the PyTorch path); a type outside KQUANT_TYPES raises ValueError.
+    """
+    if qtype not in KQUANT_TYPES:
+        raise ValueError(f"kquant_linear takes {', '.join(sorted(t.name for t in KQUANT_TYPES))}"
+                         f", not {GGMLQuantizationType(qtype).name}")
+    num_cols = x.shape[-1]
+    kernel = _kernel()
+    if kernel is not None and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return kernel.kquant_linear(x, blocks, int(qtype))  # decode's case: no copies
+    flat = x.reshape(-1, num_cols).to(torch.float32).contiguous()  # [M, K]
+    if kernel is None:
+        num_rows = blocks.shape[0]
+        out = F.linear(flat, dequantize(blocks.reshape(-1), qtype, (num_rows, num_cols)))
+    else:
+        out = kernel.kquant_linear(flat, blocks, int(qtype))
+    return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def quantize_activations_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K-quant kernel's 8-bit rule on x [M, K] float32 (llama.cpp's Q8_K, K % 256 == 0).
+
+    Returns (q int8 [M, K], d float32 [M, K/256], bsum int16 [M, K/16]): per block of 256,
+    d = amax / 127, q = round(x * (127 / amax)) (ties to even; 0 if amax = 0), and bsum the
+    sums of q over each 16 values. x is approximated by d * q. Runs the compiled kernel's code;
+    needs `available()`.
+    """
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the quantized matmul kernel is not built (see the log)")
+    return kernel.quantize_rows_k(x.to(torch.float32).contiguous())
+
+
+def kernel_kquant_types() -> frozenset[GGMLQuantizationType]:
+    """The K-quant types the compiled library's registry holds (empty if not built)."""
+    kernel = _kernel()
+    if kernel is None:
+        return frozenset()
+    return frozenset(GGMLQuantizationType(t) for t in kernel.kquant_types())
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
                            block_size: int) -> torch.Tensor | None:
@@ -264,6 +323,9 @@ class _Kernel:
     qlinear: Callable[..., torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     paged_decode_attention: Callable[..., torch.Tensor]
+    kquant_linear: Callable[..., torch.Tensor]
+    quantize_rows_k: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    kquant_types: Callable[[], list[int]]
 
 
 _LOAD_LOCK = threading.Lock()  # first calls from several threads build and register once
@@ -294,9 +356,11 @@ def _load_kernel() -> _Kernel | None:
         return None
     torch.library.register_fake("levante_quant::qlinear")(_qlinear_shape)
     torch.library.register_fake("levante_quant::paged_decode_attention")(_attention_shape)
+    torch.library.register_fake("levante_quant::kquant_linear")(_kquant_shape)
     ops = torch.ops.levante_quant
     kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default,
-                     ops.paged_decode_attention.default)
+                     ops.paged_decode_attention.default, ops.kquant_linear.default,
+                     ops.quantize_rows_k.default, ops.kquant_types.default)
     logger.info("quantized matmul, paged attention: compiled kernels (%s, %d threads) from %s",
                 kernel.isa, torch.get_num_threads(), library)
     return kernel
@@ -306,6 +370,11 @@ def _qlinear_shape(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.
                    qtype: int) -> torch.Tensor:
     """Output shape for tracing (torch.compile): [M, N]."""
     return x.new_empty(x.shape[0], qs.shape[0])
+
+
+def _kquant_shape(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Output shape for tracing: [M, N]."""
+    return x.new_empty(x.shape[0], blocks.shape[0])
 
 
 def _attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -348,7 +417,8 @@ def _build() -> Path:
     from levante.weights.hub import levante_home
 
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)),
+                 torch.__version__.encode(),
                  _cpu_fingerprint().encode(), " ".join(_compile_command(Path("out"))).encode(),
                  sys.version.encode()):
         key.update(part)

@@ -1,0 +1,616 @@
+// Matmul on GGUF K-quant weights (Q4_K, Q6_K, ...) on CPU: y[M, N] = x[M, K] @ W[N, K]^T,
+// W given as the file's own bytes, blocks [N, K / 256 * type_size] uint8, never repacked.
+//
+// As llama.cpp does it, each row of x is quantized once per call to 8 bits per super-block
+// of 256 (Q8_K: float dx, int8 xq, int16 sums of 16), and each (weight super-block,
+// activation super-block) pair is an exact integer dot product scaled once in float:
+//   dx * (d * sum_g scale[g] * sum_{e in g} q[e] * xq[e]  -  dm * sum_g min[g] * bsum[g]).
+// A type only says how to decode its super-block into (q, scale, min, d, dm), the
+// `Unpacked` form of kquants/kquant.h (which also says how to add a type); everything below
+// is written once for all types. The registry is LQ_KQUANT_TYPES.
+//
+// Decode (M <= 3) is bound by memory bandwidth: each thread streams its share of the weight
+// rows in file order (one sequential stream, prefetched), unpacks each super-block into
+// registers/L1 and dots it with the M activation rows (AVX2 maddubs: 32 unsigned weights
+// x 32 int8 activations -> 16 pair sums; madd / VNNI dpwssd with the scales -> int32).
+//
+// Prefill (M >= 4) is bound by arithmetic: the weights are unpacked once per call into
+// panels of 8 rows laid out for SIMD across rows (lane r of a vector = weight row r), and
+// every activation row meets each panel with broadcast activations: one VNNI dpbusd (or
+// maddubs + madd) takes 4 weights of each of the 8 rows times the same 4 activations into
+// 8 int32 lanes, so a group's scale is applied once per 4-8 such steps with one multiply,
+// and the float scales once per super-block with one FMA for 8 outputs, with no horizontal
+// sums. A panel of K = 8192 is ~90 KB (L2); the activations (M x K bytes) stream from L2/L3.
+//
+// Without AVX2 (-march=x86-64, ARM) the same integers are computed with plain loops.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LQ_AVX2 1
+#include <immintrin.h>
+#if defined(__AVXVNNI__)
+#define LQ_VNNI 1
+#define LQ_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#define LQ_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LQ_VNNI 1
+#define LQ_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#define LQ_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#endif
+#endif
+
+#include "kquants/kquant.h"
+#include "kquants/q4_k.h"
+
+// The registry: every K-quant type the kernels take, X(struct) per line (see kquant.h).
+#define LQ_KQUANT_TYPES(X) \
+  X(Q4K)
+
+namespace {
+
+using levante::kquant::kGroup;
+using levante::kquant::kGroups;
+using levante::kquant::kSuperBlock;
+using levante::kquant::Unpacked;
+#define LQ_USING(T) using levante::kquant::T;
+LQ_KQUANT_TYPES(LQ_USING)
+#undef LQ_USING
+
+// Calls f.template operator()<T>() for the type whose ggml id is `qtype`; false if none.
+template <class F>
+bool with_type(int64_t qtype, F&& f) {
+  switch (qtype) {
+#define LQ_CASE(T)               \
+  case T::kTypeId:               \
+    f.template operator()<T>();  \
+    return true;
+    LQ_KQUANT_TYPES(LQ_CASE)
+#undef LQ_CASE
+    default:
+      return false;
+  }
+}
+
+std::string type_names() {
+  std::string names;
+#define LQ_NAME(T) names += std::string(names.empty() ? "" : ", ") + T::kName + " (" + \
+                            std::to_string(T::kTypeId) + ")";
+  LQ_KQUANT_TYPES(LQ_NAME)
+#undef LQ_NAME
+  return names;
+}
+
+// Activations quantized per super-block (llama.cpp's Q8_K, in three arrays).
+struct Acts {
+  const int8_t* q;      // [M, K]
+  const float* d;       // [M, nb]: x ~ d * q
+  const int16_t* bsum;  // [M, K / 16]: sum of q over each group of 16
+  int64_t k, nb;
+
+  const int8_t* qb(int64_t row, int64_t b) const { return q + row * k + b * kSuperBlock; }
+  const int16_t* sb(int64_t row, int64_t b) const { return bsum + (row * nb + b) * kGroups; }
+  float db(int64_t row, int64_t b) const { return d[row * nb + b]; }
+};
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+#ifdef LQ_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// acc + sum of u[j] * s[j] over each 4 bytes (u unsigned <= 127, s signed): exact.
+inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
+#ifdef LQ_VNNI
+  return LQ_DPBUSD(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
+                                                 _mm256_set1_epi16(1)));
+#endif
+}
+
+// acc + sum of a[j] * b[j] over each 2 int16.
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
+#ifdef LQ_VNNI
+  return LQ_DPWSSD(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+inline __m256i load256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+
+// The same 4 bytes at p in every 32-bit lane.
+inline __m256i broadcast4(const void* p) { return _mm256_set1_epi32(load_i32(p)); }
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Activations: one row of x -> Q8_K. Per super-block d = amax / 127, q = round(x * 127 / amax)
+// (ties to even; all 0 if amax = 0), bsum[g] = sum of q over group g of 16.
+void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, int16_t* bsum) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kSuperBlock;
+    int8_t* qb = q + b * kSuperBlock;
+    int16_t* sb = bsum + b * kGroups;
+#ifdef LQ_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < kSuperBlock; i += 8)
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
+    float amax = 0.0f;
+    for (int i = 0; i < kSuperBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+#endif
+    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = amax / 127.0f;
+#ifdef LQ_AVX2
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int i = 0; i < kSuperBlock; i += 32) {
+      __m256i iv[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), vinv),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        iv[j] = _mm256_cvtps_epi32(r);
+      }
+      sb[i / kGroup] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(iv[0], iv[1])));
+      sb[i / kGroup + 1] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(iv[2], iv[3])));
+      // packs work per 128-bit lane: undo the lane interleave with a permute.
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]),
+                                           _mm256_packs_epi32(iv[2], iv[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + i),
+                          _mm256_permutevar8x32_epi32(p, order));
+    }
+#else
+    for (int g = 0; g < kGroups; ++g) {
+      int sum = 0;
+      for (int i = g * kGroup; i < (g + 1) * kGroup; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+        qb[i] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      sb[g] = static_cast<int16_t>(sum);
+    }
+#endif
+  }
+}
+
+struct QuantizedRows {
+  at::Tensor q, d, bsum;
+};
+
+QuantizedRows quantize_rows_impl(const at::Tensor& x) {
+  const int64_t num_rows = x.size(0), k = x.size(1), nb = k / kSuperBlock;
+  QuantizedRows out{at::empty({num_rows, k}, x.options().dtype(at::kChar)),
+                    at::empty({num_rows, nb}, x.options()),
+                    at::empty({num_rows, nb * kGroups}, x.options().dtype(at::kShort))};
+  const float* xp = x.const_data_ptr<float>();
+  int8_t* qp = out.q.mutable_data_ptr<int8_t>();
+  float* dp = out.d.mutable_data_ptr<float>();
+  int16_t* sp = out.bsum.mutable_data_ptr<int16_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / k);
+  at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_row(xp + i * k, nb, qp + i * k, dp + i * nb, sp + i * nb * kGroups);
+  });
+  return out;
+}
+
+// The weight: row n's super-block b starts at rows + n * row_bytes + b * T::kBlockBytes.
+struct Weights {
+  const uint8_t* rows;
+  int64_t n, nb, row_bytes;
+};
+
+#ifdef LQ_AVX2
+// ---------------------------------------------------------------------------------------
+// Decode: a weight row at a time against RX activation rows.
+
+constexpr int64_t kPrefetch = 1536;  // bytes of the weight stream requested ahead of use
+
+// The scales as maddubs needs them: chunk k (weights 32k..32k+31) leaves the pair sums of
+// groups 2k / 2k + 1 in int16 lanes 0-7 / 8-15, so chunk_scales(t, k) has scale[2k] in lanes
+// 0-7 and scale[2k + 1] in lanes 8-15. t = scale_table(scale) holds the even-numbered scales
+// in its low 128 bits and the odd ones in its high 128 bits; one in-lane shuffle then picks
+// word k of each half.
+inline __m256i scale_table(const int16_t* scale) {
+  const __m256i evens_odds = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14,
+                                              15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11,
+                                              14, 15);
+  return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(load256(scale), evens_odds), 0xD8);
+}
+
+inline __m256i chunk_scales(__m256i table, int k) {
+  const auto word_k = static_cast<int16_t>(0x0100 + 0x0202 * k);  // bytes 2k, 2k + 1
+  return _mm256_shuffle_epi8(table, _mm256_set1_epi16(word_k));
+}
+
+// acc[c] += this super-block's dot with activation row c (8 partial sums per lane).
+template <int RX>
+inline void superblock_dot(const Unpacked& u, const Acts& a, int64_t b, __m256* acc) {
+  __m256i isum[RX];
+  for (int c = 0; c < RX; ++c) isum[c] = _mm256_setzero_si256();
+  const __m256i table = scale_table(u.scale);
+#pragma GCC unroll 8
+  for (int k = 0; k < kSuperBlock / 32; ++k) {
+    const __m256i w = load256(u.q + 32 * k);
+    const __m256i s = chunk_scales(table, k);
+    for (int c = 0; c < RX; ++c) {
+      const __m256i p = _mm256_maddubs_epi16(w, load256(a.qb(c, b) + 32 * k));
+      isum[c] = dot_pairs(isum[c], p, s);
+    }
+  }
+  const __m256i mins = load256(u.min);
+  for (int c = 0; c < RX; ++c) {
+    const __m256i imin = _mm256_madd_epi16(mins, load256(a.sb(c, b)));
+    const float dx = a.db(c, b);
+    acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c]), _mm256_set1_ps(u.d * dx), acc[c]);
+    acc[c] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(u.dm * dx), acc[c]);
+  }
+}
+
+template <class T, int RX>
+void decode_rows(const Weights& w, int64_t n_begin, int64_t n_end, const Acts& a, float* y) {
+  alignas(32) Unpacked u;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w.rows + n * w.row_bytes;
+    __m256 acc[RX];
+    for (int c = 0; c < RX; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < w.nb; ++b) {
+      const uint8_t* block = row + b * T::kBlockBytes;
+      for (int off = 0; off < T::kBlockBytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetch + off), _MM_HINT_T0);
+      T::unpack(block, u);
+      superblock_dot<RX>(u, a, b, acc);
+    }
+    for (int c = 0; c < RX; ++c) y[c * w.n + n] = hsum(acc[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Prefill: panels of 8 weight rows, SIMD across rows.
+
+constexpr int kPanelRows = 8;
+constexpr int kSteps = kSuperBlock / 4;  // 4-weight steps per super-block
+
+// One super-block of 8 weight rows; lane / dword r belongs to row r.
+struct alignas(32) PanelBlock {
+  __m256i q[kSteps];      // q[s] dword r: weights 4s..4s+3 of row r (4 bytes)
+  __m256i scale[kGroups];  // scale[g] int32 lane r: row r's scale of group g
+  __m256i min[kGroups / 2];  // min[p] dword r: row r's mins of groups 2p, 2p + 1 (2 int16)
+  __m256 d, dm;
+};
+
+// v[i] dword j <-> v[j] dword i.
+inline void transpose8(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Where a panel sits: weight rows [n0, n0 + rows) (rows <= 8), super-blocks [b0, b0 + nb).
+struct PanelSpan {
+  int64_t n0;
+  int rows;
+  int64_t b0, nb;
+};
+
+// Unpack the span's super-blocks into panel[0..nb); missing rows are zero.
+template <class T>
+void fill_panel(const Weights& w, const PanelSpan& span, PanelBlock* panel) {
+  alignas(32) Unpacked u[kPanelRows];
+  const int rows = span.rows;
+  std::memset(static_cast<void*>(u + rows), 0, sizeof(Unpacked) * (kPanelRows - rows));
+  __m256i v[8];
+  for (int64_t i = 0; i < span.nb; ++i) {
+    for (int r = 0; r < rows; ++r)
+      T::unpack(w.rows + (span.n0 + r) * w.row_bytes + (span.b0 + i) * T::kBlockBytes, u[r]);
+    PanelBlock& p = panel[i];
+    for (int j = 0; j < kSteps / 8; ++j) {
+      for (int r = 0; r < 8; ++r) v[r] = load256(u[r].q + 32 * j);
+      transpose8(v);
+      for (int t = 0; t < 8; ++t) p.q[8 * j + t] = v[t];
+    }
+    for (int half = 0; half < 2; ++half) {
+      for (int r = 0; r < 8; ++r)
+        v[r] = _mm256_cvtepi16_epi32(_mm_load_si128(
+            reinterpret_cast<const __m128i*>(u[r].scale + 8 * half)));
+      transpose8(v);
+      for (int t = 0; t < 8; ++t) p.scale[8 * half + t] = v[t];
+    }
+    for (int r = 0; r < 8; ++r) v[r] = load256(u[r].min);
+    transpose8(v);
+    for (int t = 0; t < 8; ++t) p.min[t] = v[t];
+    p.d = _mm256_setr_ps(u[0].d, u[1].d, u[2].d, u[3].d, u[4].d, u[5].d, u[6].d, u[7].d);
+    p.dm = _mm256_setr_ps(u[0].dm, u[1].dm, u[2].dm, u[3].dm, u[4].dm, u[5].dm, u[6].dm,
+                          u[7].dm);
+  }
+}
+
+// Activation rows per panel tile: 3 accumulators each; AVX-512 has 32 vector registers.
+#if defined(__AVX512VL__)
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 4;
+#endif
+
+// One super-block of kTileRows activation rows interleaved like a panel, so that a tile
+// reads all of them through one pointer: q[s][c] holds xq[4s..4s+3] of row c.
+struct alignas(32) ActBlock {
+  int32_t q[kSteps][kTileRows];
+  int32_t bsum[kGroups / 2][kTileRows];  // bsum[p][c]: row c's sums of groups 2p, 2p + 1
+  float d[kTileRows];
+};
+
+// Rows [m0, m0 + kTileRows) of `a` (rows past num_rows zero) -> tile[0..nb).
+void fill_act_tile(const Acts& a, int64_t m0, int64_t num_rows, ActBlock* tile) {
+  for (int64_t b = 0; b < a.nb; ++b) {
+    ActBlock& t = tile[b];
+    for (int c = 0; c < kTileRows; ++c) {
+      const bool real = m0 + c < num_rows;
+      const int8_t* xq = real ? a.qb(m0 + c, b) : nullptr;
+      const int16_t* bs = real ? a.sb(m0 + c, b) : nullptr;
+      for (int s = 0; s < kSteps; ++s) t.q[s][c] = real ? load_i32(xq + 4 * s) : 0;
+      for (int pair = 0; pair < kGroups / 2; ++pair)
+        t.bsum[pair][c] = real ? load_i32(bs + 2 * pair) : 0;
+      t.d[c] = real ? a.db(m0 + c, b) : 0.0f;
+    }
+  }
+}
+
+// y[m0 + c, n0 + r] (+)= the span's part of the dot, for the panel's rows r < span.rows and
+// activation rows c < num_valid of the tile; `add` accumulates onto y (not the first span).
+template <bool kPer32>
+void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& span,
+                float* y, int64_t ldy, int num_valid, bool add) {
+  constexpr int RX = kTileRows;
+  constexpr int kScaleGroups = kPer32 ? kGroups / 2 : kGroups;  // scales applied per block
+  constexpr int kGroupSteps = kSteps / kScaleGroups;
+  __m256 out[RX];
+  for (int c = 0; c < RX; ++c) out[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < span.nb; ++i) {
+    const PanelBlock& p = panel[i];
+    const ActBlock& x = tile[span.b0 + i];
+    __m256i isum[RX];
+    for (int c = 0; c < RX; ++c) isum[c] = _mm256_setzero_si256();
+    for (int g = 0; g < kScaleGroups; ++g) {
+      __m256i acc[RX];
+      for (int c = 0; c < RX; ++c) acc[c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int j = 0; j < kGroupSteps; ++j) {
+        const int s = g * kGroupSteps + j;
+        const __m256i wq = _mm256_load_si256(p.q + s);
+        for (int c = 0; c < RX; ++c)
+          acc[c] = dot_quads(acc[c], wq, _mm256_set1_epi32(x.q[s][c]));
+      }
+      const __m256i sc = _mm256_load_si256(p.scale + (kPer32 ? 2 * g : g));
+      for (int c = 0; c < RX; ++c)
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_mullo_epi32(acc[c], sc));
+    }
+    __m256i imin[RX];
+    for (int c = 0; c < RX; ++c) imin[c] = _mm256_setzero_si256();
+    for (int pair = 0; pair < kGroups / 2; ++pair) {
+      const __m256i mn = _mm256_load_si256(p.min + pair);
+      for (int c = 0; c < RX; ++c)
+        imin[c] = dot_pairs(imin[c], mn, _mm256_set1_epi32(x.bsum[pair][c]));
+    }
+    for (int c = 0; c < RX; ++c) {
+      const __m256 dx = _mm256_set1_ps(x.d[c]);
+      out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c]), _mm256_mul_ps(p.d, dx), out[c]);
+      out[c] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[c]), _mm256_mul_ps(p.dm, dx), out[c]);
+    }
+  }
+  for (int c = 0; c < num_valid; ++c) {
+    float* dst = y + c * ldy + span.n0;
+    alignas(32) float lanes[kPanelRows];
+    if (span.rows == kPanelRows) {
+      _mm256_storeu_ps(dst, add ? _mm256_add_ps(_mm256_loadu_ps(dst), out[c]) : out[c]);
+      continue;
+    }
+    _mm256_store_ps(lanes, out[c]);
+    for (int r = 0; r < span.rows; ++r) dst[r] = add ? dst[r] + lanes[r] : lanes[r];
+  }
+}
+
+// Bytes of activations per super-block and tile row, and the share of a core's L2 that a
+// block of them may take: the tiles reread them for every panel.
+constexpr int64_t kActBytes = sizeof(ActBlock) / kTileRows;
+constexpr int64_t kActBudget = 384 << 10;
+constexpr int64_t kMaxRowBlock = 256;
+
+// Blocked like a BLAS: for a block of <= 256 activation rows and of super-blocks that fits
+// kActBudget, every panel of this thread's rows is unpacked (each weight super-block once
+// per row block) and swept by all those rows, the block staying in L2 meanwhile.
+template <class T>
+void gemm_prefill(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
+  const int64_t num_tiles = (num_rows + kTileRows - 1) / kTileRows;
+  // [tile][super-block], left uninitialized: fill_act_tile writes all of it.
+  const std::unique_ptr<ActBlock[]> tiles(new ActBlock[num_tiles * w.nb]);
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      fill_act_tile(a, t * kTileRows, num_rows, tiles.get() + t * w.nb);
+  });
+  const int64_t num_panels = (w.n + kPanelRows - 1) / kPanelRows;
+  const int64_t tile_block = std::max<int64_t>(1, kMaxRowBlock / kTileRows);
+  const int64_t row_block = std::min(num_tiles, tile_block) * kTileRows;
+  const int64_t span_blocks = std::clamp<int64_t>(kActBudget / (row_block * kActBytes), 1, w.nb);
+  // ~1M multiply-adds per task at least.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / (kPanelRows * a.k * num_rows));
+  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<PanelBlock[]> panel(new PanelBlock[span_blocks]);
+    for (int64_t t0 = 0; t0 < num_tiles; t0 += tile_block) {
+      const int64_t t1 = std::min(num_tiles, t0 + tile_block);
+      for (int64_t b0 = 0; b0 < w.nb; b0 += span_blocks) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t n0 = p * kPanelRows;
+          const PanelSpan span{n0, static_cast<int>(std::min<int64_t>(kPanelRows, w.n - n0)),
+                               b0, std::min(span_blocks, w.nb - b0)};
+          fill_panel<T>(w, span, panel.get());
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t m0 = t * kTileRows;
+            const int num_valid = static_cast<int>(std::min<int64_t>(kTileRows, num_rows - m0));
+            panel_tile<T::kScalePer32>(panel.get(), tiles.get() + t * w.nb, span,
+                                       y + m0 * w.n, w.n, num_valid, b0 > 0);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
+  if (num_rows >= 4) return gemm_prefill<T>(w, a, num_rows, y);
+  // Enough work per task to pay for waking a thread: ~256K multiply-adds.
+  const int64_t grain = std::max<int64_t>(1, (256 << 10) / (a.k * num_rows));
+  at::parallel_for(0, w.n, grain, [&](int64_t begin, int64_t end) {
+    switch (num_rows) {
+      case 1: decode_rows<T, 1>(w, begin, end, a, y); break;
+      case 2: decode_rows<T, 2>(w, begin, end, a, y); break;
+      default: decode_rows<T, 3>(w, begin, end, a, y); break;
+    }
+  });
+}
+#else
+// ---------------------------------------------------------------------------------------
+// Portable: the same integers, one (weight row, activation row) pair at a time.
+template <class T>
+void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (a.k * num_rows));
+  at::parallel_for(0, w.n, grain, [&](int64_t begin, int64_t end) {
+    Unpacked u;
+    std::vector<float> acc(num_rows);
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t b = 0; b < w.nb; ++b) {
+        T::unpack(w.rows + n * w.row_bytes + b * T::kBlockBytes, u);
+        for (int64_t c = 0; c < num_rows; ++c) {
+          const int8_t* xq = a.qb(c, b);
+          const int16_t* bs = a.sb(c, b);
+          int32_t isum = 0, imin = 0;
+          for (int g = 0; g < kGroups; ++g) {
+            int32_t dot = 0;
+            for (int e = g * kGroup; e < (g + 1) * kGroup; ++e) dot += u.q[e] * xq[e];
+            isum += u.scale[g] * dot;
+            imin += u.min[g] * bs[g];
+          }
+          const float dx = a.db(c, b);
+          acc[c] += u.d * dx * static_cast<float>(isum) - u.dm * dx * static_cast<float>(imin);
+        }
+      }
+      for (int64_t c = 0; c < num_rows; ++c) y[c * w.n + n] = acc[c];
+    }
+  });
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Ops.
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  x.is_contiguous(),
+              "x must be a contiguous 2-D float32 CPU tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(x.size(1) % kSuperBlock == 0, "x has ", x.size(1),
+              " columns; K-quant rows are whole super-blocks of 256");
+}
+
+int64_t block_bytes(int64_t qtype) {
+  int64_t bytes = 0;
+  const bool known = with_type(qtype, [&]<class T>() { bytes = T::kBlockBytes; });
+  TORCH_CHECK(known, "qtype ", qtype, " is not a K-quant type these kernels take; they take ",
+              type_names());
+  return bytes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_k(const at::Tensor& x) {
+  check_x(x);
+  QuantizedRows r = quantize_rows_impl(x);
+  return {r.q, r.d, r.bsum};
+}
+
+at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype) {
+  check_x(x);
+  const int64_t bytes = block_bytes(qtype), nb = x.size(1) / kSuperBlock;
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte &&
+                  blocks.dim() == 2 && blocks.is_contiguous() && blocks.size(1) == nb * bytes,
+              "blocks must be contiguous uint8 [N, ", nb * bytes, "] (", nb, " super-blocks of ",
+              bytes, " bytes per row for K = ", x.size(1), "), got ", blocks.scalar_type(), " ",
+              blocks.sizes());
+  const int64_t num_rows = x.size(0);
+  at::Tensor y = at::empty({num_rows, blocks.size(0)}, x.options());
+  if (num_rows == 0 || blocks.size(0) == 0) return y;
+  if (nb == 0) return y.zero_();
+  const QuantizedRows xq = quantize_rows_impl(x);
+  const Acts a{xq.q.const_data_ptr<int8_t>(), xq.d.const_data_ptr<float>(),
+               xq.bsum.const_data_ptr<int16_t>(), x.size(1), nb};
+  const Weights w{blocks.const_data_ptr<uint8_t>(), blocks.size(0), nb, nb * bytes};
+  float* yp = y.mutable_data_ptr<float>();
+  with_type(qtype, [&]<class T>() { gemm<T>(w, a, num_rows, yp); });
+  return y;
+}
+
+std::vector<int64_t> kquant_types() {
+  std::vector<int64_t> ids;
+#define LQ_ID(T) ids.push_back(T::kTypeId);
+  LQ_KQUANT_TYPES(LQ_ID)
+#undef LQ_ID
+  return ids;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(levante_quant, lib) {
+  lib.def("kquant_linear(Tensor x, Tensor blocks, int qtype) -> Tensor");
+  lib.def("quantize_rows_k(Tensor x) -> (Tensor, Tensor, Tensor)");
+  lib.def("kquant_types() -> int[]", &kquant_types);
+}
+
+TORCH_LIBRARY_IMPL(levante_quant, CPU, lib) {
+  lib.impl("kquant_linear", &kquant_linear);
+  lib.impl("quantize_rows_k", &quantize_rows_k);
+}
