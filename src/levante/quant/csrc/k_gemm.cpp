@@ -53,10 +53,12 @@
 
 #include "kquants/kquant.h"
 #include "kquants/q4_k.h"
+#include "kquants/q6_k.h"
 
 // The registry: every K-quant type the kernels take, X(struct) per line (see kquant.h).
 #define LQ_KQUANT_TYPES(X) \
-  X(Q4K)
+  X(Q4K)                   \
+  X(Q6K)
 
 namespace {
 
