@@ -149,6 +149,7 @@ class PagedAttention:
     query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
     num_seqs: int
     max_query_len: int
+    query_lens: tuple[int, ...] = ()  # per sequence, for steps that mix decode and prefill
 
     def _gather(self, cache: torch.Tensor) -> torch.Tensor:
         """Each sequence's keys or values, whole blocks at a time: [B, kv_heads, L, head_dim].
@@ -172,13 +173,15 @@ class PagedAttention:
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
         b, qn = self.num_seqs, self.max_query_len
-        if (self.query_index is None and q.device.type == "cpu"
-                and q.dtype == k_cache.dtype == torch.float32):
+        uses_kernel = q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32
+        if self.query_index is None and uses_kernel:
             out = kernels.paged_decode_attention(
                 q.contiguous(), k_cache, v_cache, self.block_tables,
                 self.context_lens, block_size=self.cache.block_size)
             if out is not None:
                 return out
+        if self.query_index is not None and uses_kernel and kernels.available():
+            return self._attend_each_alone(q, k_cache, v_cache)
         keys, values = self._gather(k_cache), self._gather(v_cache)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
@@ -191,6 +194,53 @@ class PagedAttention:
         out = out.transpose(1, 2).reshape(b * qn, *q.shape[1:])  # [B * Q, heads, head_dim]
         return out if self.query_index is None else out[self.query_index]
 
+
+    def _attend_each_alone(self, q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor) -> torch.Tensor:
+        """A step mixing sequences: each row computed exactly as it would be alone.
+
+        Decoding sequences (one new token) go through the decode kernel together, as in a
+        decode-only step; each prefilling sequence gets its own SDPA over its own context,
+        as in a step of its own. A token's numbers then do not depend on its neighbours:
+        with 8-bit activations downstream, float noise from padding or another attention
+        path was enough to flip near-tie greedy tokens between batched and alone.
+        """
+        lens = self.query_lens
+        starts = [0]
+        for length in lens:
+            starts.append(starts[-1] + length)
+        out = torch.empty_like(q)
+        decoding = [i for i, length in enumerate(lens) if length == 1]
+        if decoding:
+            rows = torch.tensor([starts[i] for i in decoding], dtype=torch.long)
+            picked = torch.tensor(decoding, dtype=torch.long, device=q.device)
+            decoded = kernels.paged_decode_attention(
+                q.index_select(0, rows).contiguous(), k_cache, v_cache,
+                self.block_tables.index_select(0, picked),
+                self.context_lens.index_select(0, picked), block_size=self.cache.block_size)
+            assert decoded is not None
+            out.index_copy_(0, rows, decoded)
+        for i, length in enumerate(lens):
+            if length == 1:
+                continue
+            context = int(self.context_lens[i])
+            blocks = self.block_tables[i, :-(-context // self.cache.block_size)]
+            keys = _gather_one(k_cache, blocks, self.cache.block_size, context)
+            values = _gather_one(v_cache, blocks, self.cache.block_size, context)
+            queries = q[starts[i]:starts[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+            positions = torch.arange(context, device=q.device)
+            mask = positions[None, :] <= positions[context - length:, None]  # [Q, L] causal
+            done = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                  enable_gqa=True)
+            out[starts[i]:starts[i + 1]] = done[0].transpose(0, 1)
+        return out
+
+
+def _gather_one(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
+                context: int) -> torch.Tensor:
+    """One sequence's keys or values from its blocks: [1, kv_heads, context, head_dim]."""
+    rows = cache.view(-1, block_size * cache[0].numel()).index_select(0, blocks)
+    return rows.view(1, -1, *cache.shape[1:])[:, :context].transpose(1, 2)
 
 def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
                           context_lens: list[int], query_lens: list[int],
@@ -231,4 +281,4 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         cache=cache, slot_mapping=slot_mapping.to(device),
         block_tables=table.to(device), context_lens=ctx.to(device), context_len=max_len,
         mask=None if mask is None else mask.to(device), query_index=query_index,
-        num_seqs=num_seqs, max_query_len=max_q)
+        num_seqs=num_seqs, max_query_len=max_q, query_lens=tuple(query_lens))
