@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_generate_json_shape(smollm2_gguf: Path) -> None:
     result = runner.invoke(app, ["generate", str(smollm2_gguf), "--chat", "--prompt",
-                                 "What is the capital of France?", "--max-tokens", "8",
+                                 "What is the capital of France? Answer in one word.", "--max-tokens", "8",
                                  "--temperature", "0", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -64,7 +64,7 @@ def test_generate_with_json_schema(smollm2_gguf: Path, tmp_path: Path) -> None:
     path = tmp_path / "city.json"
     path.write_text(json.dumps(schema))
     result = runner.invoke(app, ["generate", str(smollm2_gguf), "--prompt",
-                                 "What is the capital of France?", "--json-schema", str(path),
+                                 "What is the capital of France? Answer in one word.", "--json-schema", str(path),
                                  "--max-tokens", "40", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])

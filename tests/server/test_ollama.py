@@ -8,7 +8,7 @@ import httpx
 import ollama
 import pytest
 
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 GREEDY = {"temperature": 0, "num_predict": 16}
 
 

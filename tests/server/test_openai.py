@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture()
