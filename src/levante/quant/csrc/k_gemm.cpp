@@ -376,8 +376,10 @@ void fill_panel(const Weights& w, const PanelSpan& span, PanelBlock* panel) {
   }
 }
 
-// Activation rows per panel tile: 3 accumulators each; AVX-512 has 32 vector registers.
-#if defined(__AVX512VL__)
+// Activation rows per panel tile: 3 accumulators each, so 8 rows need AVX-512's 32 vector
+// registers, and VNNI (without it, a step's 3 instructions need temporaries: 8 rows ran
+// slower than 4 in a -march=skylake-avx512 build).
+#if defined(__AVX512VL__) && defined(LQ_VNNI)
 constexpr int kTileRows = 8;
 #else
 constexpr int kTileRows = 4;
