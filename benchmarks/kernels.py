@@ -1,7 +1,13 @@
-"""The quantized matmul kernel next to torch float32, per SmolLM2 shape and as a whole model.
+"""The quantized matmul kernels next to torch float32, per SmolLM2 shape and as a whole model.
 
 Usage: .venv/bin/python benchmarks/kernels.py [--ref smollm2] [--repeats 30] [--rounds 3]
-  [--tokens 128] [--threads N] [--skip-model]
+  [--tokens 128] [--threads N] [--skip-model] [--kquant]
+
+--kquant runs only part 3 (no model needed): the K-quant kernel (Q4_K, Q6_K) at the Mistral
+proxy's shapes on random blocks, GEMV (M = 1, GB/s of weight bytes read) and GEMM (M = 256,
+GOPS = 2 M N K / s), next to the Q8_0 kernel and `F.linear` in float32 on the same shape,
+timed interleaved (minimum over samples). Weights up to a few MB stay in cache between
+calls (the K = 1280 x N = 131072 head, 94-335 MB, never does).
 
 Part 1, per weight shape of SmolLM2 (Q4_1 layers, Q8_0 tied head), at M = 1 (decode) and
 M = 64 (prefill): our kernel vs `F.linear` on the dequantized float32 weight, each the
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from levante.quant import kernels
@@ -47,17 +54,17 @@ PROMPT = ("The history of astronomy is long and rich. Early observers tracked th
           "the sun, the moon and the planets, and built calendars around them. ") * 4
 
 
-def min_time(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Seconds per call of each fn: min over `repeats` samples, the fns interleaved."""
+def min_time(fns: list[Callable[[], object]], repeats: int, calls: int = 5) -> list[float]:
+    """Seconds per call of each fn: min over `repeats` samples of `calls` calls, interleaved."""
     best = [float("inf")] * len(fns)
     for fn in fns:
         fn()  # warm-up
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
-            for _ in range(5):
+            for _ in range(calls):
                 fn()
-            best[i] = min(best[i], (time.perf_counter() - start) / 5)
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
     return best
 
 
@@ -112,6 +119,51 @@ def sweep_table(gguf: GGUFFile, repeats: int) -> None:
     print(f"  ours {ours * 1e3:.2f} ms ({num_bytes[0] / ours / 1e9:.1f} GB/s, "
           f"{1 / ours:.0f} tokens/s), float32 {f32 * 1e3:.2f} ms ({num_bytes[1] / f32 / 1e9:.1f} "
           f"GB/s, {1 / f32:.0f} tokens/s): {f32 / ours:.2f}x")
+
+
+# Part 3: (N, K) of the Mistral proxy: q/o/gate-up input, k/v, ffn up, output head; ffn down.
+KQUANT_SHAPES = [(1280, 1280), (256, 1280), (8192, 1280), (131072, 1280), (1280, 8192)]
+Q = GGMLQuantizationType
+SCALE_FIELDS = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,)}  # f16 byte offsets per block
+
+
+def random_blocks(qtype: GGMLQuantizationType, num_rows: int, num_cols: int) -> torch.Tensor:
+    """Random block bytes, each f16 scale set to 2^-10: uint8 [N, row_bytes]."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = torch.randint(0, 256, (num_rows * num_cols // block_size, type_size),
+                           dtype=torch.uint8)
+    for start in SCALE_FIELDS[qtype]:
+        blocks[:, start:start + 2] = torch.tensor([0x00, 0x14], dtype=torch.uint8)
+    return blocks.view(num_rows, -1)
+
+
+def kquant_table(repeats: int) -> None:
+    """Part 3: Q4_K / Q6_K kernel vs Q8_0 kernel vs float32, GEMV GB/s and GEMM GOPS."""
+    names = ["Q4_K", "Q6_K", "Q8_0", "f32"]
+    print(f"\n{'N x K':<14}{'M':>4}" + "".join(f"{n + ' ms':>10}{'':>7}" for n in names)
+          + f"{'Q4_K/f32':>10}{'Q6_K/f32':>9}")
+    for num_rows, num_cols in KQUANT_SHAPES:
+        q4, q6 = (random_blocks(t, num_rows, num_cols) for t in (Q.Q4_K, Q.Q6_K))
+        q8 = kernels.repack(Q.Q8_0, random_blocks(Q.Q8_0, num_rows, num_cols),
+                            (num_rows, num_cols))
+        f32 = torch.randn(num_rows, num_cols)
+        num_bytes = [q4.nbytes, q6.nbytes, q8.nbytes, f32.nbytes]
+        for num_tokens in (1, 256):
+            x = torch.randn(num_tokens, num_cols)
+            fns = [partial(kernels.kquant_linear, x, q4, Q.Q4_K),
+                   partial(kernels.kquant_linear, x, q6, Q.Q6_K),
+                   partial(kernels.qlinear, x, q8), partial(F.linear, x, f32)]
+            big = num_tokens > 1 or num_rows * num_cols > 1 << 24
+            times = min_time(fns, max(3, repeats // 6) if big else repeats, 1 if big else 5)
+            cells = ""
+            for seconds, size in zip(times, num_bytes):
+                rate = (size / seconds / 1e9 if num_tokens == 1
+                        else 2 * num_tokens * num_rows * num_cols / seconds / 1e9)
+                cells += f"{seconds * 1e3:>10.3f}{rate:>6.0f}{'G' if num_tokens == 1 else 'T'}"
+            print(f"{num_rows:>6} x {num_cols:<5}{num_tokens:>4}{cells}"
+                  f"{times[3] / times[0]:>9.2f}x{times[3] / times[1]:>8.2f}x")
+        del q4, q6, q8, f32
+    print("  G: GB/s of weight bytes read (M = 1); T: GOPS, 2 M N K per second (M = 256)")
 
 
 class QuantLinear(nn.Module):
@@ -195,6 +247,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--kquant", action="store_true",
+                        help="only part 3: K-quant kernels at the Mistral proxy's shapes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args()
@@ -203,11 +257,16 @@ def main() -> None:
 
     from levante.weights.hub import resolve
 
-    path = resolve(args.ref)
     assert kernels.available(), "kernel not built: see the log"
     print(f"kernel {kernels.kernel_isa()}; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.2f} (shared machine: minimum of "
           f"{args.repeats} samples per cell)")
+    if args.kquant:
+        with torch.inference_mode():
+            kquant_table(args.repeats)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        return
+    path = resolve(args.ref)
     with torch.inference_mode():
         shape_table(GGUFFile(path), args.repeats)
         sweep_table(GGUFFile(path), args.repeats)
