@@ -19,6 +19,104 @@ def _whole(value: Any, name: str) -> int:
     return value
 
 
+# What a model file may ask for that Levante computes differently or not at all: each is
+# refused by name rather than loaded into a model that would give other numbers.
+HF_MODEL_TYPES = ("llama", "mistral")
+# params.json keys Levante reads or that do not change the computation (any other key set to
+# something other than null/false/{} names a feature mistral-inference has and we lack).
+PARAMS_KEYS = frozenset({"dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
+                         "norm_eps", "vocab_size", "rope_theta", "max_seq_len", "max_batch_size",
+                         "tied_embeddings", "model_type", "sliding_window", "_sliding_window"})
+
+
+def _unimplemented(where: str, key: str, value: Any, feature: str) -> ConfigError:
+    """The error for a model-file setting that selects a feature Levante lacks."""
+    shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
+    return ConfigError(f"{where} sets {key} = {shown}: {feature} is not implemented in Levante")
+
+
+def _check_window(where: str, key: str, window: Any, context: int) -> None:
+    """A sliding window at least as long as the context never slides: accept it; refuse others."""
+    if window is None:
+        return
+    if type(window) is not int or window <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive integer or null, got {window!r}")
+    if window < context:
+        raise _unimplemented(where, key, window, f"sliding-window attention (a window shorter "
+                                                 f"than the {context}-token context)")
+
+
+def _check_rope(value: Any, where: str, key: str, *, default: str | None) -> None:
+    """Accept an HF `rope_scaling`/`rope_parameters` entry only for plain RoPE ("default").
+
+    transformers 5 writes `rope_parameters` ({"rope_theta": ..., "rope_type": "default"});
+    older files write `rope_scaling` ({"type": "linear", "factor": 2.0}) or null.
+    """
+    if value is None or value == {}:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be an object or null, got {value!r}")
+    if value.get("rope_type", value.get("type", default)) != "default":
+        raise _unimplemented(where, key, value, "RoPE scaling")
+
+
+def _check_hf_features(hf: dict[str, Any]) -> None:
+    """Refuse config.json settings that change the computation in ways Levante lacks."""
+    where = "config.json"
+    model_type = hf.get("model_type")
+    if model_type is not None and model_type not in HF_MODEL_TYPES:
+        raise _unimplemented(where, "model_type", model_type,
+                             f"this architecture (Levante runs {' and '.join(HF_MODEL_TYPES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _unimplemented(where, "hidden_act", hf["hidden_act"], "an activation other than SiLU")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise _unimplemented(where, key, hf[key], "a projection bias")
+    _check_rope(hf.get("rope_scaling"), where, "rope_scaling", default=None)
+    _check_rope(hf.get("rope_parameters"), where, "rope_parameters", default="default")
+    if hf.get("quantization_config") is not None:
+        raise _unimplemented(where, "quantization_config", hf["quantization_config"],
+                             "loading a pre-quantized checkpoint of this kind")
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window") is not False:  # Qwen2's switch
+        _check_window(where, "sliding_window", window,
+                      int(hf.get("max_position_embeddings", 4096)))
+
+
+def _check_params_features(params: dict[str, Any], context: int) -> None:
+    """Refuse params.json keys Levante does not implement (MoE, LoRA, vision, sliding window)."""
+    where = "params.json"
+    for key, value in params.items():
+        if key not in PARAMS_KEYS and value not in (None, False, {}, []):
+            raise _unimplemented(where, key, value, f"the {key!r} option")
+    if params.get("model_type", "transformer") != "transformer":
+        raise _unimplemented(where, "model_type", params["model_type"],
+                             "a model other than a transformer")
+    for key in ("sliding_window", "_sliding_window"):
+        _check_window(where, key, params.get(key), context)
+
+
+def _check_gguf_features(meta: dict[str, Any], arch: str, *, head_dim: int,
+                         context: int) -> None:
+    """Refuse GGUF metadata selecting RoPE scaling, sliding windows, partial rotary or MoE."""
+    where = "GGUF metadata"
+    scaling = f"{arch}.rope.scaling.type"
+    if meta.get(scaling) not in (None, "none", "linear"):
+        raise _unimplemented(where, scaling, meta[scaling], "RoPE scaling")
+    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        if meta.get(key) not in (None, 0, 1):  # llama.cpp reads 0 as "not set"
+            raise _unimplemented(where, key, meta[key], "RoPE scaling")
+    window = f"{arch}.attention.sliding_window"
+    _check_window(where, window, meta.get(window), context)
+    rotary = f"{arch}.rope.dimension_count"
+    if meta.get(rotary, head_dim) != head_dim:
+        raise _unimplemented(where, rotary, meta[rotary],
+                             f"rotary embedding of part of a head (head_dim is {head_dim})")
+    experts = f"{arch}.expert_count"
+    if meta.get(experts):
+        raise _unimplemented(where, experts, meta[experts], "mixture of experts")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Dimensions of a decoder-only transformer (HF naming in comments)."""
@@ -78,8 +176,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """From a transformers `config.json` (Mistral or Llama)."""
+        """From a transformers `config.json` (Mistral or Llama); features we lack are refused."""
         try:
+            _check_hf_features(hf)
             num_heads = int(hf["num_attention_heads"])
             dim = int(hf["hidden_size"])
             rope = hf.get("rope_theta")
@@ -109,8 +208,9 @@ class ModelConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], *, max_seq_len: int = 32768) -> ModelConfig:
-        """From a Mistral `params.json` (consolidated format)."""
+        """From a Mistral `params.json` (consolidated format); features we lack are refused."""
         try:
+            _check_params_features(params, int(params.get("max_seq_len", max_seq_len)))
             dim = int(params["dim"])
             num_heads = int(params["n_heads"])
             return cls(
@@ -135,7 +235,8 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], *, has_output_tensor: bool) -> ModelConfig:
-        """From GGUF metadata (`general.architecture` = llama or mistral)."""
+        """From GGUF metadata (`general.architecture` = llama or mistral); features we lack
+        (RoPE scaling, sliding window, MoE) are refused. Tensors are checked by the loader."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "mistral"):
             raise ConfigError(f"unsupported GGUF architecture {arch!r} (need llama or mistral)")
@@ -159,7 +260,7 @@ class ModelConfig:
                                                        else 0)
             eos = meta.get("tokenizer.ggml.eos_token_id")
             bos = meta.get("tokenizer.ggml.bos_token_id")
-            return cls(
+            config = cls(
                 vocab_size=_whole(vocab, f"{arch}.vocab_size"),
                 dim=dim,
                 num_layers=whole("block_count"),
@@ -176,6 +277,8 @@ class ModelConfig:
             )
         except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"GGUF metadata has a malformed value: {e}") from None
+        _check_gguf_features(meta, arch, head_dim=config.head_dim, context=config.max_seq_len)
+        return config
 
 
 PRESETS: dict[str, ModelConfig] = {
