@@ -16,7 +16,7 @@ from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
 from levante.model import Transformer
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
-from levante.weights.gguf import GGUFFile, load_gguf_state_dict
+from levante.weights.gguf import GGUFFile, check_fits_config, load_gguf_state_dict
 from levante.weights.hub import resolve
 from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
 
@@ -89,6 +89,7 @@ def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
                                        in gguf_file.tensor_names)
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
+    check_fits_config(gguf_file, config)  # every tensor, for both paths, before any is read
     tokenizer, chat = _gguf_tokenizer(path, meta)
     config = _limit(config, max_seq_len)
     if keep_blocks:

@@ -3,7 +3,6 @@ and a clear ModelFileError for every kind of broken file."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import struct
 import time
@@ -14,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from levante.bundle import load
 from levante.config import PRESETS, ModelConfig
 from levante.errors import ModelFileError
-from levante.weights.gguf import GGUFFile, load_gguf_state_dict
+from levante.weights.gguf import GGUFFile, check_fits_config, load_gguf_state_dict
 from levante.weights.layout import half_to_interleaved
 
 QT = gguf.GGMLQuantizationType
@@ -56,10 +56,22 @@ def tiny_gguf_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarra
 
 
 def write_gguf(path: Path, tensors: dict[str, np.ndarray], *,
-               raw_dtypes: dict[str, QT] | None = None) -> Path:
-    """A small llama GGUF with gguf-py's writer (arrays are torch order, as gguf-py's)."""
+               raw_dtypes: dict[str, QT] | None = None, model_metadata: bool = False) -> Path:
+    """A small llama GGUF with gguf-py's writer (arrays are torch order, as gguf-py's).
+
+    model_metadata: also TINY's dimensions, so `ModelConfig.from_gguf` reads TINY back.
+    """
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(TINY.num_layers)
+    if model_metadata:
+        writer.add_context_length(TINY.max_seq_len)
+        writer.add_embedding_length(TINY.dim)
+        writer.add_feed_forward_length(TINY.ffn_dim)
+        writer.add_head_count(TINY.num_heads)
+        writer.add_head_count_kv(TINY.num_kv_heads)
+        writer.add_key_length(TINY.head_dim)
+        writer.add_rope_dimension_count(TINY.head_dim)
+        writer.add_vocab_size(TINY.vocab_size)
     writer.add_array("test.numbers", [1, 2, 3])
     for name, array in tensors.items():
         writer.add_tensor(name, array, raw_dtype=(raw_dtypes or {}).get(name))
@@ -142,6 +154,7 @@ def test_opening_is_fast(smollm2_gguf: Path) -> None:
 def test_config_from_metadata_equals_preset(smol: GGUFFile) -> None:
     has_output = "output.weight" in smol.tensor_names
     assert ModelConfig.from_gguf(smol.metadata, has_output_tensor=has_output) == PRESETS["smollm2"]
+    check_fits_config(smol, PRESETS["smollm2"])  # every tensor known, none refused
 
 
 def test_state_dict_names_and_shapes(smol_state: dict[str, torch.Tensor]) -> None:
@@ -198,13 +211,33 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert torch.equal(bf16["model.layers.1.self_attn.q_proj.weight"], q.bfloat16())
 
 
-def test_extra_tensor_ignored_with_debug_line(tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
-    tensors = tiny_gguf_tensors(TINY) | {"rope_freqs.weight": np.ones(4, np.float32)}
-    with caplog.at_level(logging.DEBUG, logger="levante.weights.gguf"):
-        state = load_gguf_state_dict(GGUFFile(write_gguf(tmp_path / "t.gguf", tensors)), TINY,
-                                     torch.float32)
-    assert len(state) == 3 + 2 * 9 and "rope_freqs.weight" in caplog.text
+@pytest.mark.parametrize(("extra", "why"), [
+    ("rope_freqs.weight", "per-frequency RoPE factors"),
+    ("blk.0.attn_q.bias", "is a bias"),
+    ("blk.1.ffn_down.bias", "is a bias"),
+    ("vision.patch_embd.weight", "not one Levante knows"),
+])
+def test_extra_tensor_refused_naming_file_and_tensor(tmp_path: Path, extra: str,
+                                                     why: str) -> None:
+    """A tensor the model has no place for is refused, not dropped: the file computes with it."""
+    tensors = tiny_gguf_tensors(TINY) | {extra: np.ones(TINY.dim, np.float32)}
+    path = write_gguf(tmp_path / "t.gguf", tensors)
+    with pytest.raises(ModelFileError) as caught:
+        load_gguf_state_dict(GGUFFile(path), TINY, torch.float32)
+    message = str(caught.value)
+    assert str(path) in message and f"tensor {extra} " in message and why in message, message
+
+
+@pytest.mark.parametrize("quant", ["auto", "gguf", "none"])
+def test_extra_tensor_refused_by_every_load_path(tmp_path: Path, quant: str) -> None:
+    """The block-kernel path (the default on CPU) refuses it too, before any weight is read."""
+    tensors = tiny_gguf_tensors(TINY) | {"blk.1.attn_k.bias": np.ones(16, np.float32)}
+    path = write_gguf(tmp_path / "t.gguf", tensors, model_metadata=True)
+    assert ModelConfig.from_gguf(GGUFFile(path).metadata, has_output_tensor=True) == TINY
+    with pytest.raises(ModelFileError) as caught:
+        load(str(path), quant=quant)
+    message = str(caught.value)
+    assert str(path) in message and "tensor blk.1.attn_k.bias is a bias" in message, message
 
 
 def test_shape_disagreeing_with_config(tmp_path: Path) -> None:

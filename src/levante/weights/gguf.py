@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import mmap
 import struct
 import warnings
@@ -24,8 +23,6 @@ from levante.weights.layout import (
     hf_name,
     interleaved_to_half,
 )
-
-logger = logging.getLogger(__name__)
 
 # We parse the header ourselves rather than through `gguf.GGUFReader` (the type enums and
 # block sizes still come from `gguf`; tests check our reading against the reader): the
@@ -332,9 +329,14 @@ def _our_name(name: str) -> str | None:
                    layer_prefix="blk.")
 
 
-def _check_fits_config(gguf_file: GGUFFile, expected: dict[str, tuple[int, ...]],
-                       config: ModelConfig) -> None:
-    """Every tensor the config needs is present with its shape; no stray model tensors."""
+def check_fits_config(gguf_file: GGUFFile, config: ModelConfig) -> None:
+    """Every tensor the config needs is present with its shape, and nothing else is there.
+
+    A tensor Levante would not compute with (a bias, `rope_freqs.weight`'s RoPE factors, a
+    layer beyond the config, any unknown name) is refused rather than dropped: a model that
+    ships it computes with it. Reads only the header.
+    """
+    expected = expected_gguf_shapes(config)
     present = set(gguf_file.tensor_names)
     missing = [name for name in expected if name not in present]
     if missing:
@@ -343,16 +345,25 @@ def _check_fits_config(gguf_file: GGUFFile, expected: dict[str, tuple[int, ...]]
                                              f"{', '.join(missing[:5])}{more}")
     for name in gguf_file.tensor_names:
         if name not in expected:
-            if _our_name(name) is not None:
-                raise ModelFileError(gguf_file.path, (
-                    f"tensor {name} is not part of the model the config describes "
-                    f"({config.num_layers} layers, tie_embeddings={config.tie_embeddings})"))
-            logger.debug("%s: ignoring tensor %s", gguf_file.path, name)
-            continue
+            raise ModelFileError(gguf_file.path, _unexpected_tensor(name, config))
         shape = gguf_file.tensor_shape(name)
         if shape != expected[name]:
             raise ModelFileError(gguf_file.path, f"tensor {name} has shape {shape}, expected "
                                                  f"{expected[name]} from the config")
+
+
+def _unexpected_tensor(name: str, config: ModelConfig) -> str:
+    """Why a tensor the config does not call for is refused."""
+    if name == "rope_freqs.weight":
+        return (f"tensor {name} holds per-frequency RoPE factors (Llama 3.1-style RoPE "
+                f"scaling), which are not implemented in Levante")
+    if name.endswith(".bias"):
+        return (f"tensor {name} is a bias: projection biases are not implemented in Levante")
+    if _our_name(name) is not None:
+        return (f"tensor {name} is not part of the model the config describes "
+                f"({config.num_layers} layers, tie_embeddings={config.tie_embeddings})")
+    return (f"tensor {name} is not one Levante knows for a llama/mistral model: it would not "
+            f"compute with it")
 
 
 def load_gguf_state_dict(gguf_file: GGUFFile, config: ModelConfig,
@@ -362,8 +373,8 @@ def load_gguf_state_dict(gguf_file: GGUFFile, config: ModelConfig,
     q/k rows come back in rotate-half order (GGUF stores them interleaved, see
     `layout.interleaved_to_half`). A tied model has no `lm_head.weight`.
     """
+    check_fits_config(gguf_file, config)
     expected = expected_gguf_shapes(config)
-    _check_fits_config(gguf_file, expected, config)
     state: dict[str, torch.Tensor] = {}
     for name in expected:
         weight = gguf_file.load(name, dtype)
