@@ -8,8 +8,9 @@ quantization or LoRA: those swap layers or pass an `AttentionBackend`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,88 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     return concat(parts) if concat is not None else None
 
 
+@dataclass(frozen=True, eq=False)  # identity, not tensor ==
+class FusedProjection:
+    """A joined layer (`concat_linears`) and the parts it computes, valid while they stay.
+
+    The parts' weights are views of the joined layer's, so in-place updates reach both. A part
+    swapped for another module (a LoRA wrapper, a quantized layer, a new Linear) or given new
+    parameters/buffers leaves the joined layer computing with the old weights: `is_current`
+    then says no and the owner computes the parts one by one.
+    """
+
+    layer: nn.Module
+    parts: tuple[nn.Module, ...]
+    tensors: tuple[torch.Tensor | None, ...]  # the parts' own parameters and buffers
+
+    @classmethod
+    def join(cls, parts: Sequence[nn.Module]) -> FusedProjection | None:
+        """Join `parts` by output rows, or None where their types cannot be joined."""
+        layer = concat_linears(parts)
+        return None if layer is None else cls(layer, tuple(parts), _own_tensors(parts))
+
+    def is_current(self, parts: Sequence[nn.Module]) -> bool:
+        """Whether `parts` are the very modules, holding the very tensors, joined here."""
+        if any(now is not then for now, then in zip(parts, self.parts, strict=True)):
+            return False
+        return all(now is then for now, then in zip(_own_tensors(parts), self.tensors,
+                                                    strict=True))
+
+
+def _own_tensors(parts: Sequence[nn.Module]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(t for p in parts for t in (*p._parameters.values(), *p._buffers.values()))
+
+
+class FusableProjections(nn.Module):
+    """A block whose projections `part_names` can run as one matmul (`fuse`), safely.
+
+    Swapping a part (`setattr`, `set_submodule`, PEFT's and `quantize_model`'s swaps) drops
+    the joined layer, freeing its weights; moving or casting the block (`.to()`) joins the
+    moved parts again; forward checks `FusedProjection.is_current` for anything else (a
+    part's weight reassigned), so a stale joined layer is never used.
+    """
+
+    part_names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        # A plain attribute, not a registered submodule: parameters(), state_dict() and byte
+        # counts see each weight once, under its HF name.
+        self.fusion: FusedProjection | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.part_names:
+            self.__dict__["fusion"] = None  # the joined layer would keep the old part's weights
+        super().__setattr__(name, value)
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        """The current part modules, in `part_names` order."""
+        return tuple(getattr(self, name) for name in self.part_names)
+
+    def joined(self) -> nn.Module | None:
+        """The joined layer if it still computes exactly the current parts, else None."""
+        fusion = self.fusion
+        return fusion.layer if fusion is not None and fusion.is_current(self.parts()) else None
+
+    def fuse(self) -> bool:
+        """Join the current parts (kept if already joined); False where they cannot be."""
+        if self.joined() is None:
+            self.fusion = FusedProjection.join(self.parts())
+        return self.fusion is not None
+
+    def unfuse(self) -> None:
+        """Back to one matmul per part."""
+        self.fusion = None
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> FusableProjections:
+        # .to()/.half()/.cuda() give each part new storage the joined layer does not share.
+        was_fused, self.fusion = self.fusion is not None, None
+        super()._apply(fn, recurse)
+        if was_fused:
+            self.fuse()
+        return self
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the HF reference does."""
 
@@ -117,8 +200,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return out.addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
-class Attention(nn.Module):
+class Attention(FusableProjections):
     """Grouped-query attention; `backend=None` means plain causal attention over the input."""
+
+    part_names = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -130,13 +215,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul (`fuse_projections`)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend | None) -> torch.Tensor:
         # x: [..., dim] -> q: [..., heads, head_dim], k/v: [..., kv_heads, head_dim]
-        if self.qkv_proj is not None:
-            q, k, v = self._fused_qkv(x, cos, sin)
+        qkv_proj = self.joined()  # q, k, v in one matmul (`fuse`), if still current
+        if qkv_proj is not None:
+            q, k, v = self._joined_qkv(qkv_proj, x, cos, sin)
         else:
             q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
             k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -151,30 +236,31 @@ class Attention(nn.Module):
             out = backend.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.flatten(-2))
 
-    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _joined_qkv(self, qkv_proj: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v from one matmul, q and k rotated together (all views of one buffer)."""
-        assert self.qkv_proj is not None
         heads = self.num_heads + 2 * self.num_kv_heads
-        qkv = self.qkv_proj(x).unflatten(-1, (heads, self.head_dim))  # [..., H + 2 KV, hd]
+        qkv = qkv_proj(x).unflatten(-1, (heads, self.head_dim))  # [..., H + 2 KV, hd]
         num_qk = self.num_heads + self.num_kv_heads
         qk = apply_rotary(qkv[..., :num_qk, :], cos, sin).to(x.dtype)
         return qk[..., :self.num_heads, :], qk[..., self.num_heads:, :], qkv[..., num_qk:, :]
 
 
-class MLP(nn.Module):
+class MLP(FusableProjections):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    part_names = ("gate_proj", "up_proj")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up_proj = self.joined()  # gate and up in one matmul (`fuse`), if still current
+        if gate_up_proj is not None:
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -253,27 +339,19 @@ class Transformer(nn.Module):
         """Join each layer's q/k/v and gate/up linears into one matmul each (inference).
 
         The joined layer's weights back the parts (views), so memory is unchanged and the
-        HF-named parts keep working; `unfuse_projections` undoes it (LoRA does, as it wraps
-        the parts). Plain `nn.Linear`s join; other layer types where they implement
-        `RowConcatenable`. Returns how many groups were joined.
+        HF-named parts keep working. Safe against later changes (`FusableProjections`): a
+        swapped part (LoRA, quantization) drops its joined layer, a moved model re-joins.
+        Plain `nn.Linear`s join; other layer types where they implement `RowConcatenable`.
+        Calling it again keeps what is still joined. Returns how many groups are joined.
         """
-        num_fused = 0
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
-            # Plain attributes, not registered submodules: parameters(), state_dict() and
-            # byte counts see each weight once, under its HF name. Fuse after moving the model.
-            object.__setattr__(attn, "qkv_proj", qkv)
-            object.__setattr__(mlp, "gate_up_proj", gate_up)
-            num_fused += (qkv is not None) + (gate_up is not None)
-        return num_fused
+        return sum(block.fuse() for layer in self.model.layers
+                   for block in (layer.self_attn, layer.mlp))
 
     def unfuse_projections(self) -> None:
-        """Back to one matmul per HF linear (before swapping or wrapping those)."""
+        """Back to one matmul per HF linear."""
         for layer in self.model.layers:
-            object.__setattr__(layer.self_attn, "qkv_proj", None)
-            object.__setattr__(layer.mlp, "gate_up_proj", None)
+            layer.self_attn.unfuse()
+            layer.mlp.unfuse()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., vocab] in float32."""
