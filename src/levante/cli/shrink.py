@@ -91,7 +91,8 @@ def finetune(
 @app.command()
 def quantize(
     src: Ref,
-    to: Annotated[str, typer.Option("--to", help="GGUF: q8_0 | q4_0 | q4_1 | q4_mix | f16 | "
+    to: Annotated[str, typer.Option("--to", help="GGUF as llama.cpp writes it: q4_k_m | q3_k_m "
+                                                 "| q5_k_m | q6_k | q8_0 | q4_0 | q4_1 | f16 | "
                                                  "bf16; Levante safetensors: int8 | int4")],
     out: Annotated[Path, typer.Option("--out", help="output .gguf file, or folder for int8/int4")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,

@@ -1,10 +1,13 @@
 """`levante quantize`: a checkpoint -> a GGUF file, or Levante's int8/int4 safetensors folder.
 
-GGUF output is streamed tensor by tensor through `gguf.GGUFWriter` with `gguf.quants.quantize`
-(llama.cpp's own reference quantizers). gguf-py 0.19 writes F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1
-but no K-quants (Q3_K..Q6_K have no Python quantizer), so "q4_mix" follows llama.cpp's Q4_K_M
-choice per tensor (`plan.llama_cpp_type`) with writable stand-ins: Q4_K -> Q4_1, Q6_K -> Q8_0
-(and Q4_0/Q4_1 files keep the output head at Q8_0 where llama.cpp uses Q6_K).
+GGUF output is streamed tensor by tensor through `gguf.GGUFWriter`: K-quants (Q3_K..Q6_K) by
+`levante.quant.k_quantize` (llama.cpp's reference algorithms, same bytes), the legacy block
+types (Q8_0, Q4_0, Q4_1, ...) by `gguf.quants.quantize`. The K-quant mixes (q4_k_m, q3_k_m,
+q5_k_m) pick a type per tensor as llama.cpp's quantizer does (`plan.llama_cpp_type`; a tied
+embedding is the output head there), and write llama.cpp's `general.file_type`.
+Rows that are not whole 256-value super-blocks fall back as in llama.cpp (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K and the output head -> Q8_0, Q3_K -> Q4_0), except that a fallback type
+Levante cannot read yet (Q5_0, Q5_1) is written as Q8_0, so every output loads back.
 
 Levante's int8/int4 safetensors folder: config.json, the tokenizer files, and a
 model.safetensors in the format `levante.quant.linear.quantized_tensors` documents.
@@ -33,6 +36,9 @@ from levante.bundle import read_json_object
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.plan import llama_cpp_type
+from levante.quant.gguf_blocks import SUPPORTED_TYPES
+from levante.quant.k_quantize import K_QUANTIZERS
+from levante.quant.k_quantize import quantize as k_quantize
 from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
 from levante.weights.layout import (
     CONSOLIDATED_GLOBAL_NAMES,
@@ -49,12 +55,15 @@ Q = GGMLQuantizationType
 
 GGUF_FORMATS: dict[str, tuple[GGMLQuantizationType | None, int]] = {
     # format -> (type of every 2-D tensor, or None for a mix; llama.cpp's general.file_type)
-    "f16": (Q.F16, 1), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7), "q4_0": (Q.Q4_0, 2),
-    "q4_1": (Q.Q4_1, 3), "q4_mix": (None, 3),
+    "f16": (Q.F16, 1), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7), "q6_k": (Q.Q6_K, 18),
+    "q5_k_m": (None, 17), "q4_k_m": (None, 15), "q3_k_m": (None, 12), "q4_0": (Q.Q4_0, 2),
+    "q4_1": (Q.Q4_1, 3),
 }
 SAFETENSORS_FORMATS = ("int8", "int4")
 FORMATS = (*GGUF_FORMATS, *SAFETENSORS_FORMATS)
-WRITABLE = {Q.Q4_K: Q.Q4_1, Q.Q6_K: Q.Q8_0}  # K-quant -> what gguf-py can write instead
+# llama.cpp's type for rows that are not whole blocks of the chosen type (tensor_type_fallback)
+LLAMA_CPP_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+                      Q.Q6_K: Q.Q8_0}
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 
@@ -86,8 +95,7 @@ def quantize_checkpoint(src: str | Path, *, to: str, out: str | Path,
                         progress: bool = True) -> QuantizeResult:
     """Read `src` (a GGUF file, an HF or consolidated folder, a model ref); write `to` at `out`."""
     if to not in FORMATS:
-        raise ConfigError(f"--to must be one of {', '.join(FORMATS)} (K-quants such as q4_k_m "
-                          f"cannot be written by gguf-py; q4_mix is the closest); got {to!r}")
+        raise ConfigError(f"--to must be one of {', '.join(FORMATS)}; got {to!r}")
     from levante.weights.hub import resolve
 
     start = time.perf_counter()
@@ -185,15 +193,47 @@ def _permuted(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Ten
     return tensor
 
 
-def export_type(fmt: str, name: str, shape: tuple[int, ...], num_layers: int) -> Q:
-    """The GGUF type `fmt` writes tensor `name` (HF naming) in; norms stay F32."""
+def export_type(fmt: str, name: str, shape: tuple[int, ...], num_layers: int, *,
+                is_tied: bool = False) -> Q:
+    """The GGUF type `fmt` writes tensor `name` (HF naming) in; norms stay F32.
+
+    llama.cpp's choice (`plan.llama_cpp_type`, with a tied embedding treated as the output
+    head), then `_fallback_type` where rows are not whole blocks of it.
+    """
+    chosen = _llama_cpp_choice(fmt, name, shape, num_layers, is_tied)
+    if chosen in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+        return chosen
+    return _fallback_type(chosen, name, shape[-1])
+
+
+def _llama_cpp_choice(fmt: str, name: str, shape: tuple[int, ...], num_layers: int,
+                      is_tied: bool) -> Q:
+    """llama.cpp's type for the tensor before any fallback for its row length."""
+    single, _ = GGUF_FORMATS[fmt]
     if len(shape) == 1:
         return Q.F32
-    single, _ = GGUF_FORMATS[fmt]
     if single in (Q.F16, Q.BF16, Q.Q8_0):
         return single
-    qtype = llama_cpp_type("q4_k_m" if single is None else fmt, name, num_layers)
-    return WRITABLE.get(qtype, qtype)
+    rule_name = "lm_head.weight" if is_tied and name == "model.embed_tokens.weight" else name
+    return llama_cpp_type(fmt, rule_name, num_layers)
+
+
+def _fallback_type(chosen: Q, name: str, row_size: int) -> Q:
+    """`chosen`, or what llama.cpp writes when rows of `row_size` are not whole blocks of it.
+
+    A fallback Levante cannot read yet (Q5_0, Q5_1: no dequantizer in gguf_blocks) becomes
+    Q8_0; one whose blocks do not fit either becomes F16, as in llama.cpp.
+    Example: Q4_K with rows of 576 (SmolLM2) -> llama.cpp Q5_0 -> Q8_0 here.
+    """
+    if row_size % GGML_QUANT_SIZES[chosen][0] == 0:
+        return chosen
+    if chosen not in LLAMA_CPP_FALLBACK:
+        raise ConfigError(f"{name}: rows of {row_size} values are not whole {chosen.name} "
+                          f"blocks of {GGML_QUANT_SIZES[chosen][0]}")
+    fallback = LLAMA_CPP_FALLBACK[chosen]
+    if fallback not in SUPPORTED_TYPES:
+        fallback = Q.Q8_0
+    return fallback if row_size % GGML_QUANT_SIZES[fallback][0] == 0 else Q.F16
 
 
 def _encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
@@ -203,45 +243,72 @@ def _encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
         return array
     if qtype == Q.F16:
         return array.astype(np.float16)
+    if qtype in K_QUANTIZERS:
+        return k_quantize(array, qtype, num_threads=torch.get_num_threads())
     return quants.quantize(array, qtype)
 
 
 def _tensor_info(fmt: str, name: str, shape: tuple[int, ...],
                  config: ModelConfig) -> tuple[Q, tuple[int, ...], np.dtype[Any], int]:
     """(type, shape as GGUFWriter wants it, numpy dtype, bytes) for one tensor."""
-    qtype = export_type(fmt, name, shape, config.num_layers)
+    qtype = export_type(fmt, name, shape, config.num_layers, is_tied=config.tie_embeddings)
     if qtype in (Q.F32, Q.F16):
         dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
         return qtype, shape, dtype, int(np.prod(shape)) * dtype.itemsize
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if shape[-1] % block_size:
-        raise ConfigError(f"{name}: rows of {shape[-1]} values are not whole {qtype.name} "
-                          f"blocks of {block_size}")
     byte_shape = (*shape[:-1], shape[-1] // block_size * type_size)
     return qtype, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
 def _write_gguf(source: _Source, fmt: str, out: Path, progress: bool) -> dict[str, int]:
+    """Header, metadata and tensor table first, then each tensor as it is loaded and encoded.
+
+    A tensor that cannot be encoded (non-finite values, scales out of f16 range) fails with
+    its name, and the unfinished file is removed.
+    """
     config = source.config
     to_gguf = _reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
     shapes = expected_shapes(config)
-    writer = GGUFWriter(out, arch="llama")
-    _add_model_metadata(writer, config, fmt, source.path.name)
-    _add_tokenizer(writer, source)
     infos = {name: _tensor_info(fmt, name, shape, config) for name, shape in shapes.items()}
-    for name, (qtype, shape, dtype, nbytes) in infos.items():
-        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
-        writer.add_tensor_info(to_gguf(name), shape, dtype, nbytes, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    with _progress(progress, f"quantizing to {fmt}", len(infos)) as advance:
-        for name, (qtype, _, _, _) in infos.items():
-            tensor = _permuted(config, name, source.load(name))
-            writer.write_tensor_data(_encode(tensor, qtype))
-            advance()
+    _log_fallbacks(fmt, shapes, infos, config)
+    writer = GGUFWriter(out, arch="llama")
+    try:
+        _add_model_metadata(writer, config, fmt, source.path.name)
+        _add_tokenizer(writer, source)
+        for name, (qtype, shape, dtype, nbytes) in infos.items():
+            raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
+            writer.add_tensor_info(to_gguf(name), shape, dtype, nbytes, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(int(np.prod(shape)) for shape in shapes.values())
+        with _progress(progress, f"quantizing to {fmt}", total) as advance:
+            for name, (qtype, _, _, _) in infos.items():
+                tensor = _permuted(config, name, source.load(name))
+                try:
+                    encoded = _encode(tensor, qtype)
+                except ValueError as e:
+                    raise ModelFileError(source.path, f"{name} -> {qtype.name}: {e}") from None
+                writer.write_tensor_data(encoded)
+                advance(tensor.numel())
+                del tensor, encoded
+    except BaseException:
+        writer.close()
+        out.unlink(missing_ok=True)
+        raise
     writer.close()
     return _count(qtype.name for qtype, *_ in infos.values())
+
+
+def _log_fallbacks(fmt: str, shapes: dict[str, tuple[int, ...]],
+                   infos: dict[str, tuple[Q, tuple[int, ...], np.dtype[Any], int]],
+                   config: ModelConfig) -> None:
+    """One warning per (chosen, written) pair where rows are not whole blocks of the choice."""
+    pairs = _count(f"{chosen.name} -> {infos[name][0].name}" for name, shape in shapes.items()
+                   if (chosen := _llama_cpp_choice(fmt, name, shape, config.num_layers,
+                                                   config.tie_embeddings)) != infos[name][0])
+    for pair, count in sorted(pairs.items()):
+        log.warning("%d tensors have rows that are not whole blocks: %s", count, pair)
 
 
 def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, fmt: str, name: str) -> None:
@@ -378,13 +445,14 @@ def _copy_tokenizer(source: _Source, out: Path) -> None:
 
 
 @contextmanager
-def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[], None]]:
+def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar (when enabled); the callback advances it by `amount` (default 1)."""
     if not enabled:
-        yield lambda: None
+        yield lambda amount=1: None
         return
     with Progress(transient=False) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
+        yield lambda amount=1: bar.advance(task, amount)
 
 
 def _count(names: Iterable[str]) -> dict[str, int]:
