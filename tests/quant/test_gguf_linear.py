@@ -17,10 +17,12 @@ from torch import nn
 
 from levante.config import ModelConfig
 from levante.model import Transformer
+from levante.quant import kernels
 from levante.quant.gguf_blocks import dequantize
 from levante.quant.gguf_linear import (
     BlockKernelLinear,
     GGUFEmbedding,
+    KQuantLinear,
     RawBlockLinear,
     gguf_linear,
     k_quant_codes,
@@ -34,8 +36,19 @@ from levante.weights.layout import interleaved_to_half
 
 Q = GGMLQuantizationType
 ROWS, COLS = 64, 512
-MODULE_FOR = {Q.Q8_0: BlockKernelLinear, Q.Q4_0: BlockKernelLinear, Q.Q4_1: BlockKernelLinear,
-              Q.Q4_K: Int4Linear, Q.Q5_K: Int4Linear, Q.Q6_K: RawBlockLinear, Q.F16: nn.Linear}
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS)
+# F16 scale fields of each K-quant super-block (byte offsets), set to small finite values.
+SCALE_FIELDS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,),
+                Q.Q2_K: (80, 82), Q.IQ4_XS: (0,)}
+
+
+def module_for(qtype: GGMLQuantizationType) -> type[nn.Module]:
+    """The module `gguf_linear` builds for a type: compiled K-quant kernel where registered."""
+    if qtype in kernels.KQUANT_TYPES:
+        return KQuantLinear
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        return BlockKernelLinear
+    return {Q.Q4_K: Int4Linear, Q.Q5_K: Int4Linear, Q.F16: nn.Linear}.get(qtype, RawBlockLinear)
 
 
 def random_k_blocks(qtype: GGMLQuantizationType, num_blocks: int, seed: int) -> np.ndarray:
@@ -43,11 +56,9 @@ def random_k_blocks(qtype: GGMLQuantizationType, num_blocks: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     type_size = GGML_QUANT_SIZES[qtype][1]
     blocks = rng.integers(0, 256, (num_blocks, type_size), dtype=np.uint8)
-    scales = rng.uniform(1e-4, 2e-3, (num_blocks, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:
-        blocks[:, 208:210] = scales[:, :2]
-    else:
-        blocks[:, 0:4] = scales
+    for start in SCALE_FIELDS[qtype]:
+        scales = rng.uniform(1e-4, 2e-3, (num_blocks, 1)).astype(np.float16).view(np.uint8)
+        blocks[:, start:start + 2] = scales
     return blocks
 
 
@@ -60,7 +71,7 @@ def typed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weight = gen.normal(0, 0.02, (ROWS, COLS)).astype(np.float32)
     for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
         writer.add_tensor(qtype.name, quants.quantize(weight, qtype), raw_dtype=qtype)
-    for qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    for qtype in K_TYPES:
         blocks = random_k_blocks(qtype, ROWS * COLS // 256, seed=int(qtype))
         writer.add_tensor(qtype.name, blocks.reshape(ROWS, -1), raw_dtype=qtype)
     writer.add_tensor("F16", weight.astype(np.float16))
@@ -90,7 +101,7 @@ def test_read_rows_equals_the_mapped_bytes(typed_gguf: Path) -> None:
             assert torch.equal(rows.reshape(-1), gguf_file.raw(name))
 
 
-@pytest.mark.parametrize("qtype", list(MODULE_FOR))
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, *K_TYPES, Q.F16], ids=lambda t: t.name)
 @pytest.mark.parametrize("num_heads", [None, 4])
 def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGMLQuantizationType,
                                                    num_heads: int | None) -> None:
@@ -98,7 +109,7 @@ def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGML
     with open(typed_gguf, "rb") as handle:
         layer = gguf_linear(gguf_file, qtype.name, handle, dtype=torch.float32,
                             num_heads=num_heads)
-    assert type(layer) is MODULE_FOR[qtype]
+    assert type(layer) is module_for(qtype)
     weight = gguf_file.load(qtype.name)
     if num_heads is not None:
         weight = interleaved_to_half(weight, num_heads)
@@ -106,11 +117,11 @@ def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGML
     expected = F.linear(x, weight)
     out = layer(x)
     scale = expected.abs().max()
-    if qtype in (Q.Q6_K, Q.F16):  # float weights as stored: float32 exact
+    if type(layer) in (RawBlockLinear, nn.Linear):  # float weights as stored: float32 exact
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * scale)
-    elif qtype in (Q.Q4_K, Q.Q5_K):  # bf16 activations, scales and offsets
+    elif type(layer) is Int4Linear:  # bf16 activations, scales and offsets
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * scale)
-    else:  # the block kernel quantizes activations to 8 bits per 32 values
+    else:  # the kernels quantize activations to 8 bits per block of 32 (K-quants: 256)
         torch.testing.assert_close(out, expected, rtol=0.05, atol=0.03 * scale)
         assert F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.999
 

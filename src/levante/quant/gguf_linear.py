@@ -1,21 +1,27 @@
 """GGUF weights kept quantized in memory: a linear per block format, a mapped embedding, a loader.
 
-How each GGUF type computes (timings: quant/linear.py, quant/kernels.py, benchmarks/quant.py):
+How each GGUF type computes (`kernel_summary` says it per model; `levante generate --verbose`
+and the server's startup log print it):
 - Q8_0, Q4_0, Q4_1: `kernels.repack` splits the file's blocks into arrays, losslessly, and
   `kernels.qlinear` runs llama.cpp-style integer dot products on them.
-- Q4_K, Q5_K: each 32-value sub-block becomes codes + scale + offset for `Int4Linear` (one
-  nibble plane for 4 bits, two for 5); the codes are exact, scale and offset go to bf16.
-- Q6_K and anything else `gguf_blocks` reads: the raw blocks are kept and one layer's weight
-  is dequantized just in time per call (Q6_K's 16-value sub-blocks fit no int4 group size).
+- K-quants with a compiled kernel (`kernels.KQUANT_TYPES`: Q4_K, Q6_K, ...): the file's own
+  blocks, row-major, run by `kernels.kquant_linear` (8-bit activations per 256, integer dots).
+- Other types `gguf_blocks` reads (e.g. Q2_K, IQ4_XS): the raw blocks are kept and one layer's
+  weight is dequantized just in time per call, slow, and logged as such at load.
 - F32/F16/BF16: a plain nn.Linear in the model dtype.
 Bytes are read with plain file reads, not through the memory map, so a loaded model's resident
 memory is what it holds, not that plus every page of the file it touched (the embedding is
 the exception: it looks rows up in the map, touching only the pages of tokens it sees).
+Every projection's type is checked before any weight is read: an unknown type, a tensor
+whose byte size does not match its type and shape, or a truncated file is a ModelFileError
+naming the file and the tensor.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -28,13 +34,15 @@ from levante.config import ModelConfig
 from levante.errors import ModelFileError
 from levante.model import Transformer, rotary_table
 from levante.quant import kernels
-from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, dequantize
+from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, SUPPORTED_TYPES, dequantize
 from levante.quant.linear import Int4Linear, model_skeleton
 from levante.weights.gguf import GGUFFile, expected_gguf_shapes
 from levante.weights.layout import interleaved_to_half
 
+log = logging.getLogger(__name__)
+
 Q = GGMLQuantizationType
-K_QUANT_BITS = {Q.Q4_K: 4, Q.Q5_K: 5}
+K_QUANT_BITS = {Q.Q4_K: 4, Q.Q5_K: 5}  # the Int4Linear route, where no K-quant kernel is built
 # Bytes of rows read per step when repacking for the block kernel: under glibc's initial
 # mmap threshold (128 KiB), so read buffers and partial repacks reuse the same heap slots.
 CHUNK_BYTES = 64 << 10
@@ -219,6 +227,37 @@ class RawBlockLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.qtype.name}, just in time"
 
 
+class KQuantLinear(nn.Module):
+    """A K-quant weight as the file stores it, [N, K / 256 * type_size] uint8, run by
+    `kernels.kquant_linear` (which dequantizes and uses F.linear where no kernel is built)."""
+
+    def __init__(self, rows: torch.Tensor, qtype: GGMLQuantizationType,
+                 shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.qtype = qtype
+        self.register_buffer("blocks", rows.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.kquant_linear(x, self.blocks, self.qtype)
+
+    @classmethod
+    def concat(cls, parts: Sequence[nn.Module]) -> KQuantLinear | None:
+        """The parts stacked by output rows (`model.RowConcatenable`); they become views."""
+        layers = [p for p in parts if isinstance(p, KQuantLinear)]
+        if len(layers) != len(parts) or len({(p.qtype, p.in_features) for p in layers}) != 1:
+            return None
+        joined = torch.cat([p.blocks for p in layers])
+        start = 0
+        for part in layers:
+            part.blocks = joined[start:start + part.out_features]
+            start += part.out_features
+        return cls(joined, layers[0].qtype, (start, layers[0].in_features))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.qtype.name}"
+
+
 class GGUFEmbedding(nn.Module):
     """Token embedding read from the file's memory map: only looked-up rows are dequantized.
 
@@ -260,6 +299,8 @@ def gguf_linear(gguf_file: GGUFFile, name: str, handle: BinaryIO, *, dtype: torc
         rows = read_rows(handle, gguf_file, name)  # [N, bytes per row]
         if num_heads is not None:
             rows = interleaved_to_half(rows, num_heads)
+        if qtype in kernels.KQUANT_TYPES:
+            return KQuantLinear(rows, qtype, (num_rows, num_cols))
         if qtype in K_QUANT_BITS:
             codes, scales, offsets = k_quant_codes(rows.view(-1, GGML_QUANT_SIZES[qtype][1]),
                                                    qtype)
@@ -285,12 +326,36 @@ _PROJECTIONS = {  # our module path under model.layers[i] -> GGUF name after "bl
 
 
 def _check_shapes(gguf_file: GGUFFile, config: ModelConfig) -> None:
+    """Every tensor the config needs is there, shaped as expected, in a type we compute with."""
     for name, shape in expected_gguf_shapes(config).items():
         if name not in gguf_file.tensor_names:
             raise ModelFileError(gguf_file.path, f"lacks tensor {name} the config needs")
         if gguf_file.tensor_shape(name) != shape:
             raise ModelFileError(gguf_file.path, f"tensor {name} has shape "
                                  f"{gguf_file.tensor_shape(name)}, expected {shape}")
+        qtype = gguf_file.tensor_type(name)
+        if qtype not in SUPPORTED_TYPES:
+            known = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+            raise ModelFileError(gguf_file.path, f"tensor {name} has type {qtype.name}, which "
+                                 f"Levante cannot compute with (supported: {known})")
+
+
+def kernel_summary(model: nn.Module) -> dict[str, str]:
+    """What computes each weight type in `model`: {"Q4_K": "49 x k-quant kernel (avx2)", ...}."""
+    isa = kernels.kernel_isa() or "not built: dequantize + F.linear"
+    counts: Counter[tuple[str, str]] = Counter()
+    for module in model.modules():
+        if isinstance(module, BlockKernelLinear):
+            counts[module.weight_packed.qtype.name, f"block kernel ({isa})"] += 1
+        elif isinstance(module, KQuantLinear):
+            counts[module.qtype.name, f"k-quant kernel ({isa})"] += 1
+        elif isinstance(module, RawBlockLinear):
+            counts[module.qtype.name, "dequantized per call (slow)"] += 1
+        elif isinstance(module, Int4Linear):
+            counts[f"{module.num_planes}-plane int4", f"Int4Linear ({module.kernel})"] += 1
+        elif isinstance(module, nn.Linear):
+            counts[str(module.weight.dtype).removeprefix("torch."), "F.linear"] += 1
+    return {qtype: f"{count} x {kernel}" for (qtype, kernel), count in sorted(counts.items())}
 
 
 def _norm(handle: BinaryIO, gguf_file: GGUFFile, name: str, dtype: torch.dtype) -> nn.Parameter:
@@ -325,6 +390,12 @@ def load_gguf_quantized(gguf_file: GGUFFile, config: ModelConfig, dtype: torch.d
         model.model.norm.weight = _norm(handle, gguf_file, "output_norm.weight", dtype)
     model.model.embed_tokens = GGUFEmbedding(gguf_file, "token_embd.weight", dtype)
     model.rope_cos, model.rope_sin = rotary_table(config, config.max_seq_len)
+    summary = kernel_summary(model)
+    log.info("%s: %s", gguf_file.path.name, "; ".join(f"{t}: {k}" for t, k in summary.items()))
+    slow = [t for t, k in summary.items() if "slow" in k]
+    if slow:
+        log.warning("%s: no compiled kernel for %s: those weights are dequantized on every "
+                    "call (slow)", gguf_file.path.name, ", ".join(slow))
     return model.eval()
 
 
