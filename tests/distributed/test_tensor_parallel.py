@@ -51,7 +51,8 @@ def tiny_mistral_8x2(tmp_path_factory: pytest.TempPathFactory, tekken_path: Path
 
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2_gguf: Path) -> Bundle:
-    return load(str(smollm2_gguf), max_seq_len=MAX_LEN)
+    """The float model: tensor-parallel ranks hold dequantized slices, not the GGUF blocks."""
+    return load(str(smollm2_gguf), max_seq_len=MAX_LEN, quant="none")
 
 
 def _prefill_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
