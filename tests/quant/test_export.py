@@ -239,9 +239,11 @@ def _expected_k_types(fmt: str) -> dict[str, Q]:
 @pytest.mark.parametrize(("fmt", "min_cosine"), [("q6_k", 0.995), ("q5_k_m", 0.985),
                                                   ("q4_k_m", 0.95), ("q3_k_m", 0.88)])
 def test_k_quant_mix_is_llama_cpp_s(tiny_k_model: Path, tmp_path: Path, fmt: str,
-                                    min_cosine: float) -> None:
+                                    min_cosine: float, monkeypatch: pytest.MonkeyPatch) -> None:
     from levante.bundle import load
+    from levante.quant import export
 
+    monkeypatch.setattr(export, "CHUNK_VALUES", 40_000)  # 156 rows of 256 at a time
     out = tmp_path / f"{fmt}.gguf"
     quantize_checkpoint(tiny_k_model, to=fmt, out=out, progress=False)
     reader = GGUFReader(out)
@@ -298,16 +300,32 @@ def test_tiny_mistral_k_quants_load(tiny_mistral_hf: Path, tmp_path: Path, fmt: 
     assert cosine > (0.99 if fmt == "q4_k_m" else 0.97)  # measured 0.9941, 0.9852
 
 
+def _copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for file in folder.iterdir():
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
 def test_bad_weights_name_the_tensor(tiny_k_model: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "nan-model"
-    folder.mkdir()
-    for file in tiny_k_model.iterdir():
-        (folder / file.name).write_bytes(file.read_bytes())
+    folder = _copy(tiny_k_model, tmp_path / "nan-model")
     state = load_file(folder / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"][3, 7] = float("nan")
     save_file(state, folder / "model.safetensors")
     out = tmp_path / "nan.gguf"
+    out.write_bytes(b"an earlier file")
     with pytest.raises(ModelFileError, match=r"model\.layers\.1\.mlp\.up_proj\.weight -> Q4_K: "
                                              r"cannot quantize non-finite"):
         quantize_checkpoint(folder, to="q4_k_m", out=out, progress=False)
-    assert not out.exists()
+    assert out.read_bytes() == b"an earlier file"  # written as out.partial, then removed
+    assert list(tmp_path.glob("*.partial")) == []
+
+
+def test_shapes_that_disagree_with_the_config_are_refused(tiny_k_model: Path,
+                                                         tmp_path: Path) -> None:
+    folder = _copy(tiny_k_model, tmp_path / "wrong-config")
+    (folder / "config.json").write_text(json.dumps({**TINY_K, "model_type": "llama",
+                                                    "intermediate_size": 768}))
+    with pytest.raises(ModelFileError, match=r"gate_proj\.weight has shape \[512, 256\], "
+                                             r"the config says \[768, 256\]"):
+        quantize_checkpoint(folder, to="q4_k_m", out=tmp_path / "x.gguf", progress=False)

@@ -20,7 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,25 +29,26 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, quants
 from rich.progress import Progress
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from levante.bundle import read_json_object
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.plan import llama_cpp_type
+from levante.quant.export_source import (
+    TensorSource,
+    is_permuted,
+    open_source,
+    permuted,
+    reverse_names,
+)
 from levante.quant.gguf_blocks import SUPPORTED_TYPES
 from levante.quant.k_quantize import K_QUANTIZERS
 from levante.quant.k_quantize import quantize as k_quantize
 from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
 from levante.weights.layout import (
-    CONSOLIDATED_GLOBAL_NAMES,
-    CONSOLIDATED_LAYER_NAMES,
     GGUF_GLOBAL_NAMES,
     GGUF_LAYER_NAMES,
     expected_shapes,
-    half_to_interleaved,
-    interleaved_to_half,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ FORMATS = (*GGUF_FORMATS, *SAFETENSORS_FORMATS)
 # llama.cpp's type for rows that are not whole blocks of the chosen type (tensor_type_fallback)
 LLAMA_CPP_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
                       Q.Q6_K: Q.Q8_0}
+CHUNK_VALUES = 2**24  # values read, widened to float32 and encoded at a time (64 MB)
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 
@@ -80,17 +82,6 @@ class QuantizeResult:
     seconds: float
 
 
-@dataclass
-class _Source:
-    """A checkpoint as float32 tensors under our (HF) names, rotate-half q/k rows."""
-
-    path: Path
-    kind: str  # "gguf" | "hf" | "consolidated"
-    config: ModelConfig
-    load: Callable[[str], torch.Tensor]
-    gguf_path: Path | None = None
-
-
 def quantize_checkpoint(src: str | Path, *, to: str, out: str | Path,
                         progress: bool = True) -> QuantizeResult:
     """Read `src` (a GGUF file, an HF or consolidated folder, a model ref); write `to` at `out`."""
@@ -100,7 +91,8 @@ def quantize_checkpoint(src: str | Path, *, to: str, out: str | Path,
 
     start = time.perf_counter()
     out = Path(out)
-    with _open_source(resolve(str(src))) as source:
+    with open_source(resolve(str(src))) as source:
+        _check_shapes(source)
         if to in GGUF_FORMATS:
             types = _write_gguf(source, to, out, progress)
         else:
@@ -110,87 +102,12 @@ def quantize_checkpoint(src: str | Path, *, to: str, out: str | Path,
                           time.perf_counter() - start)
 
 
-@contextmanager
-def _open_source(path: Path) -> Iterator[_Source]:
-    if path.is_file():
-        from levante.weights.gguf import GGUFFile
-
-        gguf_file = GGUFFile(path)
-        has_output = "output.weight" in gguf_file.tensor_names
-        config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=has_output)
-        to_gguf = _reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
-
-        def load_gguf(name: str) -> torch.Tensor:
-            if name == "lm_head.weight" and config.tie_embeddings:
-                name = "model.embed_tokens.weight"
-            return _unpermuted(config, name, gguf_file.load(to_gguf(name)))
-
-        yield _Source(path, "gguf", config, load_gguf, gguf_path=path)
-        return
-    with ExitStack() as stack:
-        yield _safetensors_source(path, stack)
-
-
-def _safetensors_source(folder: Path, stack: ExitStack) -> _Source:
-    from levante.weights.safetensors import hf_shards
-
-    consolidated = not (folder / "config.json").exists()
-    if consolidated and not (folder / "params.json").exists():
-        raise ModelFileError(folder, "folder has neither config.json nor params.json")
-    config = (ModelConfig.from_params(read_json_object(folder / "params.json")) if consolidated
-              else ModelConfig.from_hf(read_json_object(folder / "config.json")))
-    files = sorted(folder.glob("consolidated*.safetensors")) if consolidated else hf_shards(folder)
-    where: dict[str, Any] = {}
-    for file in files:
-        handle = stack.enter_context(safe_open(file, framework="pt"))
-        where.update({name: handle for name in handle.keys()})  # noqa: SIM118
-    stored_name = (_reverse_names(CONSOLIDATED_GLOBAL_NAMES, CONSOLIDATED_LAYER_NAMES, "layers.")
-                   if consolidated else (lambda name: name))
-
-    def load(name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and config.tie_embeddings:
-            name = "model.embed_tokens.weight"
-        key = stored_name(name)
-        if key not in where:
-            raise ModelFileError(folder, f"missing tensor {key}")
-        tensor = where[key].get_tensor(key).float()
-        return _unpermuted(config, name, tensor) if consolidated else tensor
-
-    return _Source(folder, "consolidated" if consolidated else "hf", config, load)
-
-
-def _reverse_names(global_names: dict[str, str], layer_names: dict[str, str],
-                   prefix: str) -> Callable[[str], str]:
-    """Our (HF) name -> the checkpoint's name.
-
-    Example: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight" (GGUF tables).
-    """
-    globals_back = {ours: theirs for theirs, ours in global_names.items()}
-    layers_back = {ours: theirs for theirs, ours in layer_names.items()}
-
-    def convert(name: str) -> str:
-        if name in globals_back:
-            return globals_back[name]
-        _, _, index, rest = name.split(".", 3)
-        return f"{prefix}{index}.{layers_back[rest]}"
-
-    return convert
-
-
-def _unpermuted(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
-        return interleaved_to_half(tensor, config.num_heads)
-    if name.endswith("k_proj.weight"):
-        return interleaved_to_half(tensor, config.num_kv_heads)
-    return tensor
-
-
-def _permuted(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
-        return half_to_interleaved(tensor, config.num_heads)
-    if name.endswith("k_proj.weight"):
-        return half_to_interleaved(tensor, config.num_kv_heads)
-    return tensor
+def _check_shapes(source: TensorSource) -> None:
+    """Every tensor the config implies, with its shape: rows are read by byte offset."""
+    for name, shape in expected_shapes(source.config).items():
+        if source.shape(name) != shape:
+            raise ModelFileError(source.path, f"{name} has shape {list(source.shape(name))}, "
+                                              f"the config says {list(shape)}")
 
 
 def export_type(fmt: str, name: str, shape: tuple[int, ...], num_layers: int, *,
@@ -248,6 +165,32 @@ def _encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
     return quants.quantize(array, qtype)
 
 
+def _encode_tensor(source: TensorSource, name: str, shape: tuple[int, ...], qtype: Q,
+                   advance: Callable[[int], None]) -> np.ndarray:
+    """The tensor's stored form, encoded CHUNK_VALUES at a time from rows read in turn.
+
+    Only the output (<= the tensor's size in `qtype`) and one chunk are in memory at once;
+    q/k projections come whole, their rows permuted to GGUF's interleaved layout.
+    """
+    config = source.config
+    step = shape[0] if is_permuted(name) or len(shape) == 1 else max(1, CHUNK_VALUES // shape[-1])
+    out: np.ndarray | None = None
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        rows = None if step == shape[0] else (start, stop)
+        tensor = permuted(config, name, source.load(name, rows))
+        try:
+            encoded = _encode(tensor, qtype)
+        except ValueError as e:
+            raise ModelFileError(source.path, f"{name} -> {qtype.name}: {e}") from None
+        if out is None:
+            out = np.empty((shape[0], *encoded.shape[1:]), encoded.dtype)
+        out[start:stop] = encoded
+        advance(tensor.numel())
+    assert out is not None
+    return out
+
+
 def _tensor_info(fmt: str, name: str, shape: tuple[int, ...],
                  config: ModelConfig) -> tuple[Q, tuple[int, ...], np.dtype[Any], int]:
     """(type, shape as GGUFWriter wants it, numpy dtype, bytes) for one tensor."""
@@ -260,18 +203,19 @@ def _tensor_info(fmt: str, name: str, shape: tuple[int, ...],
     return qtype, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def _write_gguf(source: _Source, fmt: str, out: Path, progress: bool) -> dict[str, int]:
+def _write_gguf(source: TensorSource, fmt: str, out: Path, progress: bool) -> dict[str, int]:
     """Header, metadata and tensor table first, then each tensor as it is loaded and encoded.
 
     A tensor that cannot be encoded (non-finite values, scales out of f16 range) fails with
-    its name, and the unfinished file is removed.
+    its name; the file is written as OUT.partial and renamed when complete.
     """
     config = source.config
-    to_gguf = _reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
+    to_gguf = reverse_names(GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, "blk.")
     shapes = expected_shapes(config)
     infos = {name: _tensor_info(fmt, name, shape, config) for name, shape in shapes.items()}
     _log_fallbacks(fmt, shapes, infos, config)
-    writer = GGUFWriter(out, arch="llama")
+    partial = out.with_name(out.name + ".partial")  # `out` appears only when complete
+    writer = GGUFWriter(partial, arch="llama")
     try:
         _add_model_metadata(writer, config, fmt, source.path.name)
         _add_tokenizer(writer, source)
@@ -284,19 +228,14 @@ def _write_gguf(source: _Source, fmt: str, out: Path, progress: bool) -> dict[st
         total = sum(int(np.prod(shape)) for shape in shapes.values())
         with _progress(progress, f"quantizing to {fmt}", total) as advance:
             for name, (qtype, _, _, _) in infos.items():
-                tensor = _permuted(config, name, source.load(name))
-                try:
-                    encoded = _encode(tensor, qtype)
-                except ValueError as e:
-                    raise ModelFileError(source.path, f"{name} -> {qtype.name}: {e}") from None
-                writer.write_tensor_data(encoded)
-                advance(tensor.numel())
-                del tensor, encoded
+                writer.write_tensor_data(_encode_tensor(source, name, shapes[name], qtype,
+                                                        advance))
     except BaseException:
         writer.close()
-        out.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
     writer.close()
+    partial.replace(out)
     return _count(qtype.name for qtype, *_ in infos.values())
 
 
@@ -329,7 +268,7 @@ def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, fmt: str, name:
     writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: GGUFWriter, source: _Source) -> None:
+def _add_tokenizer(writer: GGUFWriter, source: TensorSource) -> None:
     """Tokenizer metadata: copied from a GGUF source, else converted as llama.cpp's script does."""
     if source.gguf_path is not None:
         from gguf import GGUFReader, GGUFValueType
@@ -383,7 +322,7 @@ def _add_bpe(writer: GGUFWriter, folder: Path) -> None:
     SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
-def _write_levante(source: _Source, fmt: str, out: Path, progress: bool) -> dict[str, int]:
+def _write_levante(source: TensorSource, fmt: str, out: Path, progress: bool) -> dict[str, int]:
     """Levante's int8/int4 safetensors folder (format in the module docstring)."""
     config = source.config
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +332,7 @@ def _write_levante(source: _Source, fmt: str, out: Path, progress: bool) -> dict
         names.append("lm_head.weight")
     with _progress(progress, f"quantizing to {fmt}", len(names)) as advance:
         for name in names:
-            tensors.update(quantized_tensors(fmt, name, source.load(name)))
+            tensors.update(quantized_tensors(fmt, name, source.load(name, None)))
             advance()
     metadata = {QUANT_METADATA_KEY: json.dumps(
         {"version": QUANT_FORMAT_VERSION, "format": fmt, "group_size": 32})}
@@ -416,7 +355,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
             "torch_dtype": "bfloat16"}
 
 
-def _copy_tokenizer(source: _Source, out: Path) -> None:
+def _copy_tokenizer(source: TensorSource, out: Path) -> None:
     if source.gguf_path is None:
         for name in TOKENIZER_FILES:
             if (source.path / name).exists():
