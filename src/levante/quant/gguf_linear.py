@@ -36,7 +36,7 @@ from levante.model import Transformer, rotary_table
 from levante.quant import kernels
 from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, SUPPORTED_TYPES, dequantize
 from levante.quant.linear import Int4Linear, model_skeleton
-from levante.weights.gguf import GGUFFile, expected_gguf_shapes
+from levante.weights.gguf import GGUFFile, check_fits_config, expected_gguf_shapes
 from levante.weights.layout import interleaved_to_half
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,9 @@ _PROJECTIONS = {  # our module path under model.layers[i] -> GGUF name after "bl
 
 
 def _check_shapes(gguf_file: GGUFFile, config: ModelConfig) -> None:
-    """Every tensor the config needs is there, shaped as expected, in a type we compute with."""
+    """Every tensor the config needs is there, shaped as expected, in a type we compute with,
+    and nothing else is (`check_fits_config`)."""
+    check_fits_config(gguf_file, config)
     for name, shape in expected_gguf_shapes(config).items():
         if name not in gguf_file.tensor_names:
             raise ModelFileError(gguf_file.path, f"lacks tensor {name} the config needs")
