@@ -271,13 +271,7 @@ def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, fmt: str, name:
 def _add_tokenizer(writer: GGUFWriter, source: TensorSource) -> None:
     """Tokenizer metadata: copied from a GGUF source, else converted as llama.cpp's script does."""
     if source.gguf_path is not None:
-        from gguf import GGUFReader, GGUFValueType
-
-        for key, field in GGUFReader(source.gguf_path).fields.items():
-            if key.startswith("tokenizer."):
-                array = field.types[0] == GGUFValueType.ARRAY
-                writer.add_key_value(key, field.contents(), field.types[0],
-                                     sub_type=field.types[-1] if array else None)
+        _copy_gguf_tokenizer(writer, source.gguf_path)
         return
     if (source.path / "tekken.json").exists():
         _add_tekken(writer, source.path)
@@ -286,6 +280,38 @@ def _add_tokenizer(writer: GGUFWriter, source: TensorSource) -> None:
     else:
         raise ModelFileError(source.path, "no tokenizer (tekken.json or tokenizer.json) to "
                                           "write into the GGUF")
+
+
+def _copy_gguf_tokenizer(writer: GGUFWriter, path: Path) -> None:
+    """The tokenizer.* keys of a GGUF, typed as llama.cpp writes them.
+
+    From `GGUFFile.metadata` (plain values): gguf-py's GGUFReader would give the stored types
+    but makes a numpy view per vocabulary entry (+700 MB of RSS for a 131072-token vocab).
+    Ids and flags are u32 / bool, scores f32, token types i32, tokens and merges strings.
+    """
+    from gguf import GGUFValueType
+
+    from levante.weights.gguf import GGUFFile
+
+    def value_type(value: Any, key: str) -> GGUFValueType:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            return GGUFValueType.INT32
+        for python_type, gguf_type in ((bool, GGUFValueType.BOOL), (int, GGUFValueType.UINT32),
+                                       (float, GGUFValueType.FLOAT32),
+                                       (str, GGUFValueType.STRING)):
+            if isinstance(value, python_type):
+                return gguf_type
+        raise ModelFileError(path, f"{key}: cannot copy a value of type {type(value).__name__}")
+
+    for key, value in GGUFFile(path).metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        if isinstance(value, list):
+            sub_type = value_type(value[0], key) if value else GGUFValueType.STRING
+            sub_type = GGUFValueType.INT32 if sub_type == GGUFValueType.UINT32 else sub_type
+            writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=sub_type)
+        else:
+            writer.add_key_value(key, value, value_type(value, key))
 
 
 def _add_tekken(writer: GGUFWriter, folder: Path) -> None:
