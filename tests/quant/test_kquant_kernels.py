@@ -104,6 +104,25 @@ def test_prefill_blocking_and_odd_rows(qtype: GGMLQuantizationType) -> None:
         check_against_references(y, x, weight_of(blocks, qtype, num_cols), f"N={num_out}")
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_batch(qtype: GGMLQuantizationType) -> None:
+    """A row's output is bit-identical whatever rows share its call (issue 18).
+
+    Decode (M <= 4) and prefill panels (M >= 5) must do the same float operations in the same
+    order for each output; M = 300 on K = 5120 also splits each panel into several
+    super-block spans, which must continue one sum, not add partial ones.
+    """
+    num_cols = 5120
+    blocks = random_blocks(qtype, 21, num_cols, seed=7)
+    x = torch.randn(300, num_cols, generator=torch.Generator().manual_seed(8))
+    x[:, :256] *= 50  # super-blocks of very different scales: order of float sums matters
+    alone = torch.cat([kernels.kquant_linear(x[i:i + 1], blocks, qtype) for i in range(17)])
+    assert torch.equal(kernels.kquant_linear(x[:17], blocks, qtype), alone)
+    assert torch.equal(kernels.kquant_linear(x[:5], blocks, qtype)[:3],
+                       kernels.kquant_linear(x[:3], blocks, qtype))
+    assert torch.equal(kernels.kquant_linear(x, blocks, qtype)[:17], alone)
+
+
 def test_quantize_activations_k_rule() -> None:
     x = torch.randn(4, 768, generator=torch.Generator().manual_seed(0)) * 3
     x[1, 256:512] = 0  # a block of zeros: d = 0, q = 0

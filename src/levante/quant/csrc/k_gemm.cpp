@@ -26,6 +26,11 @@
 // multiply-adds per cycle, 2.5x the decode loop's rate; unpacking costs ~30 cycles per
 // super-block and row, paid back from M ~ 5 on.
 //
+// Batch invariance (issue 18): a row's output is the same bits whatever M is. Both paths
+// total each (weight super-block, activation super-block) pair's integer sums exactly and
+// add them into the output with the same two float operations, super-block after
+// super-block: out = fma(float(isum), d * dx, out); out = fnma(float(imin), dm * dx, out).
+//
 // Without AVX2 (-march=x86-64, ARM) the same integers are computed with plain loops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -117,13 +122,6 @@ inline int32_t load_i32(const void* p) {
 }
 
 #ifdef LQ_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 inline int hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
@@ -262,11 +260,40 @@ inline __m256i chunk_scales(__m256i table, int k) {
   return _mm256_shuffle_epi8(table, _mm256_set1_epi16(word_k));
 }
 
-// acc[c] += this super-block's dot with activation row c (8 partial sums per lane).
+// The exact totals of isum[c] and imin[c] (8 int32 lanes each), as floats in lane c of
+// `itotal` / `mtotal` (c < RX <= 4; other lanes are junk): pairwise sums of all of them at
+// once, so that 4 rows cost little more than 1.
 template <int RX>
-inline void superblock_dot(const Unpacked& u, const Acts& a, int64_t b, __m256* acc) {
-  __m256i isum[RX];
-  for (int c = 0; c < RX; ++c) isum[c] = _mm256_setzero_si256();
+inline void row_totals(const __m256i* isum, const __m256i* imin, __m128& itotal,
+                       __m128& mtotal) {
+  __m256i p[4];  // p[c] = [i01 i23 m01 m23 | i45 i67 m45 m67] of row c (rows >= RX: junk)
+  for (int c = 0; c < 4; ++c) p[c] = c < RX ? _mm256_hadd_epi32(isum[c], imin[c]) : p[0];
+  if constexpr (RX == 1) {
+    const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(p[0]),
+                                    _mm256_extracti128_si256(p[0], 1));
+    itotal = _mm_cvtepi32_ps(_mm_hadd_epi32(t, t));  // [I0 M0 I0 M0]
+    mtotal = _mm_movehdup_ps(itotal);
+    return;
+  }
+  __m128 f[2];  // f[j] = [I M I M] of rows 2j, 2j + 1
+  for (int j = 0; j < (RX > 2 ? 2 : 1); ++j) {
+    const __m256i q = _mm256_hadd_epi32(p[2 * j], p[2 * j + 1]);
+    f[j] = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(q),
+                                         _mm256_extracti128_si256(q, 1)));
+  }
+  if constexpr (RX <= 2) f[1] = f[0];
+  itotal = _mm_shuffle_ps(f[0], f[1], _MM_SHUFFLE(2, 0, 2, 0));
+  mtotal = _mm_shuffle_ps(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// isum[c] / imin[c] (8 int32 lanes each, to be totalled) of this super-block and activation
+// row c: the quants' dot with the scales, and the mins' with the activation sums.
+template <int RX>
+inline void superblock_sums(const Unpacked& u, const Acts& a, int64_t b, __m256i* isum,
+                            __m256i* imin) {
+  // Two accumulators per row (even / odd chunks) halve the chain of dependent dpwssd.
+  __m256i odd[RX];
+  for (int c = 0; c < RX; ++c) isum[c] = odd[c] = _mm256_setzero_si256();
   const __m256i table = scale_table(u.scale);
 #pragma GCC unroll 8
   for (int k = 0; k < kSuperBlock / 32; ++k) {
@@ -274,33 +301,63 @@ inline void superblock_dot(const Unpacked& u, const Acts& a, int64_t b, __m256* 
     const __m256i s = chunk_scales(table, k);
     for (int c = 0; c < RX; ++c) {
       const __m256i p = _mm256_maddubs_epi16(w, load256(a.qb(c, b) + 32 * k));
-      isum[c] = dot_pairs(isum[c], p, s);
+      if (k % 2) odd[c] = dot_pairs(odd[c], p, s);
+      else isum[c] = dot_pairs(isum[c], p, s);
     }
   }
   const __m256i mins = load256(u.min);
   for (int c = 0; c < RX; ++c) {
-    const __m256i imin = _mm256_madd_epi16(mins, load256(a.sb(c, b)));
-    const float dx = a.db(c, b);
-    acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c]), _mm256_set1_ps(u.d * dx), acc[c]);
-    acc[c] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(u.dm * dx), acc[c]);
+    isum[c] = _mm256_add_epi32(isum[c], odd[c]);
+    imin[c] = _mm256_madd_epi16(mins, load256(a.sb(c, b)));
   }
 }
 
+// acc lane c += a super-block's part of row c's dot, as the prefill panels do it: the integer
+// sums totalled exactly, then acc = fma(total, d * dx, acc), acc = fnma(min total, dm * dx,
+// acc). (Keeping 8 partial float sums per row until the row's end was cheaper, but a row's
+// output then depended on how many rows shared the call: issue 18.)
+template <int RX>
+inline __m128 accumulate(const __m256i* isum, const __m256i* imin, float d, float dm,
+                         __m128 dx, __m128 acc) {
+  __m128 itotal, mtotal;
+  row_totals<RX>(isum, imin, itotal, mtotal);
+  acc = _mm_fmadd_ps(itotal, _mm_mul_ps(_mm_set1_ps(d), dx), acc);
+  return _mm_fnmadd_ps(mtotal, _mm_mul_ps(_mm_set1_ps(dm), dx), acc);
+}
+
+// dx_by_block[4b + c] = activation row c's scale of super-block b (c < RX).
 template <class T, int RX>
-void decode_rows(const Weights& w, int64_t n_begin, int64_t n_end, const Acts& a, float* y) {
+void decode_rows(const Weights& w, int64_t n_begin, int64_t n_end, const Acts& a,
+                 const float* dx_by_block, float* y) {
   alignas(32) Unpacked u;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = w.rows + n * w.row_bytes;
-    __m256 acc[RX];
-    for (int c = 0; c < RX; ++c) acc[c] = _mm256_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
+    // Block b's totals enter acc after block b + 1's sums: the totals' shuffles then overlap
+    // the next block's work instead of lengthening its chain (in order, M = 1 took ~20% more
+    // time per super-block than with 8 float lanes per row; this way ~2-9%).
+    __m256i isum[RX], imin[RX];
+    float d = 0.0f, dm = 0.0f;
     for (int64_t b = 0; b < w.nb; ++b) {
       const uint8_t* block = row + b * T::kBlockBytes;
       for (int off = 0; off < T::kBlockBytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetch + off), _MM_HINT_T0);
       T::unpack(block, u);
-      superblock_dot<RX>(u, a, b, acc);
+      __m256i next_isum[RX], next_imin[RX];
+      superblock_sums<RX>(u, a, b, next_isum, next_imin);
+      if (b > 0)
+        acc = accumulate<RX>(isum, imin, d, dm, _mm_loadu_ps(dx_by_block + 4 * (b - 1)), acc);
+      for (int c = 0; c < RX; ++c) {
+        isum[c] = next_isum[c];
+        imin[c] = next_imin[c];
+      }
+      d = u.d;
+      dm = u.dm;
     }
-    for (int c = 0; c < RX; ++c) y[c * w.n + n] = hsum(acc[c]);
+    acc = accumulate<RX>(isum, imin, d, dm, _mm_loadu_ps(dx_by_block + 4 * (w.nb - 1)), acc);
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, acc);
+    for (int c = 0; c < RX; ++c) y[c * w.n + n] = lanes[c];
   }
 }
 
@@ -409,16 +466,29 @@ void fill_act_tile(const Acts& a, int64_t m0, int64_t num_rows, ActBlock* tile) 
   }
 }
 
-// y[m0 + c, n0 + r] (+)= the span's part of the dot, for the panel's rows r < span.rows and
-// activation rows c < num_valid of the tile; `add` accumulates onto y (not the first span).
+// y[m0 + c, n0 + r] = the dot up to the span's end, for the panel's rows r < span.rows and
+// activation rows c < num_valid of the tile; `add`: continue from y (not the first span).
 template <bool kPer32>
 void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& span,
                 float* y, int64_t ldy, int num_valid, bool add) {
   constexpr int RX = kTileRows;
   constexpr int kScaleGroups = kPer32 ? kGroups / 2 : kGroups;  // scales applied per block
   constexpr int kGroupSteps = kSteps / kScaleGroups;
+  // A later span continues the sums in y rather than adding its own partial sums to them:
+  // the spans' bounds depend on M, and a row's output must not (issue 18).
   __m256 out[RX];
-  for (int c = 0; c < RX; ++c) out[c] = _mm256_setzero_ps();
+  for (int c = 0; c < RX; ++c) {
+    out[c] = _mm256_setzero_ps();
+    if (!add || c >= num_valid) continue;
+    const float* src = y + c * ldy + span.n0;
+    if (span.rows == kPanelRows) {
+      out[c] = _mm256_loadu_ps(src);
+      continue;
+    }
+    alignas(32) float lanes[kPanelRows] = {};
+    for (int r = 0; r < span.rows; ++r) lanes[r] = src[r];
+    out[c] = _mm256_load_ps(lanes);
+  }
   for (int64_t i = 0; i < span.nb; ++i) {
     const PanelBlock& p = panel[i];
     const ActBlock& x = tile[span.b0 + i];
@@ -453,13 +523,13 @@ void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& 
   }
   for (int c = 0; c < num_valid; ++c) {
     float* dst = y + c * ldy + span.n0;
-    alignas(32) float lanes[kPanelRows];
     if (span.rows == kPanelRows) {
-      _mm256_storeu_ps(dst, add ? _mm256_add_ps(_mm256_loadu_ps(dst), out[c]) : out[c]);
+      _mm256_storeu_ps(dst, out[c]);
       continue;
     }
+    alignas(32) float lanes[kPanelRows];
     _mm256_store_ps(lanes, out[c]);
-    for (int r = 0; r < span.rows; ++r) dst[r] = add ? dst[r] + lanes[r] : lanes[r];
+    for (int r = 0; r < span.rows; ++r) dst[r] = lanes[r];
   }
 }
 
@@ -517,14 +587,18 @@ constexpr int64_t kMaxDecodeRows = 4;
 template <class T>
 void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
   if (num_rows > kMaxDecodeRows) return gemm_prefill<T>(w, a, num_rows, y);
+  std::vector<float> dx_by_block(4 * w.nb, 0.0f);  // [b][row]: one vector load per block
+  for (int64_t c = 0; c < num_rows; ++c)
+    for (int64_t b = 0; b < w.nb; ++b) dx_by_block[4 * b + c] = a.db(c, b);
+  const float* dx = dx_by_block.data();
   // Enough work per task to pay for waking a thread: ~256K multiply-adds.
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / (a.k * num_rows));
   at::parallel_for(0, w.n, grain, [&](int64_t begin, int64_t end) {
     switch (num_rows) {
-      case 1: decode_rows<T, 1>(w, begin, end, a, y); break;
-      case 2: decode_rows<T, 2>(w, begin, end, a, y); break;
-      case 3: decode_rows<T, 3>(w, begin, end, a, y); break;
-      default: decode_rows<T, 4>(w, begin, end, a, y); break;
+      case 1: decode_rows<T, 1>(w, begin, end, a, dx, y); break;
+      case 2: decode_rows<T, 2>(w, begin, end, a, dx, y); break;
+      case 3: decode_rows<T, 3>(w, begin, end, a, dx, y); break;
+      default: decode_rows<T, 4>(w, begin, end, a, dx, y); break;
     }
   });
 }
