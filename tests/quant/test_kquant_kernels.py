@@ -15,7 +15,7 @@ from levante.quant.gguf_blocks import dequantize
 
 QT = GGMLQuantizationType
 # Every type the kernel's registry holds; a new type goes here too (see csrc/kquants/kquant.h).
-TYPES = [QT.Q4_K, QT.Q6_K]
+TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 # Byte offsets of each type's f16 fields (d, dmin): random bytes there could be inf / NaN.
 F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q3_K: (108,),
               QT.Q2_K: (80, 82)}

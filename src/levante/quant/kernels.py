@@ -3,7 +3,7 @@
 Q8_0/Q4_0/Q4_1: `repack` turns a tensor's raw GGUF blocks into a `PackedWeight` (losslessly);
 `qlinear(x, w)` computes `x @ W^T` with activations quantized to 8 bits per block of 32 and
 integer SIMD dot products (csrc/q_gemm.cpp).
-K-quants (`KQUANT_TYPES`: Q4_K, Q6_K): `kquant_linear(x, blocks, qtype)` computes on the
+K-quants (`KQUANT_TYPES`: Q2_K..Q6_K): `kquant_linear(x, blocks, qtype)` computes on the
 file's own block bytes, rows [N, row_bytes], with activations quantized per 256 (Q8_K) and
 integer dot products (csrc/k_gemm.cpp; csrc/kquants/kquant.h says how to add a type).
 The kernels are compiled for this CPU at first use and cached under `$LEVANTE_HOME/kernels`.
@@ -57,7 +57,9 @@ _FIELDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
 SUPPORTED_TYPES = frozenset(_FIELDS)
 # K-quant types `kquant_linear` takes: the Python side of the registry in csrc/k_gemm.cpp
 # (LQ_KQUANT_TYPES); a test checks that the two agree.
-KQUANT_TYPES = frozenset({GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K})
+KQUANT_TYPES = frozenset({GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
+                          GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+                          GGMLQuantizationType.Q6_K})
 K_BLOCK_SIZE = 256  # weights per K-quant super-block, and activations per Q8_K block
 
 

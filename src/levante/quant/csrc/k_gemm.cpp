@@ -61,12 +61,18 @@
 #endif
 
 #include "kquants/kquant.h"
+#include "kquants/q2_k.h"
+#include "kquants/q3_k.h"
 #include "kquants/q4_k.h"
+#include "kquants/q5_k.h"
 #include "kquants/q6_k.h"
 
 // The registry: every K-quant type the kernels take, X(struct) per line (see kquant.h).
 #define LQ_KQUANT_TYPES(X) \
+  X(Q2K)                   \
+  X(Q3K)                   \
   X(Q4K)                   \
+  X(Q5K)                   \
   X(Q6K)
 
 namespace {

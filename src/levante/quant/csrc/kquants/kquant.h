@@ -29,6 +29,9 @@
 //        static void unpack(const uint8_t* block, Unpacked& out);
 //      which fills every field of `out` from one super-block's bytes: a pure function in
 //      plain C++, which compilers vectorize (AVX2 here, SSE2 in the portable x86 build, NEON).
+//      Where their code is slow (Q3_K's and Q5_K's bit gathering took ~2x the instructions),
+//      put an `#if defined(__AVX2__)` version beside the plain loops, as q3_k.h / q5_k.h do;
+//      the portable build's test then checks the plain one.
 //      Mind one thing for speed: the kernels read q 32 bytes at a time and scale / min as one
 //      32-byte vector each, and a load that spans several smaller stores cannot be forwarded
 //      from them (it waits for them to reach the cache: it made Q4_K decode 3x slower). So

@@ -23,9 +23,21 @@ struct Q4K {
   static void unpack(const uint8_t* block, Unpacked& out) {
     out.d = load_half(block);
     out.dm = load_half(block + 2);
+    unpack_scales_mins(block + 4, out);
+    const uint8_t* qs = block + 16;
+    for (int c = 0; c < 4; ++c) {
+      for (int i = 0; i < 32; ++i) {
+        out.q[64 * c + i] = qs[32 * c + i] & 0x0F;
+        out.q[64 * c + 32 + i] = qs[32 * c + i] >> 4;
+      }
+    }
+  }
+
+  // The 12-byte table at `table` -> out.scale / out.min (also Q5_K's).
+  static void unpack_scales_mins(const uint8_t* table, Unpacked& out) {
     // The table as 3 little-endian words; each byte of sc_mn is one 6-bit scale or min.
     uint32_t t[3];
-    std::memcpy(t, block + 4, sizeof(t));
+    std::memcpy(t, table, sizeof(t));
     const uint32_t sc_mn[4] = {t[0] & 0x3F3F3F3F,                                   // sc 0-3
                                (t[2] & 0x0F0F0F0F) | ((t[0] >> 2) & 0x30303030),   // sc 4-7
                                t[1] & 0x3F3F3F3F,                                   // m 0-3
@@ -34,13 +46,6 @@ struct Q4K {
     std::memcpy(bytes, sc_mn, sizeof(bytes));
     spread_pairs(bytes, out.scale);  // sub-block j of 32 = groups 2j, 2j + 1
     spread_pairs(bytes + 8, out.min);
-    const uint8_t* qs = block + 16;
-    for (int c = 0; c < 4; ++c) {
-      for (int i = 0; i < 32; ++i) {
-        out.q[64 * c + i] = qs[32 * c + i] & 0x0F;
-        out.q[64 * c + 32 + i] = qs[32 * c + i] >> 4;
-      }
-    }
   }
 };
 
