@@ -1,13 +1,14 @@
 """The quantized matmul kernels next to torch float32, per SmolLM2 shape and as a whole model.
 
 Usage: .venv/bin/python benchmarks/kernels.py [--ref smollm2] [--repeats 30] [--rounds 3]
-  [--tokens 128] [--threads N] [--skip-model] [--kquant]
+  [--tokens 128] [--threads N] [--skip-model] [--kquant [--shapes 1280x1280,...]]
 
---kquant runs only part 3 (no model needed): the K-quant kernel (Q4_K, Q6_K) at the Mistral
-proxy's shapes on random blocks, GEMV (M = 1, GB/s of weight bytes read) and GEMM (M = 256,
-GOPS = 2 M N K / s), next to the Q8_0 kernel and `F.linear` in float32 on the same shape,
-timed interleaved (minimum over samples). Weights up to a few MB stay in cache between
-calls (the K = 1280 x N = 131072 head, 94-335 MB, never does).
+--kquant runs only part 3 (no model needed): the K-quant kernel, each type of
+`kernels.KQUANT_TYPES`, at the Mistral proxy's shapes (`--shapes` picks some) on random
+blocks, GEMV (M = 1, GB/s of weight bytes read) and GEMM (M = 256, GOPS = 2 M N K / s), next
+to the Q8_0 kernel and `F.linear` in float32 on the same shape, timed interleaved (minimum
+over samples). Weights up to a few MB stay in cache between calls (the K = 1280 x N = 131072
+head, 94-335 MB, never does).
 
 Part 1, per weight shape of SmolLM2 (Q4_1 layers, Q8_0 tied head), at M = 1 (decode) and
 M = 64 (prefill): our kernel vs `F.linear` on the dequantized float32 weight, each the
@@ -124,7 +125,9 @@ def sweep_table(gguf: GGUFFile, repeats: int) -> None:
 # Part 3: (N, K) of the Mistral proxy: q/o/gate-up input, k/v, ffn up, output head; ffn down.
 KQUANT_SHAPES = [(1280, 1280), (256, 1280), (8192, 1280), (131072, 1280), (1280, 8192)]
 Q = GGMLQuantizationType
-SCALE_FIELDS = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,)}  # f16 byte offsets per block
+# f16 byte offsets per block (d, dmin), set so that random blocks give finite weights.
+SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+                Q.Q6_K: (208,), Q.Q8_0: (0,)}
 
 
 def random_blocks(qtype: GGMLQuantizationType, num_rows: int, num_cols: int) -> torch.Tensor:
@@ -137,21 +140,20 @@ def random_blocks(qtype: GGMLQuantizationType, num_rows: int, num_cols: int) -> 
     return blocks.view(num_rows, -1)
 
 
-def kquant_table(repeats: int) -> None:
-    """Part 3: Q4_K / Q6_K kernel vs Q8_0 kernel vs float32, GEMV GB/s and GEMM GOPS."""
-    names = ["Q4_K", "Q6_K", "Q8_0", "f32"]
-    print(f"\n{'N x K':<14}{'M':>4}" + "".join(f"{n + ' ms':>10}{'':>7}" for n in names)
-          + f"{'Q4_K/f32':>10}{'Q6_K/f32':>9}")
-    for num_rows, num_cols in KQUANT_SHAPES:
-        q4, q6 = (random_blocks(t, num_rows, num_cols) for t in (Q.Q4_K, Q.Q6_K))
+def kquant_table(repeats: int, shapes: list[tuple[int, int]]) -> None:
+    """Part 3: each K-quant type's kernel vs the Q8_0 kernel vs float32, GB/s and GOPS."""
+    ktypes = sorted(kernels.KQUANT_TYPES)
+    names = [t.name for t in ktypes] + ["Q8_0", "f32"]
+    print(f"\n{'N x K':<14}{'M':>4}" + "".join(f"{n + ' ms':>10}{'':>6}" for n in names))
+    for num_rows, num_cols in shapes:
+        blocks = [random_blocks(t, num_rows, num_cols) for t in ktypes]
         q8 = kernels.repack(Q.Q8_0, random_blocks(Q.Q8_0, num_rows, num_cols),
                             (num_rows, num_cols))
         f32 = torch.randn(num_rows, num_cols)
-        num_bytes = [q4.nbytes, q6.nbytes, q8.nbytes, f32.nbytes]
+        num_bytes = [b.nbytes for b in blocks] + [q8.nbytes, f32.nbytes]
         for num_tokens in (1, 256):
             x = torch.randn(num_tokens, num_cols)
-            fns = [partial(kernels.kquant_linear, x, q4, Q.Q4_K),
-                   partial(kernels.kquant_linear, x, q6, Q.Q6_K),
+            fns = [*(partial(kernels.kquant_linear, x, b, t) for b, t in zip(blocks, ktypes)),
                    partial(kernels.qlinear, x, q8), partial(F.linear, x, f32)]
             big = num_tokens > 1 or num_rows * num_cols > 1 << 24
             times = min_time(fns, max(3, repeats // 6) if big else repeats, 1 if big else 5)
@@ -159,10 +161,9 @@ def kquant_table(repeats: int) -> None:
             for seconds, size in zip(times, num_bytes):
                 rate = (size / seconds / 1e9 if num_tokens == 1
                         else 2 * num_tokens * num_rows * num_cols / seconds / 1e9)
-                cells += f"{seconds * 1e3:>10.3f}{rate:>6.0f}{'G' if num_tokens == 1 else 'T'}"
-            print(f"{num_rows:>6} x {num_cols:<5}{num_tokens:>4}{cells}"
-                  f"{times[3] / times[0]:>9.2f}x{times[3] / times[1]:>8.2f}x")
-        del q4, q6, q8, f32
+                cells += f"{seconds * 1e3:>10.3f}{rate:>5.0f}{'G' if num_tokens == 1 else 'T'}"
+            print(f"{num_rows:>6} x {num_cols:<5}{num_tokens:>4}{cells}")
+        del blocks, q8, f32
     print("  G: GB/s of weight bytes read (M = 1); T: GOPS, 2 M N K per second (M = 256)")
 
 
@@ -249,6 +250,9 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--kquant", action="store_true",
                         help="only part 3: K-quant kernels at the Mistral proxy's shapes")
+    parser.add_argument("--shapes", default=None,
+                        help="part 3's N x K list, e.g. 1280x1280,1280x8192 (default: all, "
+                             "with the 131072 x 1280 head)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args()
@@ -263,7 +267,9 @@ def main() -> None:
           f"{args.repeats} samples per cell)")
     if args.kquant:
         with torch.inference_mode():
-            kquant_table(args.repeats)
+            shapes = KQUANT_SHAPES if args.shapes is None else [
+                (int(n), int(k)) for n, k in (s.split("x") for s in args.shapes.split(","))]
+            kquant_table(args.repeats, shapes)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
         return
     path = resolve(args.ref)
