@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import math
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
+from levante.load_config import DTYPES, LoadConfig, dtype_name
 from levante.model import Transformer
+from levante.quant.gguf_blocks import FLOAT_DTYPES
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.weights.gguf import GGUFFile, check_fits_config, load_gguf_state_dict
 from levante.weights.hub import resolve
 from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
 
 log = logging.getLogger(__name__)
+SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass
@@ -34,41 +40,105 @@ class Bundle:
     model: Transformer
     tokenizer: Tokenizer
     chat_format: ChatFormat | None
+    load_config: LoadConfig = field(default_factory=LoadConfig)  # as loaded: concrete values
 
 
-QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4")
+def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str | None = None,
+         device: str | None = None, max_seq_len: int | None = None,
+         quant: str | None = None) -> Bundle:
+    """Resolve `ref` (registry name, local path or hub repo) and load it as `config` says.
 
+    The device is resolved and checked first (`LoadConfig.on_device`), so a missing GPU
+    fails before anything is downloaded or read. dtype "auto" keeps the checkpoint's own
+    precision (`checkpoint_dtype`: bf16 safetensors stay bf16); a quantized GGUF computed
+    from its blocks has float32 activations; float32 is used only where asked for or where
+    nothing else is stored. quant: "auto" computes with a GGUF file's own blocks on the CPU
+    (elsewhere they are dequantized to the device's dtype, as "none" does everywhere) and
+    keeps a safetensors checkpoint's float weights; "gguf" insists on the blocks; "int8" /
+    "int4" quantize a float checkpoint's linears at load. The returned Bundle's
+    `load_config` holds the concrete choices.
 
-def load(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         max_seq_len: int | None = None, quant: str = "auto") -> Bundle:
-    """Resolve `ref` (registry name, local path or hub repo) and load it ready to run.
-
-    quant: "auto" (the default) computes with a GGUF file's own blocks on the CPU and keeps
-    a safetensors checkpoint's float weights; "none" keeps float weights (a GGUF is
-    dequantized to `dtype`); "gguf" computes with a GGUF file's own blocks, never building
-    the float model; "int8" / "int4" quantize a float checkpoint's linears at load.
+    The keyword arguments build the LoadConfig for callers written before it (`dtype` as a
+    torch dtype or a name); they cannot be combined with `config`.
     """
-    if quant not in QUANT_FORMATS:
-        raise ConfigError(f"quant must be one of {', '.join(QUANT_FORMATS)}, got {quant!r}")
+    config = _config_of(config, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                        quant=quant).on_device()
     path = resolve(ref)
-    if quant == "auto":  # the block kernels are CPU code; other devices get float weights
-        quant = "gguf" if path.is_file() and torch.device(device).type == "cpu" else "none"
-    if quant == "gguf" and not path.is_file():
-        raise ConfigError(f"--quant gguf needs a GGUF file; {ref} is a safetensors folder "
-                          f"(use int8 or int4)")
     if path.is_file():
-        bundle = _load_gguf(ref, path, dtype, device, max_seq_len, keep_blocks=quant == "gguf")
+        bundle = _load_gguf(ref, path, config)
     elif (path / "config.json").exists():
-        bundle = _load_hf(ref, path, dtype, device, max_seq_len)
+        bundle = _load_hf(ref, path, config)
     elif (path / "params.json").exists():
-        bundle = _load_consolidated(ref, path, dtype, device, max_seq_len)
+        bundle = _load_consolidated(ref, path, config)
     else:
         raise ModelFileError(path, "folder has neither config.json nor params.json")
-    if quant in ("int8", "int4"):
+    if bundle.load_config.quant in ("int8", "int4"):
         from levante.quant.linear import quantize_model
 
-        quantize_model(bundle.model, quant)
+        quantize_model(bundle.model, bundle.load_config.quant)
     return bundle
+
+
+def _config_of(config: LoadConfig | None, *, dtype: torch.dtype | str | None,
+               device: str | None, max_seq_len: int | None, quant: str | None) -> LoadConfig:
+    """`config`, or one built from the older keyword form of `load`."""
+    keywords = {"dtype": dtype if dtype is None or isinstance(dtype, str) else dtype_name(dtype),
+                "device": device, "max_model_len": max_seq_len, "quant": quant}
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if config is not None and given:
+        raise ConfigError(f"load() takes a LoadConfig or the keywords {', '.join(given)}, "
+                          "not both")
+    return config or LoadConfig(**given)
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The float precision a resolved checkpoint stores its weights in, read from headers.
+
+    HF folders: config.json's `torch_dtype` (or `dtype`), else the safetensors tensors'
+    most common dtype; consolidated folders: the tensors'; a GGUF file: its projection
+    tensors' float type, or None where they are quantized blocks.
+    """
+    if path.is_file():
+        return _gguf_float_dtype(GGUFFile(path))
+    if (path / "config.json").exists():
+        hf = read_json_object(path / "config.json")
+        named = hf.get("torch_dtype", hf.get("dtype"))
+        if isinstance(named, str) and named in DTYPES:
+            return DTYPES[named]
+        return safetensors_dtype(hf_shards(path))
+    return safetensors_dtype(_consolidated_files(path))
+
+
+def safetensors_dtype(files: list[Path]) -> torch.dtype | None:
+    """The float dtype holding most of the checkpoint's elements, from the file headers."""
+    counts: Counter[torch.dtype] = Counter()
+    for path in files:
+        if not path.exists():
+            continue  # the loader's header check names the missing shard
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                    header = f.get_slice(name)
+                    stored = SAFETENSORS_FLOATS.get(header.get_dtype())
+                    if stored is not None:
+                        counts[stored] += math.prod(header.get_shape())
+        except (OSError, SafetensorError) as e:
+            raise ModelFileError(path, f"not a valid safetensors file ({e})") from None
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _gguf_float_dtype(gguf_file: GGUFFile) -> torch.dtype | None:
+    """A GGUF's projection weights' float dtype (most common by size); None if any is
+    quantized. Norms (always F32) and the token embedding (looked up by row) do not count."""
+    sizes: Counter[torch.dtype] = Counter()
+    for name in gguf_file.tensor_names:
+        if len(gguf_file.tensor_shape(name)) != 2 or name == "token_embd.weight":
+            continue
+        qtype = gguf_file.tensor_type(name)
+        if qtype not in FLOAT_DTYPES:
+            return None
+        sizes[FLOAT_DTYPES[qtype]] += gguf_file.nbytes(name)
+    return sizes.most_common(1)[0][0] if sizes else None
 
 
 def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
@@ -80,8 +150,25 @@ def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
     return config.replace(max_seq_len=max_seq_len)
 
 
-def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
-               max_seq_len: int | None, *, keep_blocks: bool = False) -> Bundle:
+def _gguf_quant(load_config: LoadConfig, gguf_file: GGUFFile) -> LoadConfig:
+    """quant and dtype made concrete for a GGUF file on the (resolved) device."""
+    quant, device = load_config.quant, load_config.device
+    if quant == "auto":
+        quant = "gguf" if device == "cpu" else "none"
+    if quant == "gguf" and device != "cpu":
+        raise ConfigError(f"--quant gguf computes with CPU kernels, not on {device}; use "
+                          f"--quant auto or none: the blocks are then dequantized on {device}")
+    stored = _gguf_float_dtype(gguf_file)
+    if quant == "gguf" and stored is None:
+        stored = torch.float32  # the block kernels take float32 activations
+    resolved = load_config.replace(quant=quant).with_dtype(stored)
+    if stored is None:
+        log.info("%s: GGUF blocks dequantized to %s on %s", gguf_file.path.name,
+                 resolved.dtype, device)
+    return resolved
+
+
+def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     try:
@@ -90,16 +177,18 @@ def _load_gguf(ref: str, path: Path, dtype: torch.dtype, device: str,
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
     check_fits_config(gguf_file, config)  # every tensor, for both paths, before any is read
+    load_config = _gguf_quant(load_config, gguf_file)
     tokenizer, chat = _gguf_tokenizer(path, meta)
-    config = _limit(config, max_seq_len)
-    if keep_blocks:
+    config = _limit(config, load_config.max_model_len)
+    dtype, device = load_config.torch_dtype, load_config.device
+    if load_config.quant == "gguf":
         from levante.quant.gguf_linear import load_gguf_quantized
 
         model = load_gguf_quantized(gguf_file, config, dtype)
-        return Bundle(ref, path, "gguf", config, model.to(device), tokenizer, chat)
+        return Bundle(ref, path, "gguf", config, model.to(device), tokenizer, chat, load_config)
     state = load_gguf_state_dict(gguf_file, config, dtype)
     return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
-                  tokenizer, chat)
+                  tokenizer, chat, load_config)
 
 
 # What malformed tokenizer metadata raises inside `tokenizers`/jinja2 (untrusted input).
@@ -138,8 +227,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
-             max_seq_len: int | None) -> Bundle:
+def _safetensors_quant(load_config: LoadConfig, path: Path, stored: torch.dtype | None
+                       ) -> LoadConfig:
+    """quant and dtype made concrete for a safetensors checkpoint."""
+    if load_config.quant == "gguf":
+        raise ConfigError(f"--quant gguf needs a GGUF file; {path} is a safetensors folder "
+                          f"(use int8 or int4)")
+    quant = "none" if load_config.quant == "auto" else load_config.quant
+    return load_config.replace(quant=quant).with_dtype(stored)
+
+
+def _load_hf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     hf = read_json_object(path / "config.json")
     if "auto_map" in hf:
         raise ModelFileError(path / "config.json", "declares auto_map (remote code); Levante "
@@ -148,27 +246,35 @@ def _load_hf(ref: str, path: Path, dtype: torch.dtype, device: str,
         config = ModelConfig.from_hf(hf)
     except ConfigError as e:
         raise ModelFileError(path / "config.json", str(e)) from None
-    state = load_safetensors_state_dict(hf_shards(path), config, dtype=dtype)
+    load_config = _safetensors_quant(load_config, path, checkpoint_dtype(path))
+    state = load_safetensors_state_dict(hf_shards(path), config, dtype=load_config.torch_dtype)
     tokenizer, chat = load_tokenizer(path)
-    config = _limit(config, max_seq_len)
-    return Bundle(ref, path, "safetensors-hf", config, Transformer.from_state_dict(config, state, device=device),
-                  tokenizer, chat)
+    config = _limit(config, load_config.max_model_len)
+    model = Transformer.from_state_dict(config, state, device=load_config.device)
+    return Bundle(ref, path, "safetensors-hf", config, model, tokenizer, chat, load_config)
 
 
-def _load_consolidated(ref: str, path: Path, dtype: torch.dtype, device: str,
-                       max_seq_len: int | None) -> Bundle:
+def _consolidated_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("consolidated*.safetensors"))
+    if not files:
+        raise ModelFileError(path, "no consolidated*.safetensors file")
+    return files
+
+
+def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     try:
         config = ModelConfig.from_params(read_json_object(path / "params.json"))
     except ConfigError as e:
         raise ModelFileError(path / "params.json", str(e)) from None
-    files = sorted(path.glob("consolidated*.safetensors"))
-    if not files:
-        raise ModelFileError(path, "no consolidated*.safetensors file")
-    state = load_safetensors_state_dict(files, config, dtype=dtype, consolidated=True)
+    files = _consolidated_files(path)
+    load_config = _safetensors_quant(load_config, path, safetensors_dtype(files))
+    state = load_safetensors_state_dict(files, config, dtype=load_config.torch_dtype,
+                                        consolidated=True)
     tokenizer, chat = load_tokenizer(path)
-    config = _limit(config, max_seq_len)
-    return Bundle(ref, path, "safetensors-consolidated",
-                  config, Transformer.from_state_dict(config, state, device=device), tokenizer, chat)
+    config = _limit(config, load_config.max_model_len)
+    model = Transformer.from_state_dict(config, state, device=load_config.device)
+    return Bundle(ref, path, "safetensors-consolidated", config, model, tokenizer, chat,
+                  load_config)
 
 
 def load_tokenizer(path: Path) -> tuple[Tokenizer, ChatFormat | None]:

@@ -7,19 +7,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from levante.bundle import Bundle, load
 from levante.chat_request import ChatRequests
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
-from levante.errors import RequestError
+from levante.errors import ConfigError, RequestError
+from levante.load_config import DTYPES, LoadConfig  # noqa: F401 - DTYPES: older importers
 from levante.structured import Grammar
 from levante.tools import parse_tool_calls
 
 Prompt = str | Sequence[int]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -46,17 +44,32 @@ class Completion:
 
 
 class LLM:
-    """A model ready to generate: `LLM("smollm2").generate("Hello")`."""
+    """A model ready to generate: `LLM("smollm2").generate("Hello")`.
 
-    def __init__(self, ref: str | Bundle, *, dtype: str = "float32",
+    How it loads is one `LoadConfig`: pass `load_config=`, or the keyword arguments that
+    build it (device, dtype, quant, kv_cache_dtype, max_model_len, kv_cache_memory; all
+    default to "auto" / the model's own values).
+    """
+
+    def __init__(self, ref: str | Bundle, *, dtype: str | None = None,
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 device: str = "cpu", quant: str = "auto") -> None:
-        if dtype not in DTYPES:
-            raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}",
-                               param="dtype")
-        self.bundle = ref if isinstance(ref, Bundle) else load(
-            ref, dtype=DTYPES[dtype], device=device, max_seq_len=max_model_len, quant=quant)
-        config = engine_config or EngineConfig(max_model_len=self.bundle.config.max_seq_len)
+                 device: str | None = None, quant: str | None = None,
+                 kv_cache_dtype: str | None = None, kv_cache_memory: int | None = None,
+                 load_config: LoadConfig | None = None) -> None:
+        keywords = {"dtype": dtype, "max_model_len": max_model_len, "device": device,
+                    "quant": quant, "kv_cache_dtype": kv_cache_dtype,
+                    "kv_cache_memory": kv_cache_memory}
+        given = {k: v for k, v in keywords.items() if v is not None}
+        if load_config is not None and given:
+            raise ConfigError(f"LLM takes load_config or the keywords {', '.join(given)}, "
+                              "not both")
+        if isinstance(ref, Bundle):
+            self.bundle = ref
+        else:
+            self.bundle = load(ref, load_config or LoadConfig(**given))
+        loaded = self.bundle.load_config
+        config = engine_config or EngineConfig(max_model_len=self.bundle.config.max_seq_len,
+                                               kv_cache_memory=loaded.kv_cache_memory)
         self.engine = Engine(self.bundle.model, self.bundle.tokenizer, config)
         self.tokenizer = self.bundle.tokenizer
         self.chats = ChatRequests(self.bundle)

@@ -24,6 +24,7 @@ from levante.distributed.parallel import ShardSlice, shard_plan, weight_bytes
 from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
 from levante.errors import ConfigError
+from levante.load_config import LoadConfig
 
 MAX_LEN = 256
 ENGINE = EngineConfig(max_model_len=MAX_LEN, num_kv_blocks=48, block_size=16)
@@ -203,7 +204,7 @@ class TestSmolLM2TensorParallel3:
     @classmethod
     def group(cls, smollm2_gguf: Path) -> Iterator[TensorParallelGroup]:
         with TensorParallelGroup.start(str(smollm2_gguf), tensor_parallel=3,
-                                       max_model_len=MAX_LEN) as group:
+                                       load_config=LoadConfig(max_model_len=MAX_LEN)) as group:
             yield group
 
     def test_logits_and_greedy_equal_one_process(self, group, smollm2_reference) -> None:
@@ -236,7 +237,7 @@ class TestTinyMistralTensorParallel2:
     @classmethod
     def group(cls, tiny_mistral_8x2: Path) -> Iterator[TensorParallelGroup]:
         with TensorParallelGroup.start(str(tiny_mistral_8x2), tensor_parallel=2,
-                                       max_model_len=MAX_LEN) as group:
+                                       load_config=LoadConfig(max_model_len=MAX_LEN)) as group:
             yield group
 
     def test_logits_and_greedy_equal_one_process(self, group, tiny_mistral_8x2) -> None:

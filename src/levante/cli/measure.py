@@ -44,6 +44,11 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="also save the JSON report here")] = None,
     plot: Annotated[Path | None, typer.Option(help="draw the report to this PNG")] = None,
+    device: Annotated[str, typer.Option(help="without --base-url: the server's device "
+                                             "(auto | cpu | cuda | cuda:N | mps)")] = "auto",
+    dtype: Annotated[str, typer.Option(help="without --base-url: the server's dtype (auto: "
+                                            "the checkpoint's own)")] = "auto",
+    quant: Annotated[str, typer.Option(help="without --base-url: the server's --quant")] = "auto",
 ) -> None:
     """Load-test an endpoint with the post's scenarios: TTFT, ITL, tokens/s, errors."""
     import contextlib
@@ -52,15 +57,22 @@ def bench(
     from levante.bench.report import plot_report, report_table
     from levante.bench.scenarios import PromptBuilder, load_prompt_tokenizer, parse_scenarios
     from levante.errors import ConfigError
+    from levante.load_config import LoadConfig
 
     try:
         if base_url is None and model is None:
             raise ConfigError("give --base-url URL, or --model REF to start a Levante server")
+        LoadConfig(device=device, dtype=dtype, quant=quant)  # bad names fail before the server
+        if base_url is not None and (device, dtype, quant) != ("auto", "auto", "auto"):
+            raise ConfigError("--device, --dtype and --quant set up the server bench starts; "
+                              "an endpoint at --base-url runs with its own")
+        serve_args = ("--device", device, "--dtype", dtype, "--quant", quant)
         scenarios = parse_scenarios(scenario, input_len=input_len, output_len=output_len)
         tokenizer_ref = tokenizer or (model if base_url is None else None)
         builder = PromptBuilder.from_corpus(
             corpus, *(load_prompt_tokenizer(tokenizer_ref) if tokenizer_ref else (None, None)))
-        with (local_server(model) if base_url is None  # type: ignore[arg-type]
+        with (local_server(model, extra_args=serve_args)  # type: ignore[arg-type]
+              if base_url is None
               else contextlib.nullcontext(base_url)) as url:
             config = BenchConfig(base_url=url, model=model if base_url else None,
                                  api_key=api_key, concurrency=_csv_ints(concurrency, "--concurrency"),
@@ -90,7 +102,10 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="first N samples only")] = None,
     base_url: Annotated[str | None, typer.Option(help="evaluate an OpenAI-compatible endpoint")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY")] = None,
-    dtype: Annotated[str, typer.Option()] = "float32",
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU) | cpu | cuda | "
+                                             "cuda:N | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's own precision) | float32 "
+                                            "| bfloat16 | float16")] = "auto",
     quant: Annotated[str | None, typer.Option(help="perplexity: int8 | int4 weights")] = None,
     compare: Annotated[bool, typer.Option(
         help="show saved results (levante eval --compare a.json b.json) side by side")] = False,
@@ -102,6 +117,7 @@ def eval_(
     from levante.eval import choice, gsm8k, humaneval
     from levante.eval.perplexity import evaluate_perplexity
     from levante.eval.tasks import compare_files, open_model, perplexity_task_result, results_table
+    from levante.load_config import LoadConfig
 
     runners = {"mmlu": choice.run_mmlu, "humaneval": humaneval.run_humaneval,
                "gsm8k": gsm8k.run_gsm8k}
@@ -120,11 +136,13 @@ def eval_(
             raise ConfigError("--quant applies to --task perplexity only")
         if task in ("gsm8k", "perplexity") and data is None:
             raise ConfigError(f"{task} needs --data FILE")
+        load_config = LoadConfig(device=device, dtype=dtype)
         if task == "perplexity":
-            result = perplexity_task_result(evaluate_perplexity(refs[0], data, quant=quant,
-                                                                dtype=dtype))
+            result = perplexity_task_result(evaluate_perplexity(
+                refs[0], data, quant=quant, load_config=load_config))
         else:
-            model = open_model(refs[0], base_url=base_url, api_key=api_key, dtype=dtype)
+            model = open_model(refs[0], base_url=base_url, api_key=api_key,
+                               load_config=load_config)
             result = runners[task](model, data, limit=limit)
     except LevanteError as e:
         _fail(e)

@@ -7,7 +7,7 @@ import logging
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -15,15 +15,21 @@ from rich.table import Table
 from levante.cli import Ref, _fail, _parse_size, _sampling, app, console
 from levante.errors import LevanteError
 
+if TYPE_CHECKING:  # torch loads only for the commands that run a model
+    from levante.load_config import LoadConfig
+
 TensorParallel = Annotated[int, typer.Option(
     "--tensor-parallel", "-tp",
     help="split every layer over N processes (num_heads and num_kv_heads must divide by N)")]
-Device = Annotated[str, typer.Option(help="cpu (gloo) | cuda (NCCL, one GPU per rank)")]
-
-
+Device = Annotated[str, typer.Option(
+    help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps; with --tensor-parallel: "
+         "cpu (gloo) or cuda (NCCL, one GPU per rank)")]
+Dtype = Annotated[str, typer.Option(
+    help="auto (the checkpoint's own precision: bf16 weights stay bf16) | float32 | bfloat16 "
+         "| float16")]
 Quant = Annotated[str, typer.Option(
-    help="auto (a GGUF computes with its own blocks, safetensors stay float) | none (float; "
-         "a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load)")]
+    help="auto (a GGUF computes with its own blocks on the CPU, safetensors stay float) | none "
+         "(float; a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load)")]
 Verbose = Annotated[bool, typer.Option(
     "--verbose", "-v", help="log to stderr what loads and which kernel computes each weight type")]
 
@@ -34,17 +40,16 @@ def _log_verbosely(verbose: bool) -> None:
                             format="%(levelname)s %(name)s: %(message)s")
 
 
-def _open_llm(ref: str, dtype: str, tensor_parallel: int, device: str, quant: str = "auto"
+def _open_llm(ref: str, load_config: LoadConfig, tensor_parallel: int
               ) -> AbstractContextManager[Any]:
     """An LLM in one process, or (N > 1) over N tensor-parallel ranks stopped on exit."""
     if tensor_parallel > 1:
         from levante.distributed.launch import tensor_parallel_llm
 
-        return tensor_parallel_llm(ref, tensor_parallel=tensor_parallel, dtype=dtype,
-                                   device=device)
+        return tensor_parallel_llm(ref, tensor_parallel=tensor_parallel, load_config=load_config)
     from levante.llm import LLM
 
-    return nullcontext(LLM(ref, dtype=dtype, device=device, quant=quant))
+    return nullcontext(LLM(ref, load_config=load_config))
 
 
 @app.command()
@@ -81,21 +86,24 @@ def generate(
     top_k: Annotated[int | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    dtype: Dtype = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     json_schema: Annotated[Path | None, typer.Option(
         help="JSON schema file: the answer is JSON valid against it (implies --chat)")] = None,
     tensor_parallel: TensorParallel = 1,
-    device: Device = "cpu",
+    device: Device = "auto",
     quant: Quant = "auto",
     verbose: Verbose = False,
 ) -> None:
     """Complete one prompt and print the text (or, with --json, ids, text and speeds)."""
     _log_verbosely(verbose)
+    from levante.load_config import LoadConfig
+
     try:
+        load_config = LoadConfig(device=device, dtype=dtype, quant=quant)
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
         response_format = _schema_format(json_schema) if json_schema else None
-        with _open_llm(ref, dtype, tensor_parallel, device, quant) as llm:
+        with _open_llm(ref, load_config, tensor_parallel) as llm:
             if chat or response_format:
                 result = llm.chat([{"role": "user", "content": prompt}], params,
                                   response_format=response_format)
@@ -117,17 +125,20 @@ def run(
     max_tokens: Annotated[int, typer.Option()] = 512,
     temperature: Annotated[float, typer.Option()] = 0.15,
     seed: Annotated[int | None, typer.Option()] = None,
-    dtype: Annotated[str, typer.Option()] = "float32",
+    dtype: Dtype = "auto",
     tensor_parallel: TensorParallel = 1,
-    device: Device = "cpu",
+    device: Device = "auto",
     quant: Quant = "auto",
     verbose: Verbose = False,
 ) -> None:
     """Chat with a model: one answer for PROMPT, or an interactive multi-turn session."""
     _log_verbosely(verbose)
+    from levante.load_config import LoadConfig
+
     try:
+        load_config = LoadConfig(device=device, dtype=dtype, quant=quant)
         params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
-        with _open_llm(ref, dtype, tensor_parallel, device, quant) as llm:
+        with _open_llm(ref, load_config, tensor_parallel) as llm:
             _chat_loop(llm, prompt, system, params)
     except LevanteError as e:
         _fail(e)
@@ -205,7 +216,7 @@ def serve(
     max_num_batched_tokens: Annotated[int, typer.Option()] = 512,
     max_queue: Annotated[int, typer.Option()] = 256,
     kv_cache_memory: Annotated[str | None, typer.Option(help="e.g. 2GB")] = None,
-    dtype: Annotated[str, typer.Option()] = "float32",
+    dtype: Dtype = "auto",
     served_model_name: Annotated[str | None, typer.Option()] = None,
     no_web: Annotated[bool, typer.Option(
         "--no-web", help="Do not serve the browser chat page at /")] = False,
@@ -216,7 +227,7 @@ def serve(
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
     tensor_parallel: TensorParallel = 1,
-    device: Device = "cpu",
+    device: Device = "auto",
     quant: Quant = "auto",
     replicas: Annotated[int, typer.Option(
         help="engine processes behind one load-routing front (0: front over --upstream only)"
@@ -241,22 +252,21 @@ def serve(
             allowed_hosts=tuple(n for names in allowed_hosts or [] for n in names.split(",")
                                 if n.strip()),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), dtype=dtype,
-            quant=quant,
-            served_model_name=served_model_name, no_web=no_web,
+            max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory), device=device,
+            dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             lora=_lora_pairs(lora or []))
         if replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 
-            per_replica = ["--tensor-parallel", str(tensor_parallel), "--device", device] \
-                if tensor_parallel > 1 else None
+            per_replica = ["--device", device, "--quant", quant,
+                           "--tensor-parallel", str(tensor_parallel)]
             serve_replicas(config, num_replicas=replicas, upstreams=upstream,
                            prefix_aware=prefix_routing, extra_args=per_replica)
         elif tensor_parallel > 1:
             from levante.distributed.launch import serve_tensor_parallel
 
-            serve_tensor_parallel(config, tensor_parallel=tensor_parallel, device=device)
+            serve_tensor_parallel(config, tensor_parallel=tensor_parallel)
         else:
             run_server(config)
     except LevanteError as e:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from levante.bundle import Bundle
+from levante.bundle import Bundle, checkpoint_dtype
 from levante.config import EngineConfig
 from levante.distributed.loading import load_parallel_model, read_model_config, sharded_bundle
 from levante.distributed.parallel import check_tensor_parallel, weight_bytes
@@ -38,6 +38,7 @@ from levante.engine.kv_cache import KVCache
 from levante.engine.runner import ModelRunner
 from levante.engine.scheduler import Batch
 from levante.errors import ConfigError, LevanteError
+from levante.load_config import DTYPES, LoadConfig
 from levante.model import Transformer
 from levante.weights.hub import resolve
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from levante.server.routes import ServerState
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IDLE_TIMEOUT = timedelta(days=365)  # workers wait on the control group while the server idles
 
 
@@ -56,7 +56,7 @@ class LaunchSpec:
 
     path: str
     world_size: int
-    dtype: str = "float32"
+    dtype: str = "float32"  # concrete (`tensor_parallel_config`)
     device: str = "cpu"  # "cpu" (gloo) or "cuda" (NCCL, one GPU per rank)
     max_seq_len: int | None = None
     init_method: str = "env://"
@@ -221,15 +221,36 @@ def torchrun_rank() -> int | None:
         else None
 
 
-def run_torchrun_worker(ref: str, *, dtype: str = "float32", device: str = "cpu",
-                        max_model_len: int | None = None) -> None:
+def tensor_parallel_config(load_config: LoadConfig, path: Path) -> LoadConfig:
+    """`load_config` made concrete for tensor-parallel ranks of the checkpoint at `path`.
+
+    Ranks compute float shards on the CPU (gloo) or on one GPU each (NCCL): device auto
+    picks CUDA, else the CPU; dtype auto keeps the checkpoint's precision (a quantized GGUF
+    is dequantized to the device's default). MPS, an indexed GPU (each rank takes its local
+    one) and quantized weights are refused, naming the flag.
+    """
+    if load_config.device == "mps" or load_config.device.startswith("cuda:"):
+        raise ConfigError(f"--tensor-parallel runs on cpu (gloo) or cuda (NCCL, each rank "
+                          f"on its local GPU), not --device {load_config.device}")
+    if load_config.quant not in ("auto", "none"):
+        raise ConfigError(f"--tensor-parallel computes float shards; --quant "
+                          f"{load_config.quant} is not supported with it")
+    if load_config.device == "auto":
+        load_config = load_config.replace(device="cuda" if torch.cuda.is_available() else "cpu")
+        log.info("tensor parallel: device auto: %s", load_config.device)
+    return load_config.on_device().replace(quant="none").with_dtype(checkpoint_dtype(path))
+
+
+def run_torchrun_worker(ref: str, load_config: LoadConfig | None = None) -> None:
     """A non-zero `torchrun` rank's life: `torchrun --nproc-per-node G [--nnodes ...]
     levante serve REF --tensor-parallel N` runs this on ranks 1..N-1 and serves on rank 0."""
     rank = torchrun_rank()
     if rank is None or rank == 0:
         raise ConfigError("run_torchrun_worker is for torchrun ranks 1..N-1 (RANK unset or 0)")
-    spec = LaunchSpec(str(resolve(ref)), int(os.environ["WORLD_SIZE"]), dtype, device,
-                      max_model_len, "env://")
+    path = resolve(ref)
+    concrete = tensor_parallel_config(load_config or LoadConfig(), path)
+    spec = LaunchSpec(str(path), int(os.environ["WORLD_SIZE"]), concrete.dtype,
+                      concrete.device, concrete.max_model_len, "env://")
     run_worker(rank, spec, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
 
 
@@ -247,24 +268,25 @@ class TensorParallelGroup:
         self.is_closed = False
 
     @classmethod
-    def start(cls, ref: str, *, tensor_parallel: int, dtype: str = "float32",
-              device: str = "cpu", max_model_len: int | None = None,
+    def start(cls, ref: str, *, tensor_parallel: int, load_config: LoadConfig | None = None,
               timeout_s: float = 600.0) -> TensorParallelGroup:
         """Check the model divides by N, spawn ranks 1..N-1, load rank 0's shard here.
 
-        Under `torchrun` (RANK set) this process must be rank 0 and nothing is spawned:
-        the other ranks call `run_worker` themselves.
+        `load_config` (device, dtype, context; `tensor_parallel_config` says what it may
+        hold) is made concrete here, once, and every rank loads as it says. Under `torchrun`
+        (RANK set) this process must be rank 0 and nothing is spawned: the other ranks call
+        `run_worker` themselves.
         """
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         path = resolve(ref)
-        _, config = read_model_config(path, max_seq_len=max_model_len)
+        concrete = tensor_parallel_config(load_config or LoadConfig(), path)
+        _, config = read_model_config(path, max_seq_len=concrete.max_model_len)
         check_tensor_parallel(config, tensor_parallel)
         external = torchrun_rank() is not None
         if external and torchrun_rank() != 0:
             raise ConfigError("TensorParallelGroup.start runs on rank 0; other torchrun ranks "
                               "call run_torchrun_worker")
-        spec = LaunchSpec(str(path), tensor_parallel, dtype, device, max_model_len,
+        spec = LaunchSpec(str(path), tensor_parallel, concrete.dtype, concrete.device,
+                          concrete.max_model_len,
                           "env://" if external else f"tcp://127.0.0.1:{_free_port()}",
                           timeout_s)
         context = mp.get_context("spawn")
@@ -274,11 +296,11 @@ class TensorParallelGroup:
             for rank in range(1, tensor_parallel)]
         for worker in workers:
             worker.start()
-        return cls._join_as_rank0(ref, spec, workers)
+        return cls._join_as_rank0(ref, spec, workers, concrete)
 
     @classmethod
-    def _join_as_rank0(cls, ref: str, spec: LaunchSpec, workers: list[Any]
-                       ) -> TensorParallelGroup:
+    def _join_as_rank0(cls, ref: str, spec: LaunchSpec, workers: list[Any],
+                       load_config: LoadConfig) -> TensorParallelGroup:
         num_threads = torch.get_num_threads()
         try:
             device, control = _init_rank(0, int(os.environ.get("LOCAL_RANK", "0")), spec)
@@ -294,7 +316,8 @@ class TensorParallelGroup:
             torch.set_num_threads(num_threads)
             raise ConfigError("tensor-parallel start failed: " + "; ".join(
                 f"rank {r.rank}: {r.error}" for r in failed))
-        bundle = sharded_bundle(ref, Path(spec.path), model)
+        bundle = dataclasses.replace(sharded_bundle(ref, Path(spec.path), model),
+                                     load_config=load_config)
         return cls(spec, bundle, control, workers, reports, num_threads)
 
     def send(self, item: StepBatch | CacheSetup | None) -> None:
@@ -386,14 +409,16 @@ def _stop_workers(workers: list[Any], *, timeout: float) -> None:
 
 
 @contextmanager
-def tensor_parallel_llm(ref: str, *, tensor_parallel: int, dtype: str = "float32",
-                        device: str = "cpu", max_model_len: int | None = None,
+def tensor_parallel_llm(ref: str, *, tensor_parallel: int, load_config: LoadConfig | None = None,
                         engine_config: EngineConfig | None = None) -> Iterator[Any]:
     """An `LLM` whose engine drives N tensor-parallel ranks; the ranks stop on exit."""
     from levante.llm import LLM
 
-    with TensorParallelGroup.start(ref, tensor_parallel=tensor_parallel, dtype=dtype,
-                                   device=device, max_model_len=max_model_len) as group:
+    with TensorParallelGroup.start(ref, tensor_parallel=tensor_parallel,
+                                   load_config=load_config) as group:
+        engine_config = engine_config or EngineConfig(
+            max_model_len=group.bundle.config.max_seq_len,
+            kv_cache_memory=group.bundle.load_config.kv_cache_memory)
         llm = LLM(group.bundle, engine_config=group.engine_config(engine_config))
         group.attach(llm.engine)
         yield llm
@@ -414,7 +439,7 @@ def server_state(group: TensorParallelGroup, config: ServerConfig) -> ServerStat
     return state
 
 
-def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int, device: str = "cpu") -> None:
+def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int) -> None:
     """`levante serve --tensor-parallel N`: as `levante.server.app.serve`, over N ranks."""
     import uvicorn
 
@@ -424,12 +449,10 @@ def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int, device:
     if config.lora:
         raise ConfigError("--lora is not supported with --tensor-parallel yet")
     if torchrun_rank() not in (None, 0):
-        run_torchrun_worker(config.ref, dtype=config.dtype, device=device,
-                            max_model_len=config.max_model_len)
+        run_torchrun_worker(config.ref, config.load_config)
         return
     with TensorParallelGroup.start(config.ref, tensor_parallel=tensor_parallel,
-                                   dtype=config.dtype, device=device,
-                                   max_model_len=config.max_model_len) as group:
+                                   load_config=config.load_config) as group:
         log.info("tensor parallel %d: weight bytes per rank %s", tensor_parallel,
                  group.weight_bytes)
         app = create_app(config, server_state(group, config))

@@ -6,12 +6,15 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from levante.errors import ConfigError, ModelFileError
 from levante.model import Transformer
+
+if TYPE_CHECKING:
+    from levante.load_config import LoadConfig
 
 DEFAULT_WINDOW = 512
 DEFAULT_STRIDE = 256
@@ -88,14 +91,14 @@ class PerplexityResult:
 
 def evaluate_perplexity(ref: str, data: str | Path, *, window: int = DEFAULT_WINDOW,
                         stride: int = DEFAULT_STRIDE, quant: str | None = None,
-                        dtype: str = "float32") -> PerplexityResult:
-    """Load `ref`, tokenize the UTF-8 text file `data` (BOS where the model wants it), score it.
+                        load_config: LoadConfig | None = None) -> PerplexityResult:
+    """Load `ref` (as `load_config` says), tokenize the UTF-8 text file `data` (BOS where
+    the model wants it), score it.
 
     `quant` "int8"/"int4" quantizes the loaded float linears (`quantize_model`); None keeps
     the model as the loader gives it.
     """
     from levante.bundle import load
-    from levante.llm import DTYPES
     from levante.quant.linear import quantize_model
 
     path = Path(data)
@@ -103,9 +106,7 @@ def evaluate_perplexity(ref: str, data: str | Path, *, window: int = DEFAULT_WIN
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ModelFileError(path, f"cannot read the text ({e})") from None
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    bundle = load(ref, dtype=DTYPES[dtype])
+    bundle = load(ref, load_config)
     if quant is not None:
         quantize_model(bundle.model, quant)
     token_ids = bundle.tokenizer.encode(text, add_bos=bundle.tokenizer.should_add_bos)

@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from levante.errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    from levante.load_config import LoadConfig
 
 RESULT_FORMAT = 1  # "levante_eval" version in result JSON files
 LOCAL_CHUNK = 64  # prompts handed to the engine at once (its queue is bounded)
@@ -151,12 +154,13 @@ class EndpointModel:
 
 
 def open_model(ref: str, *, base_url: str | None = None, api_key: str | None = None,
-               dtype: str = "float32") -> LocalModel | EndpointModel:
-    """`ref` loaded locally, or (with `base_url`) the model named `ref` at that endpoint."""
+               load_config: LoadConfig | None = None) -> LocalModel | EndpointModel:
+    """`ref` loaded locally as `load_config` says, or (with `base_url`) the model named `ref`
+    at that endpoint."""
     if base_url is None:
         from levante.llm import LLM
 
-        return LocalModel(ref, LLM(ref, dtype=dtype))
+        return LocalModel(ref, LLM(ref, load_config=load_config))
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=2)

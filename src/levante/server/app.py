@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from levante.errors import ConfigError, ContextLengthError, LevanteError, RequestError
+from levante.load_config import LoadConfig
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ class ServerConfig:
     max_queue: int = 256
     kv_cache_memory: int | None = None
     num_kv_blocks: int | None = None
-    dtype: str = "float32"
+    device: str = "auto"
+    dtype: str = "auto"
     quant: str = "auto"
+    kv_cache_dtype: str = "auto"
     served_model_name: str | None = None
     enable_prefix_caching: bool = True
     lora: tuple[tuple[str, str], ...] = ()  # (served name, adapter folder)
@@ -56,8 +59,14 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     no_web: bool = False
+    # How the model loads, built from the fields above (and checked) when the config is made.
+    load_config: LoadConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "load_config", LoadConfig(
+            device=self.device, dtype=self.dtype, quant=self.quant,
+            kv_cache_dtype=self.kv_cache_dtype, max_model_len=self.max_model_len,
+            kv_cache_memory=self.kv_cache_memory))
         names = []
         for given in self.allowed_hosts:
             split = split_host(given)

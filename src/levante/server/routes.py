@@ -46,12 +46,8 @@ class ServerState:
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
         from levante.bundle import load
-        from levante.llm import DTYPES
 
-        if config.dtype not in DTYPES:
-            raise RequestError(f"dtype must be one of {sorted(DTYPES)}", param="dtype")
-        bundle = bundle or load(config.ref, dtype=DTYPES[config.dtype],
-                                max_seq_len=config.max_model_len, quant=config.quant)
+        bundle = bundle or load(config.ref, config.load_config)
         engine_config = EngineConfig(
             max_model_len=bundle.config.max_seq_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
