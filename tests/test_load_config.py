@@ -193,3 +193,41 @@ def test_gguf_blocks_keep_float32_activations(smollm2_gguf: Path) -> None:
     bundle = load(str(smollm2_gguf), LoadConfig(device="cpu", max_model_len=256))
     assert bundle.load_config.quant == "gguf" and bundle.load_config.dtype == "float32"
     assert checkpoint_dtype(smollm2_gguf) is None
+
+
+@pytest.mark.parametrize("layout", ["hf", "consolidated"])
+def test_joined_projections_are_read_once_and_fused_without_a_copy(
+        layout: str, tiny_mistral_hf: Path, tiny_mistral_consolidated: Path) -> None:
+    """q/k/v and gate/up are read as consecutive rows of one buffer; fusing them then
+    copies nothing, and the model still computes what transformers does."""
+    from transformers import MistralForCausalLM
+
+    folder = tiny_mistral_hf if layout == "hf" else tiny_mistral_consolidated
+    model = load(str(folder), LoadConfig(device="cpu")).model
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+    assert k.data_ptr() == q.data_ptr() + q.nbytes and v.data_ptr() == k.data_ptr() + k.nbytes
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + \
+        mlp.gate_proj.weight.nbytes
+    assert model.fuse_projections() == 2 * model.config.num_layers
+    assert attn.joined().weight.data_ptr() == q.data_ptr()  # a view, not a copy
+    assert mlp.joined().weight.data_ptr() == mlp.gate_proj.weight.data_ptr()
+    ids = torch.randint(0, model.config.vocab_size, (1, 19),
+                        generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = MistralForCausalLM.from_pretrained(tiny_mistral_hf, dtype=torch.float32)
+        assert (model.logits(model(ids)) - expected.eval()(ids).logits).abs().max() <= 1e-4
+
+
+def test_weights_as_stored_and_converted_equal_the_file(tiny_mistral_hf: Path) -> None:
+    """Tensors kept as stored (mapped) and converted ones (plain reads) equal the file."""
+    from safetensors import safe_open
+
+    with safe_open(tiny_mistral_hf / "model.safetensors", framework="pt") as f:
+        stored = f.get_tensor("model.layers.0.self_attn.o_proj.weight")
+    as_stored = load(str(tiny_mistral_hf), LoadConfig(device="cpu")).model
+    converted = load(str(tiny_mistral_hf), LoadConfig(device="cpu", dtype="bfloat16")).model
+    o_proj = as_stored.model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(o_proj, stored)
+    assert torch.equal(converted.model.layers[0].self_attn.o_proj.weight, stored.bfloat16())
+    assert converted.model.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16

@@ -18,7 +18,7 @@ from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
 from levante.load_config import DTYPES, LoadConfig, dtype_name
-from levante.model import Transformer
+from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.weights.gguf import GGUFFile, check_fits_config, load_gguf_state_dict
@@ -247,11 +247,20 @@ def _load_hf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     except ConfigError as e:
         raise ModelFileError(path / "config.json", str(e)) from None
     load_config = _safetensors_quant(load_config, path, checkpoint_dtype(path))
-    state = load_safetensors_state_dict(hf_shards(path), config, dtype=load_config.torch_dtype)
+    state = load_safetensors_state_dict(hf_shards(path), config, dtype=load_config.torch_dtype,
+                                        row_groups=fused_row_groups(config))
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=load_config.device)
     return Bundle(ref, path, "safetensors-hf", config, model, tokenizer, chat, load_config)
+
+
+def fused_row_groups(config: ModelConfig) -> list[tuple[str, ...]]:
+    """The weights each layer joins into one matmul (q/k/v, gate/up), to be read as one
+    buffer each: joining them when the engine fuses projections then copies nothing."""
+    return [tuple(f"model.layers.{i}.{block}.{part}.weight" for part in kind.part_names)
+            for i in range(config.num_layers)
+            for block, kind in (("self_attn", Attention), ("mlp", MLP))]
 
 
 def _consolidated_files(path: Path) -> list[Path]:
@@ -269,7 +278,7 @@ def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     files = _consolidated_files(path)
     load_config = _safetensors_quant(load_config, path, safetensors_dtype(files))
     state = load_safetensors_state_dict(files, config, dtype=load_config.torch_dtype,
-                                        consolidated=True)
+                                        consolidated=True, row_groups=fused_row_groups(config))
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=load_config.device)

@@ -46,7 +46,8 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     """One layer for `parts` stacked by output rows, backing their weights; None if they differ.
 
     Example: q [576, 576], k [192, 576], v [192, 576] -> one [960, 576] layer whose rows
-    0-575 are q's; afterwards q.weight is a view of those rows.
+    0-575 are q's; afterwards q.weight is a view of those rows. Weights a loader already
+    read as consecutive rows of one tensor are joined as a view of it, without a copy.
     """
     kind = type(parts[0])
     if any(type(p) is not kind for p in parts):
@@ -59,8 +60,9 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
             return None
         joined = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
                            device="meta")
-        joined.weight = nn.Parameter(torch.cat([w.detach() for w in weights]),
-                                     requires_grad=False)
+        stacked = _stacked_view(weights)  # a loader may have read them so already
+        joined.weight = nn.Parameter(torch.cat([w.detach() for w in weights])
+                                     if stacked is None else stacked, requires_grad=False)
         start = 0
         for part, weight in zip(parts, weights):
             end = start + weight.shape[0]
@@ -69,6 +71,22 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
         return joined
     concat = getattr(kind, "concat", None)
     return concat(parts) if concat is not None else None
+
+
+def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor whose consecutive row blocks `weights` already are, as a view; else None.
+
+    Example: q = buf[0:1024], k = buf[1024:1280] (contiguous, same storage) -> buf[0:1280].
+    """
+    first = weights[0].detach()
+    offset = first.storage_offset()
+    for weight in weights:
+        if (not weight.is_contiguous() or weight.storage_offset() != offset
+                or weight.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += weight.numel()
+    return first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]),
+                            (first.shape[1], 1))
 
 
 @dataclass(frozen=True, eq=False)  # identity, not tensor ==

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ TIE_KEY = {False: "tie_word_embeddings", True: "tied_embeddings"}
 # Buffers some checkpoints carry that hold nothing a model computes with: rotary inverse
 # frequencies follow from rope_theta (transformers recomputes them too).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+PLAIN_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def hf_shards(folder: Path) -> list[Path]:
@@ -46,26 +50,45 @@ def hf_shards(folder: Path) -> list[Path]:
 
 
 def load_safetensors_state_dict(files: list[Path], config: ModelConfig, *, dtype: torch.dtype,
-                                consolidated: bool = False) -> dict[str, torch.Tensor]:
-    """Read tensors from memory-mapped files into our (HF) names, checked against the config.
+                                consolidated: bool = False,
+                                row_groups: Sequence[tuple[str, ...]] = ()
+                                ) -> dict[str, torch.Tensor]:
+    """Read tensors into our (HF) names, checked against the config.
 
     Every tensor's name, shape and dtype is checked from the file headers before any weight
     is read (`check_safetensors_files`). Consolidated checkpoints are renamed and their q/k
-    rows un-permuted to rotate-half.
+    rows un-permuted to rotate-half. A tensor used as stored stays in the file's memory map
+    (no copy; its pages count once, when touched). A tensor that must be copied (to another
+    dtype, un-permuted, or joined) is read with plain file reads: a copy made through the map
+    would leave every page it touched resident beside the copy. Each of `row_groups` (our
+    names, e.g. a layer's q/k/v) is read into one buffer as consecutive rows, each tensor a
+    view of its rows, so joining them later (`Transformer.fuse_projections`) copies nothing.
     """
     sources = check_safetensors_files(files, config, consolidated=consolidated)
+    layouts = {path: _tensor_layouts(path) for path in files}
+    row_groups = [group for group in row_groups  # a dtype without a plain read: as stored
+                  if all(sources[name][1] in layouts[sources[name][0]] for name in group)]
+    grouped = {name for group in row_groups for name in group}
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        wanted = {name: target for target, (where, name) in sources.items() if where == path}
+        wanted = {name: target for target, (where, name) in sources.items()
+                  if where == path and target not in grouped}
         if not wanted:
             continue
         try:
             with safe_open(path, framework="pt") as f:
                 for name, target in wanted.items():
-                    tensor = _converted(f.get_tensor(name), target, config, consolidated)
+                    layout = layouts[path].get(name)
+                    if layout is None or (layout.dtype == dtype
+                                          and not _is_permuted(target, consolidated)):
+                        tensor = _converted(f.get_tensor(name), target, config, consolidated)
+                    else:
+                        tensor = _converted(layout.read(), target, config, consolidated)
                     state[target] = tensor.to(dtype)
         except SafetensorError as e:
             raise ModelFileError(path, f"not a valid safetensors file ({e})") from None
+    for group in row_groups:
+        state.update(_read_rows_joined(group, sources, layouts, config, dtype, consolidated))
     head = state.pop(TIED_HEAD, None) if config.tie_embeddings else None
     if head is not None and not torch.equal(head, state[EMBEDDING]):
         path, name = sources[TIED_HEAD]
@@ -144,6 +167,67 @@ def _placed(path: Path, name: str, header: Any, allowed: dict[str, tuple[int, ..
         raise ModelFileError(path, f"tensor {name} has dtype {header.get_dtype()}, expected "
                              "a float")
     return target
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a tensor's bytes lie in its file, for reading without the memory map."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor read with plain file reads, into `out` (contiguous, same dtype) if given."""
+        tensor = torch.empty(self.shape, dtype=self.dtype) if out is None else out
+        buffer = tensor.view(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            num_read = f.readinto(memoryview(buffer))
+        if num_read != buffer.nbytes:
+            raise ModelFileError(self.path, f"tensor {self.name} is truncated")
+        return tensor
+
+
+def _tensor_layouts(path: Path) -> dict[str, _Layout]:
+    """{stored name: layout} for the float tensors a plain read can load (BF16, F16, F32).
+
+    The header was already validated by safetensors (`check_safetensors_files`).
+    """
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {name: _Layout(path, name, PLAIN_DTYPES[info["dtype"]], tuple(info["shape"]),
+                          8 + size + info["data_offsets"][0])
+            for name, info in header.items()
+            if name != "__metadata__" and info["dtype"] in PLAIN_DTYPES}
+
+
+def _read_rows_joined(group: tuple[str, ...], sources: dict[str, tuple[Path, str]],
+                      layouts: dict[Path, dict[str, _Layout]], config: ModelConfig,
+                      dtype: torch.dtype, consolidated: bool) -> dict[str, torch.Tensor]:
+    """The tensors of `group` as consecutive row blocks of one new `dtype` buffer.
+
+    Example: q [1024, 1280], k [256, 1280], v [256, 1280] -> one [1536, 1280] buffer;
+    q is its rows 0-1023, k rows 1024-1279, v rows 1280-1535.
+    """
+    parts = [layouts[sources[name][0]][sources[name][1]] for name in group]
+    joined = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dtype)
+    views, start = {}, 0
+    for name, part in zip(group, parts):
+        rows = joined[start:start + part.shape[0]]
+        if part.dtype == dtype and not _is_permuted(name, consolidated):
+            part.read(out=rows)
+        else:
+            rows.copy_(_converted(part.read(), name, config, consolidated))
+        views[name], start = rows, start + part.shape[0]
+    return views
+
+
+def _is_permuted(target: str, consolidated: bool) -> bool:
+    return consolidated and target.endswith(("q_proj.weight", "k_proj.weight"))
 
 
 def _converted(tensor: torch.Tensor, target: str, config: ModelConfig,
