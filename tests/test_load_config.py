@@ -231,3 +231,39 @@ def test_weights_as_stored_and_converted_equal_the_file(tiny_mistral_hf: Path) -
     assert torch.equal(o_proj, stored)
     assert torch.equal(converted.model.layers[0].self_attn.o_proj.weight, stored.bfloat16())
     assert converted.model.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
+
+
+class _Stop(Exception):
+    """Raised by a stand-in loader to end a load once its arguments are known."""
+
+
+def test_gguf_on_a_gpu_is_dequantized_to_its_dtype_and_says_so(
+        smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    seen: list[torch.dtype] = []
+
+    def dequantize(gguf_file: object, config: object, dtype: torch.dtype) -> None:
+        seen.append(dtype)
+        raise _Stop
+
+    monkeypatch.setattr("levante.bundle.load_gguf_state_dict", dequantize)
+    with caplog.at_level(logging.INFO, logger="levante.bundle"), pytest.raises(_Stop):
+        load(str(smollm2_gguf), LoadConfig(device="cuda"))
+    assert seen == [torch.bfloat16]
+    assert "GGUF blocks dequantized to bfloat16 on cuda" in caplog.text
+    with pytest.raises(ConfigError, match="--quant gguf computes with CPU kernels"):
+        load(str(smollm2_gguf), LoadConfig(device="cuda", quant="gguf"))
+
+
+def test_llm_takes_a_load_config_or_its_keywords(tiny_mistral_hf: Path) -> None:
+    from levante.llm import LLM
+
+    with pytest.raises(ConfigError, match="not both"):
+        LLM(str(tiny_mistral_hf), load_config=LoadConfig(), dtype="float32")
+    with pytest.raises(ConfigError, match=r"LoadConfig\.dtype .*'fp16'"):
+        LLM(str(tiny_mistral_hf), dtype="fp16")
+    llm = LLM(str(tiny_mistral_hf), device="cpu", max_model_len=64, kv_cache_memory=2**20)
+    assert llm.bundle.load_config.max_model_len == 64 and llm.bundle.config.max_seq_len == 64
+    assert llm.engine.config.kv_cache_memory == 2**20

@@ -162,15 +162,8 @@ def plan(
 
 
 # `levante eval --task perplexity` is already wired in cli/measure.py to
-# `evaluate_perplexity(ref, data, quant=..., dtype=...)`; to expose the window, add there:
+# `evaluate_perplexity(ref, data, quant=..., load_config=...)`; to expose the window, add there:
 #     window: Annotated[int, typer.Option(help="perplexity: tokens per window")] = 512,
 #     stride: Annotated[int, typer.Option(help="perplexity: tokens between windows")] = 256,
 # and pass `window=window, stride=stride` to evaluate_perplexity.
 
-
-# For `generate`, `run` and `serve`, add this option and pass it on to LLM/ServerConfig
-# (see the report for the bundle.load change it needs):
-#     quant: Annotated[str | None, typer.Option(
-#         help="int8 | int4: quantize a float checkpoint at load; none: expand a GGUF to "
-#              "float (default: GGUF files keep their own blocks)")] = None,
-# e.g. in generate:  llm = LLM(ref, dtype=dtype, quant=quant)
