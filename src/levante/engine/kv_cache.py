@@ -144,12 +144,12 @@ class PagedAttention:
     slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
     block_tables: torch.Tensor  # [B, max_blocks] block ids (padded with 0)
     context_lens: torch.Tensor  # [B] int64: keys each sequence attends to, its new ones included
+    query_lens: torch.Tensor  # [B] int64: new tokens of each sequence, 1 .. its context length
     context_len: int  # L: the longest context; keys past a sequence's own are masked
     mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None: decode-only
     query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
     num_seqs: int
     max_query_len: int
-    query_lens: tuple[int, ...] = ()  # per sequence, for steps that mix decode and prefill
 
     def _gather(self, cache: torch.Tensor) -> torch.Tensor:
         """Each sequence's keys or values, whole blocks at a time: [B, kv_heads, L, head_dim].
@@ -166,22 +166,23 @@ class PagedAttention:
                v: torch.Tensor) -> torch.Tensor:
         """Write the new K/V into the cache, then attend over each sequence's whole context.
 
-        A decode-only step in float32 on CPU reads the blocks in place with the compiled
-        kernel; other steps gather each sequence's blocks and call SDPA.
+        In float32 on CPU every step (decode, prefill chunks, draft verification, any mix)
+        reads the blocks in place with the compiled kernel, where a token's result is
+        bit-identical to a decode of that token alone: it depends on neither its neighbours,
+        nor the chunking, nor a prefix-cache hit. With 8-bit activations downstream, the float
+        noise SDPA's row count and chunking gave flipped near-tie greedy tokens. Other devices
+        and dtypes (or no compiler) gather each sequence's blocks and call SDPA.
         """
         k_cache, v_cache = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
-        b, qn = self.num_seqs, self.max_query_len
-        uses_kernel = q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32
-        if self.query_index is None and uses_kernel:
-            out = kernels.paged_decode_attention(
-                q.contiguous(), k_cache, v_cache, self.block_tables,
-                self.context_lens, block_size=self.cache.block_size)
+        if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
+            out = kernels.paged_attention(
+                q.contiguous(), k_cache, v_cache, self.block_tables, self.context_lens,
+                self.query_lens, block_size=self.cache.block_size)
             if out is not None:
                 return out
-        if self.query_index is not None and uses_kernel and kernels.available():
-            return self._attend_each_alone(q, k_cache, v_cache)
+        b, qn = self.num_seqs, self.max_query_len
         keys, values = self._gather(k_cache), self._gather(v_cache)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
@@ -194,53 +195,6 @@ class PagedAttention:
         out = out.transpose(1, 2).reshape(b * qn, *q.shape[1:])  # [B * Q, heads, head_dim]
         return out if self.query_index is None else out[self.query_index]
 
-
-    def _attend_each_alone(self, q: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor) -> torch.Tensor:
-        """A step mixing sequences: each row computed exactly as it would be alone.
-
-        Decoding sequences (one new token) go through the decode kernel together, as in a
-        decode-only step; each prefilling sequence gets its own SDPA over its own context,
-        as in a step of its own. A token's numbers then do not depend on its neighbours:
-        with 8-bit activations downstream, float noise from padding or another attention
-        path was enough to flip near-tie greedy tokens between batched and alone.
-        """
-        lens = self.query_lens
-        starts = [0]
-        for length in lens:
-            starts.append(starts[-1] + length)
-        out = torch.empty_like(q)
-        decoding = [i for i, length in enumerate(lens) if length == 1]
-        if decoding:
-            rows = torch.tensor([starts[i] for i in decoding], dtype=torch.long)
-            picked = torch.tensor(decoding, dtype=torch.long, device=q.device)
-            decoded = kernels.paged_decode_attention(
-                q.index_select(0, rows).contiguous(), k_cache, v_cache,
-                self.block_tables.index_select(0, picked),
-                self.context_lens.index_select(0, picked), block_size=self.cache.block_size)
-            assert decoded is not None
-            out.index_copy_(0, rows, decoded)
-        for i, length in enumerate(lens):
-            if length == 1:
-                continue
-            context = int(self.context_lens[i])
-            blocks = self.block_tables[i, :-(-context // self.cache.block_size)]
-            keys = _gather_one(k_cache, blocks, self.cache.block_size, context)
-            values = _gather_one(v_cache, blocks, self.cache.block_size, context)
-            queries = q[starts[i]:starts[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
-            positions = torch.arange(context, device=q.device)
-            mask = positions[None, :] <= positions[context - length:, None]  # [Q, L] causal
-            done = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                                  enable_gqa=True)
-            out[starts[i]:starts[i + 1]] = done[0].transpose(0, 1)
-        return out
-
-
-def _gather_one(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
-                context: int) -> torch.Tensor:
-    """One sequence's keys or values from its blocks: [1, kv_heads, context, head_dim]."""
-    rows = cache.view(-1, block_size * cache[0].numel()).index_select(0, blocks)
-    return rows.view(1, -1, *cache.shape[1:])[:, :context].transpose(1, 2)
 
 def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
                           context_lens: list[int], query_lens: list[int],
@@ -279,6 +233,6 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         query_index = query_index.to(device)
     return PagedAttention(
         cache=cache, slot_mapping=slot_mapping.to(device),
-        block_tables=table.to(device), context_lens=ctx.to(device), context_len=max_len,
-        mask=None if mask is None else mask.to(device), query_index=query_index,
-        num_seqs=num_seqs, max_query_len=max_q, query_lens=tuple(query_lens))
+        block_tables=table.to(device), context_lens=ctx.to(device), query_lens=qlen.to(device),
+        context_len=max_len, mask=None if mask is None else mask.to(device),
+        query_index=query_index, num_seqs=num_seqs, max_query_len=max_q)

@@ -8,8 +8,9 @@ file's own block bytes, rows [N, row_bytes], with activations quantized per 256 
 integer dot products (csrc/k_gemm.cpp; csrc/kquants/kquant.h says how to add a type).
 The kernels are compiled for this CPU at first use and cached under `$LEVANTE_HOME/kernels`.
 Without a C++ compiler both dequantize and use `F.linear`: correct, slow, and logged once. The
-same library carries the decode-step paged attention kernel (csrc/paged_attention.cpp,
-`paged_decode_attention`), which the engine's KV cache calls.
+same library carries the paged attention kernel (csrc/paged_attention.cpp: `paged_attention`
+for any step, `paged_decode_attention` for one query per sequence), which the engine's KV cache
+calls.
 """
 
 from __future__ import annotations
@@ -317,6 +318,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                          block_size, q.shape[-1] ** -0.5)
 
 
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_lens: torch.Tensor, *, block_size: int) -> torch.Tensor | None:
+    """Each sequence's new query tokens attending causally to its paged context; None without
+    the kernel.
+
+    q [T, H, D] float32 holds the step's new tokens, sequence by sequence: sequence b brings
+    `query_lens[b]` of them, the last ones of its `context_lens[b]`, so its query i sits at
+    position `context_lens[b] - query_lens[b] + i` and attends to keys 0 .. that position.
+    Caches, tables and GQA as `paged_decode_attention`; returns [T, H, D]. Each query's result
+    is bit-identical to `paged_decode_attention` of that token alone with context = its
+    position + 1: it depends on neither the chunking nor the batch. Bad input raises
+    RuntimeError.
+    """
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    return kernel.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_lens,
+                                  block_size, q.shape[-1] ** -0.5)
+
+
 @dataclass(frozen=True)
 class _Kernel:
     """The loaded library's ops."""
@@ -325,6 +347,7 @@ class _Kernel:
     qlinear: Callable[..., torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     paged_decode_attention: Callable[..., torch.Tensor]
+    paged_attention: Callable[..., torch.Tensor]
     kquant_linear: Callable[..., torch.Tensor]
     quantize_rows_k: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     kquant_types: Callable[[], list[int]]
@@ -358,10 +381,12 @@ def _load_kernel() -> _Kernel | None:
         return None
     torch.library.register_fake("levante_quant::qlinear")(_qlinear_shape)
     torch.library.register_fake("levante_quant::paged_decode_attention")(_attention_shape)
+    torch.library.register_fake("levante_quant::paged_attention")(_prefill_attention_shape)
     torch.library.register_fake("levante_quant::kquant_linear")(_kquant_shape)
     ops = torch.ops.levante_quant
     kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default,
-                     ops.paged_decode_attention.default, ops.kquant_linear.default,
+                     ops.paged_decode_attention.default, ops.paged_attention.default,
+                     ops.kquant_linear.default,
                      ops.quantize_rows_k.default, ops.kquant_types.default)
     logger.info("quantized matmul, paged attention: compiled kernels (%s, %d threads) from %s",
                 kernel.isa, torch.get_num_threads(), library)
@@ -383,6 +408,14 @@ def _attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                      scale: float) -> torch.Tensor:
     """Output shape for tracing: q's, [B, H, D]."""
+    return q.new_empty(q.shape)
+
+
+def _prefill_attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, context_lens: torch.Tensor,
+                             query_lens: torch.Tensor, block_size: int,
+                             scale: float) -> torch.Tensor:
+    """Output shape for tracing: q's, [T, H, D]."""
     return q.new_empty(q.shape)
 
 

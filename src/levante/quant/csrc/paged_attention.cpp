@@ -1,34 +1,52 @@
-// Decode-step paged attention on CPU: each sequence's one new query token attends to its whole
-// cached context, read in place from the paged K/V pool (no gather into a padded batch).
+// Paged attention on CPU: a step's new query tokens attend to their sequences' cached contexts,
+// read in place from the paged K/V pool (no gather into a padded batch). One code path serves
+// decode (one query per sequence), prefill chunks and draft verification (several per sequence).
 //
 // Shapes (all float32 but the int64 index tensors, all contiguous):
-//   q            [B, H, D]                          one query token per sequence
+//   q            [T, H, D]                          the step's new tokens, sequence by sequence
 //   k/v_cache    [num_blocks * block_size, KV, D]   one layer's pool, a row per slot
 //   block_tables [B, max_blocks]                    block ids; entries past a context unused
-//   context_lens [B]                                keys each sequence attends to (>= 1)
-//   out          [B, H, D]
-// Token t of sequence b sits in slot block_tables[b][t / block_size] * block_size
-// + t % block_size, and query head h reads KV head h / G with G = H / KV (GQA):
-//   scores[h, t] = scale * q[b, h] . k[slot(t), h / G]
-//   out[b, h] = sum_t softmax_t(scores[h])[t] * v[slot(t), h / G]
+//   context_lens [B]                                keys of each sequence, its new ones included
+//   query_lens   [B]                                new tokens of each sequence (1 .. context)
+//   out          [T, H, D]
+// Query i of sequence b (context L, Q new tokens) sits at position L - Q + i and attends to keys
+// 0 .. L - Q + i (causal within the chunk). Key t of sequence b sits in slot
+// block_tables[b][t / block_size] * block_size + t % block_size, and query head h reads KV head
+// h / G with G = H / KV (GQA):
+//   scores[h, t] = scale * q[h] . k[slot(t), h / G]
+//   out[h] = sum_t softmax_t(scores[h])[t] * v[slot(t), h / G]
 // The softmax subtracts each row's max before exp and runs in float32.
 //
-// Work is split by tokens, not heads (as flash-decoding does): a task is a run of whole blocks
-// of one sequence, all heads at once, so it streams each block's K and V rows as one contiguous
+// Batch invariance: a query's result is bit-identical to the one-query decode of that token
+// with context = its position + 1, whatever else the step holds (neighbours, a chunk of 1 or
+// 500, a prefix-cache hit, draft tokens after it). Everything a query's numbers go through is a
+// function of that query alone: its tasks (runs of kTaskTokens keys, fixed boundaries), each
+// key's dot product (8 float lanes accumulated in head-dim order, then one fixed horizontal
+// sum, whether the key is computed in a group of 4 or alone), the softmax of each task, the
+// weighted sum of V rows in key order, and the merge of its tasks in task order. With 8-bit
+// activations downstream, float noise from another chunking flipped near-tie greedy tokens.
+//
+// Work is split by tokens, not heads (as flash-decoding does): a task is a run of whole blocks of
+// one sequence, all heads at once, so it streams each block's K and V rows as one contiguous
 // [block_size, KV, D] stretch, and one long sequence still splits evenly over the threads
 // (SmolLM2 has 3 KV heads: one task per (sequence, KV head) left one of 2 threads idle a third
-// of the time; in a 500-token decode step such tasks took 65 us a layer, these 45 us). Each
-// task keeps its own softmax max m, sum l and unnormalised output o per head; a sequence's
-// tasks then merge:  M = max_c m_c,  out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c.
+// of the time). A work item is one task of a tile: up to kTileQueries consecutive queries of a
+// sequence, so each K/V row loaded feeds every query head of the tile that reads its KV head
+// (kMaxRows of them in registers at once; on one core this runs 75-85 GFLOPS, SDPA's masked
+// prefill 40). Workers take items one at a time. Each (query, task) keeps its own softmax max
+// m, sum l and unnormalised output o per head; a query's tasks then merge:
+//   M = max_c m_c,  out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -38,28 +56,45 @@ struct Problem {
   const float* k;
   const float* v;
   const int64_t* tables;
-  const int64_t* lens;
   int64_t num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   float scale;
 };
 
-// A run of whole blocks [first_block, end_block) of sequence seq.
-struct Task {
-  int64_t seq, first_block, end_block;
+// Consecutive queries of sequence seq: rows [first_row, first_row + num_queries) of q, at
+// positions first_pos, first_pos + 1, ...
+struct Tile {
+  int64_t seq, first_row, num_queries, first_pos;
 };
 
-// One task's result per head: softmax max, sum of exp(score - max), unnormalised output.
-struct Partial {
-  float* max;   // [H]
-  float* sum;   // [H]
-  float* out;   // [H, D]
-};
+// Queries per tile: enough that a K/V block, once in L1, serves many query rows; few enough that
+// the causal edge (keys computed for the tile's last query that its first does not attend) and
+// the scores scratch (kTileQueries * H * task tokens floats) stay small.
+constexpr int64_t kTileQueries = 8;
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define LPA_AVX2 1
 #include <immintrin.h>
 
-// The sums of four vectors' lanes: [sum(a), sum(b), sum(c), sum(d)].
+// Query rows computed together by the microkernels: 4 keys x kMaxRows accumulators plus the
+// loads must fit the vector registers (32 with AVX-512VL, 16 with AVX2 alone). The row count
+// changes which registers hold what, never a row's arithmetic.
+#if defined(__AVX512VL__)
+constexpr int kMaxRows = 6;
+#else
+constexpr int kMaxRows = 2;
+#endif
+
+// fn(std::integral_constant<int, rows>{}) for rows in R .. kMaxRows: a microkernel per count.
+template <int R = 1, typename Fn>
+inline void with_rows(int64_t rows, Fn&& fn) {
+  if constexpr (R < kMaxRows) {
+    if (rows != R) return with_rows<R + 1>(rows, fn);
+  }
+  fn(std::integral_constant<int, R>{});
+}
+
+// The sums of four vectors' lanes: [sum(a), sum(b), sum(c), sum(d)], each as
+// ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) whatever the other three are.
 inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
@@ -92,103 +127,114 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
-// scores[r][i..i+4) = scale * q[r] . k rows i..i+4, for kHeads query heads r that read the same
-// KV head: each K load feeds kHeads FMAs, and 4 * kHeads chains run side by side.
-template <int kHeads>
-inline void score_rows4(const float* const* q, const float* k, int64_t stride, int64_t d,
-                        float scale, float* const* scores) {
-  __m256 acc[kHeads][4];
-  for (int r = 0; r < kHeads; ++r)
+// s[r][0..4) = scale * q[r] . k rows 0..4, for R query rows that read the same KV head: each
+// K load feeds R FMAs, and 4 * R chains run side by side.
+template <int R>
+inline void score_keys4(const float* const* q, const float* k, int64_t stride, int64_t d,
+                        float scale, float* const* s) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < d; j += 8) {
     __m256 rows[4];
     for (int c = 0; c < 4; ++c) rows[c] = _mm256_loadu_ps(k + c * stride + j);
-    for (int r = 0; r < kHeads; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_loadu_ps(q[r] + j);
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(x, rows[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < kHeads; ++r)
-    _mm_storeu_ps(scores[r], _mm_mul_ps(hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]),
-                                        _mm_set1_ps(scale)));
+  for (int r = 0; r < R; ++r)
+    _mm_storeu_ps(s[r], _mm_mul_ps(hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]),
+                                   _mm_set1_ps(scale)));
 }
 
-// out[r][0..32) += sum_i w[r][i] * v_i[0..32) over n rows, for kHeads heads reading the same
-// KV head: each V load feeds kHeads FMAs.
-template <int kHeads>
+// s[r][0] = scale * q[r] . k for one key: the same lanes, order and sum as score_keys4.
+template <int R>
+inline void score_key1(const float* const* q, const float* k, int64_t d, float scale,
+                       float* const* s) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < d; j += 8) {
+    const __m256 row = _mm256_loadu_ps(k + j);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + j), row, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) s[r][0] = hsum(acc[r]) * scale;
+}
+
+// o[r][0..32) += sum_i w[r][i] * v_i[0..32) over n rows in order, for R query rows reading the
+// same KV head: each V load feeds R FMAs.
+template <int R>
 inline void accumulate_cols32(const float* const* w, const float* v, int64_t stride, int64_t n,
-                              float* const* out) {
-  __m256 acc[kHeads][4];
-  for (int r = 0; r < kHeads; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_loadu_ps(out[r] + 8 * c);
+                              float* const* o) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_loadu_ps(o[r] + 8 * c);
   for (int64_t i = 0; i < n; ++i, v += stride) {
     __m256 cols[4];
     for (int c = 0; c < 4; ++c) cols[c] = _mm256_loadu_ps(v + 8 * c);
-    for (int r = 0; r < kHeads; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_set1_ps(w[r][i]);
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(x, cols[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < kHeads; ++r)
-    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[r] + 8 * c, acc[r][c]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o[r] + 8 * c, acc[r][c]);
 }
 #endif
 
-// scores[h * ld + i] = scale * q[h] . k_i[h / group] for the n rows of one block, each row
-// [KV, D] at k + i * stride, and the H query heads q [H, D].
-void score_block(const float* q, int64_t num_heads, int64_t group, int64_t d, const float* k,
-                 int64_t stride, int64_t n, float scale, float* scores, int64_t ld) {
-  int64_t i = 0;
+// s[r][i] = scale * q[r] . k_i for num_rows query rows [D] and n keys of one KV head, key i at
+// k + i * stride.
+void score_rows(const float* const* q, float* const* s, int64_t num_rows, const float* k,
+                int64_t stride, int64_t n, int64_t d, float scale) {
 #ifdef LPA_AVX2
   if (d % 8 == 0) {
-    for (; i + 4 <= n; i += 4) {  // 4 rows at a time, query heads in pairs sharing a KV head
-      for (int64_t h = 0; h < num_heads;) {
-        const int64_t paired = (h + 1) % group != 0;  // h + 1 reads the same KV head
-        const float* qs[2] = {q + h * d, q + (h + paired) * d};
-        float* out[2] = {scores + h * ld + i, scores + (h + paired) * ld + i};
-        const float* rows = k + i * stride + h / group * d;
-        if (paired)
-          score_rows4<2>(qs, rows, stride, d, scale, out);
-        else
-          score_rows4<1>(qs, rows, stride, d, scale, out);
-        h += 1 + paired;
-      }
+    for (int64_t r0 = 0; r0 < num_rows; r0 += kMaxRows) {
+      with_rows(std::min<int64_t>(kMaxRows, num_rows - r0), [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        float* out[R];
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+          for (int r = 0; r < R; ++r) out[r] = s[r0 + r] + i;
+          score_keys4<R>(q + r0, k + i * stride, stride, d, scale, out);
+        }
+        for (; i < n; ++i) {
+          for (int r = 0; r < R; ++r) out[r] = s[r0 + r] + i;
+          score_key1<R>(q + r0, k + i * stride, d, scale, out);
+        }
+      });
     }
+    return;
   }
 #endif
-  for (; i < n; ++i) {
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const float* ki = k + i * stride + h / group * d;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* ki = k + i * stride;
       float acc = 0.0f;
-      for (int64_t j = 0; j < d; ++j) acc += q[h * d + j] * ki[j];
-      scores[h * ld + i] = scale * acc;
+      for (int64_t j = 0; j < d; ++j) acc += q[r][j] * ki[j];
+      s[r][i] = scale * acc;
     }
   }
 }
 
-// out[h] += sum_i w[h * ld + i] * v_i[h / group] for the n rows of one block (as score_block).
-void accumulate_block(const float* w, int64_t ld, int64_t num_heads, int64_t group, int64_t d,
-                      const float* v, int64_t stride, int64_t n, float* out) {
+// o[r] += sum_i w[r][i] * v_i for num_rows rows and n values of one KV head (as score_rows).
+void accumulate_rows(const float* const* w, float* const* o, int64_t num_rows, const float* v,
+                     int64_t stride, int64_t n, int64_t d) {
   int64_t j0 = 0;
 #ifdef LPA_AVX2
-  for (; j0 + 32 <= d; j0 += 32) {  // 32 columns at a time, query heads in pairs as above
-    for (int64_t h = 0; h < num_heads;) {
-      const int64_t paired = (h + 1) % group != 0;
-      const float* ws[2] = {w + h * ld, w + (h + paired) * ld};
-      float* os[2] = {out + h * d + j0, out + (h + paired) * d + j0};
-      const float* cols = v + h / group * d + j0;
-      if (paired)
-        accumulate_cols32<2>(ws, cols, stride, n, os);
-      else
-        accumulate_cols32<1>(ws, cols, stride, n, os);
-      h += 1 + paired;
+  for (; j0 + 32 <= d; j0 += 32) {
+    for (int64_t r0 = 0; r0 < num_rows; r0 += kMaxRows) {
+      with_rows(std::min<int64_t>(kMaxRows, num_rows - r0), [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        float* out[R];
+        for (int r = 0; r < R; ++r) out[r] = o[r0 + r] + j0;
+        accumulate_cols32<R>(w + r0, v + j0, stride, n, out);
+      });
     }
   }
 #endif
-  for (int64_t h = 0; h < num_heads; ++h)
+  for (int64_t r = 0; r < num_rows; ++r)
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = j0; j < d; ++j)
-        out[h * d + j] += w[h * ld + i] * v[i * stride + h / group * d + j];
+      for (int64_t j = j0; j < d; ++j) o[r][j] += w[r][i] * v[i * stride + j];
 }
 
 // s[t] = exp(s[t] - max_t s) in place; also gives that max and the new sum (>= 1).
@@ -231,65 +277,198 @@ inline void prefetch_rows(const float* rows, int64_t num_floats) {
   for (int64_t i = 0; i < num_floats; i += kLineFloats) __builtin_prefetch(rows + i);
 }
 
-// One task: every head of its sequence over its blocks. scores: scratch of H * len floats.
-void attend_task(const Problem& p, const Task& task, float* scores, const Partial& part) {
+// Per (query, task), one after the other: max [H], sum [H], unnormalised out [H, D].
+inline int64_t partial_floats(const Problem& p) { return p.num_heads * (p.head_dim + 2); }
+
+// Per-thread scratch of one work item.
+struct Scratch {
+  std::vector<float> scores;        // [kTileQueries, H, task_len]
+  std::vector<const float*> rows;   // query rows (or weight rows) of one KV head
+  std::vector<float*> outs;         // their scores (or outputs)
+
+  void reserve(int64_t num_heads, int64_t task_len) {
+    const auto num_rows = static_cast<size_t>(kTileQueries * num_heads);
+    if (scores.size() < num_rows * task_len) scores.resize(num_rows * task_len);
+    if (rows.size() < num_rows) rows.resize(num_rows);
+    if (outs.size() < num_rows) outs.resize(num_rows);
+  }
+};
+
+// Task `first_block / task_blocks` of every query of `tile` whose context reaches it: that
+// query's keys [start, min(start + task_len, pos + 1)). parts[i] is query i's partial for it.
+void attend_tile_task(const Problem& p, const Tile& tile, int64_t first_block, int64_t task_blocks,
+                      float* const* parts, Scratch& scratch) {
   const int64_t d = p.head_dim, num_heads = p.num_heads, group = p.num_heads / p.num_kv_heads;
   const int64_t stride = p.num_kv_heads * d;  // floats from one slot to the next
-  const int64_t* table = p.tables + task.seq * p.max_blocks;
-  const int64_t start = task.first_block * p.block_size;
-  const int64_t len = std::min(task.end_block * p.block_size, p.lens[task.seq]) - start;
-  const float* q = p.q + task.seq * num_heads * d;  // [H, D]
-  auto block_rows = [&](const float* cache, int64_t t0) {  // the block holding token start + t0
-    return cache + table[task.first_block + t0 / p.block_size] * p.block_size * stride;
+  const int64_t bs = p.block_size, task_len = task_blocks * bs;
+  const int64_t* table = p.tables + tile.seq * p.max_blocks;
+  const int64_t start = first_block * bs;
+  auto len_of = [&](int64_t i) {  // keys of this task that query i attends to (<= 0: none)
+    return std::min(start + task_len, tile.first_pos + i + 1) - start;
+  };
+  const int64_t first = std::max<int64_t>(0, start - tile.first_pos);  // first query reaching it
+  const int64_t last_len = len_of(tile.num_queries - 1);
+  auto block_rows = [&](const float* cache, int64_t t0) {  // the block holding key start + t0
+    return cache + table[first_block + t0 / bs] * bs * stride;
+  };
+  auto score_row = [&](int64_t i, int64_t h) {
+    return scratch.scores.data() + (i * num_heads + h) * task_len;
   };
 
-  // Pass 1: scores[h, t], block by block (a block's rows are consecutive slots).
-  prefetch_rows(block_rows(p.k, 0), std::min(p.block_size, len) * stride);
-  for (int64_t t0 = 0; t0 < len; t0 += p.block_size) {
-    if (t0 + p.block_size < len)
-      prefetch_rows(block_rows(p.k, t0 + p.block_size),
-                    std::min(p.block_size, len - t0 - p.block_size) * stride);
+  // Pass 1: scores[i, h, t], block by block (a block's rows are consecutive slots). Keys past a
+  // query's own are computed for the tile's last query and left unused by the others.
+  prefetch_rows(block_rows(p.k, 0), std::min(bs, last_len) * stride);
+  for (int64_t t0 = 0; t0 < last_len; t0 += bs) {
+    const int64_t n = std::min(bs, last_len - t0);
+    if (t0 + bs < last_len)
+      prefetch_rows(block_rows(p.k, t0 + bs), std::min(bs, last_len - t0 - bs) * stride);
     else
-      prefetch_rows(block_rows(p.v, 0), std::min(p.block_size, len) * stride);
-    score_block(q, num_heads, group, d, block_rows(p.k, t0), stride,
-                std::min(p.block_size, len - t0), p.scale, scores + t0, len);
+      prefetch_rows(block_rows(p.v, 0), std::min(bs, last_len) * stride);
+    const float* keys = block_rows(p.k, t0);
+    for (int64_t kv = 0; kv < p.num_kv_heads; ++kv) {
+      int64_t num_rows = 0;
+      for (int64_t i = first; i < tile.num_queries; ++i)
+        for (int64_t h = kv * group; h < (kv + 1) * group; ++h, ++num_rows) {
+          scratch.rows[num_rows] = p.q + ((tile.first_row + i) * num_heads + h) * d;
+          scratch.outs[num_rows] = score_row(i, h) + t0;
+        }
+      score_rows(scratch.rows.data(), scratch.outs.data(), num_rows, keys + kv * d, stride, n,
+                 d, p.scale);
+    }
   }
-  for (int64_t h = 0; h < num_heads; ++h)
-    exp_shifted(scores + h * len, len, &part.max[h], &part.sum[h]);
-  // Pass 2: out[h] = sum_t exp(scores[h, t] - max) * v[t].
-  std::fill(part.out, part.out + num_heads * d, 0.0f);
-  for (int64_t t0 = 0; t0 < len; t0 += p.block_size) {
-    if (t0 + p.block_size < len)
-      prefetch_rows(block_rows(p.v, t0 + p.block_size),
-                    std::min(p.block_size, len - t0 - p.block_size) * stride);
-    accumulate_block(scores + t0, len, num_heads, group, d, block_rows(p.v, t0), stride,
-                     std::min(p.block_size, len - t0), part.out);
+  for (int64_t i = first; i < tile.num_queries; ++i) {
+    float* part = parts[i];
+    for (int64_t h = 0; h < num_heads; ++h)
+      exp_shifted(score_row(i, h), len_of(i), part + h, part + num_heads + h);
+    std::fill(part + 2 * num_heads, part + num_heads * (d + 2), 0.0f);
+  }
+  // Pass 2: out[i, h] = sum_t exp(scores[i, h, t] - max) * v[t]: the keys every query of the
+  // tile attends to for all of them at once, then each query's remaining keys on its own.
+  for (int64_t t0 = 0; t0 < last_len; t0 += bs) {
+    const int64_t n = std::min(bs, last_len - t0);
+    if (t0 + bs < last_len)
+      prefetch_rows(block_rows(p.v, t0 + bs), std::min(bs, last_len - t0 - bs) * stride);
+    const float* values = block_rows(p.v, t0);
+    auto accumulate = [&](int64_t i0, int64_t i1, int64_t key0, int64_t key1) {  // queries, keys
+      for (int64_t kv = 0; kv < p.num_kv_heads; ++kv) {
+        int64_t num_rows = 0;
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t h = kv * group; h < (kv + 1) * group; ++h, ++num_rows) {
+            scratch.rows[num_rows] = score_row(i, h) + t0 + key0;
+            scratch.outs[num_rows] = parts[i] + 2 * num_heads + h * d;
+          }
+        accumulate_rows(scratch.rows.data(), scratch.outs.data(), num_rows,
+                        values + key0 * stride + kv * d, stride, key1 - key0, d);
+      }
+    };
+    auto keys_in_block = [&](int64_t i) { return std::clamp<int64_t>(len_of(i) - t0, 0, n); };
+    const int64_t shared = keys_in_block(first);  // the first query has the fewest
+    if (shared > 0) accumulate(first, tile.num_queries, 0, shared);
+    for (int64_t i = first; i < tile.num_queries; ++i)
+      if (keys_in_block(i) > shared) accumulate(i, i + 1, shared, keys_in_block(i));
   }
 }
 
-// out[h] of one sequence from its tasks' partials (see the top of the file).
-void merge(const Partial* parts, int64_t num_parts, int64_t num_heads, int64_t d, float* out) {
+// out[h] of one query from its tasks' partials (see the top of the file).
+void merge(const float* parts, int64_t num_parts, int64_t num_heads, int64_t d, float* out) {
+  const int64_t size = num_heads * (d + 2);
   for (int64_t h = 0; h < num_heads; ++h) {
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < num_parts; ++c) top = std::max(top, parts[c].max[h]);
+    for (int64_t c = 0; c < num_parts; ++c) top = std::max(top, parts[c * size + h]);
     float total = 0.0f;
     std::fill(out + h * d, out + (h + 1) * d, 0.0f);
     for (int64_t c = 0; c < num_parts; ++c) {
-      const float weight = std::exp(parts[c].max[h] - top);
-      total += weight * parts[c].sum[h];
-      for (int64_t j = 0; j < d; ++j) out[h * d + j] += weight * parts[c].out[h * d + j];
+      const float* part = parts + c * size;
+      const float weight = std::exp(part[h] - top);
+      total += weight * part[num_heads + h];
+      const float* o = part + 2 * num_heads + h * d;
+      for (int64_t j = 0; j < d; ++j) out[h * d + j] += weight * o[j];
     }
     const float inverse = 1.0f / total;  // total >= 1: the top task's sum counts exp(0)
     for (int64_t j = 0; j < d; ++j) out[h * d + j] *= inverse;
   }
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_tables, const at::Tensor& context_lens,
-                  int64_t block_size) {
+// Tokens per task, rounded up to whole blocks. Fixed, so a query's result depends on neither
+// the batch nor the thread count; short enough that one sequence of a few hundred tokens splits
+// over a few threads, long enough that the merge costs next to nothing.
+constexpr int64_t kTaskTokens = 128;
+// Partials held at once (floats, 8 MiB): a long chunk deep into a long context (512 queries x
+// 256 tasks x Mistral Small's 32 heads) runs in groups of tiles instead of needing gigabytes.
+constexpr int64_t kMaxPartialFloats = int64_t{1} << 21;
+
+// out [T, H, D] for the tiles, which cover q's rows in order.
+void attend(const Problem& p, const std::vector<Tile>& tiles, float* out) {
+  const int64_t bs = p.block_size, d = p.head_dim, num_heads = p.num_heads;
+  const int64_t task_blocks = (kTaskTokens + bs - 1) / bs, task_len = task_blocks * bs;
+  const int64_t size = partial_floats(p);
+  auto num_tasks = [&](int64_t pos) {  // of the query at pos: its pos + 1 keys' blocks in tasks
+    return ((pos + bs) / bs + task_blocks - 1) / task_blocks;
+  };
+  // A task of one query is ~2 * H * len * D multiply-adds; waking a thread (~2-3 us) pays from
+  // ~64K.
+  const int64_t work_per_task = 2 * num_heads * task_len * d;
+  // Kept from call to call (one per calling thread, at most kMaxPartialFloats): a fresh buffer
+  // each call page-faulted (~2 us per 4 KiB), a quarter of the time on a 2000-token prompt.
+  thread_local std::vector<float> partials;
+  std::vector<int64_t> first_part;  // per row of the group: index of its task 0's partial
+  std::vector<std::pair<int64_t, int64_t>> items;  // (tile, task)
+  for (size_t g0 = 0, g1 = 0; g0 < tiles.size(); g0 = g1) {
+    const int64_t row0 = tiles[g0].first_row;
+    int64_t count = 0;
+    first_part.clear();
+    items.clear();
+    for (; g1 < tiles.size(); ++g1) {
+      const Tile& tile = tiles[g1];
+      int64_t tile_count = 0;
+      for (int64_t i = 0; i < tile.num_queries; ++i) tile_count += num_tasks(tile.first_pos + i);
+      if (g1 > g0 && (count + tile_count) * size > kMaxPartialFloats) break;
+      for (int64_t i = 0; i < tile.num_queries; ++i) {
+        first_part.push_back(count);
+        count += num_tasks(tile.first_pos + i);
+      }
+      for (int64_t c = 0; c < num_tasks(tile.first_pos + tile.num_queries - 1); ++c)
+        items.emplace_back(g1, c);
+    }
+    if (static_cast<int64_t>(partials.size()) < count * size) partials.resize(count * size);
+    float* const base = partials.data();  // the workers' own `partials` are other vectors
+    // Items differ in cost (a decode row's task is an eighth of a full tile's, a causal edge's
+    // less, and a worker may lose its core to another process): each worker takes the next
+    // item left, not a fixed share. Which worker computes an item never changes its numbers.
+    const int64_t num_items = static_cast<int64_t>(items.size());
+    const int64_t num_workers = std::clamp<int64_t>(
+        count * work_per_task / (64 << 10), 1, std::min<int64_t>(at::get_num_threads(), num_items));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
+      thread_local Scratch scratch;  // per worker thread, kept (as the partials)
+      scratch.reserve(num_heads, task_len);
+      float* parts[kTileQueries];
+      for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
+        const auto [t, c] = items[item];
+        const Tile& tile = tiles[t];
+        for (int64_t i = 0; i < tile.num_queries; ++i)
+          parts[i] = base + (first_part[tile.first_row - row0 + i] + c) * size;
+        attend_tile_task(p, tile, c * task_blocks, task_blocks, parts, scratch);
+      }
+    });
+    const int64_t num_rows = static_cast<int64_t>(first_part.size());
+    at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t parts_end = r + 1 < num_rows ? first_part[r + 1] : count;
+        merge(base + first_part[r] * size, parts_end - first_part[r], num_heads, d,
+              out + (row0 + r) * num_heads * d);
+      }
+    });
+  }
+}
+
+// num_seqs: B, as q (decode) or query_lens says.
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, int64_t block_size, int64_t num_seqs) {
   for (const at::Tensor* t : {&q, &k_cache, &v_cache, &block_tables, &context_lens})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
-                "paged_decode_attention takes contiguous CPU tensors, got one on ", t->device(),
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), op,
+                " takes contiguous CPU tensors, got one on ", t->device(),
                 t->is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
                   v_cache.scalar_type() == at::kFloat,
@@ -298,7 +477,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64, got ", block_tables.scalar_type(),
               ", ", context_lens.scalar_type());
-  TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 3, "q must be [tokens, H, D], got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must both be [slots, KV, D], got ", k_cache.sizes(), " and ",
               v_cache.sizes());
@@ -309,7 +488,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               k_cache.size(2));
   TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "q's ", num_heads,
               " heads are not a multiple of the cache's ", num_kv_heads, " KV heads");
-  const int64_t num_seqs = q.size(0);
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs,
               "block_tables must be [", num_seqs, ", max_blocks], got ", block_tables.sizes());
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == num_seqs,
@@ -334,52 +512,68 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& context_lens
   }
 }
 
-// Tokens per task, rounded up to whole blocks. Fixed, so a sequence's result depends on
-// neither the batch nor the thread count; short enough that one sequence of a few hundred
-// tokens splits over a few threads, long enough that the merge costs next to nothing.
-constexpr int64_t kTaskTokens = 128;
+// Each sequence's queries in tiles of up to kTileQueries, in row order.
+std::vector<Tile> tile_queries(const int64_t* context_lens, const int64_t* query_lens,
+                               int64_t num_seqs) {
+  std::vector<Tile> tiles;
+  for (int64_t b = 0, row = 0; b < num_seqs; row += query_lens[b], ++b) {
+    const int64_t first_pos = context_lens[b] - query_lens[b];
+    for (int64_t i = 0; i < query_lens[b]; i += kTileQueries)
+      tiles.push_back({b, row + i, std::min(kTileQueries, query_lens[b] - i), first_pos + i});
+  }
+  return tiles;
+}
+
+at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const at::Tensor& block_tables, const std::vector<Tile>& tiles,
+               int64_t block_size, double scale) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const Problem p{q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
+                  v_cache.const_data_ptr<float>(), block_tables.const_data_ptr<int64_t>(),
+                  q.size(1), k_cache.size(1), q.size(2), block_tables.size(1), block_size,
+                  static_cast<float>(scale)};
+  attend(p, tiles, out.mutable_data_ptr<float>());
+  return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, const at::Tensor& query_lens,
+                           int64_t block_size, double scale) {
+  TORCH_CHECK(query_lens.device().is_cpu() && query_lens.is_contiguous() &&
+                  query_lens.scalar_type() == at::kLong && query_lens.dim() == 1,
+              "query_lens must be a contiguous CPU int64 [B], got ", query_lens.scalar_type(),
+              " ", query_lens.sizes(), " on ", query_lens.device());
+  const int64_t num_seqs = query_lens.size(0);
+  check_inputs("paged_attention", q, k_cache, v_cache, block_tables, context_lens, block_size,
+               num_seqs);
+  check_tables(block_tables, context_lens, block_size, k_cache.size(0) / block_size);
+  const int64_t* lens = context_lens.const_data_ptr<int64_t>();
+  const int64_t* qlens = query_lens.const_data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    TORCH_CHECK(qlens[b] >= 1 && qlens[b] <= lens[b], "sequence ", b, " has query length ",
+                qlens[b], "; it must be 1 to its context length ", lens[b]);
+    total += qlens[b];
+  }
+  TORCH_CHECK(total == q.size(0), "q has ", q.size(0), " tokens, query_lens add up to ", total);
+  return run(q, k_cache, v_cache, block_tables, tile_queries(lens, qlens, num_seqs), block_size,
+             scale);
+}
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
                                   double scale) {
-  check_inputs(q, k_cache, v_cache, block_tables, context_lens, block_size);
+  TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
+  const int64_t num_seqs = q.size(0);
+  check_inputs("paged_decode_attention", q, k_cache, v_cache, block_tables, context_lens,
+               block_size, num_seqs);
   check_tables(block_tables, context_lens, block_size, k_cache.size(0) / block_size);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), d = q.size(2);
-  const Problem p{q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
-                  v_cache.const_data_ptr<float>(), block_tables.const_data_ptr<int64_t>(),
-                  context_lens.const_data_ptr<int64_t>(), num_heads, k_cache.size(1), d,
-                  block_tables.size(1), block_size, static_cast<float>(scale)};
-  const int64_t task_blocks = (kTaskTokens + block_size - 1) / block_size;
-  std::vector<Task> tasks;
-  std::vector<int64_t> first_task(num_seqs + 1);  // sequence b's tasks: [first[b], first[b+1])
-  for (int64_t b = 0; b < num_seqs; ++b) {
-    first_task[b] = static_cast<int64_t>(tasks.size());
-    const int64_t num_blocks = (p.lens[b] + block_size - 1) / block_size;
-    for (int64_t blk = 0; blk < num_blocks; blk += task_blocks)
-      tasks.push_back({b, blk, std::min(blk + task_blocks, num_blocks)});
-  }
-  first_task[num_seqs] = static_cast<int64_t>(tasks.size());
-  const int64_t num_tasks = first_task[num_seqs];
-  std::vector<float> partials(num_tasks * num_heads * (d + 2));
-  std::vector<Partial> parts(num_tasks);
-  for (int64_t c = 0; c < num_tasks; ++c) {
-    float* base = partials.data() + c * num_heads * (d + 2);
-    parts[c] = {base, base + num_heads, base + 2 * num_heads};
-  }
-  const int64_t task_len = task_blocks * block_size;
-  // A task is ~2 * H * len * D multiply-adds; waking a thread (~2-3 us) pays from ~64K.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (2 * num_heads * task_len * d));
-  at::parallel_for(0, num_tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(num_heads * task_len);
-    for (int64_t c = begin; c < end; ++c) attend_task(p, tasks[c], scores.data(), parts[c]);
-  });
-  float* op = out.mutable_data_ptr<float>();
-  for (int64_t b = 0; b < num_seqs; ++b)
-    merge(parts.data() + first_task[b], first_task[b + 1] - first_task[b], num_heads, d,
-          op + b * num_heads * d);
-  return out;
+  const std::vector<int64_t> ones(num_seqs, 1);
+  return run(q, k_cache, v_cache, block_tables,
+             tile_queries(context_lens.const_data_ptr<int64_t>(), ones.data(), num_seqs),
+             block_size, scale);
 }
 
 }  // namespace
@@ -388,8 +582,12 @@ TORCH_LIBRARY_FRAGMENT(levante_quant, lib) {
   lib.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, int block_size, float scale) -> Tensor");
+  lib.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, Tensor query_lens, int block_size, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(levante_quant, CPU, lib) {
   lib.impl("paged_decode_attention", &paged_decode_attention);
+  lib.impl("paged_attention", &paged_attention);
 }
