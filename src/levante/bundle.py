@@ -72,10 +72,12 @@ def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str
         bundle = _load_consolidated(ref, path, config)
     else:
         raise ModelFileError(path, "folder has neither config.json nor params.json")
-    if bundle.load_config.quant in ("int8", "int4"):
+    loaded = bundle.load_config
+    if loaded.quant in ("int8", "int4"):
         from levante.quant.linear import quantize_model
 
-        quantize_model(bundle.model, bundle.load_config.quant)
+        quantize_model(bundle.model, loaded.quant)
+    log.info("%s: on %s, %s, quant %s", path.name, loaded.device, loaded.dtype, loaded.quant)
     return bundle
 
 
