@@ -23,7 +23,7 @@ from levante.eval.tasks import (
 )
 
 LETTERS = string.ascii_uppercase
-MAX_BATCH_TOKENS = 4096  # padded tokens per forward pass when scoring
+MAX_BATCH_TOKENS = 4096  # tokens per forward pass when scoring
 STYLES = ("letter", "text")
 
 
@@ -120,8 +120,11 @@ def loglikelihoods(model: Any, requests: Sequence[tuple[list[int], list[int]]], 
     """(sum log p(continuation | context), is_greedy) for each (context_ids, continuation_ids).
 
     Each request needs the forward pass of context + continuation[:-1]; requests with the same
-    input (the four one-token letters of a question) share one row. Rows run longest first,
-    right-padded into [B, S] batches: padding after a row cannot change its causal positions.
+    input (the four one-token letters of a question) share one row. Only rows of equal length
+    share a [B, S] batch: padding would change a row's attention shape, and with quantized
+    kernels (activations rounded to 8 bits, as llama.cpp does) a 1e-7 change there grows to
+    ~0.2 nats, so a score would depend on its neighbours. Unpadded, each score is what the row
+    gets alone.
     """
     rows: dict[tuple[int, ...], list[int]] = {}
     for index, (context, continuation) in enumerate(requests):
@@ -133,12 +136,9 @@ def loglikelihoods(model: Any, requests: Sequence[tuple[list[int], list[int]]], 
                                f"{model.config.max_seq_len}")
         rows.setdefault(row, []).append(index)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for batch in _batches(sorted(rows, key=len, reverse=True), max_batch_tokens):
-        width = len(batch[0])
-        ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, S], pad id irrelevant
-        for b, row in enumerate(batch):
-            ids[b, :len(row)] = torch.tensor(row)
-        hidden = model(ids.to(model.lm_head.weight.device))  # [B, S, dim]
+    device = model.rope_cos.device  # the embedding may be a memory-mapped GGUF table
+    for batch in _batches(list(rows), max_batch_tokens):
+        hidden = model(torch.tensor(batch, device=device))  # [B, S, dim]
         for b, row in enumerate(batch):
             for index in rows[row]:
                 context, continuation = requests[index]
@@ -147,13 +147,15 @@ def loglikelihoods(model: Any, requests: Sequence[tuple[list[int], list[int]]], 
 
 
 def _batches(rows: list[tuple[int, ...]], max_batch_tokens: int) -> list[list[tuple[int, ...]]]:
-    """Group rows (sorted longest first) so each padded batch has <= max_batch_tokens tokens."""
-    batches: list[list[tuple[int, ...]]] = []
+    """Rows of one length together, <= max_batch_tokens tokens (or one row) per batch."""
+    by_length: dict[int, list[tuple[int, ...]]] = {}
     for row in rows:
-        if batches and len(batches[-1][0]) * (len(batches[-1]) + 1) <= max_batch_tokens:
-            batches[-1].append(row)
-        else:
-            batches.append([row])
+        by_length.setdefault(len(row), []).append(row)
+    batches: list[list[tuple[int, ...]]] = []
+    for length in sorted(by_length, reverse=True):
+        per_batch = max(1, max_batch_tokens // length)
+        same = by_length[length]
+        batches += [same[i:i + per_batch] for i in range(0, len(same), per_batch)]
     return batches
 
 
