@@ -17,7 +17,7 @@ from levante.weights.gguf import GGUFFile
 # Q4_0 1.0, Q4_1 0.9, Q4_K 0.8, Q5_K 0.5, Q6_K 0.7 billion values/s (2.4-7x gguf-py numpy).
 
 QT = GGMLQuantizationType
-QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 # K-quants: gguf-py cannot quantize them; byte offsets of their f16 scale fields.
 K_QUANT_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K: (80, 82),
                       QT.Q3_K: (108,), QT.IQ4_XS: (0,)}

@@ -80,6 +80,36 @@ def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(d).add_(m)
 
 
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[n, 4] bytes = one little-endian u32 per block -> [n, 32] uint8: bit i of it as 0 or 16."""
+    bits = torch.arange(8, dtype=torch.uint8).view(1, 1, 8)
+    return (qh.unsqueeze(-1) >> bits).bitwise_and_(1).bitwise_left_shift_(4).view(-1, 32)
+
+
+def _dequantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_0, 22-byte blocks of 32 values: f16 d, u32 qh (bit 4 of value i is bit i), 16 bytes of
+    low nibbles ordered as Q4_0; x = (q - 16) * d.
+
+    Example: d = 1.0, qh bit 0 set, byte 0 of qs = 0x3 -> x0 = (0x3 | 0x10) - 16 = 3.0.
+    llama.cpp writes Q5_0 for tensors whose rows do not fit 256-value super-blocks.
+    """
+    d = _f16_field(blocks, 0)
+    q = _low_high_nibbles(blocks[:, 6:]).view(-1, 32).bitwise_or_(_fifth_bits(blocks[:, 2:6]))
+    q.sub_(16)  # wraps in uint8; read back as int8 gives -16..15
+    return q.view(torch.int8).float().mul_(d)
+
+
+def _dequantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_1, 24-byte blocks of 32 values: f16 d, f16 min m, u32 qh, 16 bytes of low nibbles;
+    x = d * q + m with q = 0..31 (fifth bit from qh as in Q5_0).
+
+    Example: d = 0.5, m = -1.0, qh bit 16 set, qs[0] = 0x20 -> x16 = 0.5 * 18 - 1.0 = 8.0.
+    """
+    d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    q = _low_high_nibbles(blocks[:, 8:]).view(-1, 32).bitwise_or_(_fifth_bits(blocks[:, 4:8]))
+    return q.float().mul_(d).add_(m)
+
+
 def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_K, 144-byte super-blocks of 256 values = 8 sub-blocks of 32.
 
@@ -218,6 +248,8 @@ BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, BlockDequantizer] = {
     GGMLQuantizationType.Q8_0: _dequantize_q8_0,
     GGMLQuantizationType.Q4_0: _dequantize_q4_0,
     GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+    GGMLQuantizationType.Q5_0: _dequantize_q5_0,
+    GGMLQuantizationType.Q5_1: _dequantize_q5_1,
     GGMLQuantizationType.Q4_K: _dequantize_q4_k,
     GGMLQuantizationType.Q5_K: _dequantize_q5_k,
     GGMLQuantizationType.Q6_K: _dequantize_q6_k,
