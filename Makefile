@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@# compile the CPU kernels now rather than on the first run (cached per CPU and torch)
+	$(PY) -c 'from levante.quant import kernels; print("kernels:", kernels.kernel_isa() or "not built: PyTorch fallback")'
 	touch $@
 
 run: setup

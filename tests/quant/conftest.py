@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +24,28 @@ def run_portable_check(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         pytest.skip("the portable build is checked with x86 flags")
     library = tmp_path_factory.mktemp("portable") / "levante_quant_portable.so"
     subprocess.run(kernels._compile_command(library, arch="x86-64"), check=True)
+
+    def run(script: str, *args: str) -> None:
+        out = subprocess.run([sys.executable, "-c", script, str(library), *args],
+                             check=False, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_clang_check(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., None]:
+    """As `run_portable_check`, against the library built by clang (macOS's compiler) for
+    this CPU; skipped where clang or its OpenMP header (Debian: libomp-dev) is missing."""
+    clang = shutil.which("clang++")
+    if clang is None:
+        pytest.skip("clang++ is not installed")
+    library = tmp_path_factory.mktemp("clang") / "levante_quant_clang.so"
+    command = [clang, *kernels._compile_command(library)[1:]]
+    built = subprocess.run(command, check=False, capture_output=True, text=True)
+    if built.returncode != 0 and "omp.h" in built.stderr:
+        pytest.skip("clang has no OpenMP header (libomp-dev)")
+    assert built.returncode == 0, built.stderr[-2000:]
 
     def run(script: str, *args: str) -> None:
         out = subprocess.run([sys.executable, "-c", script, str(library), *args],

@@ -193,7 +193,7 @@ PORTABLE_CHECK = """
 import sys, torch
 torch.ops.load_library(sys.argv[1])
 ops = torch.ops.levante_quant
-assert ops.isa() == "scalar", ops.isa()
+assert ops.isa() == sys.argv[3], ops.isa()
 blocks, x, quantized, expected, terms = torch.load(sys.argv[2])
 for got, want in zip(ops.quantize_rows_k(x), quantized):
     assert torch.equal(got, want)
@@ -205,16 +205,27 @@ print("ok")
 """
 
 
-@pytest.mark.slow
-def test_portable_build_matches(run_portable_check: Callable[..., None],
-                                tmp_path: Path) -> None:
-    """The no-AVX2 build (plain loops) quantizes the same and computes the same sums."""
+def _check_inputs(path: Path) -> None:
+    """Blocks of every K-quant type, activations, and this build's results, saved to `path`."""
     x = torch.randn(7, 1280, generator=torch.Generator().manual_seed(6))
     blocks = {int(t): random_blocks(t, 19, 1280, seed=int(t)) for t in TYPES}
     expected = {t: torch.cat([kernels.kquant_linear(x[:2], w, QT(t)),
                               kernels.kquant_linear(x[2:], w, QT(t))]) for t, w in blocks.items()}
     terms = {t: (rounded_activations(x).abs() @ weight_of(w, QT(t), 1280).double().abs().T).float()
              for t, w in blocks.items()}  # float32 sums round relative to these
-    path = tmp_path / "inputs.pt"
     torch.save((blocks, x, kernels.quantize_activations_k(x), expected, terms), path)
-    run_portable_check(PORTABLE_CHECK, str(path))
+
+
+@pytest.mark.slow
+def test_portable_build_matches(run_portable_check: Callable[..., None],
+                                tmp_path: Path) -> None:
+    """The no-AVX2 build (plain loops) quantizes the same and computes the same sums."""
+    _check_inputs(tmp_path / "inputs.pt")
+    run_portable_check(PORTABLE_CHECK, str(tmp_path / "inputs.pt"), "scalar")
+
+
+@pytest.mark.slow
+def test_clang_build_matches(run_clang_check: Callable[..., None], tmp_path: Path) -> None:
+    """clang (what a Mac compiles with) builds the same SIMD kernels, with the same results."""
+    _check_inputs(tmp_path / "inputs.pt")
+    run_clang_check(PORTABLE_CHECK, str(tmp_path / "inputs.pt"), kernels.kernel_isa())
