@@ -10,10 +10,8 @@ file in llama.cpp is part of that. Then quantizer speed: MB/s of float32 input t
 `levante.quant.k_quantize` and llama.cpp's C reference (`quantize_row_*_K_ref`, one thread,
 through ctypes) on an 8192 x 1280 tensor, interleaved rounds, best kept.
 
-Where a row is not whole 256-value super-blocks (SmolLM2's width is 576) llama.cpp falls back
-to Q5_0 / Q5_1 for Q4_K / Q5_K tensors; Levante cannot read those yet and writes Q8_0 there,
-so SmolLM2's files differ in those tensors (the table says how many) and ours is larger. To
-score llama.cpp's file, Levante reads Q5_0/Q5_1 through gguf-py's reference dequantizer here.
+Where a row is not whole 256-value super-blocks (SmolLM2's width is 576) both fall back to
+Q5_0 / Q5_1 for Q4_K / Q5_K tensors, as llama.cpp does.
 
     .venv/bin/python benchmarks/quantize.py [--ref smollm2] [--formats q4_k_m,q3_k_m]
 """
@@ -70,31 +68,6 @@ print(json.dumps({"nll": total, "count": count}))
 """
 
 
-def read_unsupported_with_gguf_py() -> list[str]:
-    """Let Levante's loader read types it lacks (Q5_0, Q5_1, ...) through gguf-py's reference."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
-
-    from levante.quant import gguf_blocks
-
-    added = []
-    for qtype in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
-                  GGMLQuantizationType.IQ4_NL):
-        if qtype in gguf_blocks.BLOCK_DEQUANTIZERS:
-            continue
-        block_size = GGML_QUANT_SIZES[qtype][0]
-
-        def reference(blocks: torch.Tensor, qtype: GGMLQuantizationType = qtype,
-                      block_size: int = block_size) -> torch.Tensor:
-            values = quants.dequantize(blocks.numpy(), qtype)
-            return torch.from_numpy(values.reshape(-1, block_size).astype(np.float32))
-
-        gguf_blocks.BLOCK_DEQUANTIZERS[qtype] = reference
-        added.append(qtype.name)
-    gguf_blocks.SUPPORTED_TYPES = (frozenset(gguf_blocks.BLOCK_DEQUANTIZERS)
-                                   | frozenset(gguf_blocks.FLOAT_DTYPES))
-    return added
-
-
 def llama_quantize(peer: Path, src: Path, dst: Path, ftype: int, threads: int) -> float:
     """llama.cpp's quantizer, src -> dst; seconds it took."""
     start = time.perf_counter()
@@ -144,14 +117,7 @@ def llama_perplexity(peer: Path, path: Path, ids: list[int], window: int, thread
 
 def format_table(args: argparse.Namespace, peer: Path, folder: Path) -> None:
     from levante.bundle import load
-    from levante.quant import export, gguf_blocks
     from levante.quant.export import GGUF_FORMATS, quantize_checkpoint
-
-    as_shipped = export.SUPPORTED_TYPES  # bound before Q5_0/Q5_1 are readable here
-    added = read_unsupported_with_gguf_py()
-    if added:
-        print(f"(Levante reads {', '.join(added)} through gguf-py's reference dequantizer here; "
-              f"'levante*' is our writer allowed llama.cpp's Q5_0/Q5_1 fallbacks)")
 
     f16 = folder / f"{args.ref}-f16.gguf"
     if not f16.exists():
@@ -165,17 +131,12 @@ def format_table(args: argparse.Namespace, peer: Path, folder: Path) -> None:
     print(f"{'format':<8}{'by':<11}{'s':>6}{'MB':>7}{'same type':>11}{'same bytes':>12}"
           f"{'ppl Levante':>13}{'ppl llama.cpp':>15}")
     for fmt in filter(None, args.formats.split(",")):
-        paths = {engine: folder / f"{args.ref}-{fmt}-{engine.strip('*')}.gguf"
-                 for engine in ("levante", "levante*", "llama.cpp")}
-        paths["levante*"] = paths["levante*"].with_name(f"{args.ref}-{fmt}-levante-fallbacks.gguf")
+        paths = {engine: folder / f"{args.ref}-{fmt}-{engine}.gguf"
+                 for engine in ("levante", "llama.cpp")}
         seconds = {}
-        for engine, supported in (("levante", as_shipped),
-                                  ("levante*", gguf_blocks.SUPPORTED_TYPES)):
-            export.SUPPORTED_TYPES = supported
-            start = time.perf_counter()
-            quantize_checkpoint(f16, to=fmt, out=paths[engine], progress=False)
-            seconds[engine] = time.perf_counter() - start
-        export.SUPPORTED_TYPES = as_shipped
+        start = time.perf_counter()
+        quantize_checkpoint(f16, to=fmt, out=paths["levante"], progress=False)
+        seconds["levante"] = time.perf_counter() - start
         seconds["llama.cpp"] = llama_quantize(peer, f16, paths["llama.cpp"],
                                               GGUF_FORMATS[fmt][1], args.threads)
         ppl = {}

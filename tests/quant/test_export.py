@@ -91,8 +91,8 @@ def test_gguf_output_reads_back(tiny_llama: Path, tmp_path: Path, fmt: str,
         assert tensors[name].tensor_type == export_type(fmt, ours, shape, 2)
     if fmt == "q3_k_m":  # rows of 64 and 128 are not whole super-blocks: llama.cpp's fallbacks
         assert tensors["blk.0.attn_q.weight"].tensor_type == Q.Q4_0  # Q3_K -> Q4_0
-        assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.Q8_0  # Q4_K -> Q5_0, unread
-        assert tensors["blk.0.attn_v.weight"].tensor_type == Q.Q8_0  # Q5_K -> Q5_1, unread
+        assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.Q5_0  # Q4_K -> Q5_0
+        assert tensors["blk.0.attn_v.weight"].tensor_type == Q.Q5_1  # Q5_K -> Q5_1
         assert tensors["output.weight"].tensor_type == Q.Q8_0  # Q6_K -> Q8_0
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
     gguf_file = GGUFFile(out)
@@ -302,7 +302,8 @@ def test_tiny_mistral_k_quants_load(tiny_mistral_hf: Path, tmp_path: Path, fmt: 
     assert "Q4_K" in result.tensor_types  # o_proj / down_proj rows are whole super-blocks
     expected = _logits(load(str(tiny_mistral_hf), quant="none").model)
     cosine = _cosine(_logits(load(str(out), quant="none").model), expected)
-    assert cosine > (0.99 if fmt == "q4_k_m" else 0.97)  # measured 0.9941, 0.9852
+    # measured 0.9893 (q4_k_m, with llama.cpp's Q5_0 where rows are not whole super-blocks), 0.9852
+    assert cosine > (0.985 if fmt == "q4_k_m" else 0.97)
 
 
 def _copy(folder: Path, to: Path) -> Path:

@@ -6,8 +6,7 @@ types (Q8_0, Q4_0, Q4_1, ...) by `gguf.quants.quantize`. The K-quant mixes (q4_k
 q5_k_m) pick a type per tensor as llama.cpp's quantizer does (`plan.llama_cpp_type`; a tied
 embedding is the output head there), and write llama.cpp's `general.file_type`.
 Rows that are not whole 256-value super-blocks fall back as in llama.cpp (Q4_K -> Q5_0,
-Q5_K -> Q5_1, Q6_K and the output head -> Q8_0, Q3_K -> Q4_0), except that a fallback type
-Levante cannot read yet (Q5_0, Q5_1) is written as Q8_0, so every output loads back.
+Q5_K -> Q5_1, Q6_K and the output head -> Q8_0, Q3_K -> Q4_0).
 
 Levante's int8/int4 safetensors folder: config.json, the tokenizer files, and a
 model.safetensors in the format `levante.quant.linear.quantized_tensors` documents.
@@ -41,7 +40,6 @@ from levante.quant.export_source import (
     permuted,
     reverse_names,
 )
-from levante.quant.gguf_blocks import SUPPORTED_TYPES
 from levante.quant.k_quantize import K_QUANTIZERS
 from levante.quant.k_quantize import quantize as k_quantize
 from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
@@ -138,9 +136,8 @@ def _llama_cpp_choice(fmt: str, name: str, shape: tuple[int, ...], num_layers: i
 def _fallback_type(chosen: Q, name: str, row_size: int) -> Q:
     """`chosen`, or what llama.cpp writes when rows of `row_size` are not whole blocks of it.
 
-    A fallback Levante cannot read yet (Q5_0, Q5_1: no dequantizer in gguf_blocks) becomes
-    Q8_0; one whose blocks do not fit either becomes F16, as in llama.cpp.
-    Example: Q4_K with rows of 576 (SmolLM2) -> llama.cpp Q5_0 -> Q8_0 here.
+    A fallback whose blocks do not fit either becomes F16, as in llama.cpp.
+    Example: Q4_K with rows of 576 (SmolLM2) -> Q5_0.
     """
     if row_size % GGML_QUANT_SIZES[chosen][0] == 0:
         return chosen
@@ -148,8 +145,6 @@ def _fallback_type(chosen: Q, name: str, row_size: int) -> Q:
         raise ConfigError(f"{name}: rows of {row_size} values are not whole {chosen.name} "
                           f"blocks of {GGML_QUANT_SIZES[chosen][0]}")
     fallback = LLAMA_CPP_FALLBACK[chosen]
-    if fallback not in SUPPORTED_TYPES:
-        fallback = Q.Q8_0
     return fallback if row_size % GGML_QUANT_SIZES[fallback][0] == 0 else Q.F16
 
 
