@@ -70,3 +70,16 @@ def test_generate_with_json_schema(smollm2_gguf: Path, tmp_path: Path) -> None:
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["finish_reason"] == "stop"
     jsonschema.validate(json.loads(data["text"]), schema)
+
+
+def test_generate_with_q8_0_kv_cache(smollm2_gguf: Path) -> None:
+    """--kv-cache-dtype q8_0 (llama.cpp's 8-bit KV) still answers; a bad value is one line."""
+    result = runner.invoke(app, ["generate", str(smollm2_gguf), "--chat", "--prompt",
+                                 "What is the capital of France? Answer in one word.",
+                                 "--max-tokens", "8", "--kv-cache-dtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+    bad = runner.invoke(app, ["generate", str(smollm2_gguf), "--prompt", "hi",
+                              "--kv-cache-dtype", "int3"])
+    assert bad.exit_code == 1
+    assert "kv_cache_dtype must be one of" in bad.output and "Traceback" not in bad.output

@@ -102,3 +102,25 @@ def test_safetensors_folder_counts_its_dtypes(tiny_mistral_hf: Path) -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         plan("mistral-small-3", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kv_cache_dtype", "gib_at_32k"),
+                         [("float16", 5.0), ("bfloat16", 5.0), ("float32", 10.0),
+                          ("q8_0", 5.0 * 17 / 32)])
+def test_planner_and_engine_agree_on_mistral_small_3_kv(kv_cache_dtype: str,
+                                                        gib_at_32k: float) -> None:
+    """40 layers x 8 KV heads x 128 x K and V: 5 GiB at 32K in 16-bit, and the engine's pool
+    (`KVCache.bytes_per_block`, what `--kv-cache-dtype` allocates) counts the same bytes."""
+    from levante.config import preset
+    from levante.engine.kv_cache import KVCache
+
+    result = plan("mistral-small-3", quant="q4_k_m", context=32768,
+                  kv_cache_dtype=kv_cache_dtype)
+    assert result.kv_cache_bytes == gib_at_32k * 2**30
+    per_block = KVCache.bytes_per_block(preset("mistral-small-3"), 16, kv_cache_dtype)
+    assert per_block * (32768 // 16) == result.kv_cache_bytes
+
+
+def test_unknown_kv_cache_dtype_is_named() -> None:
+    with pytest.raises(ConfigError, match="--kv-cache-dtype must be one of"):
+        plan("mistral-small-3", kv_cache_dtype="fp4")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from levante.errors import ConfigError
+from levante.load_config import KV_CACHE_DTYPES
 
 MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
                  "head_dim": 4096, "vocab_size": 2**22}
@@ -312,6 +313,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunk budget)
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: int | None = None  # bytes for the KV pool; None = sized automatically
+    kv_cache_dtype: str = "auto"  # auto (the activations' dtype), float32, bfloat16, float16, q8_0
     num_kv_blocks: int | None = None  # exact pool size (tests); overrides kv_cache_memory
     max_queue: int = 256  # waiting requests before new ones are refused
     enable_prefix_caching: bool = False
@@ -331,6 +333,9 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ConfigError(f"EngineConfig.num_kv_blocks must be positive, got "
                               f"{self.num_kv_blocks!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"EngineConfig.kv_cache_dtype must be one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"EngineConfig.kv_cache_memory must be positive, got "
                               f"{self.kv_cache_memory!r}")

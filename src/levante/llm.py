@@ -69,7 +69,8 @@ class LLM:
             self.bundle = load(ref, load_config or LoadConfig(**given))
         loaded = self.bundle.load_config
         config = engine_config or EngineConfig(max_model_len=self.bundle.config.max_seq_len,
-                                               kv_cache_memory=loaded.kv_cache_memory)
+                                               kv_cache_memory=loaded.kv_cache_memory,
+                                               kv_cache_dtype=loaded.kv_cache_dtype)
         self.engine = Engine(self.bundle.model, self.bundle.tokenizer, config)
         self.tokenizer = self.bundle.tokenizer
         self.chats = ChatRequests(self.bundle)

@@ -22,7 +22,10 @@ from levante.errors import ConfigError, ModelFileError
 from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected_shapes, hf_name
 
 Q = GGMLQuantizationType
-KV_BYTES_PER_ELEMENT = 2  # f16/bf16 KV cache, as GPU servers and llama.cpp keep it
+# Bytes per cached K or V value by KV dtype (the engine's `--kv-cache-dtype`; q8_0 is int8 plus
+# one float16 scale per 32). The default, 16-bit, is what GPU servers and llama.cpp keep.
+KV_BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 1 + 2 / 32}
+DEFAULT_KV_CACHE_DTYPE = "float16"
 FIXED_OVERHEAD_BYTES = 512 * 2**20  # allocator slack, runtime context, code: an allowance
 PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
 
@@ -159,7 +162,8 @@ class _Weights:
 
 
 def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = None,
-         batch: int = 1, memory: int | None = None, tensor_parallel: int = 1) -> Plan:
+         batch: int = 1, memory: int | None = None, tensor_parallel: int = 1,
+         kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE) -> Plan:
     """Plan memory for a preset name or a model ref; `quant` None means the file as stored.
 
     Per device: weights / tensor_parallel, KV heads split across devices (at least one each),
@@ -169,6 +173,9 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
     config = weights.config
     context = config.max_seq_len if context is None else context
     _check_args(quant, context, batch, memory, tensor_parallel, weights)
+    if kv_cache_dtype not in KV_BYTES_PER_VALUE:
+        raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_BYTES_PER_VALUE)}; "
+                          f"got {kv_cache_dtype!r}")
     if quant is None and weights.stored_bytes is not None:
         fmt, total_weights = weights.stored_format or "stored", weights.stored_bytes
     else:
@@ -176,7 +183,8 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
         total_weights = _format_bytes(fmt, weights)
     weights_bytes = -(-total_weights // tensor_parallel)
     kv_heads = -(-config.num_kv_heads // tensor_parallel)
-    kv_per_token = config.num_layers * kv_heads * config.head_dim * 2 * KV_BYTES_PER_ELEMENT
+    kv_per_token = math.ceil(config.num_layers * kv_heads * config.head_dim * 2
+                             * KV_BYTES_PER_VALUE[kv_cache_dtype])
     kv_cache = kv_per_token * context * batch
     overhead = overhead_bytes(config, batch, tensor_parallel)
     total = weights_bytes + kv_cache + overhead

@@ -39,7 +39,7 @@ def prompts(bundle: Bundle) -> list[list[int]]:
     return _encode(bundle, [f"Write about item {i}: " + "word " * (3 * i) for i in range(8)])
 
 
-def _engine(bundle: Bundle, **config: int | bool) -> Engine:
+def _engine(bundle: Bundle, **config: int | bool | str) -> Engine:
     return Engine(bundle.model, None, EngineConfig(max_model_len=512, **config))
 
 
@@ -102,3 +102,17 @@ def test_speculative_drafts_equal_alone(bundle: Bundle) -> None:
     spec = _engine(bundle, num_speculative_tokens=3)
     assert _run(spec, prompts, params) == alone
     assert spec.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "q8_0"])
+def test_narrow_kv_cache_batched_equals_alone(bundle: Bundle, prompts: list[list[int]],
+                                              kv_cache_dtype: str) -> None:
+    """A 16-bit or q8_0 KV pool keeps batch invariance: chunked, batched and behind a warm
+    prefix cache, each request gives its tokens alone (with the same KV dtype)."""
+    engine = _engine(bundle, kv_cache_dtype=kv_cache_dtype)
+    assert engine.runner.cache.kv_dtype == kv_cache_dtype
+    alone = [_run(engine, [p])[0] for p in prompts[:5]]
+    mixed = _engine(bundle, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=7,
+                    enable_prefix_caching=True)
+    assert _run(mixed, prompts[:5]) == alone
+    assert _run(mixed, prompts[:5]) == alone  # warm

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from levante.config import ModelConfig
-from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.kv_cache import (
+    KVCache,
+    build_paged_attention,
+    dequantize_q8_0,
+    quantize_q8_0,
+)
 from levante.quant import kernels
 
 # Lengths around block edges for block_size 16, plus a few hundred.
@@ -117,7 +122,15 @@ def bad_inputs() -> list[tuple[str, dict, str]]:
          "context length 49"),
         ("empty context", {"context_lens": torch.tensor([17, 0])}, "context length 0"),
         ("float64 q", {"q": p["q"].double()}, "float32"),
-        ("float16 cache", {"k_cache": p["k_cache"].half()}, "float32"),
+        ("float16 keys, float32 values", {"k_cache": p["k_cache"].half()}, "share a dtype"),
+        ("float64 caches", {"k_cache": p["k_cache"].double(), "v_cache": p["v_cache"].double()},
+         "float32, bfloat16, float16 or int8"),
+        ("int8 caches without scales", {"k_cache": p["k_cache"].to(torch.int8),
+                                        "v_cache": p["v_cache"].to(torch.int8)}, "k_scales"),
+        ("q8_0 scales of the wrong shape",
+         {"k_cache": p["k_cache"].to(torch.int8), "v_cache": p["v_cache"].to(torch.int8),
+          "k_scales": torch.zeros(num_blocks * 16, 2, 3, dtype=torch.float16),
+          "v_scales": torch.zeros(num_blocks * 16, 2, 2, dtype=torch.float16)}, "scales must"),
         ("int32 tables", {"block_tables": p["block_tables"].int()}, "int64"),
         ("strided q", {"q": p["q"].transpose(0, 1).contiguous().transpose(0, 1)},
          "contiguous"),
@@ -349,6 +362,86 @@ def test_attend_uses_kernel_and_equals_gather_path(context_lens: list[int],
     expected = attention.attend(1, q, k, v)  # writes the same k, v again, then gathers
     assert len(calls) == 2
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+# --- 16-bit and 8-bit caches -------------------------------------------------------------
+
+def stored_as(problem: dict, kind: str) -> tuple[dict, dict]:
+    """(the problem with its caches stored as `kind`, the same with those values in float32)."""
+    if kind == "q8_0":
+        (kq, kd), (vq, vd) = quantize_q8_0(problem["k_cache"]), quantize_q8_0(problem["v_cache"])
+        stored = {"k_cache": kq, "v_cache": vq, "k_scales": kd, "v_scales": vd}
+        widened = {"k_cache": dequantize_q8_0(kq, kd, torch.float32),
+                   "v_cache": dequantize_q8_0(vq, vd, torch.float32)}
+    else:
+        dtype = getattr(torch, kind)
+        stored = {name: problem[name].to(dtype) for name in ("k_cache", "v_cache")}
+        widened = {name: stored[name].float() for name in stored}
+    return {**problem, **stored}, {**problem, **widened}
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16", "q8_0"])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"),
+                         [(9, 3, 64), (8, 2, 128), (32, 8, 128)])
+def test_narrow_caches_equal_their_float32_values(kind: str, num_heads: int, num_kv_heads: int,
+                                                  head_dim: int) -> None:
+    """A 16-bit or q8_0 pool gives exactly what a float32 pool holding the same values gives,
+    for prefill rows and decode rows alike (widening is exact, the arithmetic unchanged)."""
+    problem = random_prefill(num_heads, num_kv_heads, head_dim, 16, CHUNKS)
+    stored, widened = stored_as(problem, kind)
+    out = kernels.paged_attention(**stored, block_size=16)
+    assert torch.equal(out, kernels.paged_attention(**widened, block_size=16))
+    decode_stored, decode_widened = stored_as(as_decode_rows(problem), kind)
+    assert torch.equal(kernels.paged_decode_attention(**decode_stored, block_size=16), out)
+    assert torch.equal(kernels.paged_decode_attention(**decode_widened, block_size=16), out)
+    # and the stored values are close to the originals (attention output, not bit-equal)
+    tolerance = {"bfloat16": 2e-2, "float16": 2e-3, "q8_0": 4e-2}[kind]
+    torch.testing.assert_close(out, prefill_reference(**problem, block_size=16), rtol=0,
+                               atol=tolerance)
+
+
+def test_q8_0_matches_gguf_quantizer() -> None:
+    """quantize_q8_0 writes llama.cpp's q8_0 blocks: the same f16 scale and int8 values as
+    gguf-py's reference quantizer (halves rounded away from zero)."""
+    import gguf
+    import numpy as np
+
+    x = torch.randn(5, 3, 128, generator=torch.Generator().manual_seed(4)) * 3
+    x[0, 0, :32] = 0.0  # an all-zero block: scale 0, values 0
+    x[1, 1, :32] = torch.tensor([127.0, 2.5, -2.5, 0.5] + [0.0] * 28)  # d = 1: halves
+    q, d = quantize_q8_0(x)
+    blocks = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    blocks = np.ascontiguousarray(blocks).view(np.uint8).reshape(-1, 34)
+    assert torch.equal(d.reshape(-1), torch.from_numpy(blocks[:, :2].copy().view(np.float16))
+                       .reshape(-1))
+    assert torch.equal(q.reshape(-1, 32), torch.from_numpy(blocks[:, 2:].copy().view(np.int8)))
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "q8_0"])
+def test_attend_with_each_kv_dtype_equals_gather_path(kind: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's pool in each storage: K/V written through `KVCache.write`, then a mixed
+    prefill/decode step through the kernel equals the gather + SDPA path (other devices)."""
+    block_size, context_lens, query_lens = 8, [9, 30, 33, 5], [1, 7, 1, 5]
+    config = ModelConfig(vocab_size=64, dim=96, num_layers=2, num_heads=6, num_kv_heads=2,
+                         head_dim=32, ffn_dim=48)  # q8_0 rows are whole blocks of 32
+    cache = KVCache(config, num_blocks=24, block_size=block_size, dtype=kind)
+    gen = torch.Generator().manual_seed(2)
+    slots = torch.arange(cache.num_blocks * block_size)
+    for layer in range(config.num_layers):
+        k, v = (torch.randn(len(slots), config.num_kv_heads, config.head_dim, generator=gen)
+                for _ in range(2))
+        cache.write(layer, slots, k, v)
+    tables = [list(range(i * 5, i * 5 + 5)) for i in range(4)]
+    attention = build_paged_attention(cache, block_tables=tables, context_lens=context_lens,
+                                      query_lens=query_lens)
+    q = torch.randn(sum(query_lens), config.num_heads, config.head_dim, generator=gen)
+    k, v = (torch.randn(sum(query_lens), config.num_kv_heads, config.head_dim, generator=gen)
+            for _ in range(2))
+    out = attention.attend(1, q, k, v)
+    monkeypatch.setattr(kernels, "_kernel", lambda: None)  # as without a compiler
+    torch.testing.assert_close(out, attention.attend(1, q, k, v), rtol=0, atol=1e-5)
+    assert cache.keys[1].dtype == (torch.int8 if kind == "q8_0" else getattr(torch, kind))
 
 
 PORTABLE_CHECK = """

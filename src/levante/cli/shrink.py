@@ -128,6 +128,9 @@ def plan(
     memory: Annotated[str | None, typer.Option(help="memory per device, e.g. 24GB")] = None,
     tensor_parallel: Annotated[int, typer.Option("--tensor-parallel",
                                                  help="devices sharing the model")] = 1,
+    kv_cache_dtype: Annotated[str, typer.Option(
+        help="float16 | bfloat16 | float32 | q8_0 (as the engine's --kv-cache-dtype)")
+    ] = "float16",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Memory a model needs: weights per format, KV cache, overhead, and whether it fits."""
@@ -135,7 +138,8 @@ def plan(
 
     try:
         result = make_plan(ref, quant=quant, context=context, batch=batch,
-                           memory=_parse_size(memory), tensor_parallel=tensor_parallel)
+                           memory=_parse_size(memory), tensor_parallel=tensor_parallel,
+                           kv_cache_dtype=kv_cache_dtype)
     except LevanteError as e:
         _fail(e)
     if as_json:

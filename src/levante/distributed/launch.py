@@ -181,7 +181,7 @@ def _serve_steps(model: Transformer, control: dist.ProcessGroup, device: torch.d
         if isinstance(item, CacheSetup):
             runner = None  # free the old cache before allocating the new one
             cache = KVCache(model.config, num_blocks=item.num_blocks,
-                            block_size=item.block_size, dtype=DTYPES[item.dtype],
+                            block_size=item.block_size, dtype=item.dtype,
                             device=device)
             runner = ModelRunner(model, cache)
         else:
@@ -354,8 +354,7 @@ class TensorParallelGroup:
             raise ConfigError("LoRA adapters are not supported with tensor parallelism yet; "
                               "serve a merged checkpoint (levante finetune --merge) instead")
         cache = engine.runner.cache
-        dtype = next(k for k, v in DTYPES.items() if v == cache.keys[0].dtype)
-        self.send(CacheSetup(cache.num_blocks, cache.block_size, dtype))
+        self.send(CacheSetup(cache.num_blocks, cache.block_size, cache.kv_dtype))
         engine.runner = DistributedRunner(self, engine.runner.model, cache)
 
     def engine(self, config: EngineConfig | None = None) -> Engine:

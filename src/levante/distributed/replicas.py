@@ -272,6 +272,7 @@ def serve_args(config: ServerConfig) -> list[str]:
     args = [config.ref, "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
             "--max-queue", str(config.max_queue), "--dtype", config.dtype,
+            "--kv-cache-dtype", config.kv_cache_dtype,
             "--num-speculative-tokens", str(config.num_speculative_tokens),
             "--prefix-caching" if config.enable_prefix_caching else "--no-prefix-caching"]
     optional = {"--max-model-len": config.max_model_len,

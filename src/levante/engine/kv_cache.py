@@ -95,22 +95,100 @@ def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+# How the pool stores K and V: a float dtype, or "q8_0" (int8 values with one float16 scale
+# per 32, llama.cpp's 8-bit KV cache: 34 bytes per 32 values, 53% of 16-bit).
+KV_STORAGE: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                      "float16": torch.float16, "q8_0": torch.int8}
+Q8_BLOCK = 32  # values per q8_0 scale
+
+
+def kv_storage_name(dtype: torch.dtype | str) -> str:
+    """torch.bfloat16 -> "bfloat16"; a name of KV_STORAGE passes through."""
+    if isinstance(dtype, str):
+        if dtype not in KV_STORAGE:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_STORAGE)}, "
+                             f"got {dtype!r}")
+        return dtype
+    for name, value in KV_STORAGE.items():
+        if value == dtype and name != "q8_0":
+            return name
+    raise ValueError(f"no KV cache storage for {dtype}")
+
+
+def kv_bytes_per_value(dtype: torch.dtype | str) -> float:
+    """Bytes one cached K or V value takes: 4, 2, or 34 / 32 for q8_0."""
+    name = kv_storage_name(dtype)
+    if name == "q8_0":
+        return 1 + 2 / Q8_BLOCK
+    return torch.empty((), dtype=KV_STORAGE[name]).element_size()
+
+
 class KVCache:
-    """K and V for every layer: each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    """K and V for every layer: each [num_blocks * block_size, num_kv_heads, head_dim].
+
+    `dtype` is the storage (`KV_STORAGE`); values written are converted to it, and attention
+    reads them back as the queries' dtype. A q8_0 cache also keeps float16 scales
+    [slots, num_kv_heads, head_dim / 32] per layer for K and V.
+    """
 
     def __init__(self, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype | str, device: torch.device | str = "cpu") -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.kv_dtype = kv_storage_name(dtype)
+        storage = KV_STORAGE[self.kv_dtype]
+        if self.kv_dtype == "q8_0" and config.head_dim % Q8_BLOCK:
+            raise ValueError(f"a q8_0 KV cache needs head_dim divisible by {Q8_BLOCK}, got "
+                             f"{config.head_dim}")
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.keys = [_untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
-        self.values = [_untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        layers = range(config.num_layers)
+        self.keys = [_untouched_zeros(shape, storage, device) for _ in layers]
+        self.values = [_untouched_zeros(shape, storage, device) for _ in layers]
+        self.key_scales: list[torch.Tensor] | None = None
+        self.value_scales: list[torch.Tensor] | None = None
+        if self.kv_dtype == "q8_0":
+            scale_shape = (*shape[:2], config.head_dim // Q8_BLOCK)
+            self.key_scales = [_untouched_zeros(scale_shape, torch.float16, device)
+                               for _ in layers]
+            self.value_scales = [_untouched_zeros(scale_shape, torch.float16, device)
+                                 for _ in layers]
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes over all layers, K and V."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return config.kv_bytes_per_token(element) * block_size
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype | str) -> int:
+        """Bytes one block takes over all layers, K and V (q8_0 scales included)."""
+        values = config.kv_bytes_per_token(1) * block_size  # K and V values, all layers
+        return math.ceil(values * kv_bytes_per_value(dtype))
+
+    def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store new K/V rows [T, KV, D] at `slots` [T], converted to the storage."""
+        if self.kv_dtype != "q8_0":
+            self.keys[layer_idx].index_copy_(0, slots, k.to(self.keys[layer_idx].dtype))
+            self.values[layer_idx].index_copy_(0, slots, v.to(self.values[layer_idx].dtype))
+            return
+        assert self.key_scales is not None and self.value_scales is not None
+        for x, cache, scales in ((k, self.keys, self.key_scales),
+                                 (v, self.values, self.value_scales)):
+            q, d = quantize_q8_0(x)
+            cache[layer_idx].index_copy_(0, slots, q)
+            scales[layer_idx].index_copy_(0, slots, d)
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> int8 [..., D] and float16 scales [..., D / 32], as llama.cpp's q8_0:
+    d = max|x| / 127 per 32 values, q = round(x / d) (halves away from zero)."""
+    blocks = x.float().unflatten(-1, (-1, Q8_BLOCK))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d == 0, 0.0, 1.0 / d)
+    scaled = blocks * inverse
+    q = scaled.abs().add_(0.5).floor_().copysign_(scaled).to(torch.int8)
+    return q.flatten(-2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q8_0(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [..., D] and float16 scales [..., D / 32] -> values [..., D] in `dtype`."""
+    values = q.float().unflatten(-1, (-1, Q8_BLOCK)) * scales.float().unsqueeze(-1)
+    return values.flatten(-2).to(dtype)
 
 
 def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype,
@@ -162,28 +240,40 @@ class PagedAttention:
         rows = rows.view(self.num_seqs, -1, *cache.shape[1:])  # [B, max_blocks * bs, kv, hd]
         return rows[:, :self.context_len].transpose(1, 2)
 
+    def _gather_as(self, cache: torch.Tensor, scales: list[torch.Tensor] | None, layer_idx: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """`_gather`, then converted (or q8_0-dequantized) to `dtype`: only the rows read."""
+        rows = self._gather(cache)
+        if scales is None:
+            return rows.to(dtype)
+        return dequantize_q8_0(rows, self._gather(scales[layer_idx]), dtype)
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """Write the new K/V into the cache, then attend over each sequence's whole context.
 
         In float32 on CPU every step (decode, prefill chunks, draft verification, any mix)
-        reads the blocks in place with the compiled kernel, where a token's result is
+        reads the blocks in place with the compiled kernel (a 16-bit or q8_0 pool widened to
+        float32 as it is read), where a token's result is
         bit-identical to a decode of that token alone: it depends on neither its neighbours,
         nor the chunking, nor a prefix-cache hit. With 8-bit activations downstream, the float
         noise SDPA's row count and chunking gave flipped near-tie greedy tokens. Other devices
         and dtypes (or no compiler) gather each sequence's blocks and call SDPA.
         """
-        k_cache, v_cache = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        k_cache.index_copy_(0, self.slot_mapping, k)
-        v_cache.index_copy_(0, self.slot_mapping, v)
-        if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
+        cache = self.cache
+        cache.write(layer_idx, self.slot_mapping, k, v)
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            scales = (None, None) if cache.key_scales is None else (
+                cache.key_scales[layer_idx], cache.value_scales[layer_idx])  # type: ignore[index]
             out = kernels.paged_attention(
-                q.contiguous(), k_cache, v_cache, self.block_tables, self.context_lens,
-                self.query_lens, block_size=self.cache.block_size)
+                q.contiguous(), cache.keys[layer_idx], cache.values[layer_idx], self.block_tables,
+                self.context_lens, self.query_lens, block_size=cache.block_size,
+                k_scales=scales[0], v_scales=scales[1])
             if out is not None:
                 return out
         b, qn = self.num_seqs, self.max_query_len
-        keys, values = self._gather(k_cache), self._gather(v_cache)
+        keys = self._gather_as(cache.keys[layer_idx], cache.key_scales, layer_idx, q.dtype)
+        values = self._gather_as(cache.values[layer_idx], cache.value_scales, layer_idx, q.dtype)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
         else:

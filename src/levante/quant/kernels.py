@@ -301,11 +301,14 @@ def kernel_kquant_types() -> frozenset[GGMLQuantizationType]:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           block_size: int) -> torch.Tensor | None:
+                           block_size: int, k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """One query token per sequence attending to its paged context; None without the kernel.
 
-    q [B, H, D] float32; k_cache, v_cache [num_blocks * block_size, KV, D] float32 (one
-    layer's pool); block_tables [B, max_blocks] int64; context_lens [B] int64. Sequence b's
+    q [B, H, D] float32; k_cache, v_cache [num_blocks * block_size, KV, D] (one layer's pool)
+    in float32, bfloat16, float16, or int8 with float16 `k_scales`/`v_scales`
+    [slots, KV, D // 32] (q8_0: value j is cache[j] * scales[j // 32]), widened to float32
+    exactly as read; block_tables [B, max_blocks] int64; context_lens [B] int64. Sequence b's
     token t is in slot `block_tables[b, t // block_size] * block_size + t % block_size`, and
     query head h reads KV head h // (H // KV). Returns softmax(q k^T / sqrt(D)) v as [B, H, D],
     computed in place from the pool (csrc/paged_attention.cpp). Bad input (dtype, shape, a
@@ -315,12 +318,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if kernel is None:
         return None
     return kernel.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                         block_size, q.shape[-1] ** -0.5)
+                                         block_size, q.shape[-1] ** -0.5, k_scales, v_scales)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    query_lens: torch.Tensor, *, block_size: int) -> torch.Tensor | None:
+                    query_lens: torch.Tensor, *, block_size: int,
+                    k_scales: torch.Tensor | None = None,
+                    v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """Each sequence's new query tokens attending causally to its paged context; None without
     the kernel.
 
@@ -336,7 +341,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if kernel is None:
         return None
     return kernel.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_lens,
-                                  block_size, q.shape[-1] ** -0.5)
+                                  block_size, q.shape[-1] ** -0.5, k_scales, v_scales)
 
 
 @dataclass(frozen=True)
@@ -406,7 +411,8 @@ def _kquant_shape(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Te
 
 def _attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Output shape for tracing: q's, [B, H, D]."""
     return q.new_empty(q.shape)
 
@@ -414,7 +420,8 @@ def _attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _prefill_attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, context_lens: torch.Tensor,
                              query_lens: torch.Tensor, block_size: int,
-                             scale: float) -> torch.Tensor:
+                             scale: float, k_scales: torch.Tensor | None = None,
+                             v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Output shape for tracing: q's, [T, H, D]."""
     return q.new_empty(q.shape)
 

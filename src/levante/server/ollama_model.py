@@ -103,9 +103,8 @@ class ModelFacts:
         model = engine.model
         weights = sum(t.numel() * t.element_size()
                       for t in [*model.parameters(), *model.buffers()])
-        dtype = model.model.embed_tokens.weight.dtype
         kv = engine.pool.num_blocks * KVCache.bytes_per_block(
-            model.config, engine.config.block_size, dtype)
+            model.config, engine.config.block_size, engine.runner.cache.kv_dtype)
         size = weights + kv
         on_gpu = model.rope_cos.device.type == "cuda"
         return {"name": self.name, "model": self.name, "size": size, "digest": self.digest,

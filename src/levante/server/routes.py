@@ -52,6 +52,7 @@ class ServerState:
             max_model_len=bundle.config.max_seq_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
             kv_cache_memory=config.kv_cache_memory, num_kv_blocks=config.num_kv_blocks,
+            kv_cache_dtype=bundle.load_config.kv_cache_dtype,
             enable_prefix_caching=config.enable_prefix_caching,
             num_speculative_tokens=config.num_speculative_tokens)
         adapters = None

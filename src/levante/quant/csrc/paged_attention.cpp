@@ -2,9 +2,13 @@
 // read in place from the paged K/V pool (no gather into a padded batch). One code path serves
 // decode (one query per sequence), prefill chunks and draft verification (several per sequence).
 //
-// Shapes (all float32 but the int64 index tensors, all contiguous):
+// Shapes (q and out float32, the index tensors int64, all contiguous):
 //   q            [T, H, D]                          the step's new tokens, sequence by sequence
-//   k/v_cache    [num_blocks * block_size, KV, D]   one layer's pool, a row per slot
+//   k/v_cache    [num_blocks * block_size, KV, D]   one layer's pool, a row per slot: float32,
+//                                                   bfloat16, float16 or int8 (q8_0, below)
+//   k/v_scales   [num_blocks * block_size, KV, D/32] float16, q8_0 caches only: value j of a
+//                                                   row is cache[j] * scales[j / 32], as
+//                                                   llama.cpp's q8_0 KV cache
 //   block_tables [B, max_blocks]                    block ids; entries past a context unused
 //   context_lens [B]                                keys of each sequence, its new ones included
 //   query_lens   [B]                                new tokens of each sequence (1 .. context)
@@ -25,6 +29,8 @@
 // sum, whether the key is computed in a group of 4 or alone), the softmax of each task, the
 // weighted sum of V rows in key order, and the merge of its tasks in task order. With 8-bit
 // activations downstream, float noise from another chunking flipped near-tie greedy tokens.
+// A 16-bit or 8-bit cache is widened to float32 block by block as it is read (exactly: every
+// bf16/f16 value and every q * d is a float32), so the arithmetic is the float32 cache's.
 //
 // Work is split by tokens, not heads (as flash-decoding does): a task is a run of whole blocks of
 // one sequence, all heads at once, so it streams each block's K and V rows as one contiguous
@@ -38,6 +44,8 @@
 //   M = max_c m_c,  out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -45,16 +53,25 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
+// How the K/V cache stores a value (see the top of the file).
+enum class KVKind { kF32, kBF16, kF16, kQ8_0 };
+constexpr int64_t kQ8Block = 32;  // values per q8_0 scale
+
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const void* k;
+  const void* v;
+  const c10::Half* k_scales;  // q8_0 only, else null
+  const c10::Half* v_scales;
+  KVKind kv;
   const int64_t* tables;
   int64_t num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   float scale;
@@ -272,9 +289,42 @@ void exp_shifted(float* s, int64_t n, float* max_out, float* sum_out) {
 
 // Asks for the next block while this one computes: blocks sit anywhere in the pool, where the
 // hardware prefetcher does not follow (without it, K/V not in cache took 2.4x as long).
-inline void prefetch_rows(const float* rows, int64_t num_floats) {
-  constexpr int64_t kLineFloats = 64 / sizeof(float);
-  for (int64_t i = 0; i < num_floats; i += kLineFloats) __builtin_prefetch(rows + i);
+inline void prefetch_rows(const void* rows, int64_t num_bytes) {
+  const char* bytes = static_cast<const char*>(rows);
+  for (int64_t i = 0; i < num_bytes; i += 64) __builtin_prefetch(bytes + i);
+}
+
+inline int64_t kv_element_bytes(KVKind kind) {
+  return kind == KVKind::kF32 ? 4 : kind == KVKind::kQ8_0 ? 1 : 2;
+}
+
+// out[i] = value i of `cache` from element `first` on, as float32 (exact), for i < count.
+void widen(KVKind kind, const void* cache, const c10::Half* scales, int64_t first, int64_t count,
+           float* out) {
+  if (kind == KVKind::kBF16) {
+    const uint16_t* in = static_cast<const uint16_t*>(cache) + first;
+    for (int64_t i = 0; i < count; ++i) {  // a bfloat16 is the top half of its float32
+      const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+      std::memcpy(out + i, &bits, sizeof(float));
+    }
+  } else if (kind == KVKind::kF16) {
+    const c10::Half* in = static_cast<const c10::Half*>(cache) + first;
+    int64_t i = 0;
+#if defined(__F16C__) && defined(LPA_AVX2)
+    for (; i + 8 <= count; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                    reinterpret_cast<const __m128i*>(in + i))));
+#endif
+    for (; i < count; ++i) out[i] = static_cast<float>(in[i]);
+  } else {  // q8_0: rows are whole 32-value blocks, so `first` and `count` are too
+    const int8_t* in = static_cast<const int8_t*>(cache) + first;
+    const c10::Half* d = scales + first / kQ8Block;
+    for (int64_t b = 0; b < count / kQ8Block; ++b) {
+      const float scale = static_cast<float>(d[b]);
+      for (int64_t j = 0; j < kQ8Block; ++j)
+        out[b * kQ8Block + j] = static_cast<float>(in[b * kQ8Block + j]) * scale;
+    }
+  }
 }
 
 // Per (query, task), one after the other: max [H], sum [H], unnormalised out [H, D].
@@ -285,10 +335,12 @@ struct Scratch {
   std::vector<float> scores;        // [kTileQueries, H, task_len]
   std::vector<const float*> rows;   // query rows (or weight rows) of one KV head
   std::vector<float*> outs;         // their scores (or outputs)
+  std::vector<float> block;         // one K or V block widened to float32 (16-/8-bit caches)
 
-  void reserve(int64_t num_heads, int64_t task_len) {
+  void reserve(int64_t num_heads, int64_t task_len, int64_t block_floats) {
     const auto num_rows = static_cast<size_t>(kTileQueries * num_heads);
     if (scores.size() < num_rows * task_len) scores.resize(num_rows * task_len);
+    if (block.size() < static_cast<size_t>(block_floats)) block.resize(block_floats);
     if (rows.size() < num_rows) rows.resize(num_rows);
     if (outs.size() < num_rows) outs.resize(num_rows);
   }
@@ -308,8 +360,19 @@ void attend_tile_task(const Problem& p, const Tile& tile, int64_t first_block, i
   };
   const int64_t first = std::max<int64_t>(0, start - tile.first_pos);  // first query reaching it
   const int64_t last_len = len_of(tile.num_queries - 1);
-  auto block_rows = [&](const float* cache, int64_t t0) {  // the block holding key start + t0
-    return cache + table[first_block + t0 / bs] * bs * stride;
+  const int64_t element = kv_element_bytes(p.kv);
+  auto first_value = [&](int64_t t0) {  // of the block holding key start + t0, in the cache
+    return table[first_block + t0 / bs] * bs * stride;
+  };
+  auto block_bytes = [&](const void* cache, int64_t t0) {
+    return static_cast<const char*>(cache) + first_value(t0) * element;
+  };
+  // The first n rows of that block as float32: in place, or widened into scratch.block.
+  auto block_rows = [&](const void* cache, const c10::Half* scales, int64_t t0,
+                        int64_t n) -> const float* {
+    if (p.kv == KVKind::kF32) return static_cast<const float*>(cache) + first_value(t0);
+    widen(p.kv, cache, scales, first_value(t0), n * stride, scratch.block.data());
+    return scratch.block.data();
   };
   auto score_row = [&](int64_t i, int64_t h) {
     return scratch.scores.data() + (i * num_heads + h) * task_len;
@@ -317,14 +380,14 @@ void attend_tile_task(const Problem& p, const Tile& tile, int64_t first_block, i
 
   // Pass 1: scores[i, h, t], block by block (a block's rows are consecutive slots). Keys past a
   // query's own are computed for the tile's last query and left unused by the others.
-  prefetch_rows(block_rows(p.k, 0), std::min(bs, last_len) * stride);
+  prefetch_rows(block_bytes(p.k, 0), std::min(bs, last_len) * stride * element);
   for (int64_t t0 = 0; t0 < last_len; t0 += bs) {
     const int64_t n = std::min(bs, last_len - t0);
     if (t0 + bs < last_len)
-      prefetch_rows(block_rows(p.k, t0 + bs), std::min(bs, last_len - t0 - bs) * stride);
+      prefetch_rows(block_bytes(p.k, t0 + bs), std::min(bs, last_len - t0 - bs) * stride * element);
     else
-      prefetch_rows(block_rows(p.v, 0), std::min(bs, last_len) * stride);
-    const float* keys = block_rows(p.k, t0);
+      prefetch_rows(block_bytes(p.v, 0), std::min(bs, last_len) * stride * element);
+    const float* keys = block_rows(p.k, p.k_scales, t0, n);
     for (int64_t kv = 0; kv < p.num_kv_heads; ++kv) {
       int64_t num_rows = 0;
       for (int64_t i = first; i < tile.num_queries; ++i)
@@ -347,8 +410,8 @@ void attend_tile_task(const Problem& p, const Tile& tile, int64_t first_block, i
   for (int64_t t0 = 0; t0 < last_len; t0 += bs) {
     const int64_t n = std::min(bs, last_len - t0);
     if (t0 + bs < last_len)
-      prefetch_rows(block_rows(p.v, t0 + bs), std::min(bs, last_len - t0 - bs) * stride);
-    const float* values = block_rows(p.v, t0);
+      prefetch_rows(block_bytes(p.v, t0 + bs), std::min(bs, last_len - t0 - bs) * stride * element);
+    const float* values = block_rows(p.v, p.v_scales, t0, n);
     auto accumulate = [&](int64_t i0, int64_t i1, int64_t key0, int64_t key1) {  // queries, keys
       for (int64_t kv = 0; kv < p.num_kv_heads; ++kv) {
         int64_t num_rows = 0;
@@ -441,7 +504,8 @@ void attend(const Problem& p, const std::vector<Tile>& tiles, float* out) {
     std::atomic<int64_t> next{0};
     at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
       thread_local Scratch scratch;  // per worker thread, kept (as the partials)
-      scratch.reserve(num_heads, task_len);
+      scratch.reserve(num_heads, task_len,
+                      p.kv == KVKind::kF32 ? 0 : bs * p.num_kv_heads * p.head_dim);
       float* parts[kTileQueries];
       for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
         const auto [t, c] = items[item];
@@ -470,10 +534,9 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k_cache
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), op,
                 " takes contiguous CPU tensors, got one on ", t->device(),
                 t->is_contiguous() ? "" : " (not contiguous)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat,
-              "q, k_cache and v_cache must be float32, got ", q.scalar_type(), ", ",
-              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be float32, got ", q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a "
+              "dtype, got ", k_cache.scalar_type(), " and ", v_cache.scalar_type());
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64, got ", block_tables.scalar_type(),
               ", ", context_lens.scalar_type());
@@ -524,12 +587,43 @@ std::vector<Tile> tile_queries(const int64_t* context_lens, const int64_t* query
   return tiles;
 }
 
+// The cache's storage kind; q8_0 (int8) needs float16 scales [slots, KV, D / 32] for K and V.
+KVKind kv_kind(const at::Tensor& k_cache, const std::optional<at::Tensor>& k_scales,
+               const std::optional<at::Tensor>& v_scales) {
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: return KVKind::kF32;
+    case at::kBFloat16: return KVKind::kBF16;
+    case at::kHalf: return KVKind::kF16;
+    case at::kChar: {
+      TORCH_CHECK(k_scales.has_value() && v_scales.has_value(),
+                  "an int8 (q8_0) cache needs k_scales and v_scales");
+      TORCH_CHECK(k_cache.size(2) % kQ8Block == 0, "q8_0 rows must be whole blocks of ",
+                  kQ8Block, ", head_dim is ", k_cache.size(2));
+      for (const at::Tensor* t : {&*k_scales, &*v_scales})
+        TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kHalf &&
+                        t->dim() == 3 && t->size(0) == k_cache.size(0) &&
+                        t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2) / kQ8Block,
+                    "q8_0 scales must be contiguous CPU float16 [slots, KV, D / 32], got ",
+                    t->scalar_type(), " ", t->sizes());
+      return KVKind::kQ8_0;
+    }
+    default:
+      TORCH_CHECK(false, "k_cache and v_cache must be float32, bfloat16, float16 or int8 (q8_0), "
+                  "got ", k_cache.scalar_type());
+  }
+}
+
 at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-               const at::Tensor& block_tables, const std::vector<Tile>& tiles,
-               int64_t block_size, double scale) {
+               const std::optional<at::Tensor>& k_scales,
+               const std::optional<at::Tensor>& v_scales, const at::Tensor& block_tables,
+               const std::vector<Tile>& tiles, int64_t block_size, double scale) {
   at::Tensor out = at::empty(q.sizes(), q.options());
-  const Problem p{q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
-                  v_cache.const_data_ptr<float>(), block_tables.const_data_ptr<int64_t>(),
+  const KVKind kind = kv_kind(k_cache, k_scales, v_scales);
+  const bool q8 = kind == KVKind::kQ8_0;
+  const Problem p{q.const_data_ptr<float>(), k_cache.const_data_ptr(), v_cache.const_data_ptr(),
+                  q8 ? k_scales->const_data_ptr<c10::Half>() : nullptr,
+                  q8 ? v_scales->const_data_ptr<c10::Half>() : nullptr, kind,
+                  block_tables.const_data_ptr<int64_t>(),
                   q.size(1), k_cache.size(1), q.size(2), block_tables.size(1), block_size,
                   static_cast<float>(scale)};
   attend(p, tiles, out.mutable_data_ptr<float>());
@@ -539,7 +633,9 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, const at::Tensor& query_lens,
-                           int64_t block_size, double scale) {
+                           int64_t block_size, double scale,
+                           const std::optional<at::Tensor>& k_scales,
+                           const std::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(query_lens.device().is_cpu() && query_lens.is_contiguous() &&
                   query_lens.scalar_type() == at::kLong && query_lens.dim() == 1,
               "query_lens must be a contiguous CPU int64 [B], got ", query_lens.scalar_type(),
@@ -557,21 +653,22 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
     total += qlens[b];
   }
   TORCH_CHECK(total == q.size(0), "q has ", q.size(0), " tokens, query_lens add up to ", total);
-  return run(q, k_cache, v_cache, block_tables, tile_queries(lens, qlens, num_seqs), block_size,
-             scale);
+  return run(q, k_cache, v_cache, k_scales, v_scales, block_tables,
+             tile_queries(lens, qlens, num_seqs), block_size, scale);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
-                                  double scale) {
+                                  double scale, const std::optional<at::Tensor>& k_scales,
+                                  const std::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
   const int64_t num_seqs = q.size(0);
   check_inputs("paged_decode_attention", q, k_cache, v_cache, block_tables, context_lens,
                block_size, num_seqs);
   check_tables(block_tables, context_lens, block_size, k_cache.size(0) / block_size);
   const std::vector<int64_t> ones(num_seqs, 1);
-  return run(q, k_cache, v_cache, block_tables,
+  return run(q, k_cache, v_cache, k_scales, v_scales, block_tables,
              tile_queries(context_lens.const_data_ptr<int64_t>(), ones.data(), num_seqs),
              block_size, scale);
 }
@@ -581,10 +678,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 TORCH_LIBRARY_FRAGMENT(levante_quant, lib) {
   lib.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, int block_size, float scale) -> Tensor");
+      "Tensor context_lens, int block_size, float scale, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> Tensor");
   lib.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, Tensor query_lens, int block_size, float scale) -> Tensor");
+      "Tensor context_lens, Tensor query_lens, int block_size, float scale, "
+      "Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(levante_quant, CPU, lib) {
