@@ -30,7 +30,7 @@ from typing import Any
 
 import jsonschema
 import llguidance
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: importing it pulls in sympy etc. (+118 MB RSS)
 import numpy as np
 import torch
 from mistral_common.guidance.tokenizer import from_mistral_tokenizer
@@ -274,13 +274,13 @@ def fill_masks(matchers: Sequence[Matcher | None], vocab_size: int) -> torch.Ten
     constrained: list[Matcher] = [matchers[row] for row in rows]  # type: ignore[misc]
     compiler = constrained[0].grammar.compiler
     assert all(m.grammar.compiler.vocab_size == compiler.vocab_size for m in constrained)
-    bitmask = torch.zeros(len(rows), (compiler.vocab_size + 31) // 32, dtype=torch.int32)
-    llguidance.torch.fill_next_token_bitmask_par(
+    bitmask = np.zeros((len(rows), (compiler.vocab_size + 31) // 32), dtype=np.int32)
+    llguidance.numpy.fill_next_token_bitmask_par(
         compiler.executor, [(m.ll_matcher, i) for i, m in enumerate(constrained)], bitmask)
     # Bit j of 32-bit word w is token 32w + j: as little-endian bytes, unpackbits' "little"
     # order (~0.2 ms for 8 x 131072; shifting in torch took ~50 ms here).
     width = min(vocab_size, compiler.vocab_size)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=width, bitorder="little")
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=-1, count=width, bitorder="little")
     if len(rows) == len(matchers) and width == vocab_size:
         return torch.from_numpy(bits).view(torch.bool)
     allowed = np.ones((len(matchers), vocab_size), dtype=np.bool_)
