@@ -266,11 +266,11 @@ def test_tensor_beyond_config_layers(tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type_named_on_load(tmp_path: Path) -> None:
-    packed = gguf.quants.quantize(np.ones((2, 32), np.float32), QT.Q5_0)
+    packed = np.zeros((2, gguf.GGML_QUANT_SIZES[QT.IQ2_XXS][1]), np.uint8)  # 2 blocks of 256
     f = GGUFFile(write_gguf(tmp_path / "t.gguf", {"x.weight": packed},
-                            raw_dtypes={"x.weight": QT.Q5_0}))
-    assert f.tensor_shape("x.weight") == (2, 32) and f.tensor_type("x.weight") == QT.Q5_0
-    with pytest.raises(ModelFileError, match=r"tensor x\.weight: .*Q5_0 is not supported"):
+                            raw_dtypes={"x.weight": QT.IQ2_XXS}))
+    assert f.tensor_shape("x.weight") == (2, 256) and f.tensor_type("x.weight") == QT.IQ2_XXS
+    with pytest.raises(ModelFileError, match=r"tensor x\.weight: .*IQ2_XXS is not supported"):
         f.load("x.weight")
 
 
