@@ -18,7 +18,7 @@ from levante.engine.request import Request, RequestStatus
 from levante.engine.runner import ModelRunner
 from levante.engine.sampler import Sampler, SamplingParams, make_generator
 from levante.engine.scheduler import Batch, Scheduler
-from levante.errors import ContextLengthError, RequestError
+from levante.errors import ConfigError, ContextLengthError, RequestError
 from levante.model import Transformer
 from levante.quant import kernels
 from levante.structured import Grammar, MatcherError, fill_masks
@@ -49,22 +49,49 @@ class StepOutput:
 def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype | str) -> int:
     """Blocks the KV pool gets: exact, from a byte budget, or what max_num_seqs sequences need.
 
-    The automatic size is capped at a quarter of the machine's available memory on CPU and
-    at 90% of free device memory on CUDA.
+    The automatic size is capped at a quarter of the machine's available memory on CPU (the
+    pool is reserved, not touched: RSS grows with the tokens cached) and at 90% of free device
+    memory on CUDA, but never below one sequence at max_model_len while that fits the memory
+    left. A budget (given or available) that cannot hold one such sequence is a ConfigError
+    with the numbers, at start rather than when a long request arrives.
     """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = KVCache.bytes_per_block(model.config, config.block_size, dtype)
+    per_sequence = -(-config.max_model_len // config.block_size)
+    needed = per_sequence * per_block
     if config.kv_cache_memory is not None:
-        return max(1, config.kv_cache_memory // per_block)
-    wanted = config.max_num_seqs * -(-config.max_model_len // config.block_size)
+        if config.kv_cache_memory < needed:
+            raise ConfigError(
+                f"--kv-cache-memory {_mib(config.kv_cache_memory)} cannot hold one sequence of "
+                f"max_model_len {config.max_model_len} tokens: that takes {_mib(needed)} of "
+                f"{_kv_name(dtype)} KV. Raise --kv-cache-memory to at least {_mib(needed)}, "
+                f"lower --max-model-len to {config.kv_cache_memory // per_block * config.block_size}"
+                f", or use --kv-cache-dtype q8_0")
+        return config.kv_cache_memory // per_block
+    wanted = config.max_num_seqs * per_sequence
     device = model.rope_cos.device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.9)
+        available = budget = int(free * 0.9)
     else:
-        budget = _available_memory() // 4
-    return max(1, min(wanted, budget // per_block))
+        available = _available_memory()
+        budget = available // 4
+    if needed > available:
+        raise ConfigError(
+            f"the KV cache for one sequence of max_model_len {config.max_model_len} tokens takes "
+            f"{_mib(needed)} of {_kv_name(dtype)} KV, and {_mib(available)} of memory is left "
+            f"after the weights. Lower --max-model-len to "
+            f"{available // per_block * config.block_size} or use --kv-cache-dtype q8_0")
+    return max(per_sequence, min(wanted, budget // per_block))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def _kv_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def _available_memory() -> int:
