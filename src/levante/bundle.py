@@ -17,7 +17,7 @@ from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
-from levante.load_config import DTYPES, LoadConfig, dtype_name
+from levante.load_config import DTYPES, GGUF_LOAD_FORMATS, LoadConfig, dtype_name
 from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
@@ -55,7 +55,8 @@ def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str
     nothing else is stored. quant: "auto" computes with a GGUF file's own blocks on the CPU
     (elsewhere they are dequantized to the device's dtype, as "none" does everywhere) and
     keeps a safetensors checkpoint's float weights; "gguf" insists on the blocks; "int8" /
-    "int4" quantize a float checkpoint's linears at load. The returned Bundle's
+    "int4" quantize a float checkpoint's linears at load, and "q8_0" / "q4_k_m" / ... to the
+    GGUF types llama.cpp's quantizer would write (CPU kernels, float32 activations). The returned Bundle's
     `load_config` holds the concrete choices.
 
     The keyword arguments build the LoadConfig for callers written before it (`dtype` as a
@@ -77,6 +78,11 @@ def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str
         from levante.quant.linear import quantize_model
 
         quantize_model(bundle.model, loaded.quant)
+    elif loaded.quant in GGUF_LOAD_FORMATS:  # the float weights become GGUF blocks, one by one
+        from levante.quant.gguf_linear import quantize_model_gguf
+
+        quantize_model_gguf(bundle.model, loaded.quant)
+        loaded = bundle.load_config = loaded.replace(dtype="float32")  # the kernels' activations
     log.info("%s: on %s, %s, quant %s", path.name, loaded.device, loaded.dtype, loaded.quant)
     return bundle
 
@@ -155,6 +161,11 @@ def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
 def _gguf_quant(load_config: LoadConfig, gguf_file: GGUFFile) -> LoadConfig:
     """quant and dtype made concrete for a GGUF file on the (resolved) device."""
     quant, device = load_config.quant, load_config.device
+    if quant in GGUF_LOAD_FORMATS:
+        raise ConfigError(f"--quant {quant} quantizes a float checkpoint at load; "
+                          f"{gguf_file.path.name} is a GGUF and runs from its own blocks "
+                          f"(--quant auto), or make it {quant} with `levante quantize --to "
+                          f"{quant}` from its float checkpoint")
     if quant == "auto":
         quant = "gguf" if device == "cpu" else "none"
     if quant == "gguf" and device != "cpu":
@@ -236,6 +247,9 @@ def _safetensors_quant(load_config: LoadConfig, path: Path, stored: torch.dtype 
         raise ConfigError(f"--quant gguf needs a GGUF file; {path} is a safetensors folder "
                           f"(use int8 or int4)")
     quant = "none" if load_config.quant == "auto" else load_config.quant
+    if quant in GGUF_LOAD_FORMATS and load_config.device != "cpu":
+        raise ConfigError(f"--quant {quant} computes with the CPU's GGUF kernels, not on "
+                          f"{load_config.device}; use --quant none, int8 or int4 there")
     return load_config.replace(quant=quant).with_dtype(stored)
 
 

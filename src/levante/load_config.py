@@ -24,7 +24,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
                                   "float16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0")
-QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4")
+# GGUF formats a float checkpoint can be quantized to at load (`gguf_linear.LOAD_FORMATS`)
+GGUF_LOAD_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
+QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4", *GGUF_LOAD_FORMATS)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

@@ -29,7 +29,9 @@ Dtype = Annotated[str, typer.Option(
          "| float16")]
 Quant = Annotated[str, typer.Option(
     help="auto (a GGUF computes with its own blocks on the CPU, safetensors stay float) | none "
-         "(float; a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load)")]
+         "(float; a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load) | q8_0 | "
+         "q6_k | q5_k_m | q4_k_m | q3_k_m (a float checkpoint to llama.cpp's GGUF types at load, "
+         "CPU)")]
 KVCacheDtype = Annotated[str, typer.Option(
     help="auto (the activations' dtype) | float32 | bfloat16 | float16 | q8_0 (8-bit with a "
          "scale per 32 values, as llama.cpp's; 53% of 16-bit)")]

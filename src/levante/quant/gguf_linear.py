@@ -32,7 +32,8 @@ from torch import nn
 
 from levante.config import ModelConfig
 from levante.errors import ModelFileError
-from levante.model import Transformer, rotary_table
+from levante.load_config import GGUF_LOAD_FORMATS
+from levante.model import RMSNorm, Transformer, rotary_table
 from levante.quant import kernels
 from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, SUPPORTED_TYPES, dequantize
 from levante.quant.linear import Int4Linear, model_skeleton
@@ -282,6 +283,77 @@ class GGUFEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype.name}, memory-mapped"
+
+
+# `--quant` values that quantize a float checkpoint at load into GGUF blocks (the types llama.cpp's
+# quantizer would write for each tensor), computed by the same kernels as a GGUF file.
+LOAD_FORMATS = GGUF_LOAD_FORMATS
+
+
+def block_linear(rows: torch.Tensor, qtype: GGMLQuantizationType,
+                 shape: tuple[int, int]) -> nn.Module:
+    """The module computing with GGUF blocks `rows` [N, bytes per row] of type `qtype`."""
+    if qtype in kernels.SUPPORTED_TYPES:
+        return BlockKernelLinear(kernels.repack(qtype, rows, shape))
+    if qtype in kernels.KQUANT_TYPES:
+        return KQuantLinear(rows, qtype, shape)
+    return RawBlockLinear(rows, qtype, shape)
+
+
+class CastEmbedding(nn.Module):
+    """An embedding table kept as stored (e.g. bf16) whose rows come out in `dtype`.
+
+    `weight` is a meta tensor with the table's shape and output dtype, for code that reads
+    `embed_tokens.weight.dtype` (as `GGUFEmbedding`); the table is `table`.
+    """
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.register_buffer("table", table)
+        self.weight = torch.empty(table.shape, dtype=dtype, device="meta")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.table).to(self.weight.dtype)
+
+
+@torch.no_grad()
+def quantize_model_gguf(model: Transformer, fmt: str) -> Transformer:
+    """Every linear of a float `model` quantized, in place, to the GGUF types `levante quantize
+    --to fmt` (llama.cpp's quantizer) writes for it, then computed by the GGUF kernels in
+    float32 activations, as a GGUF file of that format would be. One layer is quantized at a
+    time (its float weight is freed, or stays only in the checkpoint's memory map); the
+    embedding stays as stored and is widened per looked-up row, norms become float32.
+    """
+    from levante.quant.export import _encode, export_type
+
+    if fmt not in LOAD_FORMATS:
+        raise ValueError(f"GGUF formats at load are {', '.join(LOAD_FORMATS)}; got {fmt!r}")
+    config = model.config
+    counts: Counter[str] = Counter()
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        weight = module.weight.detach()
+        shape = (weight.shape[0], weight.shape[1])
+        qtype = export_type(fmt, f"{name}.weight", shape, config.num_layers,
+                            is_tied=config.tie_embeddings and name == "lm_head")
+        if qtype in FLOAT_DTYPES:
+            new: nn.Module = nn.Linear(shape[1], shape[0], bias=False, device="meta")
+            new.weight = nn.Parameter(weight.float(), requires_grad=False)
+        else:
+            rows = torch.from_numpy(_encode(weight.float(), qtype)).view(shape[0], -1)
+            new = block_linear(rows, qtype, shape)
+        counts[qtype.name] += 1
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    embed = model.model.embed_tokens
+    if isinstance(embed, nn.Embedding):
+        model.model.embed_tokens = CastEmbedding(embed.weight.detach(), torch.float32)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
+    log.info("quantized at load to %s: %s", fmt,
+             ", ".join(f"{count} x {qtype}" for qtype, count in sorted(counts.items())))
+    return model
 
 
 def gguf_linear(gguf_file: GGUFFile, name: str, handle: BinaryIO, *, dtype: torch.dtype,
