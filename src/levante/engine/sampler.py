@@ -234,8 +234,9 @@ class Sampler:
                 p.logit_bias or p.has_penalties for p in params):
             return logits.float()  # nothing to change: no copy
         work = logits.to(torch.float32, copy=True)
-        if allowed is not None:
+        if allowed is not None:  # built on the CPU by llguidance; moved to the logits' device
             assert allowed.shape == work.shape and allowed.dtype == torch.bool
+            allowed = allowed.to(work.device, non_blocking=True)
             work.masked_fill_(~allowed, -math.inf)
         _apply_logit_bias(work, params)
         if needs_min_tokens:
