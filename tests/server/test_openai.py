@@ -141,12 +141,22 @@ def _call_and_answer(client, messages: list[dict], *, stream: bool, **kwargs):
     if not stream:
         choice = client.chat.completions.create(**kwargs).choices[0]
         message = choice.message
-    else:
-        with client.chat.completions.stream(**kwargs) as events:
-            for _ in events:
-                pass
-            choice = events.get_final_completion().choices[0]
-            message = choice.message
+    else:  # chunks joined by hand: the client's stream() helper raises at finish "length"
+        content, parts, finish = "", {}, None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                for call in choice.delta.tool_calls or []:
+                    part = parts.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                    part["id"] = call.id or part["id"]
+                    if call.function:
+                        part["name"] += call.function.name or ""
+                        part["arguments"] += call.function.arguments or ""
+                finish = choice.finish_reason or finish
+        calls = [{"id": p["id"], "type": "function",
+                  "function": {"name": p["name"], "arguments": p["arguments"]}}
+                 for _, p in sorted(parts.items())]
+        return content or None, calls, finish
     calls = [{"id": c.id, "type": "function",
               "function": {"name": c.function.name, "arguments": c.function.arguments}}
              for c in message.tool_calls or []]
