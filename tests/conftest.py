@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module() -> Iterator[None]:
+    """Collect the module's models (reference cycles keep some alive) and hand freed heap
+    back to the OS, so one process running the whole suite does not grow module by module."""
+    yield
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS): nothing to trim
+        pass
 
 
 def levante_home() -> Path:
@@ -100,9 +115,10 @@ def tiny_mistral_consolidated(tmp_path_factory: pytest.TempPathFactory, tiny_mis
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_smollm2(smollm2_gguf: Path):
-    """(model, tokenizer) from transformers' own GGUF loader: the reference (~30 s, once)."""
+    """(model, tokenizer) from transformers' own GGUF loader: the reference (~30 s per module
+    that uses it; not kept for the session: 0.6 GB)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

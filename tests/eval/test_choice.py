@@ -23,29 +23,20 @@ from levante.eval.choice import (
 from levante.eval.tasks import EndpointModel, LocalModel
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_bundle(smollm2_gguf: Path) -> Any:
     import levante.bundle
 
     return levante.bundle.load(str(smollm2_gguf))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_exact(smollm2_gguf: Path) -> Any:
     """The same file dequantized to float32: the math transformers does, to compare with it.
     (The default load computes on the file's blocks with 8-bit activations, as llama.cpp does.)"""
     import levante.bundle
 
     return levante.bundle.load(str(smollm2_gguf), quant="none")
-
-
-@pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf: Path) -> Any:
-    """transformers' own GGUF loader (dequantizes to float32; ~26 s, once per session)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
 
 
 @torch.inference_mode()
@@ -71,7 +62,7 @@ def test_shipped_sample_is_well_formed() -> None:
 
 
 @pytest.mark.parametrize("style", ["letter", "text"])
-def test_choice_scores_match_transformers(smollm2_exact: Any, hf_smollm2: Any,
+def test_choice_scores_match_transformers(smollm2_exact: Any, hf_smollm2: tuple[Any, Any],
                                           style: str) -> None:
     questions = read_questions(limit=20 if style == "letter" else 2)
     scores = score_questions(smollm2_exact.model, smollm2_exact.tokenizer, questions,
@@ -80,7 +71,7 @@ def test_choice_scores_match_transformers(smollm2_exact: Any, hf_smollm2: Any,
     for question, score in zip(questions, scores):
         options = [f" {'ABCD'[i]}" if style == "letter" else f" {c}"
                    for i, c in enumerate(question.choices)]
-        expected = [hf_loglikelihood(hf_smollm2, *encode_pair(tokenizer, format_prompt(question),
+        expected = [hf_loglikelihood(hf_smollm2[0], *encode_pair(tokenizer, format_prompt(question),
                                                               option), cache)
                     for option in options]
         assert score.logprobs == pytest.approx(expected, abs=1e-3)

@@ -35,7 +35,7 @@ def reader(smollm2_gguf: Path) -> gguf.GGUFReader:
     return gguf.GGUFReader(smollm2_gguf, "r")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smol_state(smol: GGUFFile) -> dict[str, torch.Tensor]:
     return load_gguf_state_dict(smol, PRESETS["smollm2"], torch.float32)
 
