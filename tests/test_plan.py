@@ -124,3 +124,12 @@ def test_planner_and_engine_agree_on_mistral_small_3_kv(kv_cache_dtype: str,
 def test_unknown_kv_cache_dtype_is_named() -> None:
     with pytest.raises(ConfigError, match="--kv-cache-dtype must be one of"):
         plan("mistral-small-3", kv_cache_dtype="fp4")
+
+
+def test_fallbacks_agree_with_the_writer() -> None:
+    """The planner sizes rows that are not whole super-blocks in the type `levante quantize`
+    writes there, which is llama.cpp 0.3.36's (its SmolLM2 Q3_K_M has Q4_0 for Q3_K rows)."""
+    from levante.plan import K_FALLBACK
+    from levante.quant.export import LLAMA_CPP_FALLBACK
+
+    assert K_FALLBACK == LLAMA_CPP_FALLBACK

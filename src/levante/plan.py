@@ -38,7 +38,7 @@ K_MIXES = ("q5_k_m", "q4_k_m", "q3_k_m")
 LEVANTE_FORMATS = ("int8", "int4")  # levante.quant.linear, computed in memory
 FORMATS = (*FLOAT_BITS, *SINGLE_TYPES, *K_MIXES, *LEVANTE_FORMATS)
 # llama.cpp falls back to these when a row is not whole 256-value super-blocks
-K_FALLBACK = {Q.Q3_K: Q.IQ4_NL, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 
 def bits_per_weight(qtype: GGMLQuantizationType) -> float:
