@@ -85,12 +85,12 @@ def reference_request(call_id: str) -> ChatCompletionRequest:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tekken(tekken_path: Path) -> MistralTokenizer:
     return MistralTokenizer.from_file(tekken_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference_tekken_file(tekken_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """mistral-common's Tekken file relabelled v7 with its special tokens listed, as a
     Mistral-Small-3 repo ships it, so mistral-common's own `from_file` builds the reference."""
@@ -200,19 +200,19 @@ def test_mistral_pydantic_errors_are_summarised(tekken: MistralTokenizer) -> Non
     assert caught.value.param == "tools"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_meta(smollm2_gguf: Path) -> dict[str, Any]:
     reader = gguf.GGUFReader(smollm2_gguf)
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_chat(smollm2_meta: dict[str, Any]) -> JinjaChatFormat:
     tokenizer = HFTokenizer.from_gguf_metadata(smollm2_meta)
     return JinjaChatFormat.from_gguf_metadata(smollm2_meta, tokenizer)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_reference(smollm2_gguf: Path) -> Any:
     from transformers import AutoTokenizer
 

@@ -109,7 +109,7 @@ def reference_request() -> ChatCompletionRequest:
     ], tools=[tool])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def v7_folder(tekken_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with mistral-common's tekken.json relabelled v7 (as the Mistral proxy has)."""
     data = json.loads(tekken_path.read_text())
@@ -119,7 +119,7 @@ def v7_folder(tekken_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(v7_folder: Path) -> MistralCommonTokenizer:
     """mistral-common's own V7 tokenizer, from the file listing its special tokens (as Mistral
     ships it)."""
@@ -160,7 +160,7 @@ def write_gguf(path: Path, meta: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tekken_gguf(v7_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tokenizer metadata `levante quantize` writes for the v7 folder, plus a ChatML template
     (which a Tekken GGUF must not use)."""
@@ -177,12 +177,12 @@ def tekken_gguf(v7_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tekken_meta(tekken_gguf: Path) -> dict[str, Any]:
     return GGUFFile(tekken_gguf).metadata
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gguf_tekken(tekken_meta: dict[str, Any], tekken_gguf: Path) -> MistralTokenizer:
     return MistralTokenizer.from_gguf_metadata(tekken_meta, path=tekken_gguf)
 
@@ -352,7 +352,7 @@ def test_unsupported_pre_lists_the_supported_ones(tekken_meta: dict[str, Any]) -
         _gguf_tokenizer(Path("q.gguf"), meta)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tekken_bpe(tekken_path: Path) -> tiktoken.Encoding:
     """BPE by Tekken's ranks, straight from mistral-common's file (the first 130072 are used)."""
     vocab = json.loads(tekken_path.read_text())["vocab"][:131072 - 1000]
@@ -361,7 +361,7 @@ def tekken_bpe(tekken_path: Path) -> tiktoken.Encoding:
                              special_tokens={})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bpe_tokenizers(tekken_meta: dict[str, Any]) -> dict[str, HFTokenizer]:
     """The Tekken vocabulary read as each byte-level BPE `pre` (~2 s each)."""
     return {pre: HFTokenizer.from_gguf_metadata({**tekken_meta, "tokenizer.ggml.pre": pre})

@@ -60,6 +60,19 @@ def start_server(ref: str, bundle=None, **overrides) -> Iterator[LiveServer]:
     finally:
         server.should_exit = True
         thread.join(10)
+        _forget_fastapi_caches()
+
+
+def _forget_fastapi_caches() -> None:
+    """FastAPI keeps endpoint functions in module-level lru_caches (fastapi.dependencies.models),
+    and ours close over the ServerState: every server a test process started kept its engine
+    and the KV pages it had written (~350 MB each). One app per process, as `levante serve`
+    runs, never notices."""
+    from fastapi.dependencies import models
+
+    for value in vars(models).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
 
 
 @pytest.fixture(scope="session")

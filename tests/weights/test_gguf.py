@@ -24,12 +24,12 @@ TINY = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_head
                    ffn_dim=48, tie_embeddings=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smol(smollm2_gguf: Path) -> GGUFFile:
     return GGUFFile(smollm2_gguf)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reader(smollm2_gguf: Path) -> gguf.GGUFReader:
     """gguf-py's own reader (~2 s), the reference for what the file says."""
     return gguf.GGUFReader(smollm2_gguf, "r")
