@@ -9,7 +9,7 @@ from typing import Any
 
 import gguf
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
@@ -38,17 +38,17 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_meta(smollm2_gguf: Path) -> dict[str, Any]:
     return read_gguf_metadata(smollm2_gguf)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_meta: dict[str, Any], smollm2_gguf: Path) -> HFTokenizer:
     return HFTokenizer.from_gguf_metadata(smollm2_meta, path=smollm2_gguf)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_reference(smollm2_gguf: Path) -> Any:
     """transformers' tokenizer loaded from the same GGUF (tokenizer only: fast)."""
     from transformers import AutoTokenizer
@@ -56,7 +56,7 @@ def smollm2_reference(smollm2_gguf: Path) -> Any:
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tekken(tekken_path: Path) -> MistralTokenizer:
     return MistralTokenizer.from_file(tekken_path)
 
@@ -75,14 +75,32 @@ def test_smollm2_gguf_ids_match_transformers(
     )
 
 
+def _other_numeric(text: str) -> bool:
+    """Numeric characters that are not decimal digits (superscripts, fractions, ...)."""
+    return any(c.isnumeric() and not c.isdecimal() for c in text)
+
+
 @SLOW_SETTINGS
 @given(text=st.text(max_size=60))
 def test_smollm2_gguf_ids_match_transformers_on_random_text(
     smollm2_tokenizer: HFTokenizer, smollm2_reference: Any, text: str
 ) -> None:
+    assume(not _other_numeric(text))  # transformers' GGUF converter differs there: below
     assert smollm2_tokenizer.encode(text) == smollm2_reference.encode(
         text, add_special_tokens=False
     )
+
+
+# llama.cpp's smollm pre-tokenizer splits every \p{N} character off, "²" and "½" included, so
+# the space before one is a token of its own; transformers' GGUF converter keeps " ²" together
+# ([3351, 127]). Ids printed by llama-cpp-python 0.3.36 (tokenize, no BOS) on the same file.
+@pytest.mark.parametrize(("text", "llama_cpp_ids"), [(" ²", [216, 19133]),
+                                                     ("x ²", [104, 216, 19133]),
+                                                     (" ½ ", [216, 16738, 216])])
+def test_smollm2_other_numerics_split_as_llama_cpp(smollm2_tokenizer: HFTokenizer, text: str,
+                                                   llama_cpp_ids: list[int]) -> None:
+    assert _other_numeric(text)
+    assert smollm2_tokenizer.encode(text) == llama_cpp_ids
 
 
 def test_smollm2_special_tokens(smollm2_tokenizer: HFTokenizer, smollm2_reference: Any) -> None:
