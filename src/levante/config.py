@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from levante.errors import ConfigError
-from levante.load_config import KV_CACHE_DTYPES
+
+# KV cache storage (`--kv-cache-dtype`) and the bytes one cached K or V value takes in it: q8_0
+# is int8 plus one float16 scale per 32 values (llama.cpp's 8-bit KV cache). "auto": 16-bit
+# (see `Engine.kv_cache_dtype`). Here, not in load_config, so this module needs no torch.
+KV_BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 1 + 2 / 32}
+KV_CACHE_DTYPES = ("auto", *KV_BYTES_PER_VALUE)
 
 MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
                  "head_dim": 4096, "vocab_size": 2**22}

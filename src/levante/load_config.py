@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from levante.config import KV_CACHE_DTYPES
 from levante.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                   "float16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0")
-# GGUF formats a float checkpoint can be quantized to at load (`gguf_linear.LOAD_FORMATS`)
+# GGUF formats a float checkpoint can be quantized to at load (`gguf_linear.quantize_model_gguf`)
 GGUF_LOAD_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
 QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4", *GGUF_LOAD_FORMATS)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

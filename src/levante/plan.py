@@ -17,14 +17,12 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from levante.bundle import read_json_object
-from levante.config import PRESETS, ModelConfig
+from levante.config import KV_BYTES_PER_VALUE, PRESETS, ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected_shapes, hf_name
 
 Q = GGMLQuantizationType
-# Bytes per cached K or V value by KV dtype (the engine's `--kv-cache-dtype`; q8_0 is int8 plus
-# one float16 scale per 32). The default, 16-bit, is what GPU servers and llama.cpp keep.
-KV_BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 1 + 2 / 32}
+# The engine's default KV storage: 16-bit, as GPU servers and llama.cpp keep it.
 DEFAULT_KV_CACHE_DTYPE = "float16"
 FIXED_OVERHEAD_BYTES = 512 * 2**20  # allocator slack, runtime context, code: an allowance
 PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default

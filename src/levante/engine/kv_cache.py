@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from levante.config import ModelConfig
+from levante.config import KV_BYTES_PER_VALUE, ModelConfig
+from levante.load_config import dtype_name
 from levante.quant import kernels
 
 
@@ -109,18 +110,12 @@ def kv_storage_name(dtype: torch.dtype | str) -> str:
             raise ValueError(f"KV cache dtype must be one of {', '.join(KV_STORAGE)}, "
                              f"got {dtype!r}")
         return dtype
-    for name, value in KV_STORAGE.items():
-        if value == dtype and name != "q8_0":
-            return name
-    raise ValueError(f"no KV cache storage for {dtype}")
+    return dtype_name(dtype)
 
 
 def kv_bytes_per_value(dtype: torch.dtype | str) -> float:
     """Bytes one cached K or V value takes: 4, 2, or 34 / 32 for q8_0."""
-    name = kv_storage_name(dtype)
-    if name == "q8_0":
-        return 1 + 2 / Q8_BLOCK
-    return torch.empty((), dtype=KV_STORAGE[name]).element_size()
+    return KV_BYTES_PER_VALUE[kv_storage_name(dtype)]
 
 
 class KVCache:
@@ -158,6 +153,12 @@ class KVCache:
         """Bytes one block takes over all layers, K and V (q8_0 scales included)."""
         values = config.kv_bytes_per_token(1) * block_size  # K and V values, all layers
         return math.ceil(values * kv_bytes_per_value(dtype))
+
+    def scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer `layer_idx`'s q8_0 scales for K and V; (None, None) for a float pool."""
+        if self.key_scales is None or self.value_scales is None:
+            return None, None
+        return self.key_scales[layer_idx], self.value_scales[layer_idx]
 
     def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -240,13 +241,13 @@ class PagedAttention:
         rows = rows.view(self.num_seqs, -1, *cache.shape[1:])  # [B, max_blocks * bs, kv, hd]
         return rows[:, :self.context_len].transpose(1, 2)
 
-    def _gather_as(self, cache: torch.Tensor, scales: list[torch.Tensor] | None, layer_idx: int,
+    def _gather_as(self, cache: torch.Tensor, scales: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
         """`_gather`, then converted (or q8_0-dequantized) to `dtype`: only the rows read."""
         rows = self._gather(cache)
         if scales is None:
             return rows.to(dtype)
-        return dequantize_q8_0(rows, self._gather(scales[layer_idx]), dtype)
+        return dequantize_q8_0(rows, self._gather(scales), dtype)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
@@ -262,18 +263,17 @@ class PagedAttention:
         """
         cache = self.cache
         cache.write(layer_idx, self.slot_mapping, k, v)
+        k_scales, v_scales = cache.scales(layer_idx)
         if q.device.type == "cpu" and q.dtype == torch.float32:
-            scales = (None, None) if cache.key_scales is None else (
-                cache.key_scales[layer_idx], cache.value_scales[layer_idx])  # type: ignore[index]
             out = kernels.paged_attention(
                 q.contiguous(), cache.keys[layer_idx], cache.values[layer_idx], self.block_tables,
                 self.context_lens, self.query_lens, block_size=cache.block_size,
-                k_scales=scales[0], v_scales=scales[1])
+                k_scales=k_scales, v_scales=v_scales)
             if out is not None:
                 return out
         b, qn = self.num_seqs, self.max_query_len
-        keys = self._gather_as(cache.keys[layer_idx], cache.key_scales, layer_idx, q.dtype)
-        values = self._gather_as(cache.values[layer_idx], cache.value_scales, layer_idx, q.dtype)
+        keys = self._gather_as(cache.keys[layer_idx], k_scales, q.dtype)
+        values = self._gather_as(cache.values[layer_idx], v_scales, q.dtype)
         if self.query_index is None:  # one new token per sequence, in order
             queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
         else:

@@ -285,11 +285,6 @@ class GGUFEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype.name}, memory-mapped"
 
 
-# `--quant` values that quantize a float checkpoint at load into GGUF blocks (the types llama.cpp's
-# quantizer would write for each tensor), computed by the same kernels as a GGUF file.
-LOAD_FORMATS = GGUF_LOAD_FORMATS
-
-
 def block_linear(rows: torch.Tensor, qtype: GGMLQuantizationType,
                  shape: tuple[int, int]) -> nn.Module:
     """The module computing with GGUF blocks `rows` [N, bytes per row] of type `qtype`."""
@@ -327,8 +322,8 @@ def quantize_model_gguf(model: Transformer, fmt: str) -> Transformer:
     """
     from levante.quant.export import _encode, export_type
 
-    if fmt not in LOAD_FORMATS:
-        raise ValueError(f"GGUF formats at load are {', '.join(LOAD_FORMATS)}; got {fmt!r}")
+    if fmt not in GGUF_LOAD_FORMATS:
+        raise ValueError(f"GGUF formats at load are {', '.join(GGUF_LOAD_FORMATS)}; got {fmt!r}")
     config = model.config
     counts: Counter[str] = Counter()
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:

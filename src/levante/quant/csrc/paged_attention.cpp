@@ -44,7 +44,6 @@
 //   M = max_c m_c,  out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
