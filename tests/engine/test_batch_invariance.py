@@ -116,3 +116,15 @@ def test_narrow_kv_cache_batched_equals_alone(bundle: Bundle, prompts: list[list
                     enable_prefix_caching=True)
     assert _run(mixed, prompts[:5]) == alone
     assert _run(mixed, prompts[:5]) == alone  # warm
+
+
+def test_q8_0_kv_cache_with_preemption_and_drafts_equals_alone(bundle: Bundle,
+                                                              prompts: list[list[int]]) -> None:
+    """q8_0 KV combined with preemption (a pool too small for all) and prompt-lookup drafts:
+    the tokens each request gets alone with the same KV dtype."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    alone_engine = _engine(bundle, kv_cache_dtype="q8_0")
+    alone = [_run(alone_engine, [p], params)[0] for p in prompts]
+    mixed = _engine(bundle, kv_cache_dtype="q8_0", num_kv_blocks=12, num_speculative_tokens=3,
+                    enable_prefix_caching=True)
+    assert _run(mixed, prompts, params) == alone
