@@ -53,3 +53,25 @@ def run_clang_check(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., N
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def run_arch_check(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., None]:
+    """As `run_portable_check`, against the library built for an older x86 target than this
+    CPU: `run(arch, script, *args)`. "x86-64-v3" (AVX2 without VNNI: maddubs) and
+    "alderlake" (AVX-VNNI, 256-bit) keep the paths tested that an AVX-512 machine never runs.
+    Each library is compiled once per session (~25 s)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the x86 builds are checked with x86 flags")
+    libraries: dict[str, str] = {}
+
+    def run(arch: str, script: str, *args: str) -> None:
+        if arch not in libraries:
+            library = tmp_path_factory.mktemp(arch) / f"levante_quant_{arch}.so"
+            subprocess.run(kernels._compile_command(library, arch=arch), check=True)
+            libraries[arch] = str(library)
+        out = subprocess.run([sys.executable, "-c", script, libraries[arch], *args],
+                             check=False, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    return run

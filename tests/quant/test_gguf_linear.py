@@ -214,20 +214,21 @@ def test_loading_q4_1_adds_less_than_1_5x_the_file(smollm2_gguf: Path) -> None:
 
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
 def test_concat_equals_the_parts_and_shares_their_arrays(qtype: GGMLQuantizationType) -> None:
-    """Stacked q/k/v-like parts (kernel row groups of 4) compute exactly what the parts do."""
+    """Stacked q/k/v-like parts (kernel panels of 8 rows) compute exactly what the parts do."""
     from levante.quant import kernels
 
     generator = torch.Generator().manual_seed(4)
     parts = []
-    for rows in (8, 4, 6):  # only the last may have a partial group of 4
+    for rows in (8, 16, 6):  # only the last may have a partial panel
         values = torch.randn(rows, 64, generator=generator).numpy()
         raw = torch.from_numpy(quants.quantize(values, qtype).reshape(-1).copy())
         parts.append(BlockKernelLinear(kernels.repack(qtype, raw, (rows, 64))))
     x = torch.randn(3, 64, generator=generator)
     expected = torch.cat([p(x) for p in parts], dim=-1)
     joined = BlockKernelLinear.concat(parts)
-    assert joined is not None and joined.out_features == 18
+    assert joined is not None and joined.out_features == 30
     torch.testing.assert_close(joined(x), expected, rtol=0, atol=0)
     assert parts[1].weight_packed.qs.data_ptr() == joined.weight_packed.qs[8:].data_ptr()
     torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), expected, rtol=0, atol=0)
     assert BlockKernelLinear.concat([parts[2], parts[0]]) is None  # 6 rows, then more: misaligned
+    assert BlockKernelLinear.concat([parts[0], parts[2], parts[2]]) is None

@@ -155,16 +155,20 @@ def test_repack_layout_worked_example() -> None:
     w = kernels.repack(Q4_1, raw, (1, 64))
     assert w.d.tolist() == [[1.0, 0.5]] and w.m is not None and w.m.tolist() == [[-1.0, 0.0]]
     assert w.qs.shape == (1, 32)
-    assert w.qs[0, [0, 1, 16, 17]].tolist() == [0x51, 0x73, 0x62, 0x84]
+    assert w.qs[0, [0, 1, 16, 17]].tolist() == [0x21, 0x43, 0x65, 0x87]  # alone: file order
     weight = kernels.dequantize_packed(w)[0]
     assert weight[[0, 16, 32, 48]].tolist() == [0.0, 1.0, 2.5, 3.0]
-    # Five rows, row i's quant bytes all equal to i: groups of 4 interleave their units.
+    # Ten rows, quant byte j of row i equal to 16 i + j in both blocks: rows 0..7 form a
+    # panel, ordered block, step (4 bytes), row; rows 8 and 9 the last panel, likewise.
     raw = torch.cat([torch.cat([torch.tensor([0, 0x3C, 0, 0], dtype=torch.uint8),
-                                torch.full((16,), i, dtype=torch.uint8)]).repeat(4)
-                     for i in range(5)])
-    w = kernels.repack(Q4_1, raw, (5, 128))  # 4 blocks per row: 2 units
-    units = w.qs.reshape(-1, 32)[:, 0].tolist()  # a unit's first byte is i | i << 4 = 17 i
-    assert units == [17 * row for row in (0, 1, 2, 3, 0, 1, 2, 3, 4, 4)]
+                                torch.arange(16 * i, 16 * i + 16, dtype=torch.uint8)]).repeat(2)
+                     for i in range(10)])
+    w = kernels.repack(Q4_1, raw, (10, 64))
+    expected = [[16 * row + 4 * step + k for _ in range(2) for step in range(4) for row in rows
+                 for k in range(4)] for rows in (range(8), range(8, 10))]
+    assert w.qs[:8].reshape(-1).tolist() == expected[0]
+    assert w.qs[8:].reshape(-1).tolist() == expected[1]
+    assert torch.equal(w.to_raw(), raw)
 
 
 def test_pytorch_fallback_equals_dequantized_matmul(real_weights: dict,
@@ -214,21 +218,23 @@ torch.ops.load_library(sys.argv[1])
 from gguf import GGMLQuantizationType
 from levante.quant import kernels
 ops = torch.ops.levante_quant
-assert ops.isa() == "scalar", ops.isa()
+assert ops.isa() == sys.argv[2], ops.isa()
 gen = torch.Generator().manual_seed(0)
-for qtype, quant_bytes in ((GGMLQuantizationType.Q8_0, 32), (GGMLQuantizationType.Q4_1, 16)):
-    num_rows, num_blocks = 7, 19
+for qtype, quant_bytes in ((GGMLQuantizationType.Q8_0, 32), (GGMLQuantizationType.Q4_1, 16),
+                           (GGMLQuantizationType.Q4_0, 16)):
+    num_rows, num_blocks = 13, 19
     qs = torch.randint(0, 256, (num_rows, num_blocks * quant_bytes), dtype=torch.uint8,
                        generator=gen)
     d = (torch.rand(num_rows, num_blocks, generator=gen) / 8).half()
     m = -d * 8 if qtype == GGMLQuantizationType.Q4_1 else None
     w = kernels.PackedWeight(qtype, (num_rows, num_blocks * 32), qs, d, m)
-    x = torch.randn(5, num_blocks * 32, generator=gen)
+    x = torch.randn(11, num_blocks * 32, generator=gen)
     q, dx, _ = ops.quantize_rows(x)
-    x_rounded = q.double().view(5, num_blocks, 32) * dx.double().unsqueeze(-1)
-    expected = x_rounded.view(5, -1) @ kernels.dequantize_packed(w).double().T
+    x_rounded = q.double().view(11, num_blocks, 32) * dx.double().unsqueeze(-1)
+    expected = x_rounded.view(11, -1) @ kernels.dequantize_packed(w).double().T
     y = ops.qlinear(x, w.qs, w.d, w.m, int(qtype))
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ops.qlinear(x[3:4], w.qs, w.d, w.m, int(qtype)), y[3:4])
 print("ok")
 """
 
@@ -236,4 +242,29 @@ print("ok")
 @pytest.mark.slow
 def test_portable_build_matches(run_portable_check: Callable[..., None]) -> None:
     """The no-AVX2 build (what a CPU without AVX2 compiles) computes the same."""
-    run_portable_check(PORTABLE_CHECK)
+    run_portable_check(PORTABLE_CHECK, "scalar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "isa"), [("x86-64-v3", "avx2"), ("alderlake", "avx2+vnni")])
+def test_avx2_builds_match(run_arch_check: Callable[..., None], arch: str, isa: str) -> None:
+    """The 256-bit builds (maddubs without VNNI; AVX-VNNI) compute the same."""
+    run_arch_check(arch, PORTABLE_CHECK, isa)
+
+
+@pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
+def test_rows_are_batch_invariant(qtype: GGMLQuantizationType) -> None:
+    """A row's output is the same bits alone, in a small batch, and in a prefill of 300 rows
+    (past the 256-row blocks and, at K = 2048, the spans of blocks the kernel splits K into)."""
+    gen = torch.Generator().manual_seed(5)
+    num_rows, num_cols = 13, 2048  # a full panel and a short one
+    raw = torch.randint(0, 256, (num_rows, num_cols // 32, GGML_QUANT_SIZES[qtype][1]),
+                        dtype=torch.uint8, generator=gen)
+    raw[..., :2] = torch.tensor([0x00, 0x14], dtype=torch.uint8)  # scales 2^-10
+    if qtype == Q4_1:
+        raw[..., 2:4] = torch.tensor([0x00, 0x94], dtype=torch.uint8)  # mins -2^-10
+    w = kernels.repack(qtype, raw.view(-1), (num_rows, num_cols))
+    x = torch.randn(300, num_cols, generator=gen)
+    whole = kernels.qlinear(x, w)
+    for start, size in ((0, 1), (7, 1), (299, 1), (3, 2), (10, 5), (100, 13), (260, 40)):
+        assert torch.equal(kernels.qlinear(x[start:start + size], w), whole[start:start + size])

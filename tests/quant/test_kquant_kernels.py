@@ -229,3 +229,12 @@ def test_clang_build_matches(run_clang_check: Callable[..., None], tmp_path: Pat
     """clang (what a Mac compiles with) builds the same SIMD kernels, with the same results."""
     _check_inputs(tmp_path / "inputs.pt")
     run_clang_check(PORTABLE_CHECK, str(tmp_path / "inputs.pt"), kernels.kernel_isa())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "isa"), [("x86-64-v3", "avx2"), ("alderlake", "avx2+vnni")])
+def test_avx2_builds_match(run_arch_check: Callable[..., None], tmp_path: Path, arch: str,
+                           isa: str) -> None:
+    """The 256-bit kernels (8-row panels; maddubs without VNNI) compute the same sums."""
+    _check_inputs(tmp_path / "inputs.pt")
+    run_arch_check(arch, PORTABLE_CHECK, str(tmp_path / "inputs.pt"), isa)

@@ -144,7 +144,7 @@ def _repack_in_chunks(handle: BinaryIO, gguf_file: GGUFFile, name: str,
     row_bytes = gguf_file.nbytes(name) // num_rows
     step = max(1, CHUNK_BYTES // row_bytes)
     head_rows = num_rows // num_heads if num_heads is not None else 1
-    unit = math.lcm(head_rows, kernels.ROWS_PER_GROUP)  # whole heads, whole interleaved groups
+    unit = math.lcm(head_rows, kernels.PANEL_ROWS)  # whole heads, whole interleaved panels
     step = max(unit, step // unit * unit)
     scratch = torch.empty(step * row_bytes, dtype=torch.uint8)
     whole: kernels.PackedWeight | None = None
@@ -183,12 +183,12 @@ class BlockKernelLinear(nn.Module):
     def concat(cls, parts: Sequence[nn.Module]) -> BlockKernelLinear | None:
         """The parts stacked by output rows (`model.RowConcatenable`); they become views.
 
-        Rows are interleaved in groups of 4 (`kernels.PackedWeight`), so every part but the
-        last must have a multiple of 4 rows for the stacked arrays to be the stacked layout.
+        Rows are interleaved in panels of 8 (`kernels.PackedWeight`), so every part but the
+        last must have a multiple of 8 rows for the stacked arrays to be the stacked layout.
         """
         weights = [p.weight_packed for p in parts if isinstance(p, BlockKernelLinear)]
         if len(weights) != len(parts) or len({(w.qtype, w.shape[1]) for w in weights}) != 1 \
-                or any(w.shape[0] % 4 for w in weights[:-1]):
+                or any(w.shape[0] % kernels.PANEL_ROWS for w in weights[:-1]):
             return None
         mins = [w.m for w in weights]
         joined = kernels.PackedWeight(

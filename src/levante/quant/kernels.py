@@ -47,7 +47,7 @@ HEADERS = tuple(sorted(_CSRC.rglob("*.h")))
 # anything else means "auto".
 KERNEL_ENV = "LEVANTE_QUANT_KERNEL"
 BLOCK_SIZE = 32
-ROWS_PER_GROUP = 4  # rows whose 32-byte units are interleaved in PackedWeight.qs
+PANEL_ROWS = 8  # rows interleaved per panel in PackedWeight.qs
 
 # Bytes of each block's fields as stored in the file: (scale, min, quants).
 _FIELDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
@@ -69,23 +69,22 @@ class PackedWeight:
     """A [N, K] GGUF block-quantized weight split into the kernel's arrays (nb = K / 32).
 
     GGUF stores each row as nb blocks of 32 weights; a block is its f16 scale d, (Q4_1) its
-    f16 min m, then its quants. `repack` moves each field into its own array:
-      d:  float16 [N, nb]; m: float16 [N, nb] for Q4_1, else None.
-      qs: uint8 [N, nb * 32] (Q8_0) or [N, nb * 16] (Q4_0/Q4_1), arranged for the kernel:
-        1. A row's quants become 32-byte units. Q8_0: one block (the file's int8 values).
-           Q4: a pair of blocks, byte i holding value i of block 2p in its low nibble and
-           value i of block 2p + 1 in its high nibble (the file packs a block alone,
-           byte j = value j | value j + 16 << 4), so one load and two masks give two
-           blocks. An odd last Q4 block stays as in the file (16 bytes, the row's tail).
-        2. Rows go in groups of 4 with units interleaved: unit 0 of rows 0..3, unit 1 of
-           rows 0..3, ..., then the 4 tails; the last N % 4 rows are stored alone. The kernel
-           computes 4 rows at once and so reads one sequential stream.
+    f16 min m, then its quants (Q8_0: 32 int8 values; Q4: 16 bytes, byte j holding value j
+    in its low nibble and value j + 16 in its high one). `repack` moves each field into its
+    own array, with rows in panels of PANEL_ROWS = 8 (the last panel: N % 8 rows) whose
+    bytes are interleaved so that one 32-byte load holds 4 quant bytes of each of 8 rows:
+      qs: uint8 [N, nb * 32] (Q8_0) or [N, nb * 16] (Q4_0/Q4_1). Panel p takes its rows'
+          bytes, ordered by block, then step t (4 quant bytes 4t..4t+3 of a block, as in
+          the file), then row.
+      d:  float16 [N, nb]; m: float16 [N, nb] for Q4_1, else None. Within a panel's rows:
+          ordered by block, then row.
+    A panel's bytes are its rows' bytes, so whole panels slice and stack like rows.
     Example, a Q4_1 row of K = 64 is two 20-byte blocks, bytes (f16 little-endian)
     `00 3C | 00 BC | 21 43 ... (16) | 00 38 | 00 00 | 65 87 ... (16)`: d = [1.0, 0.5],
-    m = [-1.0, 0.0]; block 0's values are [1, 3, ..., 2, 4, ...] (value 16 = 0x2), block 1's
-    [5, 7, ..., 6, 8, ...]; the row's one unit has byte 0 = 0x51 (value 0 of each block) and
-    byte 16 = 0x62 (value 16). With N = 5 such rows, qs holds units of rows 0, 1, 2, 3,
-    then row 4's (1 unit per row here).
+    m = [-1.0, 0.0]; block 0's values are [1, 3, ..., 2, 4, ...] (value 16 = 0x2). Alone
+    (one row), qs is the two blocks' quant bytes: 21 43 ... 65 87 .... With 10 rows, rows
+    0..7 form a panel whose qs bytes start with 4 bytes of row 0's block 0, then 4 of row
+    1's, ..., row 7's, then bytes 4..7 of row 0's block 0; rows 8, 9 form the last panel.
     Weight j of block b is d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q with q signed (Q8_0).
     """
 
@@ -104,15 +103,13 @@ class PackedWeight:
     def to_raw(self) -> torch.Tensor:
         """The GGUF block bytes back (1-D uint8): `repack`'s exact inverse."""
         num_rows, num_blocks = self.d.shape
-        fields = [self.d.view(torch.uint8).view(num_rows, num_blocks, 2)]
+        fields = [_from_panels(self.d.view(torch.uint8).view(num_rows, num_blocks, 1, 2))]
         if self.m is not None:
-            fields.append(self.m.view(torch.uint8).view(num_rows, num_blocks, 2))
-        rows = _deinterleave_rows(self.qs, _num_units(self.qtype, num_blocks))
-        if self.qtype == GGMLQuantizationType.Q8_0:
-            fields.append(rows.view(num_rows, num_blocks, 32))
-        else:
-            fields.append(_unpair_nibbles(rows, num_blocks))
-        return torch.cat(fields, dim=-1).reshape(-1)
+            fields.append(_from_panels(self.m.view(torch.uint8).view(num_rows, num_blocks, 1, 2)))
+        quant_size = _FIELDS[self.qtype][2]
+        fields.append(_from_panels(self.qs.view(num_rows, num_blocks, quant_size // 4, 4)))
+        blocks = [f.reshape(num_rows, num_blocks, -1) for f in fields]
+        return torch.cat(blocks, dim=-1).reshape(-1)
 
 
 def repack(qtype: GGMLQuantizationType, raw: torch.Tensor, shape: tuple[int, int]) -> PackedWeight:
@@ -130,72 +127,46 @@ def repack(qtype: GGMLQuantizationType, raw: torch.Tensor, shape: tuple[int, int
         raise ValueError(f"{qtype.name} weight of shape {tuple(shape)} needs {nbytes} bytes, "
                          f"got {raw.numel()}")
     scale_size, min_size, quant_size = _FIELDS[qtype]
-    blocks = raw.reshape(num_rows, num_cols // BLOCK_SIZE, GGML_QUANT_SIZES[qtype][1])
+    num_blocks = num_cols // BLOCK_SIZE
+    blocks = raw.reshape(num_rows, num_blocks, GGML_QUANT_SIZES[qtype][1])
     quant_start = scale_size + min_size
-    d = blocks[..., :scale_size].contiguous().view(torch.float16).squeeze(-1)
-    m = blocks[..., scale_size:quant_start].contiguous().view(torch.float16).squeeze(-1)
-    quants = blocks[..., quant_start:quant_start + quant_size]  # [N, nb, quant_size]
-    if qtype == GGMLQuantizationType.Q8_0:
-        rows = quants.reshape(num_rows, -1)
-    else:
-        rows = _pair_nibbles(quants)
-    qs = _interleave_rows(rows, _num_units(qtype, num_cols // BLOCK_SIZE))
-    return PackedWeight(qtype, (num_rows, num_cols), qs, d, m if min_size else None)
+
+    def field(start: int, size: int, unit: int) -> torch.Tensor:
+        return _to_panels(blocks[..., start:start + size].reshape(num_rows, num_blocks,
+                                                                   size // unit, unit))
+
+    d = field(0, scale_size, 2).view(torch.float16)
+    m = field(scale_size, min_size, 2).view(torch.float16) if min_size else None
+    qs = field(quant_start, quant_size, 4)
+    return PackedWeight(qtype, (num_rows, num_cols), qs, d, m)
 
 
-def _pair_nibbles(quants: torch.Tensor) -> torch.Tensor:
-    """File-order Q4 bytes [N, nb, 16] -> paired layout [N, nb * 16] (see PackedWeight)."""
-    num_rows, num_blocks, _ = quants.shape
-    num_paired = num_blocks - num_blocks % 2
-    values = torch.cat([quants[:, :num_paired] & 0x0F, quants[:, :num_paired] >> 4], dim=-1)
-    pairs = values.view(num_rows, num_paired // 2, 2, 32)  # [N, pairs, block in pair, value]
-    packed = pairs[:, :, 0] | (pairs[:, :, 1] << 4)  # [N, pairs, 32]
-    tail = quants[:, num_paired:]  # [N, 0 or 1, 16]
-    return torch.cat([packed.reshape(num_rows, -1), tail.reshape(num_rows, -1)], dim=1)
+def _panel_splits(num_rows: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the whole panels together, then of the last short one."""
+    whole = num_rows // PANEL_ROWS * PANEL_ROWS
+    return [(start, rows) for start, rows in ((0, whole), (whole, num_rows - whole)) if rows]
 
 
-def _unpair_nibbles(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """`_pair_nibbles`' inverse: [N, nb * 16] -> file-order bytes [N, nb, 16]."""
-    num_rows, num_paired = qs.shape[0], num_blocks - num_blocks % 2
-    packed = qs[:, :num_paired * 16].reshape(num_rows, num_paired // 2, 1, 32)
-    values = torch.cat([packed & 0x0F, packed >> 4], dim=2).view(num_rows, num_paired, 32)
-    blocks = values[..., :16] | (values[..., 16:] << 4)  # [N, paired blocks, 16]
-    tail = qs[:, num_paired * 16:].reshape(num_rows, num_blocks % 2, 16)
-    return torch.cat([blocks, tail], dim=1)
+def _to_panels(units: torch.Tensor) -> torch.Tensor:
+    """Row-ordered [N, nb, steps, unit] -> panel order, [N, nb * steps * unit] (PackedWeight)."""
+    num_rows, num_blocks, steps, unit = units.shape
+    parts = []
+    for start, rows in _panel_splits(num_rows):
+        group = min(rows, PANEL_ROWS)
+        part = units[start:start + rows].reshape(-1, group, num_blocks, steps, unit)
+        parts.append(part.permute(0, 2, 3, 1, 4).reshape(rows, -1))
+    return torch.cat(parts) if parts else units.reshape(num_rows, -1).contiguous()
 
 
-def _num_units(qtype: GGMLQuantizationType, num_blocks: int) -> int:
-    """32-byte units per row: one per Q8_0 block, one per pair of Q4 blocks."""
-    return num_blocks if qtype == GGMLQuantizationType.Q8_0 else num_blocks // 2
-
-
-def _interleave_rows(rows: torch.Tensor, num_units: int) -> torch.Tensor:
-    """[N, row_bytes] -> [N, row_bytes] with each group of 4 rows' units interleaved."""
-    num_rows, row_bytes = rows.shape
-    num_groups = num_rows // ROWS_PER_GROUP
-    num_grouped, unit_bytes = num_groups * ROWS_PER_GROUP, num_units * 32
-    groups = rows[:num_grouped].reshape(num_groups, ROWS_PER_GROUP, row_bytes)
-    units = groups[..., :unit_bytes].reshape(num_groups, ROWS_PER_GROUP, num_units, 32)
-    tails = groups[..., unit_bytes:]  # [G, 4, 0 or 16]
-    grouped = torch.cat([units.transpose(1, 2).reshape(num_groups, ROWS_PER_GROUP * unit_bytes),
-                         tails.reshape(num_groups, ROWS_PER_GROUP * (row_bytes - unit_bytes))],
-                        dim=1)
-    return torch.cat([grouped.view(num_grouped, row_bytes), rows[num_grouped:]]).contiguous()
-
-
-def _deinterleave_rows(qs: torch.Tensor, num_units: int) -> torch.Tensor:
-    """`_interleave_rows`' inverse."""
-    num_rows, row_bytes = qs.shape
-    num_groups = num_rows // ROWS_PER_GROUP
-    num_grouped, unit_bytes = num_groups * ROWS_PER_GROUP, num_units * 32
-    grouped = qs[:num_grouped].reshape(num_groups, ROWS_PER_GROUP * row_bytes)
-    units = grouped[:, :ROWS_PER_GROUP * unit_bytes].reshape(num_groups, num_units,
-                                                             ROWS_PER_GROUP, 32)
-    tails = grouped[:, ROWS_PER_GROUP * unit_bytes:].reshape(num_groups, ROWS_PER_GROUP,
-                                                             row_bytes - unit_bytes)
-    rows = torch.cat([units.transpose(1, 2).reshape(num_groups, ROWS_PER_GROUP, unit_bytes),
-                      tails], dim=2)
-    return torch.cat([rows.reshape(num_grouped, row_bytes), qs[num_grouped:]])
+def _from_panels(packed: torch.Tensor) -> torch.Tensor:
+    """`_to_panels`' inverse: panel order [N, nb, steps, unit] (as viewed) -> row order."""
+    num_rows, num_blocks, steps, unit = packed.shape
+    parts = []
+    for start, rows in _panel_splits(num_rows):
+        group = min(rows, PANEL_ROWS)
+        part = packed[start:start + rows].reshape(-1, num_blocks, steps, group, unit)
+        parts.append(part.permute(0, 3, 1, 2, 4).reshape(rows, num_blocks, steps, unit))
+    return torch.cat(parts) if parts else packed
 
 
 def dequantize_packed(w: PackedWeight) -> torch.Tensor:
@@ -214,7 +185,8 @@ def available() -> bool:
 
 
 def kernel_isa() -> str | None:
-    """What the compiled kernel targets ("avx2+vnni", "avx2", "scalar"); None if not built."""
+    """What the compiled kernel targets ("avx512+vnni", "avx2+vnni", "avx2", "scalar");
+    None if not built."""
     kernel = _kernel()
     return kernel.isa if kernel is not None else None
 
@@ -348,7 +320,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 class _Kernel:
     """The loaded library's ops."""
 
-    isa: str  # "avx2+vnni", "avx2" or "scalar": what the compiler targeted
+    isa: str  # "avx512+vnni", "avx2+vnni", "avx2" or "scalar": what the compiler targeted
     qlinear: Callable[..., torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     paged_decode_attention: Callable[..., torch.Tensor]

@@ -14,17 +14,18 @@
 // registers/L1 and dots it with the M activation rows (AVX2 maddubs: 32 unsigned weights
 // x 32 int8 activations -> 16 pair sums; madd / VNNI dpwssd with the scales -> int32).
 //
-// Prefill (M >= 5) is bound by arithmetic: the weights are unpacked into panels of 8 rows
-// laid out for SIMD across rows (lane r of a vector = weight row r), and the activations
-// into tiles of 8 rows (4 without AVX-512's 32 registers) interleaved the same way. One VNNI
-// dpbusd (or maddubs + madd) then takes 4 weights of each of the 8 rows times the same 4
-// activations (a broadcast load) into 8 int32 lanes; a group's scale is applied once per 4-8
-// such steps with one multiply, the float scales once per super-block with one FMA for 8
-// outputs, with no horizontal sums. Blocked like a BLAS: for <= 256 activation rows and a
-// span of super-blocks whose activations fit ~384 KB of L2, each panel span is unpacked
-// once and swept by all those rows. Measured on the dev box's AMD EPYC (one core): ~60 int8
-// multiply-adds per cycle, 2.5x the decode loop's rate; unpacking costs ~30 cycles per
-// super-block and row, paid back from M ~ 5 on.
+// Prefill (M >= 5) is bound by arithmetic: the weights are unpacked into panels of 16 rows
+// (8 without AVX-512) laid out for SIMD across rows (lane r of a vector = weight row r), and
+// the activations into tiles of 8 rows (4 without AVX-512's 32 registers) interleaved the
+// same way. One VNNI dpbusd (or maddubs + madd) then takes 4 weights of each row of the
+// panel times the same 4 activations (a broadcast load) into int32 lanes; a group's scale is
+// applied once per 4-8 such steps with one multiply, the float scales once per super-block
+// with one FMA for the panel's outputs, with no horizontal sums. Blocked like a BLAS: for
+// <= 256 activation rows and a span of super-blocks whose activations fit ~384 KB of L2, each
+// panel span is unpacked once and swept by all those rows. Measured on the dev box's AMD
+// EPYC, 2 threads, M = 256 (benchmarks/kernels.py --kquant): ~570-600 GOPS with 8-row panels
+// and 256-bit vectors, 900-1020 with 16-row panels and 512-bit ones; unpacking costs ~30
+// cycles per super-block and row, paid back from M ~ 5 on.
 //
 // Batch invariance (issue 18): a row's output is the same bits whatever M is. Both paths
 // total each (weight super-block, activation super-block) pair's integer sums exactly and
@@ -57,6 +58,9 @@
 #define LQ_VNNI 1
 #define LQ_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
 #define LQ_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LQ_AVX512 1
 #endif
 #endif
 
@@ -368,17 +372,71 @@ void decode_rows(const Weights& w, int64_t n_begin, int64_t n_end, const Acts& a
 }
 
 // ---------------------------------------------------------------------------------------
-// Prefill: panels of 8 weight rows, SIMD across rows.
+// Prefill: panels of W weight rows, SIMD across rows: W = 16 with AVX-512 (this dev box's
+// AMD EPYC runs 512-bit dpbusd at the 256-bit rate, so twice the multiply-adds per cycle:
+// 7.2 G/s of each on one core, measured), else 8.
 
-constexpr int kPanelRows = 8;
 constexpr int kSteps = kSuperBlock / 4;  // 4-weight steps per super-block
 
-// One super-block of 8 weight rows; lane / dword r belongs to row r.
-struct alignas(32) PanelBlock {
-  __m256i q[kSteps];      // q[s] dword r: weights 4s..4s+3 of row r (4 bytes)
-  __m256i scale[kGroups];  // scale[g] int32 lane r: row r's scale of group g
-  __m256i min[kGroups / 2];  // min[p] dword r: row r's mins of groups 2p, 2p + 1 (2 int16)
-  __m256 d, dm;
+// The vector operations the panels need, for W = 8 (AVX2) and W = 16 (AVX-512) int32 / float
+// lanes, lane r belonging to weight row r.
+template <int W>
+struct Lanes;
+
+template <>
+struct Lanes<8> {
+  using I = __m256i;
+  using F = __m256;
+  static I zero() { return _mm256_setzero_si256(); }
+  static I load(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
+  static I broadcast(int32_t v) { return _mm256_set1_epi32(v); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }
+  static I quads(I acc, I u, I s) { return dot_quads(acc, u, s); }
+  static I pairs(I acc, I a, I b) { return dot_pairs(acc, a, b); }
+  static F zero_f() { return _mm256_setzero_ps(); }
+  static F load_f(const float* p) { return _mm256_loadu_ps(p); }
+  static void store_f(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+};
+
+#ifdef LQ_AVX512
+template <>
+struct Lanes<16> {
+  using I = __m512i;
+  using F = __m512;
+  static I zero() { return _mm512_setzero_si512(); }
+  static I load(const void* p) { return _mm512_load_si512(p); }
+  static I broadcast(int32_t v) { return _mm512_set1_epi32(v); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
+  static I quads(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static I pairs(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  static F load_f(const float* p) { return _mm512_loadu_ps(p); }
+  static void store_f(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+};
+constexpr int kPanelRows = 16;
+#else
+constexpr int kPanelRows = 8;
+#endif
+using PanelLanes = Lanes<kPanelRows>;
+
+// One super-block of kPanelRows weight rows; lane / dword r belongs to row r.
+struct alignas(64) PanelBlock {
+  PanelLanes::I q[kSteps];            // q[s] dword r: weights 4s..4s+3 of row r (4 bytes)
+  PanelLanes::I scale[kGroups];       // scale[g] int32 lane r: row r's scale of group g
+  PanelLanes::I min[kGroups / 2];     // min[p] dword r: row r's mins of groups 2p, 2p + 1
+  alignas(64) float d[kPanelRows], dm[kPanelRows];
 };
 
 // v[i] dword j <-> v[j] dword i.
@@ -400,12 +458,16 @@ inline void transpose8(__m256i v[8]) {
   }
 }
 
-// Where a panel sits: weight rows [n0, n0 + rows) (rows <= 8), super-blocks [b0, b0 + nb).
+// Where a panel sits: weight rows [n0, n0 + rows) (rows <= kPanelRows), super-blocks
+// [b0, b0 + nb).
 struct PanelSpan {
   int64_t n0;
   int rows;
   int64_t b0, nb;
 };
+
+// Rows 8h .. 8h + 7 of a panel vector (the 32-byte half h of it).
+inline __m256i* half(PanelLanes::I* v, int h) { return reinterpret_cast<__m256i*>(v) + h; }
 
 // Unpack the span's super-blocks into panel[0..nb); missing rows are zero.
 template <class T>
@@ -418,24 +480,28 @@ void fill_panel(const Weights& w, const PanelSpan& span, PanelBlock* panel) {
     for (int r = 0; r < rows; ++r)
       T::unpack(w.rows + (span.n0 + r) * w.row_bytes + (span.b0 + i) * T::kBlockBytes, u[r]);
     PanelBlock& p = panel[i];
-    for (int j = 0; j < kSteps / 8; ++j) {
-      for (int r = 0; r < 8; ++r) v[r] = load256(u[r].q + 32 * j);
+    for (int h = 0; h < kPanelRows / 8; ++h) {  // 8 rows at a time: transposes of 8 x 8 dwords
+      const Unpacked* uh = u + 8 * h;
+      for (int j = 0; j < kSteps / 8; ++j) {
+        for (int r = 0; r < 8; ++r) v[r] = load256(uh[r].q + 32 * j);
+        transpose8(v);
+        for (int t = 0; t < 8; ++t) _mm256_store_si256(half(p.q + 8 * j + t, h), v[t]);
+      }
+      for (int g = 0; g < 2; ++g) {
+        for (int r = 0; r < 8; ++r)
+          v[r] = _mm256_cvtepi16_epi32(_mm_load_si128(
+              reinterpret_cast<const __m128i*>(uh[r].scale + 8 * g)));
+        transpose8(v);
+        for (int t = 0; t < 8; ++t) _mm256_store_si256(half(p.scale + 8 * g + t, h), v[t]);
+      }
+      for (int r = 0; r < 8; ++r) v[r] = load256(uh[r].min);
       transpose8(v);
-      for (int t = 0; t < 8; ++t) p.q[8 * j + t] = v[t];
+      for (int t = 0; t < 8; ++t) _mm256_store_si256(half(p.min + t, h), v[t]);
     }
-    for (int half = 0; half < 2; ++half) {
-      for (int r = 0; r < 8; ++r)
-        v[r] = _mm256_cvtepi16_epi32(_mm_load_si128(
-            reinterpret_cast<const __m128i*>(u[r].scale + 8 * half)));
-      transpose8(v);
-      for (int t = 0; t < 8; ++t) p.scale[8 * half + t] = v[t];
+    for (int r = 0; r < kPanelRows; ++r) {
+      p.d[r] = u[r].d;
+      p.dm[r] = u[r].dm;
     }
-    for (int r = 0; r < 8; ++r) v[r] = load256(u[r].min);
-    transpose8(v);
-    for (int t = 0; t < 8; ++t) p.min[t] = v[t];
-    p.d = _mm256_setr_ps(u[0].d, u[1].d, u[2].d, u[3].d, u[4].d, u[5].d, u[6].d, u[7].d);
-    p.dm = _mm256_setr_ps(u[0].dm, u[1].dm, u[2].dm, u[3].dm, u[4].dm, u[5].dm, u[6].dm,
-                          u[7].dm);
   }
 }
 
@@ -477,64 +543,62 @@ void fill_act_tile(const Acts& a, int64_t m0, int64_t num_rows, ActBlock* tile) 
 template <bool kPer32>
 void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& span,
                 float* y, int64_t ldy, int num_valid, bool add) {
+  using L = PanelLanes;
   constexpr int RX = kTileRows;
   constexpr int kScaleGroups = kPer32 ? kGroups / 2 : kGroups;  // scales applied per block
   constexpr int kGroupSteps = kSteps / kScaleGroups;
   // A later span continues the sums in y rather than adding its own partial sums to them:
   // the spans' bounds depend on M, and a row's output must not (issue 18).
-  __m256 out[RX];
+  alignas(64) float lanes[kPanelRows] = {};
+  L::F out[RX];
   for (int c = 0; c < RX; ++c) {
-    out[c] = _mm256_setzero_ps();
+    out[c] = L::zero_f();
     if (!add || c >= num_valid) continue;
     const float* src = y + c * ldy + span.n0;
     if (span.rows == kPanelRows) {
-      out[c] = _mm256_loadu_ps(src);
+      out[c] = L::load_f(src);
       continue;
     }
-    alignas(32) float lanes[kPanelRows] = {};
     for (int r = 0; r < span.rows; ++r) lanes[r] = src[r];
-    out[c] = _mm256_load_ps(lanes);
+    out[c] = L::load_f(lanes);
   }
   for (int64_t i = 0; i < span.nb; ++i) {
     const PanelBlock& p = panel[i];
     const ActBlock& x = tile[span.b0 + i];
-    __m256i isum[RX];
-    for (int c = 0; c < RX; ++c) isum[c] = _mm256_setzero_si256();
+    L::I isum[RX];
+    for (int c = 0; c < RX; ++c) isum[c] = L::zero();
     for (int g = 0; g < kScaleGroups; ++g) {
-      __m256i acc[RX];
-      for (int c = 0; c < RX; ++c) acc[c] = _mm256_setzero_si256();
+      L::I acc[RX];
+      for (int c = 0; c < RX; ++c) acc[c] = L::zero();
 #pragma GCC unroll 8
       for (int j = 0; j < kGroupSteps; ++j) {
         const int s = g * kGroupSteps + j;
-        const __m256i wq = _mm256_load_si256(p.q + s);
-        for (int c = 0; c < RX; ++c)
-          acc[c] = dot_quads(acc[c], wq, _mm256_set1_epi32(x.q[s][c]));
+        const L::I wq = L::load(p.q + s);
+        for (int c = 0; c < RX; ++c) acc[c] = L::quads(acc[c], wq, L::broadcast(x.q[s][c]));
       }
-      const __m256i sc = _mm256_load_si256(p.scale + (kPer32 ? 2 * g : g));
-      for (int c = 0; c < RX; ++c)
-        isum[c] = _mm256_add_epi32(isum[c], _mm256_mullo_epi32(acc[c], sc));
+      const L::I sc = L::load(p.scale + (kPer32 ? 2 * g : g));
+      for (int c = 0; c < RX; ++c) isum[c] = L::add(isum[c], L::mullo(acc[c], sc));
     }
-    __m256i imin[RX];
-    for (int c = 0; c < RX; ++c) imin[c] = _mm256_setzero_si256();
+    L::I imin[RX];
+    for (int c = 0; c < RX; ++c) imin[c] = L::zero();
     for (int pair = 0; pair < kGroups / 2; ++pair) {
-      const __m256i mn = _mm256_load_si256(p.min + pair);
-      for (int c = 0; c < RX; ++c)
-        imin[c] = dot_pairs(imin[c], mn, _mm256_set1_epi32(x.bsum[pair][c]));
+      const L::I mn = L::load(p.min + pair);
+      for (int c = 0; c < RX; ++c) imin[c] = L::pairs(imin[c], mn, L::broadcast(x.bsum[pair][c]));
     }
+    const L::F d = L::load_f(p.d), dm = L::load_f(p.dm);
     for (int c = 0; c < RX; ++c) {
-      const __m256 dx = _mm256_set1_ps(x.d[c]);
-      out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c]), _mm256_mul_ps(p.d, dx), out[c]);
-      out[c] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[c]), _mm256_mul_ps(p.dm, dx), out[c]);
+      const L::F dx = L::set1(x.d[c]);
+      out[c] = L::fmadd(L::to_float(isum[c]), L::mul(d, dx), out[c]);
+      out[c] = L::fnmadd(L::to_float(imin[c]), L::mul(dm, dx), out[c]);
     }
   }
   for (int c = 0; c < num_valid; ++c) {
     float* dst = y + c * ldy + span.n0;
     if (span.rows == kPanelRows) {
-      _mm256_storeu_ps(dst, out[c]);
+      L::store_f(dst, out[c]);
       continue;
     }
-    alignas(32) float lanes[kPanelRows];
-    _mm256_store_ps(lanes, out[c]);
+    L::store_f(lanes, out[c]);
     for (int r = 0; r < span.rows; ++r) dst[r] = lanes[r];
   }
 }

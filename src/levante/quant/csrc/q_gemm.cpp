@@ -1,29 +1,32 @@
 // Quantized GEMM for GGUF Q8_0 / Q4_0 / Q4_1 weights on CPU: y[M, N] = x[M, K] @ W[N, K]^T.
 //
 // As llama.cpp does it: each row of x is quantized to 8 bits in blocks of 32 (one float
-// scale per block, plus the block's sum for the Q4 min term), then every (weight block,
-// activation block) pair is an integer dot product of 32 byte pairs (AVX2 `maddubs`, or
-// AVX-VNNI `dpbusd`), scaled once per block in float.
+// scale dx per block, and the block's sum), then every (weight block, activation block) pair
+// is an exact integer dot product of 32 byte pairs, scaled once in float.
 //
-// Weight layout (made by levante.quant.kernels.repack from the GGUF blocks, lossless):
-//   qs [N, nb * QB] uint8   the blocks' quants (QB = 32 for Q8_0, 16 for Q4), see below
-//   d  [N, nb]      f16     per-block scale, as stored in the file
-//   m  [N, nb]      f16     Q4_1 only: per-block min
-// with nb = K / 32. A row's quants are 32-byte units: for Q8_0 one block (the file's int8
-// values); for Q4 a pair of blocks, byte i holding value i of block 2p in its low nibble and
-// of block 2p + 1 in its high nibble (one load and two masks give two blocks), then, if nb
-// is odd, the last block's 16 file bytes (byte j = value j | value j + 16 << 4).
-// Rows are stored in groups of kRows = 4 with their units interleaved: unit 0 of rows
-// 0, 1, 2, 3, unit 1 of rows 0..3, ..., then the odd tails of rows 0..3; the last N % 4
-// rows are stored alone. A tile of 4 rows thus reads one sequential stream, which this
-// CPU's prefetchers follow at full speed (4 separate row streams ran 3-4x slower from DRAM).
+// Weight layout (made by levante.quant.kernels.repack from the GGUF blocks, lossless): rows
+// in panels of 8, interleaved 4 bytes at a time, so that one 32-byte load holds 4 weights
+// of each of 8 rows (the idea of ik_llama.cpp's row-interleaved _R8 types):
+//   qs [N, nb * QB] uint8 (QB = 32 for Q8_0, 16 for Q4; nb = K / 32): panel p, rows
+//     8p .. 8p + R - 1 (R = 8, or N % 8 for the last), fills those rows' bytes with, for
+//     each block b, each step t < QB / 4, each row r < R: 4 bytes of row r's block b, its
+//     quant bytes 4t .. 4t + 3 as in the file. Q8_0: int8 values 4t .. 4t + 3. Q4: the file
+//     packs value j in byte j's low nibble and value j + 16 in its high nibble, so a step
+//     holds values 4t .. 4t + 3 (low) and 16 + 4t .. 16 + 4t + 3 (high).
+//   d  [N, nb] f16: per-block scale, panel by panel the same way: block b's R scales in turn.
+//   m  [N, nb] f16: Q4_1's per-block min, laid out as d.
+// A panel's bytes are its rows' bytes, so whole panels slice and stack like rows.
 //
-// Per block b of output row n and activation row i (xq = quantized x, dx its scale,
-// sx = dx * sum(xq)):
-//   Q8_0: d[n,b] * dx[i,b] * sum_j w_j * xq_j              (w_j signed int8)
-//   Q4_0: d[n,b] * dx[i,b] * sum_j q_j * xq_j - 8 * d[n,b] * sx[i,b]   ((q - 8) * d)
-//   Q4_1: d[n,b] * dx[i,b] * sum_j q_j * xq_j + m[n,b] * sx[i,b]       (q * d + m)
-// The integer sums are exact; only the float accumulation over blocks rounds.
+// One VNNI dpbusd then multiplies 4 weights of each of the 8 rows by the same 4 activation
+// bytes (a broadcast load) into 8 int32 lanes, lane r for row r: no horizontal sums, and a
+// panel block's float scales apply with one FMA for 8 outputs. Decode streams each thread's
+// panels in memory order; prefill sweeps each panel span (in L1) with up to 256 activation
+// rows (in L2), 8 at a time with AVX-512's registers. Per block b of weight row n and
+// activation row i (isum = the exact integer dot of the block's weight values with xq):
+//   Q8_0, Q4_0: out = fma(isum, d[n,b] * dx[i,b], out)     (Q4_0's values are q - 8)
+//   Q4_1:       the same, then out = fma(m[n,b], dx[i,b] * sum(xq), out)
+// block after block, for every M alike, so a row's output is the same bits whatever batch
+// it is in (issue 18).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,9 +36,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LQ_AVX2 1
@@ -56,7 +61,10 @@ constexpr int64_t kQ4_0 = 2;
 constexpr int64_t kQ4_1 = 3;
 constexpr int64_t kQ8_0 = 8;
 constexpr int64_t kBlock = 32;
-constexpr int kRows = 4;  // rows interleaved per group in qs
+constexpr int kPanelRows = 8;  // weight rows interleaved per panel in qs
+
+template <int64_t QT>
+constexpr int quant_bytes() { return QT == kQ8_0 ? 32 : 16; }
 
 struct Weights {
   const uint8_t* qs;
@@ -65,23 +73,24 @@ struct Weights {
   int64_t n, nb;
 };
 
+// One panel's arrays, 8 rows wide (a last panel of fewer rows is copied out zero-padded).
+struct Panel {
+  const uint8_t* q;   // block b, step t: 8 rows x 4 bytes at q + (b * steps + t) * 32
+  const uint16_t* d;  // block b: 8 rows' f16 scales at d + 8 b
+  const uint16_t* m;  // Q4_1: as d
+};
+
 struct Acts {
-  const int8_t* q;  // [M, K]
-  const float* d;   // [M, nb]
-  const float* s;   // [M, nb]: d * sum(q) per block
+  const int8_t* q;     // [M, K]
+  const float* d;      // [M, nb]
+  const float* s;      // [M, nb]: d * sum(q) per block (Q4_1's min term)
+  const int32_t* sum;  // [M, nb]: sum(q) per block (the Q8_0 / Q4_0 offsets)
   int64_t k, nb;
 };
 
 inline float f16_to_f32(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
 #ifdef LQ_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -96,27 +105,30 @@ inline int hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// 16 packed bytes -> 32 unsigned 4-bit values: low nibbles in lanes 0-15, high in 16-31.
-inline __m256i unpack_q4(const uint8_t* p) {
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
-  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-}
-
-// Sum of u[j] * s[j] over each group of 4 bytes: 8 int32. u unsigned, s signed; exact
-// as long as pairs of products fit int16 (|u| <= 128, |s| <= 127), which holds here.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
+// acc + sum of u[j] * s[j] over each 4 bytes, u unsigned, s signed: exact where pairs of
+// products fit int16 without VNNI (|u| <= 128, |s| <= 127), always with it.
+inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
 #ifdef LQ_VNNI
-  return LQ_DPBUSD(_mm256_setzero_si256(), u, s);
+  return LQ_DPBUSD(acc, u, s);
 #else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
+                                                 _mm256_set1_epi16(1)));
 #endif
 }
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The same 4 activation bytes in every lane.
+inline __m256i broadcast4(const int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
 #endif
 
 // One row of x -> 8-bit blocks, llama.cpp's Q8 rule: d = amax / 127, q = round(x * 127 / amax)
-// (ties to even), s = d * sum(q).
-void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
+// (ties to even), sum = sum(q), s = d * sum.
+void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* sums) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kBlock;
     int8_t* qb = q + b * kBlock;
@@ -157,264 +169,257 @@ void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
       sum += qi;
     }
 #endif
+    sums[b] = sum;
     s[b] = d[b] * static_cast<float>(sum);
   }
 }
 
+// The offset a block's integer dot takes from the activations' sum: Q8_0's weights are
+// signed and VNNI multiplies unsigned by signed bytes, so it runs on w + 128 and takes
+// 128 * sum(xq) back; Q4_0's weights are q - 8 with q unsigned.
 template <int64_t QT>
-constexpr int64_t quant_bytes() { return QT == kQ8_0 ? 32 : 16; }
-
-// Where rows [n0, n0 + rows) start in qs: groups take exactly their rows' bytes.
-template <int64_t QT>
-inline const uint8_t* group_base(const Weights& w, int64_t n0) {
-  return w.qs + n0 * w.nb * quant_bytes<QT>();
-}
-
-// Quant value j (0..31) of block b of row r in a group of `rows` rows (see the layout above).
-template <int64_t QT>
-inline int32_t quant_value(const uint8_t* base, int rows, int r, int64_t nb, int64_t b,
-                           int64_t j) {
-  if constexpr (QT == kQ8_0) return static_cast<int8_t>(base[(b * rows + r) * 32 + j]);
-  if (b < nb - nb % 2) {
-    const uint8_t byte = base[(b / 2 * rows + r) * 32 + j];
-    return (b & 1) ? byte >> 4 : byte & 0x0F;
-  }
-  const uint8_t byte = base[nb / 2 * rows * 32 + r * 16 + j % 16];  // the odd last block
-  return j < 16 ? byte & 0x0F : byte >> 4;
+constexpr int32_t sum_offset() {
+#ifdef LQ_VNNI
+  if constexpr (QT == kQ8_0) return 128;
+#endif
+  return QT == kQ4_0 ? 8 : 0;
 }
 
 #ifdef LQ_AVX2
-constexpr int kGroup = 8;  // blocks whose scales are computed together
-constexpr int64_t kPrefetch = 2048;  // bytes of qs requested ahead of use
+constexpr int64_t kPrefetch = 2048;  // bytes of the weight stream requested ahead of use
 
-template <int RW, int RX>
-struct TileState {
-  __m256 acc[RW][RX];
-  float tail_min[RW][RX];  // Q4 min terms of a last group shorter than kGroup
-  alignas(32) float scale[RW][RX][kGroup];  // d_w * d_x of the current group's blocks
-};
-
-// For blocks [b0, b0 + count): scale[r][c][j] = d_w[row r, b0 + j] * d_x[row c, b0 + j];
-// the Q4 min terms m[r, b] * s_x[c, b] go into the accumulators' lanes (a short last group:
-// into tail_min).
-template <int64_t QT, int RW, int RX>
-inline void group_scales(TileState<RW, RX>& t, const Weights& w, int64_t n0, const Acts& a,
-                         int64_t m0, int64_t b0, int64_t count) {
-  const auto f16x8 = [](const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  };
-  if (count == kGroup) {
-    __m256 dw[RW], mw[RW];
-    for (int r = 0; r < RW; ++r) {
-      dw[r] = f16x8(w.d + (n0 + r) * w.nb + b0);
-      if constexpr (QT == kQ4_1) mw[r] = f16x8(w.m + (n0 + r) * w.nb + b0);
-      if constexpr (QT == kQ4_0) mw[r] = _mm256_mul_ps(dw[r], _mm256_set1_ps(-8.0f));
-    }
-    for (int c = 0; c < RX; ++c) {
-      const __m256 dx = _mm256_loadu_ps(a.d + (m0 + c) * a.nb + b0);
-      for (int r = 0; r < RW; ++r) _mm256_store_ps(t.scale[r][c], _mm256_mul_ps(dw[r], dx));
-      if constexpr (QT != kQ8_0) {
-        const __m256 sx = _mm256_loadu_ps(a.s + (m0 + c) * a.nb + b0);
-        for (int r = 0; r < RW; ++r) t.acc[r][c] = _mm256_fmadd_ps(mw[r], sx, t.acc[r][c]);
-      }
-    }
-    return;
-  }
-  for (int r = 0; r < RW; ++r) {
-    for (int c = 0; c < RX; ++c) {
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t wb = (n0 + r) * w.nb + b0 + j, xb = (m0 + c) * a.nb + b0 + j;
-        const float dw = _cvtsh_ss(w.d[wb]);
-        t.scale[r][c][j] = dw * a.d[xb];
-        if constexpr (QT == kQ4_1) t.tail_min[r][c] += _cvtsh_ss(w.m[wb]) * a.s[xb];
-        if constexpr (QT == kQ4_0) t.tail_min[r][c] += -8.0f * dw * a.s[xb];
-      }
-    }
-  }
-}
-
-// acc[r][c] += scale[r][c][j] * (integer dot of weight block wu[r] with x block b of row c).
-// For Q8_0, ws holds the signed weights (their signs move onto x; wu = |w|).
-template <int64_t QT, int RW, int RX>
-inline void block_dot(TileState<RW, RX>& t, const __m256i* wu, const __m256i* ws, const Acts& a,
-                      int64_t m0, int64_t b, int64_t j) {
-#pragma GCC unroll 8
-  for (int c = 0; c < RX; ++c) {
-    const __m256i xv =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (m0 + c) * a.k + b * kBlock));
-#pragma GCC unroll 8
-    for (int r = 0; r < RW; ++r) {
-      const __m256i xs = QT == kQ8_0 ? _mm256_sign_epi8(xv, ws[r]) : xv;
-      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wu[r], xs));
-      t.acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&t.scale[r][c][j]), p, t.acc[r][c]);
-    }
-  }
-}
-
-// Blocks [b0, b0 + count) of the RW weight rows at `base` against RX activation rows.
-template <int64_t QT, int RW, int RX>
-inline void group_dots(TileState<RW, RX>& t, const uint8_t* base, int64_t nb, const Acts& a,
-                       int64_t m0, int64_t b0, int64_t count) {
-  const auto unit = [base](int64_t u, int r) {  // 32-byte unit u of row r
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (u * RW + r) * 32));
-  };
-  int64_t j = 0;
-  if constexpr (QT == kQ8_0) {
-    for (; j < count; ++j) {
-      __m256i wu[RW], ws[RW];
-#pragma GCC unroll 8
-      for (int r = 0; r < RW; ++r) {
-        ws[r] = unit(b0 + j, r);
-        wu[r] = _mm256_sign_epi8(ws[r], ws[r]);
-      }
-      block_dot<QT, RW, RX>(t, wu, ws, a, m0, b0 + j, j);
-    }
-    return;
-  }
+// out[c] lane r, for the panel's row r and activation row m0 + c, continued over blocks
+// [b0, b1): per block, the exact integer dot isum, then out = fma(isum, d_w * d_x, out)
+// (Q4_1: then out = fma(m_w, s_x, out)). The same operations in the same order for any M
+// (decode, prefill, any span): a row's output does not depend on the batch (issue 18).
+template <int64_t QT, int RX>
+inline void panel_blocks(const Panel& p, const Acts& a, int64_t m0, int64_t b0, int64_t b1,
+                         __m256 out[RX]) {
+  constexpr int kBlockBytes = kPanelRows * quant_bytes<QT>();
+  // Few activation rows leave one dependent chain of 8 dot steps per block: split it.
+  constexpr int kChains = RX <= 2 ? 2 : 1;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (; j + 2 <= count && b0 + j + 2 <= nb - nb % 2; j += 2) {  // a pair of blocks
-    __m256i lo[RW], hi[RW];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* wq = p.q + b * kBlockBytes;
+    for (int off = 0; off < kBlockBytes; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch + off), _MM_HINT_T0);
+    __m256i acc[kChains][RX];
+    for (int h = 0; h < kChains; ++h)
+      for (int c = 0; c < RX; ++c) acc[h][c] = _mm256_setzero_si256();
+    const int8_t* x = a.q + m0 * a.k + b * kBlock;
+    if constexpr (QT == kQ8_0) {
 #pragma GCC unroll 8
-    for (int r = 0; r < RW; ++r) {
-      const __m256i v = unit((b0 + j) / 2, r);
-      lo[r] = _mm256_and_si256(v, low4);
-      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      for (int t = 0; t < 8; ++t) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * t));
+#ifdef LQ_VNNI
+        const __m256i u = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+        for (int c = 0; c < RX; ++c)
+          acc[t % kChains][c] = dot_quads(acc[t % kChains][c], u, broadcast4(x + c * a.k + 4 * t));
+#else  // signs move onto x: |w| <= 128 keeps maddubs' pairs inside int16
+        const __m256i u = _mm256_sign_epi8(w, w);
+        for (int c = 0; c < RX; ++c)
+          acc[t % kChains][c] = dot_quads(acc[t % kChains][c], u,
+                                          _mm256_sign_epi8(broadcast4(x + c * a.k + 4 * t), w));
+#endif
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {  // low nibbles: values 4t.., high: values 16 + 4t..
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * t));
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        for (int c = 0; c < RX; ++c) {
+          const int8_t* xc = x + c * a.k + 4 * t;
+          acc[0][c] = dot_quads(acc[0][c], lo, broadcast4(xc));
+          acc[kChains - 1][c] = dot_quads(acc[kChains - 1][c], hi, broadcast4(xc + 16));
+        }
+      }
     }
-    block_dot<QT, RW, RX>(t, lo, lo, a, m0, b0 + j, j);
-    block_dot<QT, RW, RX>(t, hi, hi, a, m0, b0 + j + 1, j + 1);
-  }
-  if (j < count) {  // the odd last block: 16 bytes per row after all pairs
-    __m256i wu[RW];
-    for (int r = 0; r < RW; ++r) wu[r] = unpack_q4(base + nb / 2 * RW * 32 + r * 16);
-    block_dot<QT, RW, RX>(t, wu, wu, a, m0, b0 + j, j);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.d + 8 * b)));
+    __m256 mw;
+    if constexpr (QT == kQ4_1)
+      mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.m + 8 * b)));
+    for (int c = 0; c < RX; ++c) {
+      const int64_t xb = (m0 + c) * a.nb + b;
+      __m256i isum = kChains == 2 ? _mm256_add_epi32(acc[0][c], acc[kChains - 1][c]) : acc[0][c];
+      if constexpr (sum_offset<QT>() != 0)
+        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(sum_offset<QT>() * a.sum[xb]));
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[xb]));
+      out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, out[c]);
+      if constexpr (QT == kQ4_1) out[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[xb]), out[c]);
+    }
   }
 }
 
-// y[m0 + c, n0 + r] for r < RW weight rows and c < RX activation rows: each weight block is
-// loaded and unpacked once for the RX activation rows. RW is kRows, or 1 for the last rows.
-template <int64_t QT, int RW, int RX>
-void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int64_t ldy) {
-  const int64_t nb = w.nb;
-  TileState<RW, RX> t;
-  for (int r = 0; r < RW; ++r) {
-    for (int c = 0; c < RX; ++c) {
-      t.acc[r][c] = _mm256_setzero_ps();
-      t.tail_min[r][c] = 0.0f;
+// y[m0 + c, n0 + r] for the panel's first `rows` rows and activation rows c < RX, the dot
+// over blocks [b0, b1) continued from y's values if `add` (a later span), else from 0.
+template <int64_t QT, int RX>
+void tile(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0,
+          int64_t b1, bool add, float* y, int64_t ldy) {
+  __m256 out[RX];
+  alignas(32) float lanes[kPanelRows] = {};
+  for (int c = 0; c < RX; ++c) {
+    if (!add) {
+      out[c] = _mm256_setzero_ps();
+    } else if (rows == kPanelRows) {
+      out[c] = _mm256_loadu_ps(y + (m0 + c) * ldy + n0);
+    } else {
+      for (int r = 0; r < rows; ++r) lanes[r] = y[(m0 + c) * ldy + n0 + r];
+      out[c] = _mm256_load_ps(lanes);
     }
   }
-  const uint8_t* base = group_base<QT>(w, n0);
-  for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
-    const int64_t count = std::min<int64_t>(kGroup, nb - b0);
-    // Ask for the stream kPrefetch bytes ahead (past this tile's end it is the next tile).
-    const uint8_t* ahead = base + b0 * RW * quant_bytes<QT>() + kPrefetch;
-    for (int64_t off = 0; off < count * RW * quant_bytes<QT>(); off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-    group_scales<QT, RW, RX>(t, w, n0, a, m0, b0, count);
-    group_dots<QT, RW, RX>(t, base, nb, a, m0, b0, count);
+  panel_blocks<QT, RX>(p, a, m0, b0, b1, out);
+  for (int c = 0; c < RX; ++c) {
+    float* dst = y + (m0 + c) * ldy + n0;
+    if (rows == kPanelRows) {
+      _mm256_storeu_ps(dst, out[c]);
+      continue;
+    }
+    _mm256_store_ps(lanes, out[c]);
+    for (int r = 0; r < rows; ++r) dst[r] = lanes[r];
   }
-  for (int r = 0; r < RW; ++r)
-    for (int c = 0; c < RX; ++c)
-      y[(m0 + c) * ldy + n0 + r] = hsum(t.acc[r][c]) + t.tail_min[r][c];
 }
 #else
-// The Q4 min term of output row n against activation row i: sum_b m[n,b] * s[i,b].
+// Weight value j (0..31) of row r in a panel block (see the layout above).
 template <int64_t QT>
-float min_term(const Weights& w, int64_t n, const Acts& a, int64_t i) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < w.nb; ++b) {
-    const int64_t wb = n * w.nb + b;
-    const float m = QT == kQ4_1 ? f16_to_f32(w.m[wb]) : -8.0f * f16_to_f32(w.d[wb]);
-    sum += m * a.s[i * a.nb + b];
-  }
-  return QT == kQ8_0 ? 0.0f : sum;
+inline int32_t weight_value(const uint8_t* block, int r, int j) {
+  if constexpr (QT == kQ8_0) return static_cast<int8_t>(block[(j / 4 * kPanelRows + r) * 4 + j % 4]);
+  const int byte_index = j % 16;
+  const uint8_t byte = block[(byte_index / 4 * kPanelRows + r) * 4 + byte_index % 4];
+  const int32_t q = j < 16 ? byte & 0x0F : byte >> 4;
+  return QT == kQ4_0 ? q - 8 : q;
 }
 
-// Portable tile: the same arithmetic, one (row, row) pair at a time.
-template <int64_t QT, int RW, int RX>
-void tile(const Weights& w, int64_t n0, const Acts& a, int64_t m0, float* y, int64_t ldy) {
-  const uint8_t* base = group_base<QT>(w, n0);
-  for (int r = 0; r < RW; ++r) {
-    const uint16_t* wd = w.d + (n0 + r) * w.nb;
+// Portable tile: the same arithmetic, one (weight row, activation row) pair at a time.
+template <int64_t QT, int RX>
+void tile(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0,
+          int64_t b1, bool add, float* y, int64_t ldy) {
+  constexpr int kBlockBytes = kPanelRows * quant_bytes<QT>();
+  for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < RX; ++c) {
       const int8_t* xq = a.q + (m0 + c) * a.k;
-      float acc = 0.0f;
-      for (int64_t b = 0; b < w.nb; ++b) {
+      float out = add ? y[(m0 + c) * ldy + n0 + r] : 0.0f;
+      for (int64_t b = b0; b < b1; ++b) {
         int32_t isum = 0;
-        for (int64_t j = 0; j < kBlock; ++j)
-          isum += quant_value<QT>(base, RW, r, w.nb, b, j) * xq[b * kBlock + j];
-        acc += f16_to_f32(wd[b]) * a.d[(m0 + c) * w.nb + b] * static_cast<float>(isum);
+        for (int j = 0; j < kBlock; ++j)
+          isum += weight_value<QT>(p.q + b * kBlockBytes, r, j) * xq[b * kBlock + j];
+        const int64_t xb = (m0 + c) * a.nb + b;
+        out = std::fma(static_cast<float>(isum), f16_to_f32(p.d[8 * b + r]) * a.d[xb], out);
+        if constexpr (QT == kQ4_1) out = std::fma(f16_to_f32(p.m[8 * b + r]), a.s[xb], out);
       }
-      y[(m0 + c) * ldy + n0 + r] = acc + min_term<QT>(w, n0 + r, a, m0 + c);
+      y[(m0 + c) * ldy + n0 + r] = out;
     }
   }
 }
 #endif
 
-// Weight rows [n0, n0 + RW) against all M activation rows, RX rows at a time.
-template <int64_t QT, int RW, int RX>
-void row_group(const Weights& w, int64_t n0, const Acts& a, int64_t num_rows, float* y) {
-  int64_t m0 = 0;
-  for (; m0 + RX <= num_rows; m0 += RX) tile<QT, RW, RX>(w, n0, a, m0, y, w.n);
-  switch (num_rows - m0) {  // the last few activation rows
-    case 3: tile<QT, RW, 3>(w, n0, a, m0, y, w.n); break;
-    case 2: tile<QT, RW, 2>(w, n0, a, m0, y, w.n); break;
-    case 1: tile<QT, RW, 1>(w, n0, a, m0, y, w.n); break;
+// Panel p's arrays. A full panel is read in place; the last one, of N % 8 rows, is copied
+// into `pad` zero-padded to 8 rows (so the kernels only ever see full panels).
+template <int64_t QT>
+Panel panel_at(const Weights& w, int64_t p, std::vector<uint8_t>& pad) {
+  constexpr int64_t steps = quant_bytes<QT>() / 4;
+  const int64_t n0 = p * kPanelRows, rows = std::min<int64_t>(kPanelRows, w.n - n0);
+  const uint8_t* q = w.qs + n0 * w.nb * quant_bytes<QT>();
+  const uint16_t* d = w.d + n0 * w.nb;
+  const uint16_t* m = w.m ? w.m + n0 * w.nb : nullptr;
+  if (rows == kPanelRows) return Panel{q, d, m};
+  const int64_t q_bytes = w.nb * steps * kPanelRows * 4, s_bytes = w.nb * kPanelRows * 2;
+  pad.assign(q_bytes + 2 * s_bytes, 0);
+  uint8_t* pq = pad.data();
+  auto* pd = reinterpret_cast<uint16_t*>(pad.data() + q_bytes);
+  auto* pm = reinterpret_cast<uint16_t*>(pad.data() + q_bytes + s_bytes);
+  for (int64_t u = 0; u < w.nb * steps; ++u)  // unit u = (block, step): rows x 4 bytes
+    std::memcpy(pq + u * kPanelRows * 4, q + u * rows * 4, rows * 4);
+  for (int64_t b = 0; b < w.nb; ++b) {
+    std::memcpy(pd + b * kPanelRows, d + b * rows, rows * 2);
+    if (m) std::memcpy(pm + b * kPanelRows, m + b * rows, rows * 2);
+  }
+  return Panel{pq, pd, m ? pm : nullptr};
+}
+
+// Activation rows per tile in prefill: an accumulator and an output each, so 8 rows need
+// AVX-512's 32 vector registers.
+#if defined(__AVX512VL__)
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 4;
+#endif
+
+// Activation rows [m0, m0 + count) against a panel, RX rows at a time, blocks [b0, b1).
+template <int64_t QT>
+void tiles(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t count,
+           int64_t b0, int64_t b1, float* y, int64_t ldy) {
+  const bool add = b0 > 0;
+  int64_t c = 0;
+  for (; c + kTileRows <= count; c += kTileRows)
+    tile<QT, kTileRows>(p, n0, rows, a, m0 + c, b0, b1, add, y, ldy);
+  const auto rest = [&]<int RX>() { tile<QT, RX>(p, n0, rows, a, m0 + c, b0, b1, add, y, ldy); };
+  switch (count - c) {
+    case 1: rest.template operator()<1>(); break;
+    case 2: rest.template operator()<2>(); break;
+    case 3: rest.template operator()<3>(); break;
+#if defined(__AVX512VL__)
+    case 4: rest.template operator()<4>(); break;
+    case 5: rest.template operator()<5>(); break;
+    case 6: rest.template operator()<6>(); break;
+    case 7: rest.template operator()<7>(); break;
+#endif
     default: break;
   }
 }
 
-// Split the output rows over torch's intra-op threads in groups of kRows rows.
-template <int64_t QT, int RX>
-void gemm_rows(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
-  const int64_t num_groups = (w.n + kRows - 1) / kRows;
+// Bytes of activations per block and row, the share of a core's L2 a block of activation
+// rows may take (every panel rereads it), and the most rows in such a block.
+constexpr int64_t kActBudget = 384 << 10;
+constexpr int64_t kMaxRowBlock = 256;
+
+// Blocked like a BLAS: for a block of <= 256 activation rows and a span of blocks whose
+// activations fit kActBudget, each of this thread's panels sweeps all those rows, its span
+// (<= 12 KB) staying in L1 meanwhile. Decode (M <= 8) is one span: each thread streams its
+// panels once, in memory order.
+template <int64_t QT>
+void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
+  const int64_t num_panels = (w.n + kPanelRows - 1) / kPanelRows;
+  const int64_t row_block = std::min(num_rows, kMaxRowBlock);
+  const int64_t span = std::clamp<int64_t>(kActBudget / (row_block * kBlock), 1, w.nb);
   // Enough work per task to pay for waking a thread (~2-3 us): ~192K multiply-adds, so
   // SmolLM2's k/v (192 x 576) run on one thread and its q/o (576 x 576) on two.
-  const int64_t grain = std::max<int64_t>(1, (192 << 10) / (kRows * a.k * num_rows));
-  at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = g * kRows;
-      if (n0 + kRows <= w.n) {
-        row_group<QT, kRows, RX>(w, n0, a, num_rows, y);
-      } else {
-        for (int64_t n = n0; n < w.n; ++n) row_group<QT, 1, RX>(w, n, a, num_rows, y);
+  const int64_t grain = std::max<int64_t>(1, (192 << 10) / (kPanelRows * a.k * num_rows));
+  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> pad;
+    for (int64_t m0 = 0; m0 < num_rows; m0 += row_block) {
+      const int64_t count = std::min(row_block, num_rows - m0);
+      for (int64_t b0 = 0; b0 < w.nb; b0 += span) {
+        const int64_t b1 = std::min(w.nb, b0 + span);
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t n0 = p * kPanelRows;
+          const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, w.n - n0));
+          const Panel panel = panel_at<QT>(w, p, pad);
+          tiles<QT>(panel, n0, rows, a, m0, count, b0, b1, y, w.n);
+        }
       }
     }
   });
 }
 
-template <int64_t QT>
-void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
-  // Decode (M = 1..3): one tile per 4 weight rows. Prefill: also 4 activation rows per tile
-  // where AVX-512 gives 32 vector registers for the 16 accumulators, else 2.
-#if defined(__AVX512VL__)
-  constexpr int prefill_rows = 4;
-#else
-  constexpr int prefill_rows = 2;
-#endif
-  switch (num_rows) {
-    case 1: gemm_rows<QT, 1>(w, a, num_rows, y); break;
-    case 2: gemm_rows<QT, 2>(w, a, num_rows, y); break;
-    case 3: gemm_rows<QT, 3>(w, a, num_rows, y); break;
-    default: gemm_rows<QT, prefill_rows>(w, a, num_rows, y); break;
-  }
-}
-
 struct QuantizedRows {
-  at::Tensor q, d, s;
+  at::Tensor q, d, s, sum;
 };
 
 QuantizedRows quantize_rows_impl(const at::Tensor& x) {
   const int64_t num_rows = x.size(0), k = x.size(1), nb = k / kBlock;
   QuantizedRows out{at::empty({num_rows, k}, x.options().dtype(at::kChar)),
-                    at::empty({num_rows, nb}, x.options()), at::empty({num_rows, nb}, x.options())};
+                    at::empty({num_rows, nb}, x.options()), at::empty({num_rows, nb}, x.options()),
+                    at::empty({num_rows, nb}, x.options().dtype(at::kInt))};
   const float* xp = x.const_data_ptr<float>();
   int8_t* qp = out.q.mutable_data_ptr<int8_t>();
   float* dp = out.d.mutable_data_ptr<float>();
   float* sp = out.s.mutable_data_ptr<float>();
+  int32_t* ip = out.sum.mutable_data_ptr<int32_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / k);
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_row(xp + i * k, nb, qp + i * k, dp + i * nb, sp + i * nb);
+      quantize_row(xp + i * k, nb, qp + i * k, dp + i * nb, sp + i * nb, ip + i * nb);
   });
   return out;
 }
@@ -468,7 +473,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   if (num_rows == 0 || w.n == 0) return y;
   const QuantizedRows xq = quantize_rows_impl(x);
   const Acts a{xq.q.const_data_ptr<int8_t>(), xq.d.const_data_ptr<float>(),
-               xq.s.const_data_ptr<float>(), x.size(1), w.nb};
+               xq.s.const_data_ptr<float>(), xq.sum.const_data_ptr<int32_t>(), x.size(1), w.nb};
   float* yp = y.mutable_data_ptr<float>();
   if (qtype == kQ8_0) gemm<kQ8_0>(w, a, num_rows, yp);
   else if (qtype == kQ4_0) gemm<kQ4_0>(w, a, num_rows, yp);
@@ -477,7 +482,9 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 }
 
 std::string isa() {
-#if defined(LQ_VNNI)
+#if defined(LQ_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return "avx512+vnni";  // k_gemm.cpp's prefill panels use 512-bit vectors
+#elif defined(LQ_VNNI)
   return "avx2+vnni";
 #elif defined(LQ_AVX2)
   return "avx2";
