@@ -17,6 +17,7 @@ from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
+from levante.heap import compact_heap
 from levante.load_config import DTYPES, GGUF_LOAD_FORMATS, LoadConfig, dtype_name
 from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
@@ -65,6 +66,11 @@ def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str
     config = _config_of(config, dtype=dtype, device=device, max_seq_len=max_seq_len,
                         quant=quant).on_device()
     path = resolve(ref)
+    with compact_heap():  # the load's temporaries go back to the OS, not into heap holes
+        return _load(ref, path, config)
+
+
+def _load(ref: str, path: Path, config: LoadConfig) -> Bundle:
     if path.is_file():
         bundle = _load_gguf(ref, path, config)
     elif (path / "config.json").exists():

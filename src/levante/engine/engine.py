@@ -19,6 +19,7 @@ from levante.engine.runner import ModelRunner
 from levante.engine.sampler import Sampler, SamplingParams, make_generator
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ConfigError, ContextLengthError, RequestError
+from levante.heap import compact_heap
 from levante.model import Transformer
 from levante.quant import kernels
 from levante.structured import Grammar, MatcherError, fill_masks
@@ -112,7 +113,8 @@ class Engine:
                  config: EngineConfig | None = None, *, adapters: AdapterSet | None = None
                  ) -> None:
         self.model = model
-        model.fuse_projections()  # q/k/v and gate/up as one matmul each: fewer, larger calls
+        with compact_heap():  # the parts' freed arrays leave no resident holes
+            model.fuse_projections()  # q/k/v and gate/up as one matmul each: fewer, larger calls
         self.tokenizer = tokenizer
         self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
         dtype = self.kv_cache_dtype(model, self.config)
