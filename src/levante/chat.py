@@ -11,27 +11,20 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import jinja2
 import jinja2.ext
 import jinja2.utils
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from mistral_common.exceptions import MistralCommonException
-from mistral_common.protocol.instruct.converters import (
-    convert_openai_messages,
-    convert_openai_tools,
-)
-from mistral_common.protocol.instruct.normalize import get_normalizer
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
-from pydantic import ValidationError
 
 from levante.errors import ModelFileError, RequestError
 from levante.tokenizer import MistralTokenizer, Tokenizer
 from levante.tools import json_calls_text, json_result_text
+
+if TYPE_CHECKING:  # mistral-common and pydantic (~0.45 s to import) load for Tekken models only
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 Message = dict[str, Any]
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -169,6 +162,8 @@ def _with_mistral_ids(message: Message) -> Message:
 
 def _describe(error: Exception) -> str:
     """A pydantic error as one short line per problem ("tool_calls.0.id: ..."), else str()."""
+    from pydantic import ValidationError
+
     if not isinstance(error, ValidationError):
         return str(error)
     details = [
@@ -182,6 +177,12 @@ class MistralChatFormat:
     """Mistral's instruct format (V7 for Mistral Small 3), encoded by mistral-common itself."""
 
     def __init__(self, tokenizer: MistralTokenizer) -> None:
+        from mistral_common.protocol.instruct.normalize import get_normalizer
+        from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+        from mistral_common.tokens.tokenizers.mistral import (
+            MistralTokenizer as MistralCommonTokenizer,
+        )
+
         self.tokenizer = tokenizer
         self._mistral = tokenizer.mistral
         tekken = tokenizer.mistral.instruct_tokenizer.tokenizer
@@ -197,6 +198,12 @@ class MistralChatFormat:
         self, messages: list[Message], *, tools: list[dict[str, Any]] | None = None
     ) -> ChatCompletionRequest:
         """The mistral-common request for OpenAI-shaped messages (tool-call ids mapped)."""
+        from mistral_common.protocol.instruct.converters import (
+            convert_openai_messages,
+            convert_openai_tools,
+        )
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
         check_messages(messages)
         if tools is not None:
             _check_tools(tools)
@@ -220,6 +227,8 @@ class MistralChatFormat:
         add_generation_prompt: bool = True,
     ) -> list[int]:
         """Prompt ids; with add_generation_prompt the last message must be user or tool."""
+        from mistral_common.exceptions import MistralCommonException
+
         request = self.request(messages, tools=tools)
         encoder = self._mistral if add_generation_prompt else self._mistral_any_last
         try:

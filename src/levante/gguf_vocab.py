@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mistral_common.tokens.tokenizers.base import SpecialTokens, TokenizerVersion
-from mistral_common.tokens.tokenizers.tekken import SpecialTokenInfo, Tekkenizer, TokenInfo
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
 from levante.errors import ModelFileError
+
+if TYPE_CHECKING:  # mistral-common (~0.45 s to import) loads only for a Tekken vocabulary
+    from mistral_common.tokens.tokenizers.tekken import SpecialTokenInfo, Tekkenizer, TokenInfo
 
 TEKKEN_PRE = "tekken"
 GGUF_NORMAL_TOKEN = 1  # llama.cpp's LLAMA_TOKEN_TYPE_NORMAL
@@ -58,15 +60,22 @@ TEKKEN_PATTERN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-TEKKEN_VERSION = TokenizerVersion.v7
+TEKKEN_VERSION = "v7"  # mistral-common's TokenizerVersion.v7
 # Control tokens the Tekkenizer and V7 instruct encoder look up by name.
 V7_CONTROL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
                      "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]",
                      "[PREFIX]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
                      "[TOOL_CONTENT]")
-# Control tokens that only tokenizers newer than V7 define ("[ARGS]", "[CALL_ID]", "[THINK]", ...).
-NEWER_CONTROL_TOKENS = frozenset(str(t.value) for t in SpecialTokens) - frozenset(
-    str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS)
+
+
+@cache
+def newer_control_tokens() -> frozenset[str]:
+    """Control tokens only tokenizers newer than V7 define ("[ARGS]", "[CALL_ID]", "[THINK]"...)."""
+    from mistral_common.tokens.tokenizers.base import SpecialTokens
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    return frozenset(str(t.value) for t in SpecialTokens) - frozenset(
+        str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS)
 
 
 def byte_level_alphabet() -> dict[int, str]:
@@ -115,13 +124,16 @@ def tekken_json_from_gguf(meta: Mapping[str, Any], path: str | Path) -> dict[str
     vocab = _tekken_vocab(tokens[num_special:], num_special, path)
     config = {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": len(vocab),
               "default_vocab_size": len(tokens), "default_num_special_tokens": num_special,
-              "version": TEKKEN_VERSION.value}
+              "version": TEKKEN_VERSION}
     return {"config": config, "vocab": vocab,
             "special_tokens": _tekken_special_tokens(tokens[:num_special], path)}
 
 
 def tekkenizer_from_gguf(meta: Mapping[str, Any], path: str | Path) -> Tekkenizer:
     """mistral-common's Tekkenizer (V7) from a Tekken GGUF's tokens and token types."""
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
     data = tekken_json_from_gguf(meta, path)
     config = data["config"]
     try:
@@ -162,17 +174,21 @@ def _tekken_special_tokens(names: list[str], path: str | Path) -> list[SpecialTo
     if missing:
         raise ModelFileError(path, f"{key}: a Tekken (V7) vocabulary needs control tokens "
                                    f"{', '.join(missing)} among its first {len(names)}")
-    newer = sorted(NEWER_CONTROL_TOKENS.intersection(names))
+    newer = sorted(newer_control_tokens().intersection(names))
     if newer:
         raise ModelFileError(path, f"{key}: control tokens {', '.join(newer)} belong to a Tekken "
                                    f"tokenizer newer than V7, whose instruct version the GGUF does "
                                    f"not record; load the model's folder with its tekken.json")
+    from mistral_common.tokens.tokenizers.tekken import SpecialTokenInfo
+
     return [SpecialTokenInfo(rank=i, token_str=name, is_control=True)
             for i, name in enumerate(names)]
 
 
 def _tekken_vocab(pieces: list[str], num_special: int, path: str | Path) -> list[TokenInfo]:
     """Tekken's ranked vocabulary from byte-level token strings (rank = position)."""
+    from mistral_common.tokens.tokenizers.tekken import TokenInfo
+
     key = "tokenizer.ggml.tokens"
     to_byte = {char: byte for byte, char in byte_level_alphabet().items()}
     vocab: list[TokenInfo] = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import platform
 from collections.abc import Iterator
 
@@ -55,5 +54,4 @@ def compact_heap() -> Iterator[None]:
         if _depth == 0:
             libc.mallopt(_M_MMAP_THRESHOLD, _RUN_MMAP_THRESHOLD)
             libc.mallopt(_M_TRIM_THRESHOLD, _RUN_TRIM_THRESHOLD)
-            gc.collect()
-            libc.malloc_trim(0)
+            libc.malloc_trim(0)  # (no gc.collect: tensors free by refcount; it cost 0.14 s)

@@ -33,7 +33,6 @@ import llguidance
 import llguidance.numpy  # not llguidance.torch: importing it pulls in sympy etc. (+118 MB RSS)
 import numpy as np
 import torch
-from mistral_common.guidance.tokenizer import from_mistral_tokenizer
 
 from levante.errors import RequestError
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
@@ -68,6 +67,8 @@ def llguidance_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     """llguidance's view of our tokenizer (0.2-0.5 s to build: GrammarCompiler keeps one)."""
     if isinstance(tokenizer, MistralTokenizer):
         # mistral-common's adapter spells control tokens "<TOOL_CALLS>" as llguidance wants.
+        from mistral_common.guidance.tokenizer import from_mistral_tokenizer
+
         return from_mistral_tokenizer(tokenizer.mistral)
     if isinstance(tokenizer, HFTokenizer):
         if not tokenizer.eos_ids:

@@ -6,19 +6,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from mistral_common.protocol.instruct.normalize import get_normalizer
-from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
-from mistral_common.tokens.tokenizers.instruct import (
-    InstructTokenizerV3,
-    InstructTokenizerV7,
-    InstructTokenizerV11,
-    InstructTokenizerV13,
-)
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
-from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from tokenizers import Tokenizer as HFBackend
 
 from levante.errors import ModelFileError
@@ -28,6 +17,13 @@ from levante.gguf_vocab import (
     bpe_backend_from_gguf,
     tekkenizer_from_gguf,
 )
+
+if TYPE_CHECKING:  # mistral-common (~0.45 s to import) loads only for a Tekken model
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.mistral import (
+        MistralTokenizer as MistralCommonTokenizer,
+    )
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -57,13 +53,19 @@ class Tokenizer(Protocol):
         ...
 
 
-# Instruct encoders by tokenizer version; V7 is Mistral Small 3's.
-_INSTRUCT_TOKENIZERS: dict[TokenizerVersion, Callable[[Tekkenizer], Any]] = {
-    TokenizerVersion.v3: InstructTokenizerV3,
-    TokenizerVersion.v7: InstructTokenizerV7,
-    TokenizerVersion.v11: InstructTokenizerV11,
-    TokenizerVersion.v13: InstructTokenizerV13,
-}
+def _instruct_tokenizers() -> dict[TokenizerVersion, Callable[[Tekkenizer], Any]]:
+    """Instruct encoders by tokenizer version; V7 is Mistral Small 3's."""
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.instruct import (
+        InstructTokenizerV3,
+        InstructTokenizerV7,
+        InstructTokenizerV11,
+        InstructTokenizerV13,
+    )
+
+    return {TokenizerVersion.v3: InstructTokenizerV3, TokenizerVersion.v7: InstructTokenizerV7,
+            TokenizerVersion.v11: InstructTokenizerV11,
+            TokenizerVersion.v13: InstructTokenizerV13}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -85,6 +87,9 @@ def _load_tekken(path: Path, version: str) -> Tekkenizer:
     mistral-common's shipped tekken_240911.json is labelled v3 and has no special-token list;
     Mistral-Small-3 repos' tekken.json carry both. A file's own list wins (with its version).
     """
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
     data = _read_json(path)
     if "special_tokens" in data:
         try:
@@ -119,7 +124,10 @@ class MistralTokenizer:
 
     def __init__(self, mistral: MistralCommonTokenizer) -> None:
         self.mistral = mistral
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
         self._tekken: Tekkenizer = mistral.instruct_tokenizer.tokenizer
+        self._skip_special, self._keep_special = SpecialTokenPolicy.IGNORE, SpecialTokenPolicy.KEEP
         self.vocab_size = self._tekken.n_words
         self.bos_id: int | None = self._tekken.bos_id
         self.eos_ids = frozenset({self._tekken.eos_id})
@@ -146,9 +154,16 @@ class MistralTokenizer:
     @classmethod
     def _from_tekken(cls, tekken: Tekkenizer, path: str | Path) -> MistralTokenizer:
         """mistral-common's tokenizer with the instruct encoder of `tekken`'s version."""
-        instruct = _INSTRUCT_TOKENIZERS.get(tekken.version)
+        from mistral_common.protocol.instruct.normalize import get_normalizer
+        from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+        from mistral_common.tokens.tokenizers.mistral import (
+            MistralTokenizer as MistralCommonTokenizer,
+        )
+
+        encoders = _instruct_tokenizers()
+        instruct = encoders.get(tekken.version)
         if instruct is None:
-            supported = ", ".join(str(v.value) for v in _INSTRUCT_TOKENIZERS)
+            supported = ", ".join(str(v.value) for v in encoders)
             raise ModelFileError(
                 path, f"tokenizer version {tekken.version.value} unsupported ({supported})"
             )
@@ -165,7 +180,7 @@ class MistralTokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """Text of `ids`; with skip_special=False control tokens appear as "[INST]" etc."""
-        policy = SpecialTokenPolicy.IGNORE if skip_special else SpecialTokenPolicy.KEEP
+        policy = self._skip_special if skip_special else self._keep_special
         return self._tekken.decode([int(i) for i in ids], special_token_policy=policy)
 
     def token_text(self, token_id: int) -> str:

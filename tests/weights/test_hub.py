@@ -256,9 +256,10 @@ class FakeHub:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> None:
-    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "HfApi", lambda: fake)
-    monkeypatch.setattr(hub, "snapshot_download", fake.snapshot_download)
+    # levante.weights.hub imports these from huggingface_hub when it downloads
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: fake)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
 
 
 def test_online_pull_downloads_hf_format_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -310,9 +310,15 @@ def _copy_gguf_tokenizer(writer: GGUFWriter, path: Path) -> None:
 
 
 def _add_tekken(writer: GGUFWriter, folder: Path) -> None:
-    from gguf.vocab import MistralVocab
+    import importlib
 
-    vocab = MistralVocab(folder)
+    import gguf.vocab
+
+    # `import levante` loads gguf without its mistral-common tokenizers (levante/__init__.py);
+    # MistralVocab needs them: load gguf.vocab again with mistral-common importable.
+    if not gguf.vocab._mistral_common_installed:
+        importlib.reload(gguf.vocab)
+    vocab = gguf.vocab.MistralVocab(folder)
     tokens, scores, types = zip(*vocab.all_tokens())
     writer.add_tokenizer_model(vocab.gguf_tokenizer_model)
     writer.add_tokenizer_pre("tekken")

