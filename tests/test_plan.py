@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType
 
 from levante.errors import ConfigError
-from levante.plan import FIXED_OVERHEAD_BYTES, bits_per_weight, plan
+from levante.plan import ACTIVATION_COPIES, FIXED_OVERHEAD_BYTES, bits_per_weight, plan
 
 Q = GGMLQuantizationType
 GB = 10**9
@@ -48,7 +51,9 @@ def test_mistral_small_3_q4_k_m_at_32k_in_24gb_by_hand() -> None:
     assert result.kv_bytes_per_token == per_token == 163_840
     assert result.kv_cache_bytes == 32768 * per_token
     activations = 512 * (2 * dim + (32 + 2 * 8) * 128 + 2 * ffn) * 4
-    assert result.overhead_bytes == FIXED_OVERHEAD_BYTES + activations + vocab * 4
+    assert result.overhead_bytes == (FIXED_OVERHEAD_BYTES + ACTIVATION_COPIES * activations
+                                     + vocab * 4)
+    assert result.mapped_bytes == 0  # quantized from the preset: no file to map
     total = weights + 32768 * per_token + result.overhead_bytes
     assert result.total_bytes == total and result.fits is (total <= 24 * GB) is True
     room = 24 * GB - weights - result.overhead_bytes
@@ -133,3 +138,36 @@ def test_fallbacks_agree_with_the_writer() -> None:
     from levante.quant.export import LLAMA_CPP_FALLBACK
 
     assert K_FALLBACK == LLAMA_CPP_FALLBACK
+
+
+MEASURE_SCRIPT = """
+import json, sys
+import torch
+from levante import LLM, SamplingParams
+path, quant, dtype, context = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(2)
+llm = LLM(path, max_model_len=context, quant=quant, dtype=dtype)
+vocab = llm.bundle.config.vocab_size
+prompt = [1000 + (7 * i) % (vocab - 2000) for i in range(context - 2)]  # fills the context
+llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+with open("/proc/self/status") as status:
+    peak_kib = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+print(json.dumps({"peak": peak_kib * 1024, "quant": llm.bundle.load_config.quant}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize(("quant", "dtype", "planned_as"),
+                         [("auto", "auto", None), ("none", "float32", "f32"),
+                          ("none", "bfloat16", "bf16")])
+def test_plan_equals_measured_peak_rss(smollm2_gguf: Path, quant: str, dtype: str,
+                                       planned_as: str | None) -> None:
+    """`levante plan` within 10% of the peak RSS of a fresh process whose prompt fills the
+    context: the file as stored (Q4_1 blocks), dequantized to float32, and to bfloat16."""
+    context = 2048
+    out = subprocess.run([sys.executable, "-c", MEASURE_SCRIPT, str(smollm2_gguf), quant, dtype,
+                          str(context)], check=True, capture_output=True, text=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    predicted = plan(str(smollm2_gguf), quant=planned_as, context=context).total_bytes
+    assert abs(predicted - measured["peak"]) <= 0.1 * measured["peak"], (
+        f"plan {predicted / 2**20:.0f} MiB, measured {measured['peak'] / 2**20:.0f} MiB")

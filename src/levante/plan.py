@@ -24,7 +24,11 @@ from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected
 Q = GGMLQuantizationType
 # The engine's default KV storage: 16-bit, as GPU servers and llama.cpp keep it.
 DEFAULT_KV_CACHE_DTYPE = "float16"
-FIXED_OVERHEAD_BYTES = 512 * 2**20  # allocator slack, runtime context, code: an allowance
+# Measured (peak RSS of a generate filling its context, less weights and KV): a process that
+# has imported torch and Levante holds ~300 MB; with the tokenizer, the kernels and allocator
+# slack ~380 MB. A prefill chunk keeps ~3 copies of a layer's widest activations alive.
+FIXED_OVERHEAD_BYTES = 380 * 2**20
+ACTIVATION_COPIES = 3
 PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
 
 # The launch post's deployment table for Mistral Small 3, shown next to our numbers.
@@ -136,6 +140,9 @@ class Plan:
     memory: int | None
     num_params: int
     weights_bytes: int  # per device
+    # of weights_bytes: an untied embedding read from the file's memory map, resident only as
+    # tokens are looked up (a file run as stored); not counted in total_bytes
+    mapped_bytes: int
     kv_bytes_per_token: int  # per device, one sequence
     kv_cache_bytes: int  # per device, context x batch
     overhead_bytes: int
@@ -157,6 +164,7 @@ class _Weights:
     stored_bytes: int | None  # what the file holds as it is (None for presets)
     stored_format: str | None
     source: str
+    embedding_bytes: int = 0  # the token embedding as stored
 
 
 def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = None,
@@ -166,6 +174,8 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
 
     Per device: weights / tensor_parallel, KV heads split across devices (at least one each),
     overhead = FIXED_OVERHEAD_BYTES + one prefill chunk's activations + the batch's logits.
+    A file run as stored reads an untied embedding from its memory map (`mapped_bytes`): only
+    looked-up rows become resident, so the total leaves it out.
     """
     weights = _weights(ref_or_preset)
     config = weights.config
@@ -174,8 +184,11 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
     if kv_cache_dtype not in KV_BYTES_PER_VALUE:
         raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_BYTES_PER_VALUE)}; "
                           f"got {kv_cache_dtype!r}")
+    mapped = 0
     if quant is None and weights.stored_bytes is not None:
         fmt, total_weights = weights.stored_format or "stored", weights.stored_bytes
+        if not config.tie_embeddings and tensor_parallel == 1:
+            mapped = weights.embedding_bytes
     else:
         fmt = quant or "bf16"  # a preset without --quant: bf16, as checkpoints ship
         total_weights = _format_bytes(fmt, weights)
@@ -185,15 +198,16 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
                              * KV_BYTES_PER_VALUE[kv_cache_dtype])
     kv_cache = kv_per_token * context * batch
     overhead = overhead_bytes(config, batch, tensor_parallel)
-    total = weights_bytes + kv_cache + overhead
+    total = weights_bytes - mapped + kv_cache + overhead
     fits = None if memory is None else total <= memory
     max_context = None
     if memory is not None:
-        room = memory - weights_bytes - overhead
+        room = memory - (weights_bytes - mapped) - overhead
         max_context = max(0, min(config.max_seq_len, room // (kv_per_token * batch)))
     rows = tuple(_row(f, weights, ref_or_preset) for f in FORMATS)
     return Plan(ref_or_preset, weights.source, fmt, context, batch, tensor_parallel, memory,
-                sum(math.prod(s) for s in weights.shapes.values()), weights_bytes, kv_per_token,
+                sum(math.prod(s) for s in weights.shapes.values()), weights_bytes, mapped,
+                kv_per_token,
                 kv_cache, overhead, total, fits, max_context, config.max_seq_len, rows)
 
 
@@ -201,7 +215,8 @@ def overhead_bytes(config: ModelConfig, batch: int, tensor_parallel: int = 1) ->
     """Runtime allowance + float32 activations of one prefill chunk + the batch's logits."""
     width = (config.dim * 2 + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
              + 2 * config.ffn_dim) // tensor_parallel
-    return FIXED_OVERHEAD_BYTES + PREFILL_CHUNK_TOKENS * width * 4 + batch * config.vocab_size * 4
+    return (FIXED_OVERHEAD_BYTES + ACTIVATION_COPIES * PREFILL_CHUNK_TOKENS * width * 4
+            + batch * config.vocab_size * 4)
 
 
 def _check_args(quant: str | None, context: int, batch: int, memory: int | None,
@@ -266,7 +281,9 @@ def _gguf_weights(path: Path) -> _Weights:
             shapes[ours] = gguf_file.tensor_shape(name)
             stored += gguf_file.nbytes(name)
     file_type = gguf_file.metadata.get("general.file_type")
-    return _Weights(config, shapes, stored, _FILE_TYPES.get(file_type), "gguf")
+    embedding = gguf_file.nbytes("token_embd.weight") \
+        if "token_embd.weight" in gguf_file.tensor_names else 0
+    return _Weights(config, shapes, stored, _FILE_TYPES.get(file_type), "gguf", embedding)
 
 
 # general.file_type (llama.cpp's LLAMA_FTYPE_*) -> our format name
@@ -287,16 +304,19 @@ def _safetensors_weights(folder: Path) -> _Weights:
         files = sorted(folder.glob("consolidated*.safetensors"))
     else:
         raise ModelFileError(folder, "folder has neither config.json nor params.json")
-    stored, dtypes = 0, set()
+    stored, embedding, dtypes = 0, 0, set()
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 tensor = f.get_slice(name)
                 dtypes.add(tensor.get_dtype())
-                stored += math.prod(tensor.get_shape()) * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+                nbytes = math.prod(tensor.get_shape()) * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+                stored += nbytes
+                if name in ("model.embed_tokens.weight", "tok_embeddings.weight"):
+                    embedding = nbytes
     fmt = {"BF16": "bf16", "F16": "f16", "F32": "f32"}.get(dtypes.pop()) if len(dtypes) == 1 \
         else None
-    return _Weights(config, expected_shapes(config), stored, fmt, "safetensors")
+    return _Weights(config, expected_shapes(config), stored, fmt, "safetensors", embedding)
 
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F64": 8, "I32": 4, "I64": 8}

@@ -155,7 +155,10 @@ def plan(
     console.print(table)
     per_device = " per device" if result.tensor_parallel > 1 else ""
     console.print(
-        f"{result.quant} weights {result.weights_bytes / 1e9:.2f} GB{per_device}; KV cache "
+        f"{result.quant} weights {result.weights_bytes / 1e9:.2f} GB{per_device}"
+        + (f" ({result.mapped_bytes / 1e9:.2f} GB of it the memory-mapped embedding, resident "
+           "as tokens are looked up)" if result.mapped_bytes else "")
+        + "; KV cache "
         f"{result.kv_bytes_per_token / 1024:.0f} KiB/token x {result.context} tokens x "
         f"{result.batch} = {result.kv_cache_bytes / 1e9:.2f} GB; overhead "
         f"{result.overhead_bytes / 1e9:.2f} GB; total {result.total_bytes / 1e9:.2f} GB")
