@@ -11,7 +11,13 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from levante.errors import ConfigError
-from levante.plan import ACTIVATION_COPIES, FIXED_OVERHEAD_BYTES, bits_per_weight, plan
+from levante.plan import (
+    ACTIVATION_COPIES,
+    FIXED_OVERHEAD_BYTES,
+    TOKENIZER_BYTES_PER_TOKEN,
+    bits_per_weight,
+    plan,
+)
 
 Q = GGMLQuantizationType
 GB = 10**9
@@ -52,7 +58,7 @@ def test_mistral_small_3_q4_k_m_at_32k_in_24gb_by_hand() -> None:
     assert result.kv_cache_bytes == 32768 * per_token
     activations = 512 * (2 * dim + (32 + 2 * 8) * 128 + 2 * ffn) * 4
     assert result.overhead_bytes == (FIXED_OVERHEAD_BYTES + ACTIVATION_COPIES * activations
-                                     + vocab * 4)
+                                     + vocab * 4 + TOKENIZER_BYTES_PER_TOKEN * vocab)
     assert result.mapped_bytes == 0  # quantized from the preset: no file to map
     total = weights + 32768 * per_token + result.overhead_bytes
     assert result.total_bytes == total and result.fits is (total <= 24 * GB) is True

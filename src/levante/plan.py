@@ -24,11 +24,14 @@ from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected
 Q = GGMLQuantizationType
 # The engine's default KV storage: 16-bit, as GPU servers and llama.cpp keep it.
 DEFAULT_KV_CACHE_DTYPE = "float16"
-# Measured (peak RSS of a generate filling its context, less weights and KV): a process that
-# has imported torch and Levante holds ~300 MB; with the tokenizer, the kernels and allocator
-# slack ~380 MB. A prefill chunk keeps ~3 copies of a layer's widest activations alive.
-FIXED_OVERHEAD_BYTES = 380 * 2**20
+# Fitted to measurements (peak RSS of a fresh process whose prompt fills its context, less
+# weights and KV, for SmolLM2 and the Mistral proxy): a process that has imported torch and
+# Levante holds ~270 MB, ~285 with the kernels and allocator slack; a prefill chunk keeps ~3
+# copies of a layer's widest activations alive; the tokenizer costs ~600 bytes a vocabulary
+# entry (HF BPE less, Tekken with mistral-common more).
+FIXED_OVERHEAD_BYTES = 285 * 2**20
 ACTIVATION_COPIES = 3
+TOKENIZER_BYTES_PER_TOKEN = 600
 PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
 
 # The launch post's deployment table for Mistral Small 3, shown next to our numbers.
@@ -173,8 +176,8 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
     """Plan memory for a preset name or a model ref; `quant` None means the file as stored.
 
     Per device: weights / tensor_parallel, KV heads split across devices (at least one each),
-    overhead = FIXED_OVERHEAD_BYTES + one prefill chunk's activations + the batch's logits.
-    A file run as stored reads an untied embedding from its memory map (`mapped_bytes`): only
+    overhead = FIXED_OVERHEAD_BYTES + one prefill chunk's activations + the batch's logits +
+    the tokenizer. A file run as stored reads an untied embedding from its memory map (`mapped_bytes`): only
     looked-up rows become resident, so the total leaves it out.
     """
     weights = _weights(ref_or_preset)
@@ -212,11 +215,12 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
 
 
 def overhead_bytes(config: ModelConfig, batch: int, tensor_parallel: int = 1) -> int:
-    """Runtime allowance + float32 activations of one prefill chunk + the batch's logits."""
+    """Runtime allowance + float32 activations of one prefill chunk + the batch's logits +
+    the tokenizer."""
     width = (config.dim * 2 + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
              + 2 * config.ffn_dim) // tensor_parallel
     return (FIXED_OVERHEAD_BYTES + ACTIVATION_COPIES * PREFILL_CHUNK_TOKENS * width * 4
-            + batch * config.vocab_size * 4)
+            + batch * config.vocab_size * 4 + TOKENIZER_BYTES_PER_TOKEN * config.vocab_size)
 
 
 def _check_args(quant: str | None, context: int, batch: int, memory: int | None,
