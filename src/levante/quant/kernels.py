@@ -398,17 +398,23 @@ def _prefill_attention_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     return q.new_empty(q.shape)
 
 
-def _compile_command(output: Path, *, arch: str = "native") -> list[str]:
-    """The compiler call; -march=native by default: the cached library never leaves this CPU."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+def _compile_flags(arch: str = "native") -> list[str]:
+    """The compiler and its flags, paths aside; -march=native by default: the cached library
+    never leaves this CPU."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    lib_dir = library_paths()[0]
     return [compiler, "-O3", f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
-            *map(str, SOURCES), "-o", str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{lib_dir}"]
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+
+
+def _compile_command(output: Path, *, arch: str = "native") -> list[str]:
+    """The compiler call (imports torch.utils.cpp_extension, ~0.15 s: only to build)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    lib_dir = library_paths()[0]
+    compiler, *flags = _compile_flags(arch)
+    return [compiler, *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), "-o",
+            str(output), f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
 
 
 def _cpu_fingerprint() -> str:
@@ -431,9 +437,11 @@ def _build() -> Path:
     from levante.weights.hub import levante_home
 
     key = hashlib.sha256()
+    # The command's include and library paths are torch's own folders: torch's location and
+    # version key them without importing cpp_extension on every start.
     for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)),
-                 torch.__version__.encode(),
-                 _cpu_fingerprint().encode(), " ".join(_compile_command(Path("out"))).encode(),
+                 torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
+                 _cpu_fingerprint().encode(), " ".join(_compile_flags()).encode(),
                  sys.version.encode()):
         key.update(part)
     folder = levante_home() / "kernels"
