@@ -125,8 +125,6 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
-// The same 4 activation bytes in every lane.
-inline __m256i broadcast4(const int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
 #endif
 
 // One row of x -> 8-bit blocks, llama.cpp's Q8 rule: d = amax / 127, q = round(x * 127 / amax)
@@ -191,182 +189,175 @@ constexpr int32_t sum_offset() {
 #ifdef LQ_AVX2
 constexpr int64_t kPrefetch = 2048;  // bytes of the weight stream requested ahead of use
 
-// out[c] lane r, for the panel's row r and activation row m0 + c, continued over blocks
+// The weight rows one kernel call covers and the vector operations on them, lane r for row
+// r: one panel (8 lanes, 256-bit), or with AVX-512 two adjacent panels (16 lanes, 512-bit:
+// this machine's AMD EPYC runs a 512-bit dpbusd at the 256-bit rate). `quants(off)` is the
+// 32-byte unit at byte `off` of each panel's block stream, `halves(&Panel::d, b)` block b's
+// f16 scales (or mins) of the rows as floats.
+struct OnePanel {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kRows = kPanelRows;
+  Panel p;
+
+  I quants(int64_t off) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.q + off));
+  }
+  F halves(const uint16_t* Panel::*field, int64_t b) const {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.*field + 8 * b)));
+  }
+  void prefetch(int64_t off) const {
+    _mm_prefetch(reinterpret_cast<const char*>(p.q + off), _MM_HINT_T0);
+  }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I bytes(char v) { return _mm256_set1_epi8(v); }
+  static I broadcast(int32_t v) { return _mm256_set1_epi32(v); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I srli16(I a, int n) { return _mm256_srli_epi16(a, n); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I quads(I acc, I u, I s) { return dot_quads(acc, u, s); }
+  static I sign(I a, I b) { return _mm256_sign_epi8(a, b); }
+  static F zero_f() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  // The first `rows` floats at src (the rest 0) / of v to dst.
+  static F load_rows(const float* src, int rows) {
+    if (rows == kRows) return _mm256_loadu_ps(src);
+    alignas(32) float lanes[kRows] = {};
+    for (int r = 0; r < rows; ++r) lanes[r] = src[r];
+    return _mm256_load_ps(lanes);
+  }
+  static void store_rows(float* dst, F v, int rows) {
+    if (rows == kRows) return _mm256_storeu_ps(dst, v);
+    alignas(32) float lanes[kRows];
+    _mm256_store_ps(lanes, v);
+    for (int r = 0; r < rows; ++r) dst[r] = lanes[r];
+  }
+};
+
+#ifdef LQ_AVX512
+struct TwoPanels {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kRows = 2 * kPanelRows;
+  Panel p, q;  // rows n0 .. n0 + 7 and n0 + 8 .. n0 + 15
+
+  I quants(int64_t off) const {
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.q + off))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.q + off)), 1);
+  }
+  F halves(const uint16_t* Panel::*field, int64_t b) const {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.*field + 8 * b));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.*field + 8 * b));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+  }
+  void prefetch(int64_t off) const {
+    _mm_prefetch(reinterpret_cast<const char*>(p.q + off), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q.q + off), _MM_HINT_T0);
+  }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I bytes(char v) { return _mm512_set1_epi8(v); }
+  static I broadcast(int32_t v) { return _mm512_set1_epi32(v); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I srli16(I a, int n) { return _mm512_srli_epi16(a, n); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I quads(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F load_rows(const float* src, int rows) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rows) - 1), src);
+  }
+  static void store_rows(float* dst, F v, int rows) {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << rows) - 1), v);
+  }
+};
+#endif
+
+// out[c] lane r, for the unit's row r and activation row m0 + c, continued over blocks
 // [b0, b1): per block, the exact integer dot isum, then out = fma(isum, d_w * d_x, out)
 // (Q4_1: then out = fma(m_w, s_x, out)). The same operations in the same order for any M
-// (decode, prefill, any span): a row's output does not depend on the batch (issue 18).
-template <int64_t QT, int RX>
-inline void panel_blocks(const Panel& p, const Acts& a, int64_t m0, int64_t b0, int64_t b1,
-                         __m256 out[RX]) {
+// and either unit (decode, prefill, any span): a row's output does not depend on the batch
+// (issue 18).
+template <int64_t QT, int RX, class U>
+inline void panel_blocks(const U& u, const Acts& a, int64_t m0, int64_t b0, int64_t b1,
+                         typename U::F out[RX]) {
+  using I = typename U::I;
   constexpr int kBlockBytes = kPanelRows * quant_bytes<QT>();
   // Few activation rows leave one dependent chain of 8 dot steps per block: split it.
   constexpr int kChains = RX <= 2 ? 2 : 1;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const I low4 = U::bytes(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* wq = p.q + b * kBlockBytes;
-    for (int off = 0; off < kBlockBytes; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch + off), _MM_HINT_T0);
-    __m256i acc[kChains][RX];
+    const int64_t block = b * kBlockBytes;
+    for (int off = 0; off < kBlockBytes; off += 64) u.prefetch(block + kPrefetch + off);
+    I acc[kChains][RX];
     for (int h = 0; h < kChains; ++h)
-      for (int c = 0; c < RX; ++c) acc[h][c] = _mm256_setzero_si256();
+      for (int c = 0; c < RX; ++c) acc[h][c] = U::zero();
     const int8_t* x = a.q + m0 * a.k + b * kBlock;
     if constexpr (QT == kQ8_0) {
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * t));
+        const I w = u.quants(block + 32 * t);
 #ifdef LQ_VNNI
-        const __m256i u = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+        const I wu = U::xor_(w, U::bytes(static_cast<char>(0x80)));
         for (int c = 0; c < RX; ++c)
-          acc[t % kChains][c] = dot_quads(acc[t % kChains][c], u, broadcast4(x + c * a.k + 4 * t));
+          acc[t % kChains][c] = U::quads(acc[t % kChains][c], wu,
+                                         U::broadcast(load_i32(x + c * a.k + 4 * t)));
 #else  // signs move onto x: |w| <= 128 keeps maddubs' pairs inside int16
-        const __m256i u = _mm256_sign_epi8(w, w);
+        const I wu = U::sign(w, w);
         for (int c = 0; c < RX; ++c)
-          acc[t % kChains][c] = dot_quads(acc[t % kChains][c], u,
-                                          _mm256_sign_epi8(broadcast4(x + c * a.k + 4 * t), w));
+          acc[t % kChains][c] = U::quads(
+              acc[t % kChains][c], wu, U::sign(U::broadcast(load_i32(x + c * a.k + 4 * t)), w));
 #endif
       }
     } else {
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {  // low nibbles: values 4t.., high: values 16 + 4t..
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * t));
-        const __m256i lo = _mm256_and_si256(v, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const I v = u.quants(block + 32 * t);
+        const I lo = U::and_(v, low4);
+        const I hi = U::and_(U::srli16(v, 4), low4);
         for (int c = 0; c < RX; ++c) {
           const int8_t* xc = x + c * a.k + 4 * t;
-          acc[0][c] = dot_quads(acc[0][c], lo, broadcast4(xc));
-          acc[kChains - 1][c] = dot_quads(acc[kChains - 1][c], hi, broadcast4(xc + 16));
+          acc[0][c] = U::quads(acc[0][c], lo, U::broadcast(load_i32(xc)));
+          acc[kChains - 1][c] = U::quads(acc[kChains - 1][c], hi, U::broadcast(load_i32(xc + 16)));
         }
       }
     }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.d + 8 * b)));
-    __m256 mw;
-    if constexpr (QT == kQ4_1)
-      mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.m + 8 * b)));
+    const typename U::F dw = u.halves(&Panel::d, b);
+    typename U::F mw;
+    if constexpr (QT == kQ4_1) mw = u.halves(&Panel::m, b);
     for (int c = 0; c < RX; ++c) {
       const int64_t xb = (m0 + c) * a.nb + b;
-      __m256i isum = kChains == 2 ? _mm256_add_epi32(acc[0][c], acc[kChains - 1][c]) : acc[0][c];
+      I isum = kChains == 2 ? U::add(acc[0][c], acc[kChains - 1][c]) : acc[0][c];
       if constexpr (sum_offset<QT>() != 0)
-        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(sum_offset<QT>() * a.sum[xb]));
-      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[xb]));
-      out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, out[c]);
-      if constexpr (QT == kQ4_1) out[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[xb]), out[c]);
+        isum = U::sub(isum, U::broadcast(sum_offset<QT>() * a.sum[xb]));
+      const typename U::F scale = U::mul(dw, U::set1(a.d[xb]));
+      out[c] = U::fmadd(U::to_float(isum), scale, out[c]);
+      if constexpr (QT == kQ4_1) out[c] = U::fmadd(mw, U::set1(a.s[xb]), out[c]);
     }
   }
 }
 
-// y[m0 + c, n0 + r] for the panel's first `rows` rows and activation rows c < RX, the dot
+// y[m0 + c, n0 + r] for the unit's first `rows` rows and activation rows c < RX, the dot
 // over blocks [b0, b1) continued from y's values if `add` (a later span), else from 0.
-template <int64_t QT, int RX>
-void tile(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0,
-          int64_t b1, bool add, float* y, int64_t ldy) {
-  __m256 out[RX];
-  alignas(32) float lanes[kPanelRows] = {};
-  for (int c = 0; c < RX; ++c) {
-    if (!add) {
-      out[c] = _mm256_setzero_ps();
-    } else if (rows == kPanelRows) {
-      out[c] = _mm256_loadu_ps(y + (m0 + c) * ldy + n0);
-    } else {
-      for (int r = 0; r < rows; ++r) lanes[r] = y[(m0 + c) * ldy + n0 + r];
-      out[c] = _mm256_load_ps(lanes);
-    }
-  }
-  panel_blocks<QT, RX>(p, a, m0, b0, b1, out);
-  for (int c = 0; c < RX; ++c) {
-    float* dst = y + (m0 + c) * ldy + n0;
-    if (rows == kPanelRows) {
-      _mm256_storeu_ps(dst, out[c]);
-      continue;
-    }
-    _mm256_store_ps(lanes, out[c]);
-    for (int r = 0; r < rows; ++r) dst[r] = lanes[r];
-  }
-}
-#ifdef LQ_AVX512
-// Two adjacent panels' 32-byte units side by side: lanes 0-7 rows of `lo`, 8-15 of `hi`.
-inline __m512i pair256(const uint8_t* lo, const uint8_t* hi) {
-  return _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)), 1);
-}
-
-// Two panels' 8 f16 values each -> 16 floats.
-inline __m512 pair_halves(const uint16_t* lo, const uint16_t* hi) {
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi));
-  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
-}
-
-// panel_blocks for panels p and q (rows n0..n0+7, n0+8..n0+15) in one 512-bit vector per
-// step: the same integers and float operations per lane, so the same bits as two calls of
-// panel_blocks; this machine's AMD EPYC runs a 512-bit dpbusd at the 256-bit rate.
-template <int64_t QT, int RX>
-inline void panel_blocks16(const Panel& p, const Panel& q, const Acts& a, int64_t m0,
-                           int64_t b0, int64_t b1, __m512 out[RX]) {
-  constexpr int kBlockBytes = kPanelRows * quant_bytes<QT>();
-  constexpr int kChains = RX <= 2 ? 2 : 1;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* wp = p.q + b * kBlockBytes;
-    const uint8_t* wq = q.q + b * kBlockBytes;
-    for (int off = 0; off < kBlockBytes; off += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + off), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch + off), _MM_HINT_T0);
-    }
-    __m512i acc[kChains][RX];
-    for (int h = 0; h < kChains; ++h)
-      for (int c = 0; c < RX; ++c) acc[h][c] = _mm512_setzero_si512();
-    const int8_t* x = a.q + m0 * a.k + b * kBlock;
-    if constexpr (QT == kQ8_0) {
-#pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) {
-        const __m512i u = _mm512_xor_si512(pair256(wp + 32 * t, wq + 32 * t),
-                                           _mm512_set1_epi8(static_cast<char>(0x80)));
-        for (int c = 0; c < RX; ++c)
-          acc[t % kChains][c] = _mm512_dpbusd_epi32(
-              acc[t % kChains][c], u, _mm512_set1_epi32(load_i32(x + c * a.k + 4 * t)));
-      }
-    } else {
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        const __m512i v = pair256(wp + 32 * t, wq + 32 * t);
-        const __m512i lo = _mm512_and_si512(v, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        for (int c = 0; c < RX; ++c) {
-          const int8_t* xc = x + c * a.k + 4 * t;
-          acc[0][c] = _mm512_dpbusd_epi32(acc[0][c], lo, _mm512_set1_epi32(load_i32(xc)));
-          acc[kChains - 1][c] = _mm512_dpbusd_epi32(acc[kChains - 1][c], hi,
-                                                    _mm512_set1_epi32(load_i32(xc + 16)));
-        }
-      }
-    }
-    const __m512 dw = pair_halves(p.d + 8 * b, q.d + 8 * b);
-    __m512 mw;
-    if constexpr (QT == kQ4_1) mw = pair_halves(p.m + 8 * b, q.m + 8 * b);
-    for (int c = 0; c < RX; ++c) {
-      const int64_t xb = (m0 + c) * a.nb + b;
-      __m512i isum = kChains == 2 ? _mm512_add_epi32(acc[0][c], acc[kChains - 1][c]) : acc[0][c];
-      if constexpr (sum_offset<QT>() != 0)
-        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(sum_offset<QT>() * a.sum[xb]));
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb]));
-      out[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, out[c]);
-      if constexpr (QT == kQ4_1) out[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), out[c]);
-    }
-  }
-}
-
-// tile for two panels: rows n0 .. n0 + rows - 1 (8 < rows <= 16).
-template <int64_t QT, int RX>
-void tile16(const Panel& p, const Panel& q, int64_t n0, int rows, const Acts& a, int64_t m0,
-            int64_t b0, int64_t b1, bool add, float* y, int64_t ldy) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-  __m512 out[RX];
+template <int64_t QT, int RX, class U>
+void tile(const U& u, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0, int64_t b1,
+          bool add, float* y, int64_t ldy) {
+  typename U::F out[RX];
   for (int c = 0; c < RX; ++c)
-    out[c] = add ? _mm512_maskz_loadu_ps(mask, y + (m0 + c) * ldy + n0) : _mm512_setzero_ps();
-  panel_blocks16<QT, RX>(p, q, a, m0, b0, b1, out);
-  for (int c = 0; c < RX; ++c) _mm512_mask_storeu_ps(y + (m0 + c) * ldy + n0, mask, out[c]);
+    out[c] = add ? U::load_rows(y + (m0 + c) * ldy + n0, rows) : U::zero_f();
+  panel_blocks<QT, RX>(u, a, m0, b0, b1, out);
+  for (int c = 0; c < RX; ++c) U::store_rows(y + (m0 + c) * ldy + n0, out[c], rows);
 }
-#endif
 #else
 // Weight value j (0..31) of row r in a panel block (see the layout above).
 template <int64_t QT>
@@ -378,10 +369,15 @@ inline int32_t weight_value(const uint8_t* block, int r, int j) {
   return QT == kQ4_0 ? q - 8 : q;
 }
 
+struct OnePanel {
+  Panel p;
+};
+
 // Portable tile: the same arithmetic, one (weight row, activation row) pair at a time.
-template <int64_t QT, int RX>
-void tile(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0,
-          int64_t b1, bool add, float* y, int64_t ldy) {
+template <int64_t QT, int RX, class U>
+void tile(const U& u, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t b0, int64_t b1,
+          bool add, float* y, int64_t ldy) {
+  const Panel& p = u.p;
   constexpr int kBlockBytes = kPanelRows * quant_bytes<QT>();
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < RX; ++c) {
@@ -444,15 +440,16 @@ constexpr int64_t kPrefillUnitPanels = 1;
 #endif
 constexpr int64_t kMaxDecodeRows = 4;
 
-// Activation rows [m0, m0 + count) against a panel, RX rows at a time, blocks [b0, b1).
-template <int64_t QT>
-void tiles(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t count,
+// Activation rows [m0, m0 + count) against a unit of panels, RX rows at a time, blocks
+// [b0, b1). `rows`: of the unit.
+template <int64_t QT, class U>
+void tiles(const U& u, int64_t n0, int rows, const Acts& a, int64_t m0, int64_t count,
            int64_t b0, int64_t b1, float* y, int64_t ldy) {
   const bool add = b0 > 0;
   int64_t c = 0;
   for (; c + kTileRows <= count; c += kTileRows)
-    tile<QT, kTileRows>(p, n0, rows, a, m0 + c, b0, b1, add, y, ldy);
-  const auto rest = [&]<int RX>() { tile<QT, RX>(p, n0, rows, a, m0 + c, b0, b1, add, y, ldy); };
+    tile<QT, kTileRows>(u, n0, rows, a, m0 + c, b0, b1, add, y, ldy);
+  const auto rest = [&]<int RX>() { tile<QT, RX>(u, n0, rows, a, m0 + c, b0, b1, add, y, ldy); };
   switch (count - c) {
     case 1: rest.template operator()<1>(); break;
     case 2: rest.template operator()<2>(); break;
@@ -466,31 +463,6 @@ void tiles(const Panel& p, int64_t n0, int rows, const Acts& a, int64_t m0, int6
     default: break;
   }
 }
-
-#ifdef LQ_AVX512
-// `tiles` for two adjacent panels p, q (rows n0 .. n0 + rows - 1, 8 < rows <= 16).
-template <int64_t QT>
-void tiles16(const Panel& p, const Panel& q, int64_t n0, int rows, const Acts& a, int64_t m0,
-             int64_t count, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  const bool add = b0 > 0;
-  int64_t c = 0;
-  for (; c + kTileRows <= count; c += kTileRows)
-    tile16<QT, kTileRows>(p, q, n0, rows, a, m0 + c, b0, b1, add, y, ldy);
-  const auto rest = [&]<int RX>() {
-    tile16<QT, RX>(p, q, n0, rows, a, m0 + c, b0, b1, add, y, ldy);
-  };
-  switch (count - c) {
-    case 1: rest.template operator()<1>(); break;
-    case 2: rest.template operator()<2>(); break;
-    case 3: rest.template operator()<3>(); break;
-    case 4: rest.template operator()<4>(); break;
-    case 5: rest.template operator()<5>(); break;
-    case 6: rest.template operator()<6>(); break;
-    case 7: rest.template operator()<7>(); break;
-    default: break;
-  }
-}
-#endif
 
 // Bytes of activations per block and row, the share of a core's L2 a block of activation
 // rows may take (every panel rereads it), and the most rows in such a block.
@@ -525,12 +497,12 @@ void gemm(const Weights& w, const Acts& a, int64_t num_rows, float* y) {
           const Panel first = panel_at<QT>(w, p, pad);
 #ifdef LQ_AVX512
           if (panels == 2) {
-            const Panel second = panel_at<QT>(w, p + 1, pad);
-            tiles16<QT>(first, second, n0, rows, a, m0, count, b0, b1, y, w.n);
+            const TwoPanels two{first, panel_at<QT>(w, p + 1, pad)};
+            tiles<QT>(two, n0, rows, a, m0, count, b0, b1, y, w.n);
             continue;
           }
 #endif
-          tiles<QT>(first, n0, rows, a, m0, count, b0, b1, y, w.n);
+          tiles<QT>(OnePanel{first}, n0, rows, a, m0, count, b0, b1, y, w.n);
         }
       }
     }
