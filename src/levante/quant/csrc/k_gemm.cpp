@@ -47,23 +47,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define LQ_AVX2 1
-#include <immintrin.h>
-#if defined(__AVXVNNI__)
-#define LQ_VNNI 1
-#define LQ_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
-#define LQ_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define LQ_VNNI 1
-#define LQ_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
-#define LQ_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LQ_AVX512 1
-#endif
-#endif
-
+#include "simd.h"
 #include "kquants/kquant.h"
 #include "kquants/q2_k.h"
 #include "kquants/q3_k.h"
@@ -80,6 +64,8 @@
   X(Q6K)
 
 namespace {
+
+using namespace levante::simd;  // NOLINT: the kernels' SIMD vocabulary
 
 using levante::kquant::kGroup;
 using levante::kquant::kGroups;
@@ -125,45 +111,10 @@ struct Acts {
   float db(int64_t row, int64_t b) const { return d[row * nb + b]; }
 };
 
-inline int32_t load_i32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 #ifdef LQ_AVX2
-inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// acc + sum of u[j] * s[j] over each 4 bytes (u unsigned <= 127, s signed): exact.
-inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
-#ifdef LQ_VNNI
-  return LQ_DPBUSD(acc, u, s);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
-                                                 _mm256_set1_epi16(1)));
-#endif
-}
-
-// acc + sum of a[j] * b[j] over each 2 int16.
-inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
-#ifdef LQ_VNNI
-  return LQ_DPWSSD(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-
 inline __m256i load256(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
 }
-
-// The same 4 bytes at p in every 32-bit lane.
-inline __m256i broadcast4(const void* p) { return _mm256_set1_epi32(load_i32(p)); }
 #endif
 
 // ---------------------------------------------------------------------------------------
@@ -378,58 +329,12 @@ void decode_rows(const Weights& w, int64_t n_begin, int64_t n_end, const Acts& a
 
 constexpr int kSteps = kSuperBlock / 4;  // 4-weight steps per super-block
 
-// The vector operations the panels need, for W = 8 (AVX2) and W = 16 (AVX-512) int32 / float
-// lanes, lane r belonging to weight row r.
-template <int W>
-struct Lanes;
-
-template <>
-struct Lanes<8> {
-  using I = __m256i;
-  using F = __m256;
-  static I zero() { return _mm256_setzero_si256(); }
-  static I load(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
-  static I broadcast(int32_t v) { return _mm256_set1_epi32(v); }
-  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
-  static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }
-  static I quads(I acc, I u, I s) { return dot_quads(acc, u, s); }
-  static I pairs(I acc, I a, I b) { return dot_pairs(acc, a, b); }
-  static F zero_f() { return _mm256_setzero_ps(); }
-  static F load_f(const float* p) { return _mm256_loadu_ps(p); }
-  static void store_f(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-};
-
 #ifdef LQ_AVX512
-template <>
-struct Lanes<16> {
-  using I = __m512i;
-  using F = __m512;
-  static I zero() { return _mm512_setzero_si512(); }
-  static I load(const void* p) { return _mm512_load_si512(p); }
-  static I broadcast(int32_t v) { return _mm512_set1_epi32(v); }
-  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
-  static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
-  static I quads(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
-  static I pairs(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
-  static F zero_f() { return _mm512_setzero_ps(); }
-  static F load_f(const float* p) { return _mm512_loadu_ps(p); }
-  static void store_f(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F set1(float v) { return _mm512_set1_ps(v); }
-  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
-};
 constexpr int kPanelRows = 16;
 #else
 constexpr int kPanelRows = 8;
 #endif
-using PanelLanes = Lanes<kPanelRows>;
+using PanelLanes = Lanes<kPanelRows>;  // simd.h
 
 // One super-block of kPanelRows weight rows; lane / dword r belongs to row r.
 struct alignas(64) PanelBlock {
@@ -549,19 +454,9 @@ void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& 
   constexpr int kGroupSteps = kSteps / kScaleGroups;
   // A later span continues the sums in y rather than adding its own partial sums to them:
   // the spans' bounds depend on M, and a row's output must not (issue 18).
-  alignas(64) float lanes[kPanelRows] = {};
   L::F out[RX];
-  for (int c = 0; c < RX; ++c) {
-    out[c] = L::zero_f();
-    if (!add || c >= num_valid) continue;
-    const float* src = y + c * ldy + span.n0;
-    if (span.rows == kPanelRows) {
-      out[c] = L::load_f(src);
-      continue;
-    }
-    for (int r = 0; r < span.rows; ++r) lanes[r] = src[r];
-    out[c] = L::load_f(lanes);
-  }
+  for (int c = 0; c < RX; ++c)
+    out[c] = add && c < num_valid ? L::load_rows(y + c * ldy + span.n0, span.rows) : L::zero_f();
   for (int64_t i = 0; i < span.nb; ++i) {
     const PanelBlock& p = panel[i];
     const ActBlock& x = tile[span.b0 + i];
@@ -592,15 +487,7 @@ void panel_tile(const PanelBlock* panel, const ActBlock* tile, const PanelSpan& 
       out[c] = L::fnmadd(L::to_float(imin[c]), L::mul(dm, dx), out[c]);
     }
   }
-  for (int c = 0; c < num_valid; ++c) {
-    float* dst = y + c * ldy + span.n0;
-    if (span.rows == kPanelRows) {
-      L::store_f(dst, out[c]);
-      continue;
-    }
-    L::store_f(lanes, out[c]);
-    for (int r = 0; r < span.rows; ++r) dst[r] = lanes[r];
-  }
+  for (int c = 0; c < num_valid; ++c) L::store_rows(y + c * ldy + span.n0, out[c], span.rows);
 }
 
 // Bytes of activations per super-block and tile row, and the share of a core's L2 that a
