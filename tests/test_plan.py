@@ -105,6 +105,10 @@ def test_safetensors_folder_counts_its_dtypes(tiny_mistral_hf: Path) -> None:
     result = plan(str(tiny_mistral_hf))
     assert result.source == "safetensors" and result.quant == "f32"
     assert result.weights_bytes == result.num_params * 4
+    # naming the stored format is the folder as stored: the untied embedding stays mapped
+    assert result.mapped_bytes == 131072 * 320 * 4
+    assert plan(str(tiny_mistral_hf), quant="f32") == result
+    assert plan(str(tiny_mistral_hf), quant="bf16").mapped_bytes == 0
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

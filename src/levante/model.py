@@ -190,7 +190,11 @@ def rotary_table(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor,
     """cos and sin for positions [0, max_positions): each [max_positions, head_dim], float32.
 
     Rotate-half layout: entry j and j + head_dim/2 share frequency theta^(-2j/head_dim).
+    Under the meta device only the shapes are made: torch's meta math imports torch._dynamo.
     """
+    if torch.empty(0).device.type == "meta":
+        shape = (max_positions, config.head_dim)
+        return torch.empty(shape), torch.empty(shape)
     half = config.head_dim // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.int64)
                                             .float() * 2 / config.head_dim))
@@ -299,12 +303,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, N(0, 1)-initialised except on the meta device: there torch's `normal_`
+    goes through its Python references and imports torch._dynamo and sympy (~80 MB resident,
+    for weights a checkpoint replaces anyway)."""
+    weight = torch.empty(num, dim)  # on the ambient device, as nn.Embedding would place it
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class Decoder(nn.Module):
     """Embedding, layers and final norm (HF's `model.` prefix)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_tokens = _embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
 

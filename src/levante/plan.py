@@ -173,12 +173,13 @@ class _Weights:
 def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = None,
          batch: int = 1, memory: int | None = None, tensor_parallel: int = 1,
          kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE) -> Plan:
-    """Plan memory for a preset name or a model ref; `quant` None means the file as stored.
+    """Plan memory for a preset name or a model ref; `quant` None (or the stored format's
+    name) means the file as stored.
 
     Per device: weights / tensor_parallel, KV heads split across devices (at least one each),
     overhead = FIXED_OVERHEAD_BYTES + one prefill chunk's activations + the batch's logits +
-    the tokenizer. A file run as stored reads an untied embedding from its memory map (`mapped_bytes`): only
-    looked-up rows become resident, so the total leaves it out.
+    the tokenizer. A file run as stored reads an untied embedding from its memory map
+    (`mapped_bytes`): only looked-up rows become resident, so the total leaves it out.
     """
     weights = _weights(ref_or_preset)
     config = weights.config
@@ -188,7 +189,7 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
         raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_BYTES_PER_VALUE)}; "
                           f"got {kv_cache_dtype!r}")
     mapped = 0
-    if quant is None and weights.stored_bytes is not None:
+    if quant in (None, weights.stored_format) and weights.stored_bytes is not None:
         fmt, total_weights = weights.stored_format or "stored", weights.stored_bytes
         if not config.tie_embeddings and tensor_parallel == 1:
             mapped = weights.embedding_bytes

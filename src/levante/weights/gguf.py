@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import struct
@@ -260,6 +261,7 @@ class GGUFFile:
         self.version: int
         self.metadata: dict[str, Any]
         self.version, self.metadata, self._tensors = _parse(buf, self.path)
+        self._buf = buf
         architecture = self.metadata.get("general.architecture")
         if not isinstance(architecture, str):
             raise ModelFileError(self.path, "metadata lacks general.architecture")
@@ -301,7 +303,18 @@ class GGUFFile:
             weight = dequantize(self.raw(name), info.qtype, info.shape)
         except ValueError as e:
             raise ModelFileError(self.path, f"tensor {name}: {e}") from None
+        self._drop_pages(info)
         return weight.to(dtype)
+
+    def _drop_pages(self, info: _TensorInfo) -> None:
+        """Take a read tensor's file pages out of this process's RSS (they stay in the page
+        cache): a dequantizing load would otherwise hold the whole file resident beside the
+        weights it made from it, e.g. 14 GB beside a 24B model's 48 GB of bf16."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.start // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError):  # an advice, never a failure
+            self._buf.madvise(mmap.MADV_DONTNEED, start, info.start + info.nbytes - start)
 
 
 def expected_gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
