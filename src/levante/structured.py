@@ -253,6 +253,12 @@ class Matcher:
                                f"{self.ll_matcher.get_error()}")
 
     @property
+    def error(self) -> str | None:
+        """Why the matcher stopped with an error (a rejected token, a parser limit), else None:
+        an errored matcher is also `is_finished`, and its output is not complete."""
+        return self.ll_matcher.get_error() or "unknown" if self.ll_matcher.is_error() else None
+
+    @property
     def is_finished(self) -> bool:
         """The output is complete: nothing but EOS may follow (so stop the sequence)."""
         return self.ll_matcher.is_stopped()

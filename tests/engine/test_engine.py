@@ -162,3 +162,99 @@ def test_speculative_decoding_keeps_greedy_outputs(model: Transformer) -> None:
     # sampled (non-greedy) requests never speculate and stay seed-reproducible
     seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
     assert _run(spec, prompts[:1], seeded) == _run(plain, prompts[:1], seeded)
+
+
+def test_identical_prompts_in_one_step_share_the_prefill(model: Transformer) -> None:
+    """n > 1 choices (or one prompt sent twice) join the same step; the second reuses the
+    blocks the first fills in that step instead of computing the prompt again."""
+    prompt = _prompts(model.config.vocab_size, [37])[0]
+    config = EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=8,
+                          enable_prefix_caching=True)
+    alone = _run(Engine(model, None, config), [prompt], GREEDY)[0]
+    engine = Engine(model, None, config)
+    ids = [engine.add_request(prompt, GREEDY) for _ in range(3)]
+    requests = [engine.requests[rid] for rid in ids]
+    first = {out.request_id: out.new_token_ids for out in engine.step()}
+    assert set(first) == set(ids)  # all three sampled a token in the first step
+    assert [r.num_cached_tokens for r in requests] == [0, 32, 32]  # 4 full blocks of 8 shared
+    assert engine.num_computed_tokens == 37 + 5 + 5
+    outs = engine.run_to_completion(ids)
+    assert [first[r] + [t for o in outs[r] for t in o.new_token_ids] for r in ids] == [alone] * 3
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_block_hashes_name_the_tokens_after_accepted_drafts(model: Transformer) -> None:
+    """Drafts accepted in a step are computed before their tokens are appended: the blocks
+    they fill are hashed once the tokens are known, so every hash names its block's tokens
+    (a wrong hash would let a later prompt reuse blocks that do not hold its tokens)."""
+    from levante.engine.kv_cache import block_hash
+
+    base = _prompts(model.config.vocab_size, [6, 9])
+    prompts = [p * 6 for p in base]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4,
+                          num_speculative_tokens=4, enable_prefix_caching=True)
+    engine = Engine(model, None, config)
+    ids = [engine.add_request(p, params) for p in prompts]
+    requests = [engine.requests[rid] for rid in ids]
+    engine.run_to_completion(ids)
+    assert engine.num_accepted_tokens > 0
+    for request in requests:
+        tokens = request.prompt_ids + request.output_ids
+        parent = None
+        assert len(request.block_hashes) >= (len(tokens) - 1) // 4 - 1
+        for i, digest in enumerate(request.block_hashes):
+            parent = block_hash(parent, tokens[4 * i:4 * i + 4])
+            assert digest == parent, f"block {i}"
+    # and a prompt equal to a finished request's tokens is served from those blocks
+    reuse = requests[0].prompt_ids + requests[0].output_ids[:20]
+    before = engine.scheduler.num_prefix_hit_tokens
+    again = _run(engine, [reuse], SamplingParams(max_tokens=4, temperature=0.0,
+                                                 ignore_eos=True))[0]
+    assert engine.scheduler.num_prefix_hit_tokens - before >= len(reuse) - 8
+    plain = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4))
+    assert again == _run(plain, [reuse], SamplingParams(max_tokens=4, temperature=0.0,
+                                                        ignore_eos=True))[0]
+
+
+def test_drafting_request_preempted_by_itself_loses_its_drafts(model: Transformer) -> None:
+    """The youngest request proposes drafts, cannot grow, and preempts itself: readmitted,
+    it recomputes its tokens, not the stale drafts; outputs stay the plain engine's."""
+    base = _prompts(model.config.vocab_size, [5, 7, 6])
+    prompts = [p * 5 for p in base]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    plain = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=4))
+    expected = [_run(plain, [p], params)[0] for p in prompts]
+    tight = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=20, block_size=4,
+                                             num_speculative_tokens=4,
+                                             enable_prefix_caching=True))
+    assert _run(tight, prompts, params) == expected
+    assert tight.num_preemptions > 0 and tight.num_accepted_tokens > 0
+
+
+def test_prompt_lookup_index_equals_a_full_scan() -> None:
+    """The incremental n-gram index proposes what scanning the whole context would."""
+    import random
+
+    from levante.engine.request import Request
+    from levante.engine.scheduler import NgramIndex
+
+    def scan(tokens: list[int], max_n: int, k: int) -> list[int]:
+        for n in range(min(max_n, len(tokens) - 1), 0, -1):
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tokens[-n:]:
+                    return tokens[start + n:start + n + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(200):
+        max_n = rng.randint(1, 4)
+        request = Request("r", [rng.randint(0, 5) for _ in range(rng.randint(1, 20))],
+                          GREEDY, 100)
+        index = NgramIndex(max_n)
+        for _ in range(25):
+            k = rng.randint(1, 5)
+            if rng.random() < 0.7:  # not every step drafts: the index catches up
+                tokens = request.prompt_ids + request.output_ids
+                assert index.propose(request, k) == scan(tokens, max_n, k)
+            request.output_ids.extend(rng.randint(0, 5) for _ in range(rng.randint(1, 3)))

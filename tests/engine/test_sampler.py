@@ -331,3 +331,25 @@ def test_mixed_params_in_one_batch_act_per_row() -> None:
     penalized = logits[4].clone()
     penalized[outputs[4][0]] -= 2.0 + 3 * 2.0
     assert out.token_ids[4] == int(penalized.argmax()) != outputs[4][0]
+
+
+def test_running_token_counts_equal_counting_the_lists() -> None:
+    """Penalties from per-request running counts (updated as tokens arrive) equal a fresh
+    count of the prompt and output lists, step after step."""
+    from levante.engine.sampler import TokenCounts
+
+    gen = torch.Generator().manual_seed(9)
+    params = [SamplingParams(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.5),
+              SamplingParams(), SamplingParams(frequency_penalty=-0.2)]
+    prompts = [[1, 5, 7, 7], [2, 3], [40, 41, 40]]
+    outputs: list[list[int]] = [[], [], []]
+    counts = [TokenCounts(50, p, torch.device("cpu")) for p in prompts]
+    sampler = Sampler(50)
+    for _ in range(12):
+        logits = torch.randn(3, 50, generator=gen)
+        running = sampler.process_logits(logits, params, prompt_ids=prompts, output_ids=outputs,
+                                         counts=counts)
+        fresh = sampler.process_logits(logits, params, prompt_ids=prompts, output_ids=outputs)
+        assert torch.equal(running, fresh)
+        for out in outputs:
+            out.extend(torch.randint(0, 50, (int(torch.randint(1, 3, ())),), generator=gen).tolist())

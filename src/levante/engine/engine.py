@@ -16,7 +16,13 @@ from levante.engine.kv_cache import BlockPool, KVCache
 from levante.engine.output import TextState
 from levante.engine.request import Request, RequestStatus
 from levante.engine.runner import ModelRunner
-from levante.engine.sampler import Sampler, SamplingParams, make_generator
+from levante.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingParams,
+    TokenCounts,
+    make_generator,
+)
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ConfigError, ContextLengthError, RequestError
 from levante.heap import compact_heap
@@ -131,6 +137,8 @@ class Engine:
         self.num_computed_tokens = 0  # tokens run through the model, all requests
         self.num_draft_tokens = 0  # speculative tokens proposed / accepted
         self.num_accepted_tokens = 0
+        self.num_preemptions = 0  # counters for /metrics
+        self.num_failed_requests = 0
         self.texts: dict[str, TextState] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens, %s", num_blocks,
                  self.config.block_size, self.capacity_tokens, cache.kv_dtype)
@@ -225,74 +233,125 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One engine iteration: schedule -> run -> sample -> update."""
         batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
         if not batch.requests:
             return []
+        return self._run_batch(batch)
+
+    def _run_batch(self, batch: Batch) -> list[StepOutput]:
+        """Run and sample `batch`. A model step that raises is retried one request at a time,
+        so that only the requests that fail alone end with an error."""
         try:
             logits, rows = self.runner.run(batch)
-            outputs = self._sample_and_update(batch, logits, rows)
-        except Exception as exc:  # a failed step fails its requests, not the engine
-            log.exception("engine step failed")
-            return self._fail(batch, f"internal error in the model step: {exc}")
-        return outputs
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("engine step failed for request %s", batch.requests[0].request_id)
+                return self._fail(batch, f"internal error in the model step: {exc}")
+            log.warning("a batch of %d failed its model step (%s): retrying them one by one",
+                        len(batch), exc)
+            return [out for request, num_new in zip(batch.requests, batch.num_new_tokens)
+                    for out in self._run_batch(Batch((request,), (num_new,)))]
+        return self._sample_and_update(batch, logits, rows)
 
     def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
                            rows: list[int]) -> list[StepOutput]:
-        accepted = self._verify_drafts(batch, logits, rows)
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            # Drafts' K/V count only where accepted; the rest is overwritten later.
-            num_accepted = len(accepted.get(request.request_id, ())) - 1
-            request.num_computed_tokens += num_new - len(request.draft_ids) + max(0, num_accepted)
-            self.num_computed_tokens += num_new
-            self.scheduler.cache_computed_blocks(request)
-        plain = [j for j, i in enumerate(rows) if not batch.requests[i].draft_ids]
         outputs = []
+        failed = self._broken_rows(batch, logits, rows)
+        for i, message in failed.items():
+            outputs.append(self._finish_with_error(batch.requests[i], message))
+        drafting = {i for i, r in enumerate(batch.requests) if r.draft_ids and i not in failed}
+        accepted = self._verify_drafts(batch, logits, rows, drafting)
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if i not in failed:
+                request.advance(num_new, len(accepted.get(i, [0])) - 1)
+            self.num_computed_tokens += num_new
+        plain = [j for j, i in enumerate(rows) if i not in drafting and i not in failed]
         if plain:
-            requests = [batch.requests[rows[j]] for j in plain]
-            matchers = [r.constraint for r in requests]
-            sampled = self.sampler(
-                logits[plain] if len(plain) < len(rows) else logits,
-                [r.params for r in requests],
-                prompt_ids=[r.prompt_ids for r in requests],
-                output_ids=[r.output_ids for r in requests],
-                generators=[r.generator for r in requests],
-                allowed=fill_masks(matchers, logits.shape[-1]) if any(matchers) else None)
-            for k, request in enumerate(requests):
-                outputs.append(self._append_token(request, sampled.token_ids[k],
-                                                  sampled.logprobs[k], sampled.top_logprobs[k]))
+            outputs += self._sample_rows(batch, logits, rows, plain)
+        for i, tokens in accepted.items():
+            outputs.append(self._append_tokens(batch.requests[i], tokens))
         for request in batch.requests:
-            if request.request_id in accepted:
-                outputs.append(self._append_tokens(request, accepted[request.request_id]))
+            if not request.status.is_finished:
+                self.scheduler.cache_computed_blocks(request)
         return outputs
 
-    def _verify_drafts(self, batch: Batch, logits: torch.Tensor,
-                       rows: list[int]) -> dict[str, list[int]]:
-        """Greedy tokens each speculating request keeps: accepted drafts plus one more.
+    def _broken_rows(self, batch: Batch, logits: torch.Tensor,
+                     rows: list[int]) -> dict[int, str]:
+        """Requests (by batch index) that cannot be sampled: NaN/inf logits (broken weights
+        or activations) or a grammar matcher in an error state. Each fails alone."""
+        failed: dict[int, str] = {}
+        if rows:
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            for j, ok in enumerate(finite):
+                if not ok:
+                    failed.setdefault(rows[j], "the model's logits are not finite (NaN or inf):"
+                                               " its weights or activations are broken")
+        for i in dict.fromkeys(rows):
+            constraint = batch.requests[i].constraint
+            if i not in failed and constraint is not None and constraint.error is not None:
+                failed[i] = f"the grammar failed: {constraint.error}"
+        return failed
+
+    def _sample_rows(self, batch: Batch, logits: torch.Tensor, rows: list[int],
+                     plain: list[int]) -> list[StepOutput]:
+        """Sample the plain (non-drafting) rows together; if that raises, each alone, so that a
+        request whose sampling fails (e.g. min_tokens banning all its grammar allows) fails
+        by itself. Seeded generators are rewound first: neighbours draw what they would have."""
+        requests = [batch.requests[rows[j]] for j in plain]
+        states = [None if r.generator is None else r.generator.get_state() for r in requests]
+        try:
+            sampled = self._sample(requests, logits[plain] if len(plain) < len(rows) else logits)
+        except Exception as exc:  # noqa: BLE001 - it ends the request(s), with the message
+            if len(requests) == 1:
+                return [self._finish_with_error(requests[0], f"sampling failed: {exc}")]
+            for request, state in zip(requests, states):
+                if state is not None:
+                    request.generator.set_state(state)  # type: ignore[union-attr]
+            return [out for j in plain for out in self._sample_rows(batch, logits, rows, [j])]
+        return [self._append_token(request, sampled.token_ids[k], sampled.logprobs[k],
+                                   sampled.top_logprobs[k]) for k, request in enumerate(requests)]
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> SamplerOutput:
+        matchers = [r.constraint for r in requests]
+        for r in requests:
+            if r.params.has_penalties and r.token_counts is None:
+                r.token_counts = TokenCounts(logits.shape[-1], r.prompt_ids, logits.device)
+        return self.sampler(
+            logits, [r.params for r in requests],
+            prompt_ids=[r.prompt_ids for r in requests],
+            output_ids=[r.output_ids for r in requests],
+            generators=[r.generator for r in requests],
+            allowed=fill_masks(matchers, logits.shape[-1]) if any(matchers) else None,
+            counts=[r.token_counts for r in requests])
+
+    def _verify_drafts(self, batch: Batch, logits: torch.Tensor, rows: list[int],
+                       drafting: set[int]) -> dict[int, list[int]]:
+        """Greedy tokens each drafting request (by batch index) keeps: accepted drafts plus
+        one more.
 
         Row j of a request's rows is the model's choice after draft j - 1; drafts are kept
         while they equal those choices, so outputs equal plain greedy decoding.
         """
-        kept: dict[str, list[int]] = {}
-        spec = [j for j, i in enumerate(rows) if batch.requests[i].draft_ids]
+        kept: dict[int, list[int]] = {}
+        spec = [j for j, i in enumerate(rows) if i in drafting]
         if not spec:
             return kept
         choices = logits[spec].argmax(dim=-1).tolist()
         cursor = 0
         for i in dict.fromkeys(rows[j] for j in spec):
-            request = batch.requests[i]
-            drafts = request.draft_ids
+            drafts = batch.requests[i].draft_ids
             targets = choices[cursor:cursor + len(drafts) + 1]
             cursor += len(drafts) + 1
             n = 0
             while n < len(drafts) and drafts[n] == targets[n]:
                 n += 1
-            kept[request.request_id] = drafts[:n] + [targets[n]]
+            kept[i] = drafts[:n] + [targets[n]]
             self.num_draft_tokens += len(drafts)
             self.num_accepted_tokens += n
         return kept
 
     def _append_tokens(self, request: Request, tokens: list[int]) -> StepOutput:
         """Append several greedy tokens, stopping at the first that ends the request."""
-        request.draft_ids = []
         merged: StepOutput | None = None
         for token in tokens:
             out = self._append_token(request, token, None, None)
@@ -328,10 +387,13 @@ class Engine:
                     request.constraint.consume(token)
                 except MatcherError as e:  # a parser limit: fail this request, not the batch
                     request.error = str(e)
-                    status = RequestStatus.FINISHED_ERROR
                 else:
-                    if request.constraint.is_finished:  # the constrained output is complete
-                        status = RequestStatus.FINISHED_STOPPED
+                    request.error = request.constraint.error  # stopped by an error, not done
+                    if request.error is None and request.constraint.is_finished:
+                        status = RequestStatus.FINISHED_STOPPED  # the constrained output is complete
+                if request.error is not None:
+                    status = RequestStatus.FINISHED_ERROR
+                    self.num_failed_requests += 1
             if text_state is not None and text_state.add(token) and status is None:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and len(request.output_ids) >= request.max_tokens:
@@ -340,7 +402,7 @@ class Engine:
         if text_state is not None:
             new_text = text_state.take(final=status is not None)
         if status is not None:
-            self.scheduler.finish(request, status)
+            self.scheduler.finish(request, status, error=request.error)
             self.requests.pop(request.request_id, None)
             self.texts.pop(request.request_id, None)
         return StepOutput(
@@ -349,16 +411,16 @@ class Engine:
             len(request.output_ids), [logprob], [top], error=request.error)
 
     def _fail(self, batch: Batch, message: str) -> list[StepOutput]:
-        outputs = []
-        for request in batch.requests:
-            request.error = message
-            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-            self.requests.pop(request.request_id, None)
-            self.texts.pop(request.request_id, None)
-            outputs.append(StepOutput(request.request_id, [], "", True, "error",
-                                      request.num_prompt_tokens, len(request.output_ids),
-                                      error=message))
-        return outputs
+        return [self._finish_with_error(request, message) for request in batch.requests]
+
+    def _finish_with_error(self, request: Request, message: str) -> StepOutput:
+        """End one request with finish_reason "error"; its neighbours go on."""
+        self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error=message)
+        self.requests.pop(request.request_id, None)
+        self.texts.pop(request.request_id, None)
+        self.num_failed_requests += 1
+        return StepOutput(request.request_id, [], "", True, "error", request.num_prompt_tokens,
+                          len(request.output_ids), error=message)
 
     def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, list[StepOutput]]:
         """Step until the given requests finish; every StepOutput, grouped per request."""

@@ -67,6 +67,11 @@ class BlockPool:
         self._hash_of[block] = block_hash
         self._by_hash[block_hash] = block
 
+    def unregister(self, block: int, block_hash: bytes) -> None:
+        """Drop `block` from the prefix cache if it is the block registered under the hash."""
+        if self._by_hash.get(block_hash) == block:
+            self._forget(block)
+
     def lookup(self, block_hashes: list[bytes]) -> list[int]:
         """Blocks of the longest cached prefix of `block_hashes`, each with a reference taken."""
         hits = []

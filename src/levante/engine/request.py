@@ -55,6 +55,46 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens for this step
+    ngrams: Any = None  # prompt-lookup's NgramIndex (scheduler), built at the first draft
+    token_counts: Any = None  # penalties' running TokenCounts (sampler), built when first used
+
+    # State transitions: the scheduler owns the block pool and the queues, the request its
+    # own counters, drafts and hashes; each change of state is one of these methods.
+
+    def start_running(self) -> None:
+        """Admitted: waiting -> running (drafts are proposed afresh each step)."""
+        self.status = RequestStatus.RUNNING
+        self.draft_ids = []
+
+    def preempt(self) -> None:
+        """running -> waiting with no KV: recomputed from token 0 when readmitted. Its block
+        hashes stay (they are of its tokens); its blocks were given back by the caller."""
+        self.status = RequestStatus.WAITING
+        self.block_ids = []
+        self.num_computed_tokens = 0
+        self.num_registered_blocks = 0
+        self.draft_ids = []
+        self.num_preemptions += 1
+
+    def advance(self, num_new: int, num_accepted_drafts: int) -> None:
+        """A step computed `num_new` rows of K/V: the last `len(draft_ids)` are drafts, of
+        which only the accepted ones count (the rest is overwritten later)."""
+        self.num_computed_tokens += num_new - len(self.draft_ids) + num_accepted_drafts
+        self.draft_ids = []
+
+    def finish(self, status: RequestStatus, error: str | None = None) -> None:
+        """running or waiting -> finished; the caller frees its blocks."""
+        self.status = status
+        if error is not None:
+            self.error = error
+        self.block_ids = []
+        self.draft_ids = []
+
+    @property
+    def num_known_full_blocks_limit(self) -> int:
+        """Tokens that may be hashed into prefix-cache blocks: computed and known (an
+        accepted draft's K/V is computed a step before its token is appended)."""
+        return min(self.num_computed_tokens, self.num_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

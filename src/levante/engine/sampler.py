@@ -214,20 +214,23 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams], *,
                  prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
                  generators: Sequence[torch.Generator | None],
-                 allowed: torch.Tensor | None = None) -> SamplerOutput:
-        """Sample one token per row; `allowed` is an optional [B, V] bool grammar mask."""
+                 allowed: torch.Tensor | None = None,
+                 counts: Sequence[TokenCounts | None] | None = None) -> SamplerOutput:
+        """Sample one token per row; `allowed` is an optional [B, V] bool grammar mask,
+        `counts` each row's running penalty counts (else counted from the id lists)."""
         num_rows = logits.shape[0]
         assert logits.shape == (num_rows, self.vocab_size), f"logits {tuple(logits.shape)}"
         assert len(params) == len(prompt_ids) == len(output_ids) == len(generators) == num_rows
         processed = self.process_logits(logits, params, prompt_ids=prompt_ids,
-                                        output_ids=output_ids, allowed=allowed)
+                                        output_ids=output_ids, allowed=allowed, counts=counts)
         token_ids = self._sample(processed, params, generators)
         logprobs, top_logprobs = _gather_logprobs(processed, token_ids, params)
         return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
 
     def process_logits(self, logits: torch.Tensor, params: Sequence[SamplingParams], *,
                        prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
-                       allowed: torch.Tensor | None = None) -> torch.Tensor:
+                       allowed: torch.Tensor | None = None,
+                       counts: Sequence[TokenCounts | None] | None = None) -> torch.Tensor:
         """[B, V] float32 logits after mask, logit_bias, min_tokens and penalties (input kept)."""
         needs_min_tokens = any(len(out) < p.min_tokens for p, out in zip(params, output_ids))
         if allowed is None and not needs_min_tokens and not any(
@@ -241,7 +244,7 @@ class Sampler:
         _apply_logit_bias(work, params)
         if needs_min_tokens:
             self._apply_min_tokens(work, params, output_ids)
-        _apply_penalties(work, params, prompt_ids, output_ids)
+        _apply_penalties(work, params, prompt_ids, output_ids, counts)
         if allowed is not None:
             _check_some_token_left(work, allowed, params)
         return work
@@ -396,17 +399,51 @@ def _apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
                       accumulate=True)
 
 
+class TokenCounts:
+    """One request's running counts for penalties: how often each token is in its output,
+    and which are in its prompt. `sync` adds only the tokens appended since the last call,
+    so a step costs O(new tokens), not a recount of the whole output."""
+
+    def __init__(self, vocab_size: int, prompt_ids: Sequence[int], device: torch.device) -> None:
+        self.output = torch.zeros(vocab_size, device=device)
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.in_prompt[_long(list(prompt_ids), device)] = True
+        self.num_counted = 0
+
+    def sync(self, output_ids: Sequence[int]) -> TokenCounts:
+        new = output_ids[self.num_counted:]
+        if new:
+            index = _long(list(new), self.output.device)
+            self.output.index_put_((index,), torch.ones(len(new), device=self.output.device),
+                                   accumulate=True)
+            self.num_counted = len(output_ids)
+        return self
+
+
 def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
                      prompt_ids: Sequence[Sequence[int]],
-                     output_ids: Sequence[Sequence[int]]) -> None:
-    """Repetition (transformers), then presence and frequency (OpenAI), in place."""
+                     output_ids: Sequence[Sequence[int]],
+                     counts: Sequence[TokenCounts | None] | None = None) -> None:
+    """Repetition (transformers), then presence and frequency (OpenAI), in place. `counts`
+    (running, per row) replaces counting `prompt_ids`/`output_ids` where given."""
     rows = [row for row, p in enumerate(params) if p.has_penalties]
     if not rows:
         return
     device = logits.device
-    output_counts = _count_tokens(output_ids, rows, logits.shape, device)  # [B, V]
+    if counts is not None and all(counts[row] is not None for row in rows):
+        output_counts = torch.zeros(logits.shape, device=device)
+        prompt_seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        for row in rows:
+            row_counts = counts[row].sync(output_ids[row])  # type: ignore[union-attr]
+            output_counts[row] = row_counts.output
+            prompt_seen[row] = row_counts.in_prompt
+    else:
+        output_counts = _count_tokens(output_ids, rows, logits.shape, device)  # [B, V]
+        prompt_seen = None
     if any(params[row].repetition_penalty != 1.0 for row in rows):
-        seen = (_count_tokens(prompt_ids, rows, logits.shape, device) + output_counts) > 0
+        if prompt_seen is None:
+            prompt_seen = _count_tokens(prompt_ids, rows, logits.shape, device) > 0
+        seen = prompt_seen | (output_counts > 0)
         penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits.copy_(torch.where(seen, penalized, logits))

@@ -211,6 +211,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.adapter_ids = adapter_ids  # slots that hold weights for this module
+        self._f64: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -221,9 +222,26 @@ class MultiLoRALinear(nn.Module):
         flat_out = out.view(-1, out.shape[-1])  # [T, out], writes land in `out`
         for adapter_id, rows in self.context.groups:
             if adapter_id in self.adapter_ids:
-                low = flat_x[rows] @ self.lora_a[adapter_id].T  # [n, r_max]
-                flat_out.index_add_(0, rows, (low @ self.lora_b[adapter_id].T).to(out.dtype))
+                lora_a, lora_b = self._pair(adapter_id, x.device)
+                low = flat_x[rows].to(lora_a.dtype) @ lora_a.T  # [n, r_max]
+                flat_out.index_add_(0, rows, (low @ lora_b.T).to(out.dtype))
         return out
+
+    def _pair(self, adapter_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A and B; on the CPU in float64 (copies made once). A float32 matmul
+        rounds differently with the number of rows (1-4 rows vs 17: ~500 of 576 outputs
+        differ here), so a token's delta would depend on its batch; in float64 the sums agree
+        to far below float32's last bit, and the one rounding to float32 makes a row's result
+        the same at any batch size (engine batch invariance, with the quantized kernels)."""
+        if device.type != "cpu":
+            return self.lora_a[adapter_id], self.lora_b[adapter_id]
+        key = (adapter_id, self.lora_a.data_ptr(), self.lora_b.data_ptr())
+        cached = self._f64.get(key)
+        if cached is None:
+            cached = (self.lora_a[adapter_id].double(), self.lora_b[adapter_id].double())
+            self._f64 = {k: v for k, v in self._f64.items() if k[1:] == key[1:]}
+            self._f64[key] = cached
+        return cached
 
 
 class AdapterSet:
