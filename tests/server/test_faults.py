@@ -112,3 +112,86 @@ def test_sigterm_drains_then_exits(smollm2_gguf) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_one_requests_broken_logits_fail_it_alone(server, monkeypatch) -> None:
+    """NaN logits in one row (broken weights for one adapter, say): that request ends with a
+    500 naming the cause, its batch neighbours finish as they would alone."""
+    runner = server.engine.runner
+    original = runner.run
+    poisoned_prompt_len: dict[str, int] = {}
+
+    def poison(batch):
+        logits, rows = original(batch)
+        logits = logits.clone()  # an inference tensor: not writable outside inference mode
+        for j, i in enumerate(rows):
+            if batch.requests[i].num_prompt_tokens == poisoned_prompt_len.get("n"):
+                logits[j] = float("nan")
+        return logits, rows
+
+    body = {**CHAT, "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+    poisoned = {**body, "messages": [{"role": "user", "content": "Tell me a long story"}]}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        alone = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+        poisoned_prompt_len["n"] = http.post("/v1/chat/completions", json={
+            **poisoned, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        monkeypatch.setattr(runner, "run", poison)
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+                return list(await asyncio.gather(
+                    client.post("/v1/chat/completions", json=poisoned),
+                    client.post("/v1/chat/completions", json=body)))
+
+        bad, good = asyncio.run(both())
+    assert bad.status_code == 500 and "not finite" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0] == alone
+    server.wait_idle()
+    assert server.engine.pool.num_free == server.engine.pool.num_blocks
+
+
+DYING_SERVER = """
+import sys
+from levante.engine.engine import Engine
+from levante.server.app import ServerConfig, serve
+
+step, calls = Engine.step, [0]
+
+def dies_at_the_fifth_step(self):
+    calls[0] += 1
+    if calls[0] == 5:
+        raise RuntimeError("injected engine bug")
+    return step(self)
+
+Engine.step = dies_at_the_fifth_step
+serve(ServerConfig(ref=sys.argv[1], port=int(sys.argv[2]), max_model_len=512, no_web=True))
+"""
+
+
+def test_engine_death_ends_every_request_and_exits_non_zero(smollm2_gguf) -> None:
+    """The engine loop dies mid-stream: the stream ends with an error event and [DONE] at
+    once (no hang), then the process exits with status 1 for its supervisor to restart."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", DYING_SERVER, str(smollm2_gguf), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"model": str(smollm2_gguf), "prompt": "Count:", "max_tokens": 48,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert '"error"' in events[-2] and "injected engine bug" in events[-2]
+        assert proc.wait(timeout=60) == 1
+        assert b"the engine stopped" in proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

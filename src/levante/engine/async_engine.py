@@ -12,6 +12,7 @@ from typing import Any
 
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
+from levante.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.is_healthy = True
+        self.death: str | None = None  # why the engine thread died, once it has
         self.on_step: Callable[[list[StepOutput]], None] | None = None
+        self.on_death: Callable[[], None] | None = None  # the server's exit (app.serve)
 
     def start(self) -> None:
         """Start the engine thread (idempotent)."""
@@ -76,18 +79,40 @@ class AsyncEngine:
     async def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                           request_id: str, *, grammar: Any = None,
                           adapter_id: int = 0) -> RequestStream:
-        """Submit a request; raises RequestError if the engine refuses it, else its stream."""
+        """Submit a request; raises RequestError if the engine refuses it (or is dead), else
+        its stream."""
+        (stream,) = await self.add_requests([(prompt_ids, params, request_id)],
+                                            grammar=grammar, adapter_id=adapter_id)
+        return stream
+
+    async def add_requests(self, jobs: Sequence[tuple[Sequence[int], SamplingParams, str]], *,
+                           grammar: Any = None, adapter_id: int = 0) -> list[RequestStream]:
+        """Submit (prompt ids, params, request id) jobs as one command: they join the same
+        step (the n choices of one request), and share the prefill of a common prompt. If
+        one is refused, the others are aborted and its RequestError raised."""
+        if self.death is not None:
+            raise self._dead_error()
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
-        accepted: asyncio.Future[str] = loop.create_future()
-        self._commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop,
-                                   grammar, adapter_id))
+        submits = [_Submit(prompt_ids, params, request_id, asyncio.Queue(), loop.create_future(),
+                           loop, grammar, adapter_id) for prompt_ids, params, request_id in jobs]
+        self._commands.put(submits)
+        if self.death is not None:  # died between the check and the put: nobody will answer
+            for submit in submits:
+                _set_exception(submit.accepted, self._dead_error())
         try:
-            await accepted
+            results = await asyncio.gather(*(s.accepted for s in submits),
+                                           return_exceptions=True)
         except asyncio.CancelledError:
-            self.abort(request_id)
+            for submit in submits:
+                self.abort(submit.request_id)
             raise
-        return RequestStream(self, request_id, outputs)
+        refused = next((r for r in results if isinstance(r, BaseException)), None)
+        if refused is not None:
+            for submit, result in zip(submits, results):
+                if not isinstance(result, BaseException):
+                    self.abort(submit.request_id)
+            raise refused
+        return [RequestStream(self, s.request_id, s.outputs) for s in submits]
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[StepOutput]:
@@ -103,13 +128,36 @@ class AsyncEngine:
         """Ask the engine thread to abort a request (safe from any thread)."""
         self._commands.put(("abort", request_id))
 
+    def _dead_error(self) -> RequestError:
+        return RequestError(f"the engine has stopped ({self.death}); the server is exiting",
+                            code="engine_dead")
+
     def _loop(self) -> None:
         try:
             self._run()
-        except BaseException:
+        except BaseException as exc:
             log.exception("the engine thread died")
-            self.is_healthy = False
-            raise
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _die(self, reason: str) -> None:
+        """End every accepted and queued request with an error at once, turn /health
+        unhealthy and tell the server (which exits non-zero: see app.serve)."""
+        self.is_healthy = False
+        self.death = reason
+        message = f"the engine stopped: {reason}"
+        for request_id in list(self._streams):
+            self._deliver(StepOutput(request_id, [], "", True, "error", 0, 0, error=message))
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            for submit in command if isinstance(command, list) else [command]:
+                if isinstance(submit, _Submit):
+                    submit.loop.call_soon_threadsafe(_set_exception, submit.accepted,
+                                                     self._dead_error())
+        if self.on_death is not None:
+            self.on_death()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -141,7 +189,10 @@ class AsyncEngine:
                 return
 
     def _handle(self, command: Any) -> None:
-        if isinstance(command, _Submit):
+        if isinstance(command, list):
+            for submit in command:
+                self._handle(submit)
+        elif isinstance(command, _Submit):
             try:
                 self.engine.add_request(command.prompt_ids, command.params, command.request_id,
                                         grammar=command.grammar, adapter_id=command.adapter_id)
@@ -166,7 +217,8 @@ class AsyncEngine:
         try:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
-            self.engine.abort(out.request_id)
+            if self.death is None:
+                self.engine.abort(out.request_id)
 
 
 class RequestStream:

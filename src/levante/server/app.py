@@ -95,6 +95,9 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, RequestError) and exc.code == "queue_full":
         return JSONResponse(error_body(str(exc), type_="server_overloaded", code=exc.code),
                             status_code=503, headers={"Retry-After": "1"})
+    if isinstance(exc, RequestError) and exc.code == "engine_dead":
+        return JSONResponse(error_body(str(exc), type_="server_error", code=exc.code),
+                            status_code=503)
     if isinstance(exc, (RequestError, ContextLengthError)):
         return JSONResponse(error_body(str(exc), type_="invalid_request_error",
                                        param=exc.param, code=exc.code), status_code=400)
@@ -346,5 +349,12 @@ def serve(config: ServerConfig) -> None:
                     config.host)
     state = ServerState.build(config)
     app = create_app(config, state)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level="info", timeout_graceful_shutdown=30))
+    # A dead engine thread has already ended its requests with errors; the process exits
+    # non-zero so that a supervisor (systemd, Kubernetes, `restart: always`) restarts it.
+    state.engine.on_death = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.engine.death is not None:
+        log.error("exiting: the engine stopped (%s)", state.engine.death)
+        raise SystemExit(1)

@@ -69,15 +69,10 @@ class Generation:
         self.start_time = time.monotonic()
 
     async def start(self) -> None:
-        """Submit every choice; if one is refused, abort those already accepted and raise."""
-        try:
-            for index, prompt, params in self.jobs:
-                self.streams.append(await self.engine.add_request(
-                    prompt, params, f"{self.id}-{index}", grammar=self.grammar,
-                    adapter_id=self.adapter_id))
-        except BaseException:
-            self.abort()
-            raise
+        """Submit every choice in one step; if one is refused, none runs (AsyncEngine)."""
+        self.streams = await self.engine.add_requests(
+            [(prompt, params, f"{self.id}-{index}") for index, prompt, params in self.jobs],
+            grammar=self.grammar, adapter_id=self.adapter_id)
 
     def abort(self) -> None:
         for stream in self.streams:
