@@ -225,3 +225,30 @@ def test_malformed_tool_turns_are_400_naming_the_message(
     assert caught.value.status_code == 400 and error["param"] == "messages"
     assert error["type"] == "invalid_request_error"
     assert error["message"].startswith(f"messages[{index}]: ") and match in error["message"]
+
+
+def test_metrics_count_what_the_engine_did(client, server) -> None:
+    """/metrics carries the engine's counters under vLLM's names: prefix-cache queries and
+    hits (the second identical prompt is served from the first's blocks), drafts, errors."""
+    import httpx
+
+    def sample(name: str) -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        line = next(line for line in text.splitlines() if line.startswith(name + " "))
+        return float(line.split()[1])
+
+    before = sample("levante_prefix_cache_hits_total")
+    messages = [{"role": "user", "content": "Name three colours of the rainbow, please. " * 8}]
+    for _ in range(2):
+        client.chat.completions.create(model="smollm2", messages=messages, max_tokens=2)
+    assert sample("levante_prefix_cache_hits_total") - before >= 64
+    assert sample("levante_prefix_cache_queries_total") >= sample("levante_prefix_cache_hits_total")
+    # n = 3 on a new prompt: the choices join one step and two reuse the first one's prefill
+    before = sample("levante_prefix_cache_hits_total")
+    fresh = [{"role": "user", "content": "List four kinds of trees, in a row. " * 8}]
+    reply = client.chat.completions.create(model="smollm2", messages=fresh, max_tokens=2, n=3)
+    shared = (reply.usage.prompt_tokens - 1) // 16 * 16  # full blocks; the last token runs
+    assert sample("levante_prefix_cache_hits_total") - before >= 2 * shared
+    for name in ("levante_num_preemptions_total", "levante_spec_decode_num_draft_tokens_total",
+                 "levante_spec_decode_num_accepted_tokens_total", "levante_request_errors_total"):
+        assert sample(name) >= 0

@@ -66,7 +66,7 @@ class ServerState:
         metrics = Metrics(running=lambda: async_engine.num_running,
                           waiting=lambda: async_engine.num_waiting,
                           kv_used=lambda: pool.num_blocks - pool.num_free,
-                          kv_total=pool.num_blocks)
+                          kv_total=pool.num_blocks, engine=engine)
         names = tuple(dict.fromkeys(n for n in (config.served_model_name, config.ref,
                                                 bundle.name) if n))
         return cls(bundle, async_engine, names, metrics, config.max_queue, int(time.time()),
