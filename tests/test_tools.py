@@ -265,3 +265,71 @@ def test_streamed_calls_reassemble_in_the_openai_client(style: str, mistral: Mis
     content, parsed = parse_tool_calls(ids, tokenizer, style=style)
     assert [c.arguments for c in parsed] == [c.function.arguments for c in message.tool_calls]
     assert (message.content or None) == content == ("Checking." if style == "mistral" else None)
+
+
+def _reply_ids(style: str, tokenizer: Tokenizer, mistral: MistralTokenizer) -> list[int]:
+    """Content, then two calls, in the style's own format."""
+    calls = [("get_weather", '{"city": "Rome"}'), ("add", '{"a": 1, "b": 2}')]
+    if style == "mistral":
+        return mistral_call_ids(mistral, calls, content="It is sunny in Paris. Let me check.")
+    body = ", ".join(f'{{"name": "{n}", "arguments": {a}}}' for n, a in calls)
+    return tokenizer.encode(f'{{"tool_calls": [{body}]}}<|im_end|>')
+
+
+@pytest.mark.parametrize("style", ["mistral", "json"])
+@pytest.mark.parametrize("stop", [(), ("sunny",), ('"add"',)])
+def test_streamed_and_whole_replies_agree_field_by_field(
+        style: str, stop: tuple[str, ...], mistral: MistralTokenizer,
+        smollm2_tokenizer: HFTokenizer) -> None:
+    """The server renders one token sequence as one whole response or as chunks in random
+    splits (what the openai client reassembles): same content, calls, ids and finish reason.
+    Stop strings cut the content with tools too, as the engine stops generating there."""
+    import random
+
+    from levante.engine.engine import StepOutput
+    from levante.engine.output import TextState
+    from levante.engine.sampler import SamplingParams
+    from levante.server.metrics import Metrics
+    from levante.server.responses import Generation
+
+    tokenizer: Tokenizer = mistral if style == "mistral" else smollm2_tokenizer
+    ids = _reply_ids(style, tokenizer, mistral)
+    text = TextState(tokenizer, [], stop)
+    end = next((i + 1 for i, t in enumerate(ids) if text.add(t)), len(ids))
+    ids = ids[:end]  # where the engine would have stopped generating
+    params = SamplingParams(stop=stop)
+
+    def generation() -> Generation:
+        metrics = Metrics(running=lambda: 0, waiting=lambda: 0, kv_used=lambda: 0, kv_total=1)
+        return Generation(None, metrics, tokenizer, [(0, [1], params)],  # type: ignore[arg-type]
+                          n=1, chat=True, model="m", tool_style=style)
+
+    whole = generation()
+    whole._update(whole.choices[0], StepOutput("r", ids, "", True, "stop", 1, len(ids)))
+    message = whole._whole()["choices"][0]
+    for seed in range(3):
+        streamed, rng, position, chunks = generation(), random.Random(seed), 0, []
+        while position < len(ids):
+            piece = ids[position:position + rng.randint(1, 4)]
+            position += len(piece)
+            done = position == len(ids)
+            out = StepOutput("r", piece, "", done, "stop" if done else None, 1, position)
+            delta = streamed._update(streamed.choices[0], out)
+            chunks.append(streamed._chunk(streamed.choices[0], delta, [], first=not chunks))
+        state = ChatCompletionStreamState()
+        for chunk in chunks:
+            state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+        final = state.get_final_completion().choices[0]
+        assert final.finish_reason == message["finish_reason"]
+        assert (final.message.content or None) == (message["message"]["content"] or None)
+        got = [(c.type, c.function.name, c.function.arguments)
+               for c in final.message.tool_calls or []]
+        assert got == [(c["type"], c["function"]["name"], c["function"]["arguments"])
+                       for c in message["message"].get("tool_calls", [])]
+        # ids are fresh per reply: the stream's are the ones its own whole message holds
+        assert [c.id for c in final.message.tool_calls or []] == \
+            [c["id"] for c in streamed.choices[0].tool_calls]
+    content = message["message"]["content"] or ""
+    assert not any(s in content for s in stop)
+    if stop == ("sunny",) and style == "mistral":  # stopped in the content, before any call
+        assert content == "It is " and "tool_calls" not in message["message"]

@@ -105,11 +105,12 @@ class LLM:
         the output is constrained by grammar, and calls come back in `tool_calls`."""
         prepared = self.chats.prepare(messages, tools=tools, tool_choice=tool_choice,
                                       response_format=response_format)
-        done = self._run([prepared.prompt_ids], params or SamplingParams(),
-                         grammar=prepared.grammar)[0]
+        params = params or SamplingParams()
+        done = self._run([prepared.prompt_ids], params, grammar=prepared.grammar)[0]
         if prepared.tool_style is not None:
-            content, calls = parse_tool_calls(done.token_ids, self.tokenizer,
-                                              style=prepared.tool_style)
+            content, calls = parse_tool_calls(
+                done.token_ids, self.tokenizer, style=prepared.tool_style, stop=params.stop,
+                include_stop=params.include_stop_str_in_output)
             done.text = content or ""
             done.tool_calls = [c.to_openai() for c in calls]
             if calls and done.finish_reason == "stop":

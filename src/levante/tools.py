@@ -39,6 +39,7 @@ from typing import Any
 
 import jsonschema
 
+from levante.engine.output import StopStrings
 from levante.errors import RequestError
 from levante.tokenizer import IncrementalDetokenizer, MistralTokenizer, Tokenizer
 
@@ -252,10 +253,14 @@ class ToolCallStreamer:
     whole once complete, and text that is no call at all becomes content.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, style: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, style: str, stop: Sequence[str] = (),
+                 include_stop: bool = False) -> None:
         if style not in CHAT_STYLES:
             raise ValueError(f"style must be one of {CHAT_STYLES}, got {style!r}")
         self.style = style
+        # The request's stop strings cut the content as they cut plain text (the engine
+        # already stopped generating at them); a possible partial one is held back.
+        self._stops = StopStrings(stop, include_stop=include_stop)
         self._marker = tool_calls_token_id(tokenizer) if style == "mistral" else None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         # mistral: content -> open (after [TOOL_CALLS]) -> calls -> after (array closed)
@@ -269,6 +274,19 @@ class ToolCallStreamer:
 
     def add(self, token_ids: Sequence[int]) -> ChatDelta:
         """Consume new token ids; return the content and call pieces they complete."""
+        delta = self._add(token_ids)
+        self._stops.add(delta.content)
+        delta.content = self._stops.take(final=False)
+        return delta
+
+    def finish(self) -> ChatDelta:
+        """Flush at the end of generation; unparsed call text (a cut-off call) becomes content."""
+        delta = self._finish()
+        self._stops.add(delta.content)
+        delta.content = self._stops.take(final=True)
+        return delta
+
+    def _add(self, token_ids: Sequence[int]) -> ChatDelta:
         delta = ChatDelta()
         for token_id in token_ids:
             if token_id != self._marker:
@@ -281,8 +299,7 @@ class ToolCallStreamer:
                 self._mode, self._text, self._pos = "open", "", 0
         return delta
 
-    def finish(self) -> ChatDelta:
-        """Flush at the end of generation; unparsed call text (a cut-off call) becomes content."""
+    def _finish(self) -> ChatDelta:
         delta = ChatDelta()
         self._route(self._detokenizer.flush(), delta)
         if self._mode in ("start", "open"):
@@ -447,10 +464,12 @@ def _is_object(text: str) -> bool:
         return False
 
 
-def parse_tool_calls(token_ids: Sequence[int], tokenizer: Tokenizer, *,
-                     style: str) -> tuple[str | None, list[ToolCall]]:
-    """(content, calls) of a finished generation; content is None when there are only calls."""
-    streamer = ToolCallStreamer(tokenizer, style=style)
+def parse_tool_calls(token_ids: Sequence[int], tokenizer: Tokenizer, *, style: str,
+                     stop: Sequence[str] = (), include_stop: bool = False
+                     ) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a finished generation; content is None when there are only calls.
+    The same streamer as a streamed reply's, so both give the same message."""
+    streamer = ToolCallStreamer(tokenizer, style=style, stop=stop, include_stop=include_stop)
     content = streamer.add(token_ids).content + streamer.finish().content
     if streamer.calls and not content.strip():
         return None, streamer.calls

@@ -7,26 +7,26 @@ from collections.abc import Sequence
 from levante.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-class TextState:
-    """Decoded text of one request; finds stop strings and holds back a possible partial one.
+class StopStrings:
+    """Text cut at the first stop string, released without a tail that may begin one.
 
     Streaming never shows a prefix of a stop string that might still complete: with stop
-    "END" and text "foo EN", only "foo " is released until the next token decides.
+    "END" and text "foo EN", only "foo " is released until more text decides.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str],
-                 *, include_stop: bool = False) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+    def __init__(self, stop: Sequence[str], *, include_stop: bool = False) -> None:
         self.stop = tuple(stop)
         self.include_stop = include_stop
         self.text = ""
         self.num_released = 0
         self.is_stopped = False
 
-    def add(self, token_id: int) -> bool:
-        """Append a token's text; True if a stop string now appears (text cut there)."""
+    def add(self, text: str) -> bool:
+        """Append text (ignored once stopped); True if a stop string now appears (text cut)."""
+        if self.is_stopped or not text:
+            return False
         before = len(self.text)
-        self.text += self.detokenizer.add(token_id)
+        self.text += text
         if not self.stop:
             return False
         longest = max(len(s) for s in self.stop)
@@ -41,8 +41,6 @@ class TextState:
 
     def take(self, *, final: bool) -> str:
         """Text not yet released; while running, minus a tail that may begin a stop string."""
-        if final and not self.is_stopped:
-            self.text += self.detokenizer.flush()
         end = len(self.text) if final or self.is_stopped else len(self.text) - self._held()
         delta = self.text[self.num_released:end]
         self.num_released = max(self.num_released, end)
@@ -56,3 +54,30 @@ class TextState:
                     held = size
                     break
         return held
+
+
+class TextState:
+    """Decoded text of one request, with its stop strings (`StopStrings`)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str],
+                 *, include_stop: bool = False) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopStrings(stop, include_stop=include_stop)
+
+    @property
+    def text(self) -> str:
+        return self.stops.text
+
+    @property
+    def is_stopped(self) -> bool:
+        return self.stops.is_stopped
+
+    def add(self, token_id: int) -> bool:
+        """Append a token's text; True if a stop string now appears (text cut there)."""
+        return self.stops.add(self.detokenizer.add(token_id))
+
+    def take(self, *, final: bool) -> str:
+        """Text not yet released; while running, minus a tail that may begin a stop string."""
+        if final and not self.stops.is_stopped:
+            self.stops.add(self.detokenizer.flush())
+        return self.stops.take(final=final)

@@ -148,7 +148,7 @@ async def _generate(request: Request, state: ServerState,
                                             grammar=grammar)
     state.metrics.prompt_tokens.inc(len(prompt_ids))
     run = _Run(state, stream, prompt_ids, body.model, is_chat=is_chat, started_ns=started_ns,
-               tool_style=tool_style)
+               tool_style=tool_style, stop=params.stop)
     if body.stream:
         return StreamingResponse(run.lines(), media_type=NDJSON)
     return JSONResponse(await run.collect(request))
@@ -194,6 +194,7 @@ class _Run:
     is_chat: bool
     started_ns: int
     tool_style: str | None = None  # replies may hold tool calls: parsed at the end
+    stop: tuple[str, ...] = ()  # the request's stop strings, which cut the content
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
     first_ns: int | None = None
     text: str = ""
@@ -231,7 +232,7 @@ class _Run:
                 "done_reason": self.done_reason or "stop"}
         if self.tool_style is not None:
             content, calls = parse_tool_calls(self.output_ids, self.state.bundle.tokenizer,
-                                              style=self.tool_style)
+                                              style=self.tool_style, stop=self.stop)
             if calls:  # Ollama's shape: arguments as an object, no ids
                 body["message"] = {"role": "assistant", "content": content or "",
                                    "tool_calls": [{"function": {

@@ -64,8 +64,9 @@ class Generation:
         self.created = int(time.time())
         self.streams: list[RequestStream] = []
         self.choices = [Choice(i, len(p), streamer=None if tool_style is None else
-                               ToolCallStreamer(tokenizer, style=tool_style))
-                        for i, p, _ in jobs]
+                               ToolCallStreamer(tokenizer, style=tool_style, stop=params.stop,
+                                                include_stop=params.include_stop_str_in_output))
+                        for i, p, params in jobs]
         self.start_time = time.monotonic()
 
     async def start(self) -> None:
