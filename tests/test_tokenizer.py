@@ -276,3 +276,18 @@ def test_stream_window_stays_small(tekken: MistralTokenizer) -> None:
     for token_id in tekken.encode("word " * 500):
         detokenizer.add(token_id)
         assert len(detokenizer._window_ids) <= 6
+
+
+def test_long_texts_encode_as_short_ones(smollm2_tokenizer: HFTokenizer) -> None:
+    """Texts past 4096 characters go through encode_batch (which releases the GIL): same ids."""
+    text = "Héllo wörld, 12345 <|im_start|> tabs\t\tand   spaces 中文 🙂\n" * 200
+    assert len(text) > 4096
+    assert smollm2_tokenizer.encode(text) == smollm2_tokenizer.backend.encode(
+        text, add_special_tokens=False).ids
+
+
+def test_tekken_max_token_chars_bounds_every_token(tekken: MistralTokenizer) -> None:
+    bound = tekken.max_token_chars()
+    assert bound is not None
+    assert max(len(tekken.decode([i], skip_special=False))
+               for i in range(1000, tekken.vocab_size, 7)) <= bound

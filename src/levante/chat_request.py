@@ -21,8 +21,9 @@ from typing import Any
 
 from levante.bundle import Bundle
 from levante.chat import MistralChatFormat, check_messages
-from levante.errors import RequestError
+from levante.errors import ContextLengthError, RequestError
 from levante.structured import Grammar, GrammarCompiler
+from levante.tokenizer import longer_than_chars
 from levante.tools import resolve_tool_choice, tools_system_prompt, validate_tools
 
 
@@ -63,6 +64,7 @@ class ChatRequests:
             raise RequestError("this model has no chat template; use /v1/completions",
                                param="messages")
         check_messages(messages)  # before a tools prompt shifts the indexes errors name
+        check_prompt_size(self.bundle, sum(map(_text_chars, messages)), param="messages")
         checked = validate_tools(tools) if tools else []
         mode, _ = resolve_tool_choice(checked, tool_choice)
         grammar = None
@@ -92,3 +94,25 @@ def with_tools_prompt(messages: list[dict[str, Any]],
         first["content"] = f"{content or ''}\n\n{text}".strip()
         return [first, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
+
+
+def check_prompt_size(bundle: Bundle, num_chars: int, *, param: str) -> None:
+    """ContextLengthError, before any tokenizing, for text that cannot fit the context (each
+    token stands for at most `max_token_chars` characters): a 1 MB prompt is refused in
+    microseconds instead of after ~0.5 s of tokenizing."""
+    limit = bundle.config.max_seq_len
+    if longer_than_chars(bundle.tokenizer, num_chars, limit):
+        raise ContextLengthError(
+            f"the prompt has {num_chars} characters, more than this model's context of "
+            f"{limit} tokens can hold", param=param)
+
+
+def _text_chars(message: Any) -> int:
+    """Characters of a message's string content and text parts (what the check counts)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content
+                   if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0

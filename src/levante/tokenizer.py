@@ -52,6 +52,19 @@ class Tokenizer(Protocol):
         """Whether `token_id` is a control/special token."""
         ...
 
+    def max_token_chars(self) -> int | None:
+        """The most characters of input text one token can stand for, or None where a
+        normalizer makes that unbounded: a text longer than context x this cannot fit, which
+        the server says without tokenizing it (a 1 MB prompt)."""
+        ...
+
+
+def longer_than_chars(tokenizer: Tokenizer, num_chars: int, num_tokens: int) -> bool:
+    """Whether a text of `num_chars` characters surely encodes to more than `num_tokens`
+    tokens, without encoding it."""
+    per_token = tokenizer.max_token_chars()
+    return per_token is not None and num_chars > num_tokens * per_token
+
 
 def _instruct_tokenizers() -> dict[TokenizerVersion, Callable[[Tekkenizer], Any]]:
     """Instruct encoders by tokenizer version; V7 is Mistral Small 3's."""
@@ -132,6 +145,7 @@ class MistralTokenizer:
         self.bos_id: int | None = self._tekken.bos_id
         self.eos_ids = frozenset({self._tekken.eos_id})
         self.should_add_bos = True
+        self._max_token_chars: int | None = None
 
     @classmethod
     def from_file(cls, path: Path, *, version: str = "v7") -> MistralTokenizer:
@@ -191,6 +205,13 @@ class MistralTokenizer:
         """Whether `token_id` is one of the 1000 Tekken control ids."""
         return self._tekken.is_special(int(token_id))
 
+    def max_token_chars(self) -> int | None:
+        """The longest token's bytes (Tekken has no normalizer; a character is >= 1 byte)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(self._tekken.id_to_byte_piece(i))
+                                        for i in range(self.vocab_size))
+        return self._max_token_chars
+
 
 class HFTokenizer:
     """A HF `tokenizers` backend with the model's BOS/EOS ids."""
@@ -210,6 +231,7 @@ class HFTokenizer:
         self.should_add_bos = should_add_bos
         added = backend.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, token in added.items() if token.special)
+        self._max_token_chars: int | None = 0  # 0: not computed yet
 
     @classmethod
     def from_file(cls, tokenizer_json: Path, tokenizer_config: Path | None = None) -> HFTokenizer:
@@ -255,8 +277,14 @@ class HFTokenizer:
         )
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; added special tokens in it ("<|im_start|>") match as one id."""
-        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; added special tokens in it ("<|im_start|>") match as one id.
+
+        Long texts go through `encode_batch`, which releases the GIL (`encode` holds it: a
+        1 MB prompt stalled every other thread, the server's event loop included, ~0.15 s)."""
+        if len(text) > 4096:
+            ids: list[int] = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_id is None:
                 raise ValueError("this tokenizer has no BOS token; call encode with add_bos=False")
@@ -274,6 +302,15 @@ class HFTokenizer:
     def is_special(self, token_id: int) -> bool:
         """Whether `token_id` is an added special token."""
         return int(token_id) in self._special_ids
+
+    def max_token_chars(self) -> int | None:
+        """The longest vocabulary entry as spelled in tokenizer.json: byte-level BPE spells
+        each byte as one character, metaspace "▁" one space, byte fallback "<0xE4>" six, so
+        no token decodes to more characters. None with a normalizer (NFC can shrink input)."""
+        if self._max_token_chars == 0:
+            self._max_token_chars = None if self.backend.normalizer is not None else max(
+                len(piece) for piece in self.backend.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
 
 
 def _config_token_id(

@@ -457,3 +457,35 @@ def test_memory_returns_to_baseline_after_a_burst(server) -> None:
     assert_nothing_leaked(server)
     gc.collect()
     assert rss_bytes() - baseline < 200 * 2**20
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/api/generate",
+                                  "/api/chat"])
+def test_a_prompt_no_context_could_hold_is_refused_before_tokenizing(http, server, monkeypatch,
+                                                                     path: str) -> None:
+    """1 MB of text: more characters than the context's tokens could stand for (the longest
+    token's characters x the context), so it is refused without being tokenized."""
+    tokenizer = server.state.bundle.tokenizer
+
+    def tokenized(*_args, **_kwargs):
+        raise AssertionError("the prompt was tokenized")
+
+    monkeypatch.setattr(tokenizer, "encode", tokenized)
+    text = "lorem ipsum dolor " * (2**20 // 18)
+    assert len(text) > server.state.bundle.config.max_seq_len * tokenizer.max_token_chars()
+    body: dict = {"model": "smollm2", "max_tokens": 4}
+    body.update({"prompt": text} if path in ("/v1/completions", "/api/generate")
+                else {"messages": [{"role": "user", "content": text}]})
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert "characters" in response.text and "context" in response.text
+    if path.startswith("/v1/"):
+        assert error_of(response)["code"] == "context_length_exceeded"
+
+
+def test_max_token_chars_bounds_every_token(server) -> None:
+    """No token of SmolLM2's vocabulary decodes to more characters than the bound."""
+    tokenizer = server.state.bundle.tokenizer
+    bound = tokenizer.max_token_chars()
+    longest = max(len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size))
+    assert 0 < longest <= bound

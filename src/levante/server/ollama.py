@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from levante.chat_request import check_prompt_size
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
@@ -135,7 +136,7 @@ async def _generate(request: Request, state: ServerState,
         prompt_ids, grammar, tool_style = (prepared.prompt_ids, prepared.grammar,
                                            prepared.tool_style)
     else:
-        prompt_ids = _encode(state, body)
+        prompt_ids = await asyncio.to_thread(_encode, state, body)
         if body.response_format() is not None:
             grammar = await asyncio.to_thread(
                 state.chats.compiler.compile, response_format=body.response_format(),
@@ -164,6 +165,7 @@ def _encode(state: ServerState, body: ChatBody | GenerateBody) -> list[int]:
             raise RequestError("this model has no chat template; use /api/generate",
                                param="messages")
         return chat_format.encode(body.chat_messages())
+    check_prompt_size(state.bundle, len(body.prompt) + len(body.system or ""), param="prompt")
     if body.raw or chat_format is None:
         if body.system:
             raise RequestError("this model has no chat template to put system in",

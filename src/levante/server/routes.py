@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.bundle import Bundle
-from levante.chat_request import ChatRequests
+from levante.chat_request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.engine import Engine
@@ -42,6 +43,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.chats = ChatRequests(self.bundle)
+        # the early size check's bound (~0.2 s for Tekken's 131K pieces), off the start path
+        threading.Thread(target=self.bundle.tokenizer.max_token_chars, daemon=True).start()
 
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
@@ -151,7 +154,8 @@ async def _handle(request: Request, state: ServerState,
         grammar, tool_style = prepared.grammar, prepared.tool_style
     else:
         assert isinstance(body, CompletionRequest)
-        prompts = [_encode_text(state, p) for p in body.prompts()]
+        prompts = await asyncio.to_thread(
+            lambda: [_encode_text(state, p) for p in body.prompts()])
     jobs = _jobs(prompts, params, body.n)
     state.check_capacity(len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
@@ -170,6 +174,7 @@ def _encode_text(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise RequestError("prompt is empty", param="prompt")
+        check_prompt_size(state.bundle, len(prompt), param="prompt")
         return tokenizer.encode(prompt, add_bos=tokenizer.should_add_bos)
     if not all(isinstance(t, int) for t in prompt):
         raise RequestError("prompt token ids must be integers", param="prompt")
