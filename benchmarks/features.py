@@ -10,7 +10,11 @@
    no speculation, the acceptance rate (`Engine.num_accepted_tokens / num_draft_tokens`) and
    output tokens per engine step.
 
-Both parts check greedy outputs with the feature on against off: equal, or parting only at
+3. All together: 8 and 32 requests at once (half share a system prompt, half copy their
+   input) on engines with no feature, prefix caching, speculation, and both; prints aggregate
+   tokens/s, all-on over the best single setting, and whether greedy outputs are identical.
+
+The first two parts check greedy outputs with the feature on against off: equal, or parting only at
 a near-tie (`divergence`). With GGUF weights the kernel's int8 activations amplify float
 noise (another split of the same attention sums) into logit differences of a few tenths, so
 runs part where the top two are close (seen: gaps up to 0.49 nats); with --quant none the
@@ -319,6 +323,64 @@ def print_spec_table(llm: Any, prompts: dict[str, list[int]],
             print(f"  {name}: {llm.tokenizer.decode(runs[name, 0][0].token_ids)!r}")
 
 
+SETTINGS = {"plain": {}, "prefix cache": {"enable_prefix_caching": True},
+            "speculation": {"num_speculative_tokens": 4},
+            "all": {"enable_prefix_caching": True, "num_speculative_tokens": 4}}
+
+
+def combined_workload(llm: Any, clients: int, session: str) -> list[list[int]]:
+    """Half support-chat turns sharing the system prompt, half prompts that copy their input."""
+    prompts = []
+    for i in range(clients):
+        if i % 2 == 0:
+            messages = [{"role": "system", "content": f"Session {session}. {SYSTEM_PROMPT}"},
+                        {"role": "user", "content": USER_TURNS[i // 2 % len(USER_TURNS)]}]
+        else:
+            text = list(SPEC_PROMPTS.values())[i // 2 % len(SPEC_PROMPTS)]
+            messages = [{"role": "user", "content": f"({session}-{i}) {text}"}]
+        prompts.append(llm.encode_chat(messages))
+    return prompts
+
+
+def bench_combined(llm: Any, args: argparse.Namespace) -> None:
+    """Aggregate tokens/s of a mixed batch with no feature, each alone, and all together."""
+    from levante import SamplingParams
+    from levante.config import EngineConfig
+    from levante.engine.engine import Engine
+
+    params = SamplingParams(max_tokens=args.combined_tokens, temperature=0.0, ignore_eos=True)
+    print(f"\nall features together: {'/'.join(map(str, args.clients))} requests at once "
+          f"(half a shared ~500-token system prompt, half copy-the-input prompts), "
+          f"{args.combined_tokens} greedy tokens each; aggregate tokens/s, best of "
+          f"{args.rounds}")
+    print(f"{'clients':>8}" + "".join(f"{name:>14}" for name in SETTINGS)
+          + f"{'all/best':>10}{'same tokens':>13}")
+    for clients in args.clients:
+        engines = {name: Engine(llm.bundle.model, llm.tokenizer, EngineConfig(
+            max_model_len=args.max_model_len, max_num_seqs=clients, block_size=16,
+            num_kv_blocks=clients * 1024 // 16, **features))
+            for name, features in SETTINGS.items()}
+        best = dict.fromkeys(SETTINGS, 0.0)
+        outputs: dict[str, list[list[int]]] = {}
+        for r in range(args.rounds):
+            prompts = combined_workload(llm, clients, f"{clients}.{r}")
+            names = list(SETTINGS)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                engine = engines[name]
+                start = time.perf_counter()
+                ids = [engine.add_request(p, params) for p in prompts]
+                outs = engine.run_to_completion(ids)
+                elapsed = time.perf_counter() - start
+                tokens = [[t for o in outs[i] for t in o.new_token_ids] for i in ids]
+                best[name] = max(best[name], sum(map(len, tokens)) / elapsed)
+                if r == 0:
+                    outputs[name] = tokens
+        singles = max(best[name] for name in SETTINGS if name != "all")
+        same = sum(outputs[name] == outputs["plain"] for name in SETTINGS)
+        print(f"{clients:>8}" + "".join(f"{best[name]:>14.1f}" for name in SETTINGS)
+              + f"{best['all'] / singles:>9.2f}x{same:>9} of {len(SETTINGS)}")
+
+
 def engine_config(args: argparse.Namespace, **features: Any) -> Any:
     """One request at a time, a pool big enough to keep every round's conversation cached."""
     from levante.config import EngineConfig
@@ -337,6 +399,17 @@ def positive_ints(text: str) -> list[int]:
     if not values or any(not 1 <= v <= 16 for v in values):
         raise argparse.ArgumentTypeError(f"each speculative token count must be 1..16, "
                                          f"got {text!r}")
+    return values
+
+
+def positive_ints_any(text: str) -> list[int]:
+    """`8,32` -> [8, 32], each >= 1."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
     return values
 
 
@@ -370,8 +443,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="largest logit gap at which on/off outputs may part (GGUF "
                         "noise: gaps up to 0.49 seen)")
     parser.add_argument("--max-model-len", type=positive_int, default=2048)
-    parser.add_argument("--only", choices=("prefix", "spec"), default=None,
-                        help="run one of the two parts")
+    parser.add_argument("--only", choices=("prefix", "spec", "combined"), default=None,
+                        help="run one of the three parts")
+    parser.add_argument("--clients", type=positive_ints_any, default=[8, 32],
+                        help="requests at once in the combined part, e.g. 8,32")
+    parser.add_argument("--combined-tokens", type=positive_int, default=64,
+                        help="greedy tokens per request in the combined part")
     parser.add_argument("--show-outputs", action="store_true",
                         help="print the greedy answers to the speculation prompts")
     args = parser.parse_args(argv)
@@ -390,10 +467,12 @@ def main(argv: list[str] | None = None) -> None:
     # Warm-up: a two-chunk prefill and a few decode steps (a first call may build kernels).
     llm.generate(llm.encode_chat([{"role": "system", "content": SYSTEM_PROMPT * 2}])[:700],
                  SamplingParams(max_tokens=4, temperature=0.0))
-    if args.only != "spec":
+    if args.only in (None, "prefix"):
         bench_prefix_caching(llm, args)
-    if args.only != "prefix":
+    if args.only in (None, "spec"):
         bench_speculation(llm, args)
+    if args.only in (None, "combined"):
+        bench_combined(llm, args)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     sys.stdout.flush()
 

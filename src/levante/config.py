@@ -324,6 +324,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     num_speculative_tokens: int = 0  # prompt-lookup drafts per step for greedy requests; 0 = off
     speculative_ngram: int = 3  # longest n-gram matched against earlier tokens to draft
+    # Drafts only while at most this many requests run (vLLM's disable-by-batch-size): a
+    # bigger batch is compute-bound, where each draft row costs as much as a token.
+    speculative_max_batch: int = 4
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -335,6 +338,9 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.num_speculative_tokens must be 0..16 and "
                               f"speculative_ngram >= 1, got {self.num_speculative_tokens!r}, "
                               f"{self.speculative_ngram!r}")
+        if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
+            raise ConfigError(f"EngineConfig.speculative_max_batch must be a positive integer, "
+                              f"got {self.speculative_max_batch!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ConfigError(f"EngineConfig.num_kv_blocks must be positive, got "
                               f"{self.num_kv_blocks!r}")

@@ -124,6 +124,7 @@ def _draw_config(rng: random.Random, jobs: list[Job]) -> EngineConfig:
         max_model_len=512, block_size=block_size,
         num_kv_blocks=largest + rng.randint(0, 2 * largest),  # small enough to preempt
         num_speculative_tokens=rng.choice((0, 4)),
+        speculative_max_batch=rng.choice((1, 4, 256)),
         enable_prefix_caching=rng.random() < 0.6,
         max_num_batched_tokens=rng.choice((16, 48, 512)),
         max_num_seqs=rng.choice((2, 4, 256)))

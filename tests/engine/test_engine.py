@@ -258,3 +258,30 @@ def test_prompt_lookup_index_equals_a_full_scan() -> None:
                 tokens = request.prompt_ids + request.output_ids
                 assert index.propose(request, k) == scan(tokens, max_n, k)
             request.output_ids.extend(rng.randint(0, 5) for _ in range(rng.randint(1, 3)))
+
+
+def test_drafts_adapt_to_acceptance_and_stop_in_big_batches(model: Transformer) -> None:
+    """A request drafts more after full acceptance, less after rejections, pauses after
+    drafts that all fail; no request drafts while more than speculative_max_batch run."""
+    from levante.engine.request import Request
+
+    request = Request("r", [1, 2, 3], GREEDY, 10)
+    request.record_drafts(4, 4, most=5)
+    assert request.num_drafts == 5
+    request.record_drafts(5, 2, most=5)
+    assert request.num_drafts == 3
+    request.record_drafts(3, 0, most=5)
+    assert request.num_drafts == 1
+    request.record_drafts(1, 0, most=5)
+    assert (request.num_drafts, request.draft_pause) == (1, 8)
+
+    prompts = [p * 6 for p in _prompts(model.config.vocab_size, [6, 9, 4, 5, 7, 8])]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = []
+    for most in (4, 8):  # six requests that run and finish together
+        engine = Engine(model, None, EngineConfig(max_model_len=512, num_kv_blocks=128,
+                                                  block_size=4, num_speculative_tokens=4,
+                                                  speculative_max_batch=most))
+        outputs.append(_run(engine, prompts, params))
+        assert (engine.num_draft_tokens > 0) == (most >= len(prompts))
+    assert outputs[0] == outputs[1]

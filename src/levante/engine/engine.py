@@ -348,6 +348,7 @@ class Engine:
             kept[i] = drafts[:n] + [targets[n]]
             self.num_draft_tokens += len(drafts)
             self.num_accepted_tokens += n
+            batch.requests[i].record_drafts(len(drafts), n, self.config.num_speculative_tokens)
         return kept
 
     def _append_tokens(self, request: Request, tokens: list[int]) -> StepOutput:

@@ -56,6 +56,8 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens for this step
     ngrams: Any = None  # prompt-lookup's NgramIndex (scheduler), built at the first draft
+    num_drafts: int | None = None  # draft length this request now uses (None: the maximum)
+    draft_pause: int = 0  # decode steps left without drafting, after drafts that all failed
     token_counts: Any = None  # penalties' running TokenCounts (sampler), built when first used
 
     # State transitions: the scheduler owns the block pool and the queues, the request its
@@ -81,6 +83,20 @@ class Request:
         which only the accepted ones count (the rest is overwritten later)."""
         self.num_computed_tokens += num_new - len(self.draft_ids) + num_accepted_drafts
         self.draft_ids = []
+
+    def record_drafts(self, num_drafted: int, num_accepted: int, most: int) -> None:
+        """Adapt the draft length to how this request's drafts fare (lossless at any length:
+        only the cost changes): all accepted -> one more, up to `most`; some -> one past the
+        accepted run; none -> half, and at zero a pause of 8 steps before trying 1 again.
+        Rejected drafts are rows computed for nothing; a batch pays for every one."""
+        if num_accepted == num_drafted:
+            self.num_drafts = min(most, num_drafted + 1)
+        elif num_accepted > 0:
+            self.num_drafts = num_accepted + 1
+        else:
+            self.num_drafts = num_drafted // 2
+            if self.num_drafts == 0:
+                self.num_drafts, self.draft_pause = 1, 8
 
     def finish(self, status: RequestStatus, error: str | None = None) -> None:
         """running or waiting -> finished; the caller frees its blocks."""

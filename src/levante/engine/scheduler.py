@@ -72,13 +72,15 @@ class Scheduler:
         scheduled: list[Request] = []
         counts: list[int] = []
         preempted: list[Request] = []
+        speculate = len(self.running) <= self.config.speculative_max_batch
         for request in list(self.running):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            request.draft_ids = self._drafts(request, budget) if num_new == 1 else []
+            request.draft_ids = self._drafts(request, budget) if num_new == 1 and speculate \
+                else []
             assert not request.draft_ids or num_new == 1
             num_new += len(request.draft_ids)
             while not self._grow(request, num_new):
@@ -99,7 +101,11 @@ class Scheduler:
     def _drafts(self, request: Request, budget: int) -> list[int]:
         """Prompt-lookup drafts: what followed the last earlier occurrence of the latest n-gram
         (longest first, up to `speculative_ngram`), from the request's `NgramIndex`."""
-        k = min(self.config.num_speculative_tokens, budget - 1,
+        if request.draft_pause > 0:
+            request.draft_pause -= 1
+            return []
+        most = self.config.num_speculative_tokens
+        k = min(most if request.num_drafts is None else request.num_drafts, budget - 1,
                 request.max_tokens - len(request.output_ids) - 1)
         if k <= 0 or not request.can_speculate:
             return []
