@@ -184,3 +184,36 @@ def test_a_request_whose_sampling_fails_fails_alone(bundle: Bundle) -> None:
             "".join(o.new_text for o in outs[good])) == alone
     assert engine.num_failed_requests == 1
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_a_grammar_stopped_by_an_error_ends_its_request_with_error(
+        bundle: Bundle, grammar: Grammar, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llguidance stops a matcher that hits a parser limit (is_stopped and is_error): that is
+    an error, not a complete answer (it ended as "stop" with truncated JSON); the neighbour
+    goes on."""
+    from levante.structured import Matcher
+
+    consumed: dict[int, int] = {}
+    consume = Matcher.consume
+
+    def counting(self: Matcher, token_id: int) -> None:
+        consumed[id(self)] = consumed.get(id(self), 0) + 1
+        consume(self, token_id)
+
+    monkeypatch.setattr(Matcher, "consume", counting)
+    monkeypatch.setattr(Matcher, "error", property(
+        lambda self: "parser limit reached" if consumed.get(id(self), 0) >= 3 else None))
+    tokenizer = bundle.tokenizer
+    prompt = tokenizer.encode("A person as JSON:", add_bos=tokenizer.should_add_bos)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    plain = Engine(bundle.model, bundle.tokenizer, EngineConfig(max_model_len=512))
+    alone = _run(plain, [Job(prompt, params, None, 0)])[0]
+    engine = Engine(bundle.model, bundle.tokenizer, EngineConfig(max_model_len=512))
+    bad = engine.add_request(prompt, params, grammar=grammar)
+    good = engine.add_request(prompt, params)
+    outs = engine.run_to_completion([bad, good])
+    assert outs[bad][-1].finish_reason == "error"
+    assert outs[bad][-1].error == "parser limit reached"
+    assert sum(len(o.new_token_ids) for o in outs[bad]) == 3
+    assert ([t for o in outs[good] for t in o.new_token_ids], outs[good][-1].finish_reason,
+            "".join(o.new_text for o in outs[good])) == alone
