@@ -2,7 +2,8 @@
 
 One prepared script for a lent GPU (target: under 8 minutes on an H100), printing one table:
 batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode, time to
-first token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams.
+first token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams, batched
+and with --batch-invariant (each sequence in its own forward pass).
 
     python benchmarks/gpu.py                      # on a GPU: the real preset
     python benchmarks/gpu.py --scale 16 --device cpu --bandwidth-gbs 20   # CPU smoke run
@@ -14,6 +15,7 @@ so the script's whole path is exercised on CPU in seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -118,6 +120,13 @@ def main() -> None:
                           new_tokens=args.new_tokens, device=device)
     rows.append((f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", ""))
     del engine
+    # batch_invariant: each sequence in its own forward pass (exact; the cost of batching)
+    invariant = Engine(model, None, dataclasses.replace(engine_config, batch_invariant=True))
+    split_rate, _ = decode_rate(invariant, batch=args.streams, prompt_len=64,
+                                new_tokens=args.new_tokens, device=device)
+    rows.append(("  with --batch-invariant", f"{split_rate:.1f} tok/s",
+                 f"{split_rate / rate:.2f}x of batched"))
+    del invariant
     rows.append(_int8_row(model, engine_config, args, device))
     print(f"{'measure':<34}{'value':>16}  note")
     for label, value, note in rows:

@@ -83,3 +83,23 @@ def test_generate_with_q8_0_kv_cache(smollm2_gguf: Path) -> None:
                               "--kv-cache-dtype", "int3"])
     assert bad.exit_code == 1
     assert "kv_cache_dtype must be one of" in bad.output and "Traceback" not in bad.output
+
+
+def test_serve_batch_invariant_reaches_the_engine(monkeypatch, smollm2_gguf) -> None:
+    """--batch-invariant: ServerConfig -> EngineConfig; on the CPU with the quantized kernels
+    nothing needs splitting (the kernels already are batch-invariant)."""
+    from typer.testing import CliRunner
+
+    import levante.server.app
+    from levante.cli import app
+    from levante.server.routes import ServerState
+
+    seen = []
+    monkeypatch.setattr(levante.server.app, "serve", seen.append)
+    result = CliRunner().invoke(app, ["serve", "m", "--batch-invariant"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].batch_invariant is True
+    config = seen[0].__class__(ref=str(smollm2_gguf), batch_invariant=True, max_model_len=256)
+    state = ServerState.build(config)
+    assert state.engine.engine.config.batch_invariant is True
+    assert state.engine.engine.split_batches is False

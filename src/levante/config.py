@@ -327,6 +327,10 @@ class EngineConfig:
     # Drafts only while at most this many requests run (vLLM's disable-by-batch-size): a
     # bigger batch is compute-bound, where each draft row costs as much as a token.
     speculative_max_batch: int = 4
+    # A row's numbers independent of its batch neighbours on any device (vLLM's option). The
+    # CPU float32 path already is (its kernels); elsewhere each sequence then runs in its own
+    # forward pass: exact, at the cost of batching.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",

@@ -285,3 +285,26 @@ def test_drafts_adapt_to_acceptance_and_stop_in_big_batches(model: Transformer) 
         outputs.append(_run(engine, prompts, params))
         assert (engine.num_draft_tokens > 0) == (most >= len(prompts))
     assert outputs[0] == outputs[1]
+
+
+def test_batch_invariant_option_splits_where_the_kernels_are_not(model: Transformer) -> None:
+    """The tiny float32 model multiplies with BLAS, whose rounding depends on the row count:
+    with batch_invariant each sequence runs alone, so batched logits equal alone bit for bit
+    (and speculation, which verifies drafts in extra rows, stays exact)."""
+    from levante.engine.engine import invariant_kernels
+
+    assert not invariant_kernels(model)
+    prompts = _prompts(model.config.vocab_size, [5, 40, 17, 63])
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    config = EngineConfig(max_model_len=512, num_kv_blocks=128, block_size=4,
+                          batch_invariant=True, num_speculative_tokens=2)
+
+    def logprobs(engine: Engine, batch: list[list[int]]) -> list[list[float | None]]:
+        ids = [engine.add_request(p, params) for p in batch]
+        outs = engine.run_to_completion(ids)
+        return [[lp for o in outs[r] for lp in o.logprobs] for r in ids]
+
+    engine = Engine(model, None, config)
+    assert engine.split_batches
+    alone = [logprobs(engine, [p])[0] for p in prompts]
+    assert logprobs(engine, prompts) == alone

@@ -236,6 +236,9 @@ def serve(
         help="prompt-lookup draft tokens per step for greedy requests (0 = off)")] = 0,
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=PATH: serve a PEFT adapter under model name NAME (repeatable)")] = None,
+    batch_invariant: Annotated[bool, typer.Option(
+        help="a request's tokens never depend on its batch (always so on the CPU; on a GPU "
+             "each sequence then runs alone)")] = False,
     tensor_parallel: TensorParallel = 1,
     device: Device = "auto",
     quant: Quant = "auto",
@@ -266,7 +269,7 @@ def serve(
             kv_cache_dtype=kv_cache_dtype, device=device,
             dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
-            lora=_lora_pairs(lora or []))
+            batch_invariant=batch_invariant, lora=_lora_pairs(lora or []))
         if replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 

@@ -93,6 +93,15 @@ def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype 
     return max(per_sequence, min(wanted, budget // per_block))
 
 
+def invariant_kernels(model: Transformer) -> bool:
+    """Whether a row's numbers do not depend on its batch: float32 on the CPU with the
+    compiled kernels (paged attention, the quantized GEMMs; LoRA deltas in float64) and no
+    float nn.Linear (BLAS rounds 1-4 rows differently from 17)."""
+    return (model.rope_cos.device.type == "cpu" and kernels.available()
+            and model.model.norm.weight.dtype == torch.float32
+            and not any(type(m) is torch.nn.Linear for m in model.modules()))
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.0f} MiB"
 
@@ -129,6 +138,8 @@ class Engine:
         cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
                         dtype=dtype, device=model.rope_cos.device)
         self.runner = ModelRunner(model, cache, adapters=adapters)
+        # Batch invariance by splitting, where the kernels do not give it already.
+        self.split_batches = self.config.batch_invariant and not invariant_kernels(model)
         self.scheduler = Scheduler(self.config, self.pool)
         eos = set(model.config.eos_ids) | (set(tokenizer.eos_ids) if tokenizer else set())
         self.eos_ids = frozenset(eos)
@@ -242,7 +253,7 @@ class Engine:
         """Run and sample `batch`. A model step that raises is retried one request at a time,
         so that only the requests that fail alone end with an error."""
         try:
-            logits, rows = self.runner.run(batch)
+            logits, rows = self._forward(batch)
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("engine step failed for request %s", batch.requests[0].request_id)
@@ -252,6 +263,16 @@ class Engine:
             return [out for request, num_new in zip(batch.requests, batch.num_new_tokens)
                     for out in self._run_batch(Batch((request,), (num_new,)))]
         return self._sample_and_update(batch, logits, rows)
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
+        """The runner on the whole batch, or (batch_invariant where the kernels are not) on
+        each sequence alone, the logits joined in batch order."""
+        if not self.split_batches or len(batch) == 1:
+            return self.runner.run(batch)
+        parts = [self.runner.run(Batch((request,), (num_new,)))
+                 for request, num_new in zip(batch.requests, batch.num_new_tokens)]
+        rows = [i for i, (_, part_rows) in enumerate(parts) for _ in part_rows]
+        return torch.cat([part_logits for part_logits, _ in parts]), rows
 
     def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
                            rows: list[int]) -> list[StepOutput]:

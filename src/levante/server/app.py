@@ -55,6 +55,7 @@ class ServerConfig:
     enable_prefix_caching: bool = True
     lora: tuple[tuple[str, str], ...] = ()  # (served name, adapter folder)
     num_speculative_tokens: int = 0
+    batch_invariant: bool = False
     max_body_bytes: int = 8 * 2**20
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones

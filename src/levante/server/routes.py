@@ -57,7 +57,8 @@ class ServerState:
             kv_cache_memory=config.kv_cache_memory, num_kv_blocks=config.num_kv_blocks,
             kv_cache_dtype=bundle.load_config.kv_cache_dtype,
             enable_prefix_caching=config.enable_prefix_caching,
-            num_speculative_tokens=config.num_speculative_tokens)
+            num_speculative_tokens=config.num_speculative_tokens,
+            batch_invariant=config.batch_invariant)
         adapters = None
         if config.lora:
             from levante.finetune.adapters import attach_adapters
