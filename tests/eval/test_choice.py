@@ -139,10 +139,50 @@ def test_endpoint_answers_by_generation() -> None:
         message = SimpleNamespace(content=next(replies))
         return SimpleNamespace(choices=[SimpleNamespace(message=message)])
 
-    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    def refuse_echo(**kwargs: Any) -> Any:  # an endpoint that cannot score prompts
+        import httpx
+        import openai
+
+        request = httpx.Request("POST", "http://endpoint/v1/completions")
+        raise openai.BadRequestError("echo is not supported", body=None,
+                                     response=httpx.Response(400, request=request))
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)),
+                             completions=SimpleNamespace(create=refuse_echo))
     with pytest.MonkeyPatch.context() as mp:  # one worker: replies arrive in question order
         mp.setattr("levante.eval.tasks.ENDPOINT_WORKERS", 1)
         result = run_mmlu(EndpointModel("remote", client), limit=4)
     assert [s["predicted"] for s in result.samples] == [1, 2, 3, 0]
     expected = sum(p == q.answer for p, q in zip([1, 2, 3, 0], questions)) / 4
     assert result.metrics[0].value == expected
+
+
+def test_endpoint_scores_choices_from_echoed_prompt_logprobs(smollm2_bundle: Any) -> None:
+    """Against `levante serve`, multiple choice is scored from echoed prompt logprobs: each
+    choice's loglikelihood is the sum over its tokens of what the engine computes for that
+    prompt (the same numbers in-process), and the result names the method."""
+    import openai
+
+    from levante.config import EngineConfig
+    from levante.engine.engine import Engine
+    from levante.engine.sampler import SamplingParams
+    from levante.eval.choice import continuations, encode_pair, format_prompt
+    from tests.server.conftest import start_server
+
+    questions = read_questions(limit=3)
+    for live in start_server("smollm2", smollm2_bundle):
+        client = openai.OpenAI(base_url=live.base_url + "/v1", api_key="x", max_retries=0)
+        remote = run_mmlu(EndpointModel("smollm2", client), limit=3)
+    assert remote.config["method"] == "loglikelihood"
+    engine = Engine(smollm2_bundle.model, smollm2_bundle.tokenizer,
+                    EngineConfig(max_model_len=2048))
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    for question, sample in zip(questions, remote.samples):
+        expected = []
+        for option in continuations(question, "letter"):
+            context, continuation = encode_pair(smollm2_bundle.tokenizer,
+                                                format_prompt(question), option)
+            rid = engine.add_request(context + continuation, scoring)
+            scores = engine.run_to_completion([rid])[rid][-1].prompt_logprobs
+            expected.append(sum(lp for _, lp, _ in scores[len(context) - 1:]))
+        assert sample["logprobs"] == pytest.approx(expected, abs=1e-5)

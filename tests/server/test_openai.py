@@ -252,3 +252,51 @@ def test_metrics_count_what_the_engine_did(client, server) -> None:
     for name in ("levante_num_preemptions_total", "levante_spec_decode_num_draft_tokens_total",
                  "levante_spec_decode_num_accepted_tokens_total", "levante_request_errors_total"):
         assert sample(name) >= 0
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(server) -> None:
+    """/v1/completions with echo, logprobs and max_tokens 0 (what lm-eval's loglikelihood
+    sends): the prompt's text and each token's logprob given the tokens before it, equal to
+    what a completion of that prefix reports for its next token."""
+    import httpx
+
+    prompt = "The capital of France is Paris. The capital of Italy is Rome."
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        ids = http.post("/v1/completions", json={
+            "model": "smollm2", "prompt": prompt, "max_tokens": 1,
+            "temperature": 0}).json()["usage"]["prompt_tokens"]
+        scored = http.post("/v1/completions", json={
+            "model": "smollm2", "prompt": prompt, "max_tokens": 0, "echo": True,
+            "logprobs": 5, "temperature": 0}).json()
+        choice = scored["choices"][0]
+        assert choice["text"] == prompt and choice["finish_reason"] == "length"
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == ids and "".join(logprobs["tokens"]) == prompt
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
+        prompt_ids = server.state.bundle.tokenizer.encode(prompt, add_bos=False)
+        for m in (3, 9):  # the prefix's own completion reports the same distribution
+            alone = http.post("/v1/completions", json={
+                "model": "smollm2", "prompt": prompt_ids[:m], "max_tokens": 1,
+                "temperature": 0, "logprobs": 5}).json()["choices"][0]["logprobs"]
+            assert alone["top_logprobs"][0] == logprobs["top_logprobs"][m]
+        # echo with generation: prompt then answer; text offsets count from the prompt's start
+        both = http.post("/v1/completions", json={
+            "model": "smollm2", "prompt": prompt, "max_tokens": 3, "echo": True,
+            "logprobs": 1, "temperature": 0}).json()["choices"][0]
+        assert both["text"].startswith(prompt) and len(both["logprobs"]["tokens"]) == ids + 3
+        assert both["logprobs"]["token_logprobs"][:ids] == logprobs["token_logprobs"]
+        refused = http.post("/v1/completions", json={"model": "smollm2", "prompt": prompt,
+                                                     "max_tokens": 0})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_prompt_logprobs_as_vllm_returns_them(client) -> None:
+    reply = client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=2, temperature=0,
+        extra_body={"prompt_logprobs": 2})
+    scores = reply.choices[0].model_extra["prompt_logprobs"]
+    assert scores[0] is None and len(scores) == reply.usage.prompt_tokens
+    assert all(1 <= len(entry) <= 3 for entry in scores[1:])
+    assert all(v["logprob"] <= 0 and v["decoded_token"] is not None
+               for entry in scores[1:] for v in entry.values())

@@ -51,6 +51,8 @@ class StepOutput:
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     error: str | None = None
+    # with prompt_logprobs, on the request's first output: (token, logprob, top) from position 1
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype | str) -> int:
@@ -277,6 +279,9 @@ class Engine:
     def _sample_and_update(self, batch: Batch, logits: torch.Tensor,
                            rows: list[int]) -> list[StepOutput]:
         outputs = []
+        self._record_prompt_logprobs(batch)
+        scored = {i for i, r in enumerate(batch.requests) if r.max_tokens == 0}
+        rows = [-1 if i in scored else i for i in rows]  # prompt-only requests sample nothing
         failed = self._broken_rows(batch, logits, rows)
         for i, message in failed.items():
             outputs.append(self._finish_with_error(batch.requests[i], message))
@@ -286,15 +291,48 @@ class Engine:
             if i not in failed:
                 request.advance(num_new, len(accepted.get(i, [0])) - 1)
             self.num_computed_tokens += num_new
-        plain = [j for j, i in enumerate(rows) if i not in drafting and i not in failed]
+        plain = [j for j, i in enumerate(rows)
+                 if i >= 0 and i not in drafting and i not in failed]
         if plain:
             outputs += self._sample_rows(batch, logits, rows, plain)
         for i, tokens in accepted.items():
             outputs.append(self._append_tokens(batch.requests[i], tokens))
+        for i in scored:
+            request = batch.requests[i]
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                outputs.append(self._finish_scored(request))
         for request in batch.requests:
             if not request.status.is_finished:
                 self.scheduler.cache_computed_blocks(request)
         return outputs
+
+    def _record_prompt_logprobs(self, batch: Batch) -> None:
+        """Each prompt position computed this step scores the next prompt token (once: a
+        preempted request recomputes positions it has already scored)."""
+        for i, (start, log_probs) in self.runner.prompt_scores.items():
+            request = batch.requests[i]
+            k = request.params.prompt_logprobs or 0
+            done = len(request.prompt_logprobs)  # positions 0 .. done - 1 are scored
+            if start + len(log_probs) <= done:
+                continue
+            fresh = log_probs[done - start:] if done > start else log_probs
+            first = max(start, done)
+            targets = torch.tensor(request.prompt_ids[first + 1:first + 1 + len(fresh)],
+                                   device=fresh.device)
+            chosen = fresh.gather(1, targets[:, None]).squeeze(1).tolist()
+            top_values, top_ids = fresh.topk(k, dim=-1) if k else (fresh[:, :0], fresh[:, :0])
+            for token, value, ids, values in zip(targets.tolist(), chosen, top_ids.tolist(),
+                                                 top_values.tolist()):
+                request.prompt_logprobs.append((token, value, list(zip(ids, values))))
+
+    def _finish_scored(self, request: Request) -> StepOutput:
+        """A prompt-only request (max_tokens 0) ends once its prompt is computed."""
+        self.scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+        self.requests.pop(request.request_id, None)
+        self.texts.pop(request.request_id, None)
+        return StepOutput(request.request_id, [], "", True, "length",
+                          request.num_prompt_tokens, 0,
+                          prompt_logprobs=request.prompt_logprobs)
 
     def _broken_rows(self, batch: Batch, logits: torch.Tensor,
                      rows: list[int]) -> dict[int, str]:
@@ -304,10 +342,10 @@ class Engine:
         if rows:
             finite = torch.isfinite(logits).all(dim=-1).tolist()
             for j, ok in enumerate(finite):
-                if not ok:
+                if not ok and rows[j] >= 0:
                     failed.setdefault(rows[j], "the model's logits are not finite (NaN or inf):"
                                                " its weights or activations are broken")
-        for i in dict.fromkeys(rows):
+        for i in dict.fromkeys(i for i in rows if i >= 0):
             constraint = batch.requests[i].constraint
             if i not in failed and constraint is not None and constraint.error is not None:
                 failed[i] = f"the grammar failed: {constraint.error}"
@@ -427,10 +465,12 @@ class Engine:
             self.scheduler.finish(request, status, error=request.error)
             self.requests.pop(request.request_id, None)
             self.texts.pop(request.request_id, None)
+        first = len(request.output_ids) == 1 and params.prompt_logprobs is not None
         return StepOutput(
             request.request_id, [token], new_text, status is not None,
             None if status is None else status.finish_reason, request.num_prompt_tokens,
-            len(request.output_ids), [logprob], [top], error=request.error)
+            len(request.output_ids), [logprob], [top], error=request.error,
+            prompt_logprobs=request.prompt_logprobs if first else None)
 
     def _fail(self, batch: Batch, message: str) -> list[StepOutput]:
         return [self._finish_with_error(request, message) for request in batch.requests]

@@ -56,6 +56,9 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens for this step
     ngrams: Any = None  # prompt-lookup's NgramIndex (scheduler), built at the first draft
+    # (token id, its logprob, top alternatives) per prompt position from 1, as computed
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(
+        default_factory=list)
     num_drafts: int | None = None  # draft length this request now uses (None: the maximum)
     draft_pause: int = 0  # decode steps left without drafting, after drafts that all failed
     token_counts: Any = None  # penalties' running TokenCounts (sampler), built when first used

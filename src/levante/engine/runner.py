@@ -30,7 +30,10 @@ class ModelRunner:
 
         A request with speculative drafts gets 1 + len(drafts) rows (its last token's and each
         draft's); others one. Returns logits [rows, vocab] and each row's request index.
+        A request that asks for prompt logprobs gets its prompt positions' log-softmax in
+        `self.prompt_scores` (batch index -> (first position, [n, vocab] float32)).
         """
+        self.prompt_scores: dict[int, tuple[int, torch.Tensor]] = {}
         token_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
@@ -55,6 +58,15 @@ class ModelRunner:
         if self.adapters is not None:
             self.adapters.set_batch([r.adapter_id for r in batch.requests], batch.num_new_tokens)
         hidden = self.model(ids, pos, attention)
+        offset = 0
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            # position p's logits score prompt token p + 1
+            stop = min(start + num_new, request.num_prompt_tokens - 1)
+            if request.params.prompt_logprobs is not None and stop > start:
+                rows_i = hidden[offset:offset + stop - start]
+                self.prompt_scores[i] = (start, self.model.logits(rows_i).log_softmax(dim=-1))
+            offset += num_new
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size), []
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

@@ -121,9 +121,14 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's plus the top k alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()
     n: int = 1
+    # None: none; k: each prompt token's logprob given the tokens before it, plus the top k
+    # (the first token has none). With it max_tokens may be 0: score the prompt only.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1, optional=True)
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, optional=True)
+        _check_int("max_tokens", self.max_tokens, 0 if self.prompt_logprobs is not None else 1,
+                   optional=True)
         _check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "

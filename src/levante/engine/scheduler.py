@@ -161,8 +161,8 @@ class Scheduler:
 
     def _take_cached_prefix(self, request: Request) -> None:
         """Reuse cached blocks for the request's leading full blocks (one token stays to run)."""
-        if not self.pool.enable_caching:
-            return
+        if not self.pool.enable_caching or request.params.prompt_logprobs is not None:
+            return  # (prompt logprobs need every prompt position computed)
         self.hash_blocks(request, limit=request.num_tokens - 1)
         hits = self.pool.lookup(request.block_hashes)
         request.block_ids = hits

@@ -1,4 +1,5 @@
-"""MMLU-style multiple choice: loglikelihood of each choice locally, a letter by generation remotely."""
+"""MMLU-style multiple choice: loglikelihood of each choice, locally or from an endpoint that
+scores echoed prompts (else a letter by generation)."""
 
 from __future__ import annotations
 
@@ -189,6 +190,31 @@ def score_questions(model: Any, tokenizer: Any, questions: Sequence[Question], *
     return out
 
 
+def _endpoint_scores(model: EndpointModel, questions: Sequence[Question],
+                     style: str) -> list[ChoiceScores] | None:
+    """Loglikelihoods from an endpoint that scores echoed prompts; None if it does not
+    (then the letter is asked for by generation)."""
+    import openai
+
+    pairs, spans, texts = [], [], []
+    for question in questions:
+        options = continuations(question, style)
+        spans.append((len(pairs), len(pairs) + len(options)))
+        pairs += [(format_prompt(question), option) for option in options]
+        texts += options
+    try:
+        scores = model.loglikelihoods(pairs)
+    except openai.BadRequestError:
+        return None
+    out = []
+    for start, end in spans:
+        logprobs = [s for s, _ in scores[start:end]]
+        normed = [lp / len(texts[start + i].encode("utf-8")) for i, lp in enumerate(logprobs)]
+        out.append(ChoiceScores(tuple(logprobs), tuple(g for _, g in scores[start:end]),
+                                _argmax(logprobs), _argmax(normed)))
+    return out
+
+
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
@@ -215,7 +241,8 @@ def parse_letter(text: str, num_choices: int) -> int | None:
 
 def run_mmlu(model: LocalModel | EndpointModel, data: str | Path | None = None, *,
              limit: int | None = None, style: str = "letter") -> TaskResult:
-    """Accuracy on a multiple-choice file: loglikelihoods locally, letters from an endpoint."""
+    """Accuracy on a multiple-choice file: loglikelihoods (locally, or from an endpoint that
+    scores echoed prompts), else letters by generation from the endpoint."""
     path = Path(data) if data is not None else sample_path()
     questions = read_questions(path, limit=limit)
     if isinstance(model, LocalModel):
@@ -229,6 +256,16 @@ def run_mmlu(model: LocalModel | EndpointModel, data: str | Path | None = None, 
             metrics.append(mean_metric("acc_norm", [float(s.predicted_norm == q.answer)
                                                     for q, s in zip(questions, scores)]))
         config: dict[str, Any] = {"method": "loglikelihood", "style": style}
+    elif style_scores := _endpoint_scores(model, questions, style):
+        scores = style_scores
+        samples = [{"subject": q.subject, "answer": q.answer, "predicted": s.predicted,
+                    "logprobs": list(s.logprobs)} for q, s in zip(questions, scores)]
+        metrics = [mean_metric("acc", [float(s.predicted == q.answer)
+                                       for q, s in zip(questions, scores)])]
+        if style == "text":
+            metrics.append(mean_metric("acc_norm", [float(s.predicted_norm == q.answer)
+                                                    for q, s in zip(questions, scores)]))
+        config = {"method": "loglikelihood", "style": style}
     else:
         answers = model.chat([generation_prompt(q) for q in questions], max_tokens=32, stop=[])
         picked = [parse_letter(a, len(q.choices)) for q, a in zip(questions, answers)]

@@ -147,6 +147,28 @@ class EndpointModel:
             return cut_at_stop(response.choices[0].message.content or "", stop)
         return self._map(one, prompts)
 
+    def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(sum log p(continuation | context), is_greedy) per (context, continuation) text
+        pair, from /v1/completions with echo, logprobs 1 and max_tokens 0 (OpenAI's legacy
+        scoring, which Levante and vLLM serve): the continuation is the tokens whose text
+        starts at or after the context's end."""
+        def one(pair: tuple[str, str]) -> tuple[float, bool]:
+            context, continuation = pair
+            response = self.client.completions.create(
+                model=self.name, prompt=context + continuation, max_tokens=0, echo=True,
+                logprobs=1, temperature=0.0)
+            scores = response.choices[0].logprobs
+            total, greedy = 0.0, True
+            for offset, logprob, top in zip(scores.text_offset, scores.token_logprobs,
+                                            scores.top_logprobs):
+                if offset < len(context) or logprob is None:
+                    continue
+                total += logprob
+                greedy = greedy and bool(top) and logprob >= max(top.values())
+            return total, greedy
+        with ThreadPoolExecutor(ENDPOINT_WORKERS) as pool:
+            return list(pool.map(one, pairs))
+
     @staticmethod
     def _map(fn: Any, prompts: list[str]) -> list[str]:
         with ThreadPoolExecutor(ENDPOINT_WORKERS) as pool:

@@ -49,6 +49,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p",
                      "repetition_penalty")
@@ -66,8 +67,8 @@ class _Common(BaseModel):
                                    param=name, code="unsupported_parameter")
             log.info("ignoring unknown request field %r", name)
 
-    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None
-                        ) -> SamplingParams:
+    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters; raises RequestError naming the field."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         bias = tuple((_token_id(k), v) for k, v in (self.logit_bias or {}).items())
@@ -80,7 +81,8 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-            logprobs=logprobs, logit_bias=bias)
+            logprobs=logprobs, logit_bias=bias,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
 
 
 def _token_id(key: str) -> int:
@@ -115,17 +117,21 @@ class CompletionRequest(_Common):
     """POST /v1/completions (prompt as text, token ids, or a list of either)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
 
     def params(self) -> SamplingParams:
-        if self.echo:
-            raise RequestError("echo is not supported", param="echo")
+        """With `echo`, the prompt is scored too (its tokens' logprobs when `logprobs` is set,
+        OpenAI's legacy API, which lm-eval's loglikelihood uses with max_tokens 0)."""
         if self.suffix:
             raise RequestError("suffix is not supported", param="suffix")
-        return self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens 0 returns nothing without echo", param="max_tokens")
+        scored = (self.logprobs or 0) if self.echo else None
+        return self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs,
+                                    prompt_logprobs=scored)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (text or token ids)."""

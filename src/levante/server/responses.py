@@ -36,6 +36,9 @@ class Choice:
     error: str | None = None
     streamer: ToolCallStreamer | None = None  # when the reply may hold tool calls
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    started: bool = False  # an output has been folded in
 
     def message(self) -> dict[str, Any]:
         """The whole assistant message in OpenAI's shape."""
@@ -50,7 +53,8 @@ class Generation:
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, tokenizer: Tokenizer,
                  jobs: list[Job], *, n: int, chat: bool, model: str, adapter_id: int = 0,
-                 grammar: Any = None, tool_style: str | None = None) -> None:
+                 grammar: Any = None, tool_style: str | None = None, echo: bool = False
+                 ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -67,6 +71,11 @@ class Generation:
                                ToolCallStreamer(tokenizer, style=tool_style, stop=params.stop,
                                                 include_stop=params.include_stop_str_in_output))
                         for i, p, params in jobs]
+        for choice, (_, prompt, params) in zip(self.choices, jobs):
+            choice.prompt_ids = prompt
+        self.echo = echo  # completions: the prompt (and its logprobs) lead the text
+        self.wants_logprobs = [params.logprobs is not None for _, _, params in jobs]
+        self.wants_prompt_logprobs = [params.prompt_logprobs is not None for _, _, params in jobs]
         self.start_time = time.monotonic()
 
     async def start(self) -> None:
@@ -115,6 +124,14 @@ class Generation:
 
     def _update(self, choice: Choice, out: StepOutput) -> ChatDelta:
         """Fold an output into its choice; returns what it adds to the message."""
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
+        echoed = ""
+        if self.echo and not choice.started:  # legacy echo: the prompt leads text and logprobs
+            echoed = self.tokenizer.decode(choice.prompt_ids)
+            if self.wants_logprobs[choice.index]:
+                choice.logprobs.extend(self._prompt_entries(choice))
+        choice.started = True
         choice.token_ids.extend(out.new_token_ids)
         for token, lp, top in zip(out.new_token_ids, out.logprobs, out.top_logprobs):
             if lp is not None:
@@ -128,12 +145,37 @@ class Generation:
                 delta = ChatDelta(delta.content + tail.content,
                                   delta.tool_calls + tail.tool_calls)
                 choice.tool_calls = [c.to_openai() for c in choice.streamer.calls]
+        if echoed:
+            delta = ChatDelta(echoed + delta.content, delta.tool_calls)
         choice.text += delta.content
         if out.finished:
             choice.error = out.error
             called = choice.tool_calls and out.finish_reason == "stop"
             choice.finish_reason = "tool_calls" if called else out.finish_reason
         return delta
+
+    def _prompt_entries(self, choice: Choice) -> list[dict[str, Any]]:
+        """Logprob entries of the prompt's tokens; the first has none (nothing before it)."""
+        first = self.tokenizer.token_text(choice.prompt_ids[0])
+        entries: list[dict[str, Any]] = [{"token": first, "logprob": None,
+                                          "bytes": list(first.encode()), "top_logprobs": None}]
+        return entries + [self._logprob(t, lp, top) for t, lp, top in choice.prompt_logprobs or ()]
+
+    def _vllm_prompt_logprobs(self, choice: Choice) -> list[Any] | None:
+        """vLLM's `prompt_logprobs`: None, then per token {id: {logprob, rank, decoded_token}}."""
+        if not self.wants_prompt_logprobs[choice.index] or choice.prompt_logprobs is None:
+            return None
+        out: list[Any] = [None]
+        for token, logprob, top in choice.prompt_logprobs:
+            entry = {str(i): {"logprob": v, "rank": r + 1,
+                              "decoded_token": self.tokenizer.token_text(i)}
+                     for r, (i, v) in enumerate(top)}
+            if str(token) not in entry:
+                rank = 1 + sum(v > logprob for _, v in top) if top else None
+                entry[str(token)] = {"logprob": logprob, "rank": rank,
+                                     "decoded_token": self.tokenizer.token_text(token)}
+            out.append(entry)
+        return out
 
     def _logprob(self, token: int, logprob: float,
                  top: list[tuple[int, float]] | None) -> dict[str, Any]:
@@ -176,11 +218,17 @@ class Generation:
                         "message": c.message(),
                         "logprobs": {"content": c.logprobs} if c.logprobs else None,
                         "finish_reason": c.finish_reason} for c in self.choices]
+            for choice, c in zip(choices, self.choices):
+                if (scores := self._vllm_prompt_logprobs(c)) is not None:
+                    choice["prompt_logprobs"] = scores
             kind = "chat.completion"
         else:
             choices = [{"index": c.index, "text": c.text,
                         "logprobs": _completion_logprobs(c.logprobs) if c.logprobs else None,
                         "finish_reason": c.finish_reason} for c in self.choices]
+            for choice, c in zip(choices, self.choices):
+                if not self.echo and (scores := self._vllm_prompt_logprobs(c)) is not None:
+                    choice["prompt_logprobs"] = scores
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
@@ -242,6 +290,7 @@ def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
         position += len(e["token"])
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            "top_logprobs": [None if e["top_logprobs"] is None else
+                             {t["token"]: t["logprob"] for t in e["top_logprobs"]}
                              for e in entries],
             "text_offset": offsets}

@@ -161,7 +161,8 @@ async def _handle(request: Request, state: ServerState,
     state.check_capacity(len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
                         n=body.n, chat=chat, model=body.model, adapter_id=adapter_id,
-                        grammar=grammar, tool_style=tool_style)
+                        grammar=grammar, tool_style=tool_style,
+                        echo=not chat and bool(getattr(body, "echo", False)))
     await stream.start()
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
