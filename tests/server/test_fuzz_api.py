@@ -31,7 +31,8 @@ CONTEXT = 2048
 # the schema, so pytest can name each; a test checks the list against the live schema.
 OPERATIONS = ("GET /health", "GET /v1/models", "GET /metrics", "POST /v1/chat/completions",
               "POST /v1/completions", "HEAD /", "GET /api/version", "GET /api/tags",
-              "GET /api/ps", "POST /api/show", "POST /api/chat", "POST /api/generate")
+              "GET /api/ps", "POST /api/show", "POST /api/chat", "POST /api/generate",
+              "POST /tokenize", "POST /detokenize")
 cases: Counter[str] = Counter()
 statuses: Counter[int] = Counter()
 ROLES = ("system", "user", "assistant", "tool", "developer", "wizard")

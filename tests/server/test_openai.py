@@ -300,3 +300,43 @@ def test_prompt_logprobs_as_vllm_returns_them(client) -> None:
     assert all(1 <= len(entry) <= 3 for entry in scores[1:])
     assert all(v["logprob"] <= 0 and v["decoded_token"] is not None
                for entry in scores[1:] for v in entry.values())
+
+
+def test_tokenize_and_detokenize_as_vllm(server) -> None:
+    import httpx
+
+    tokenizer = server.state.bundle.tokenizer
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        text = http.post("/tokenize", json={"model": "smollm2", "prompt": "Hello, world!"}).json()
+        assert text["tokens"] == tokenizer.encode("Hello, world!",
+                                                  add_bos=tokenizer.should_add_bos)
+        assert text["count"] == len(text["tokens"]) and text["max_model_len"] == 2048
+        chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
+        reply = http.post("/v1/chat/completions", json={
+            "model": "smollm2", "messages": MESSAGES, "max_tokens": 1}).json()
+        assert chat["count"] == reply["usage"]["prompt_tokens"]
+        back = http.post("/detokenize", json={"model": "smollm2", "tokens": text["tokens"]})
+        assert back.json() == {"prompt": "Hello, world!"}
+        bad = http.post("/detokenize", json={"tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        both = http.post("/tokenize", json={"prompt": "a", "messages": MESSAGES})
+        assert both.status_code == 400
+        unknown = http.post("/tokenize", json={"model": "nope", "prompt": "a"})
+        assert unknown.status_code == 404
+
+
+def test_every_response_carries_a_request_id(server) -> None:
+    import httpx
+
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        mine = http.get("/v1/models", headers={"x-request-id": "trace-42"})
+        assert mine.headers["x-request-id"] == "trace-42"
+        fresh = {http.get("/health").headers["x-request-id"] for _ in range(2)}
+        assert len(fresh) == 2 and all(len(i) == 32 for i in fresh)
+        refused = http.post("/v1/completions", json={"model": "smollm2"},
+                            headers={"x-request-id": "bad id\twith tab"})
+        assert refused.status_code == 400 and refused.headers["x-request-id"] != "bad id\twith tab"
+        streamed = http.post("/v1/completions", json={
+            "model": "smollm2", "prompt": "Hi", "max_tokens": 2, "stream": True},
+            headers={"x-request-id": "stream-1"})
+        assert streamed.headers["x-request-id"] == "stream-1"

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -276,6 +277,31 @@ class GuardMiddleware:
             await response(scope, receive, send)
 
 
+class RequestIdMiddleware:
+    """`x-request-id` on every response: the client's own (printable, <= 128 characters),
+    else a fresh one, as vLLM and most API gateways do, so logs on both sides can be joined."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
+        ok = 0 < len(given) <= 128 and all(0x21 <= c < 0x7f for c in given)
+        request_id = given if ok else uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
     from levante.server.ollama import register_ollama
@@ -294,7 +320,9 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
-                           allow_methods=["*"], allow_headers=["*"])
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["x-request-id"])
+    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry one too
     for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError):
         app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
 
@@ -313,10 +341,16 @@ def _document_request_bodies(app: FastAPI) -> None:
     """Put the request-body models into /openapi.json: the routes read bodies through
     `parse_body` (to answer bad JSON and sizes in OpenAI's shape), so FastAPI cannot see them."""
     from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody
-    from levante.server.protocol import ChatCompletionRequest, CompletionRequest
+    from levante.server.protocol import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        DetokenizeRequest,
+        TokenizeRequest,
+    )
 
     bodies: dict[str, type[BaseModel]] = {
         "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+        "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
         "/api/chat": ChatBody, "/api/generate": GenerateBody, "/api/show": NamedBody,
         "/api/pull": NamedBody}
     build = app.openapi

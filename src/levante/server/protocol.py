@@ -145,6 +145,27 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a text prompt, or chat messages rendered by the template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True  # text: BOS where the model adds one
+    add_generation_prompt: bool = True  # chat: end with the assistant's turn opening
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def error_body(message: str, *, type_: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape."""

@@ -21,7 +21,12 @@ from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
 from levante.server.metrics import Metrics
-from levante.server.protocol import ChatCompletionRequest, CompletionRequest
+from levante.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from levante.server.responses import Generation
 
 if TYPE_CHECKING:
@@ -127,6 +132,50 @@ def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
     async def completions(request: Request) -> Response:
         body: CompletionRequest = await parse_body(request, CompletionRequest, limit)
         return await _complete(request, state, body, chat=False)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's: {count, max_model_len, tokens} of a text prompt or chat messages."""
+        try:
+            body: TokenizeRequest = await parse_body(request, TokenizeRequest, limit)
+            if body.model is not None:
+                state.check_model(body.model)
+            ids = await asyncio.to_thread(_tokenize, state, body)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return error_response(exc)
+        return JSONResponse({"count": len(ids), "max_model_len": state.bundle.config.max_seq_len,
+                             "tokens": ids, "token_strs": None})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        """vLLM's: {prompt} of token ids."""
+        try:
+            body: DetokenizeRequest = await parse_body(request, DetokenizeRequest, limit)
+            if body.model is not None:
+                state.check_model(body.model)
+            vocab = state.bundle.config.vocab_size
+            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})",
+                                   param="tokens")
+            text = await asyncio.to_thread(state.bundle.tokenizer.decode, body.tokens)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return error_response(exc)
+        return JSONResponse({"prompt": text})
+
+
+def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
+    if (body.prompt is None) == (body.messages is None):
+        raise RequestError("give either prompt or messages", param="prompt")
+    if body.messages is not None:
+        if not body.add_generation_prompt:
+            raise RequestError("add_generation_prompt false is not supported",
+                               param="add_generation_prompt")
+        return state.chats.prepare(body.messages).prompt_ids
+    tokenizer = state.bundle.tokenizer
+    check_prompt_size(state.bundle, len(body.prompt or ""), param="prompt")
+    return tokenizer.encode(body.prompt or "",
+                            add_bos=body.add_special_tokens and tokenizer.should_add_bos)
 
 
 async def _complete(request: Request, state: ServerState,
