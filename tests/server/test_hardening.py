@@ -489,3 +489,42 @@ def test_max_token_chars_bounds_every_token(server) -> None:
     bound = tokenizer.max_token_chars()
     longest = max(len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size))
     assert 0 < longest <= bound
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "smollm2", "messages": [
+        {"role": "user", "content": "hi \ud800 there"}]}),
+    ("/v1/completions", {"model": "smollm2", "prompt": "\udfff"}),
+    ("/v1/completions", {"model": "smollm2", "prompt": "hi", "stop": ["\ud83d"]}),
+    ("/api/chat", {"model": "smollm2", "messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/tokenize", {"prompt": "x\udc00"}),
+])
+def test_lone_surrogates_are_400_and_the_server_goes_on(http, path: str, body: dict) -> None:
+    raw = json.dumps(body)  # ensure_ascii: the lone surrogate goes out as a \ud800 escape
+    response = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.text
+    paired = http.post("/v1/completions", content=json.dumps(
+        {"model": "smollm2", "prompt": "smile \U0001F600", "max_tokens": 2}),
+        headers={"content-type": "application/json"})  # an escaped pair is a character
+    assert paired.status_code == 200, paired.text
+
+
+@pytest.mark.parametrize("field", [{"max_tokens": "10"}, {"max_tokens": True},
+                                   {"stream": "yes"}, {"n": 2.0}, {"temperature": "0.5"}])
+def test_loose_types_are_400_as_openai_answers(http, field: dict) -> None:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], **field}
+    error = error_of(http.post("/v1/chat/completions", json=body))
+    assert error["param"] == next(iter(field))
+    assert http.post("/v1/chat/completions", json={**body, **{
+        k: v for k, v in (("max_tokens", 2), ("stream", False), ("n", 1), ("temperature", 0.5))
+        if k in field}}).status_code == 200
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(http) -> None:
+    missing = http.get("/v1/nothing")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    wrong = http.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in wrong.headers["allow"]

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from levante.errors import ConfigError, ContextLengthError, LevanteError, RequestError
@@ -94,6 +95,11 @@ def error_response(exc: Exception) -> JSONResponse:
     """Map our exceptions to OpenAI-shaped JSON errors with the right status (one place)."""
     if isinstance(exc, HTTPError):
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+    if isinstance(exc, StarletteHTTPException):  # routing: 404 no such path, 405 method
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(error_body(str(exc.detail), type_="invalid_request_error",
+                                       code=codes.get(exc.status_code)),
+                            status_code=exc.status_code, headers=exc.headers)
     if isinstance(exc, RequestError) and exc.code == "queue_full":
         return JSONResponse(error_body(str(exc), type_="server_overloaded", code=exc.code),
                             status_code=503, headers={"Retry-After": "1"})
@@ -135,7 +141,20 @@ async def parse_body(request: Request, model: type[BaseModel], limit: int) -> An
                         type_="invalid_request_error") from None
     if not isinstance(data, dict):
         raise HTTPError(400, "body must be a JSON object", type_="invalid_request_error")
+    if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: is it paired?
+        _reject_lone_surrogates(data)
     return model.model_validate(data)
+
+
+def _reject_lone_surrogates(data: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no character: every
+    tokenizer and encoder after this would fail on it (500s): a 400 instead."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPError(400, "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff escape "
+                        "without its pair): not a character", type_="invalid_request_error"
+                        ) from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -323,7 +342,8 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
                            allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["x-request-id"])
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry one too
-    for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError):
+    for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError,
+                     StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
 
     @app.get("/metrics")

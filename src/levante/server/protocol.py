@@ -26,9 +26,12 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    """Parameters shared by chat and text completions (OpenAI names, plus vLLM's extras)."""
+    """Parameters shared by chat and text completions (OpenAI names, plus vLLM's extras).
 
-    model_config = ConfigDict(extra="allow")
+    Strict types, as OpenAI's API: "max_tokens": "10", true or 10.0 and "stream": "yes" are
+    400s, not quietly coerced (an int is still a valid float)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
