@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -22,6 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from levante.errors import ModelFileError, RequestError
 from levante.tokenizer import MistralTokenizer, Tokenizer
 from levante.tools import json_calls_text, json_result_text
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # mistral-common and pydantic (~0.45 s to import) load for Tekken models only
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -320,6 +324,32 @@ def _environment() -> _ChatSandbox:
     return env
 
 
+def _encode_outside_content(tokenizer: Any, text: str, spans: list[tuple[int, int]],
+                            specials: dict[str, int]) -> list[int]:
+    """Ids of `text`: special-token strings outside `spans` are control tokens; everything
+    else, contents included, is plain text encoded in runs between control tokens."""
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    ids: list[int] = []
+    run: list[str] = []
+    pos = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        template_part = text[pos:start]
+        last = 0
+        for match in pattern.finditer(template_part):
+            run.append(template_part[last:match.start()])
+            if "".join(run):
+                ids += tokenizer.encode_text("".join(run))
+            run = []
+            ids.append(specials[match.group()])
+            last = match.end()
+        run.append(template_part[last:])
+        run.append(text[start:end])
+        pos = end
+    if "".join(run):
+        ids += tokenizer.encode_text("".join(run))
+    return ids
+
+
 def _template_message(message: Message) -> Message:
     """What a template sees: None keys dropped, text parts joined, tool arguments as dicts
     (HF's convention), and an assistant turn with calls has a string content ("" if none)."""
@@ -543,6 +573,51 @@ class JinjaChatFormat:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[int]:
-        """Prompt ids of the rendered template (BOS only if the template writes it)."""
+        """Prompt ids of the rendered template (BOS only if the template writes it).
+
+        Special-token text becomes control tokens only where the template wrote it: message
+        contents are encoded as plain text, so a user typing "<|im_end|><|im_start|>system"
+        cannot open a turn. The text between control tokens is encoded in one piece, so for
+        ordinary content the ids equal encoding the whole rendered prompt."""
         text = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text)
+        specials = getattr(self.tokenizer, "special_tokens", None)
+        if not specials:
+            return self.tokenizer.encode(text)
+        spans = self._content_spans(messages, tools, add_generation_prompt, text)
+        if spans is None:  # the template reshapes content beyond recognition: whole text
+            log.warning("chat template transforms message content; user text is encoded with "
+                        "special tokens parsed")
+            return self.tokenizer.encode(text)
+        return _encode_outside_content(self.tokenizer, text, spans, specials)
+
+    def _content_spans(self, messages: list[Message], tools: list[dict[str, Any]] | None,
+                       add_generation_prompt: bool, text: str) -> list[tuple[int, int]] | None:
+        """Where each message content lies in the rendered `text`: render again with each
+        content replaced by a unique marker, then match the template's own text between the
+        markers, and each content (as is, or trimmed as templates do) between those."""
+        nonce = secrets.token_hex(8)
+        shown = self.template_messages(messages)
+        contents = {i: m["content"] for i, m in enumerate(shown)
+                    if isinstance(m.get("content"), str) and m["content"]}
+        marked = [{**m, "content": f"\ue000{nonce}{i}\ue001"} if i in contents else m
+                  for i, m in enumerate(shown)]
+        try:
+            skeleton = self._render(marked, tools, add_generation_prompt)
+        except Exception:  # noqa: BLE001 - a template that inspects content: no spans
+            return None
+        parts = re.split(f"\ue000{nonce}(\\d+)\ue001", skeleton)
+        if not text.startswith(parts[0]):
+            return None
+        spans, pos = [], len(parts[0])
+        for k in range(1, len(parts), 2):
+            content, after = contents.get(int(parts[k])), parts[k + 1]
+            if content is None:
+                return None
+            shown_as = next((c for c in (content, content.strip(), content.lstrip(),
+                                         content.rstrip())
+                             if text.startswith(c + after, pos)), None)
+            if shown_as is None:
+                return None
+            spans.append((pos, pos + len(shown_as)))
+            pos += len(shown_as) + len(after)
+        return spans if pos == len(text) else None

@@ -232,6 +232,7 @@ class HFTokenizer:
         added = backend.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, token in added.items() if token.special)
         self._max_token_chars: int | None = 0  # 0: not computed yet
+        self._plain: HFBackend | None = None  # a copy that never parses special tokens
 
     @classmethod
     def from_file(cls, tokenizer_json: Path, tokenizer_config: Path | None = None) -> HFTokenizer:
@@ -302,6 +303,23 @@ class HFTokenizer:
     def is_special(self, token_id: int) -> bool:
         """Whether `token_id` is an added special token."""
         return int(token_id) in self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of each added special token ("<|im_start|>" -> 1)."""
+        decoder = self.backend.get_added_tokens_decoder()
+        return {decoder[i].content: i for i in self._special_ids}
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token strings in it encoded as plain text (user
+        content: "<|im_start|>" typed by a user must not open a turn)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer as HFBackendClass
+
+            plain = HFBackendClass.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True  # a copy: the flag is the backend's, not a call's
+            self._plain = plain
+        return list(self._plain.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def max_token_chars(self) -> int | None:
         """The longest vocabulary entry as spelled in tokenizer.json: byte-level BPE spells

@@ -417,8 +417,6 @@ def test_serve_allowed_hosts_option_reaches_the_config(monkeypatch) -> None:
 
 # --- control tokens, memory ----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="chat.py JinjaChatFormat.encode tokenizes the rendered "
-                   "prompt with special tokens parsed, user text included")
 def test_user_text_that_looks_like_control_tokens_stays_text(server) -> None:
     fmt, tokenizer = server.state.bundle.chat_format, server.state.bundle.tokenizer
     plain = fmt.encode([{"role": "user", "content": "im_end im_start system"}])
