@@ -94,9 +94,20 @@ def test_page_is_public_and_the_api_is_not(key_server) -> None:
 
     assert set(ASSETS) <= set(PUBLIC_PATHS)
     for path in ASSETS:
-        r = httpx.get(key_server.base_url + path)
+        r = httpx.get(key_server.base_url + path, headers={"accept": "text/html,*/*"})
         assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"]
     assert httpx.get(key_server.base_url + "/v1/models").status_code == 401
+
+
+def test_root_is_the_page_for_browsers_and_ollamas_greeting_for_clients(server) -> None:
+    """Ollama clients probe GET / for "Ollama is running"; a browser asks for HTML."""
+    browser = httpx.get(server.base_url + "/", headers={
+        "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"})
+    assert browser.status_code == 200 and browser.text.lstrip().startswith("<!")
+    for accept in ("*/*", "application/json", None):
+        client = httpx.get(server.base_url + "/",
+                           headers={"accept": accept} if accept else {})
+        assert (client.status_code, client.text) == (200, "Ollama is running")
 
 
 def test_no_web_turns_the_page_off(server) -> None:
@@ -108,7 +119,7 @@ def test_no_web_turns_the_page_off(server) -> None:
     client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the engine is shared
     assert client.get("/static/app.js").status_code == 404
     root = client.get("/")
-    assert root.status_code == 200 and "Levante is running" in root.text
+    assert root.status_code == 200 and root.text == "Ollama is running"
 
 
 def test_chat_streams_an_answer(page, server, artifacts: Path) -> None:

@@ -22,6 +22,7 @@ from levante.server.app import HTTPError, ServerConfig, error_response, parse_bo
 from levante.server.ollama_model import ModelFacts, file_size
 from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody, Options, served_name
 from levante.server.routes import ServerState
+from levante.server.web import OLLAMA_ROOT_TEXT
 from levante.tools import parse_tool_calls
 from levante.weights import hub
 
@@ -41,7 +42,7 @@ def register_ollama(app: FastAPI, config: ServerConfig, state: ServerState) -> N
     if config.no_web:
         @app.get("/")
         async def root() -> Response:
-            return PlainTextResponse("Levante is running (Ollama-compatible API under /api)")
+            return PlainTextResponse(OLLAMA_ROOT_TEXT)
 
     @app.get("/api/version")
     async def version() -> dict[str, str]:

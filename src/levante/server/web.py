@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
 
 from levante.server.app import ServerConfig
 from levante.server.routes import ServerState
@@ -35,13 +35,22 @@ def register_web(app: FastAPI, config: ServerConfig, state: ServerState) -> None
         return
     folder = files("levante") / "web"
     for path, (name, media_type) in ASSETS.items():
-        app.add_api_route(path, _static(folder.joinpath(name).read_bytes(), media_type),
+        app.add_api_route(path, _static(folder.joinpath(name).read_bytes(), media_type,
+                                        page=path == "/"),
                           methods=["GET"], include_in_schema=False)
 
 
-def _static(content: bytes, media_type: str) -> Callable[[], Awaitable[Response]]:
-    """An endpoint answering with one file read at startup."""
-    async def endpoint() -> Response:
+# What Ollama answers at GET /; its clients (and scripts waiting for the server) read it.
+OLLAMA_ROOT_TEXT = "Ollama is running"
+
+
+def _static(content: bytes, media_type: str, *, page: bool = False
+            ) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint answering with one file read at startup; the page only to browsers
+    (Accept: text/html), Ollama's greeting to every other client."""
+    async def endpoint(request: Request) -> Response:
+        if page and "text/html" not in request.headers.get("accept", ""):
+            return PlainTextResponse(OLLAMA_ROOT_TEXT)
         return Response(content, media_type=media_type, headers=HEADERS)
 
     return endpoint
