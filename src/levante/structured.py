@@ -38,6 +38,8 @@ from levante.errors import RequestError
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.tools import (
     CHAT_STYLES,
+    MAX_SCHEMA_DEPTH,
+    json_depth,
     resolve_tool_choice,
     tool_calls_schema,
     tool_calls_token_id,
@@ -99,6 +101,9 @@ def response_schema(response_format: object) -> dict[str, Any] | None:
     if not isinstance(schema, dict):
         raise RequestError("response_format.json_schema.schema must be a JSON schema object",
                            param="response_format")
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise RequestError(f"response_format.json_schema.schema nests deeper than "
+                           f"{MAX_SCHEMA_DEPTH} levels", param="response_format")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:

@@ -78,11 +78,29 @@ def _bad_tool(index: int, what: str) -> RequestError:
     return RequestError(f"tools[{index}]{what}", param="tools")
 
 
+MAX_SCHEMA_DEPTH = 64  # JSON nesting of a schema (jsonschema's checker recurses: 200 -> 500s)
+
+
+def json_depth(value: Any) -> int:
+    """How deep dicts and lists nest in `value`, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1)
+                         for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def _check_parameters(index: int, parameters: object) -> dict[str, Any]:
     if parameters is None:
         return dict(NO_PARAMETERS)
     if not isinstance(parameters, dict) or parameters.get("type") != "object":
         raise _bad_tool(index, '.function.parameters must be a JSON schema with "type": "object"')
+    if json_depth(parameters) > MAX_SCHEMA_DEPTH:
+        raise _bad_tool(index, f".function.parameters nests deeper than {MAX_SCHEMA_DEPTH} "
+                               f"levels")
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:

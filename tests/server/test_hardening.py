@@ -526,3 +526,26 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(http) -> None:
     wrong = http.get("/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert "POST" in wrong.headers["allow"]
+
+
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize("where", ["response_format", "tools"])
+def test_a_schema_nested_200_deep_is_400_not_500(http, where: str) -> None:
+    body: dict = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 4}
+    if where == "response_format":
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "x", "schema": _nested(200)}}
+    else:
+        body["tools"] = [{"type": "function", "function": {"name": "f",
+                                                           "parameters": _nested(200)}}]
+    error = error_of(http.post("/v1/chat/completions", json=body))
+    assert error["param"] == where and "deeper than 64" in error["message"]
+    body.update({"response_format": None, "tools": None})
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
