@@ -340,3 +340,23 @@ def test_every_response_carries_a_request_id(server) -> None:
             "model": "smollm2", "prompt": "Hi", "max_tokens": 2, "stream": True},
             headers={"x-request-id": "stream-1"})
         assert streamed.headers["x-request-id"] == "stream-1"
+
+
+def test_continuous_usage_stats_on_every_chunk(server) -> None:
+    import json
+
+    import httpx
+
+    body = {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 5,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    usages = [c["usage"] for c in chunks]
+    assert all(u is not None for u in usages)
+    prompt = usages[0]["prompt_tokens"]
+    generated = [u["completion_tokens"] for u in usages[:-1]]
+    assert generated == sorted(generated) and generated[-1] == 5
+    assert usages[-1] == {"prompt_tokens": prompt, "completion_tokens": 5,
+                          "total_tokens": prompt + 5}

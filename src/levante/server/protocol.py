@@ -23,6 +23,7 @@ MAX_N = 16
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
 
 
 class _Common(BaseModel):

@@ -185,9 +185,13 @@ class Generation:
                                   "bytes": list(t.encode())} for i, v in (top or [])]}
 
     def _usage(self) -> dict[str, int]:
+        usage = self._usage_so_far()
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        return usage
+
+    def _usage_so_far(self) -> dict[str, int]:
         prompt = sum(c.num_prompt_tokens for c in self.choices[::self.n])
         completion = sum(len(c.token_ids) for c in self.choices)
-        self.metrics.prompt_tokens.inc(prompt)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -233,8 +237,11 @@ class Generation:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
 
-    async def sse(self, *, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    async def sse(self, *, include_usage: bool, continuous_usage: bool = False
+                  ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; with
+        `continuous_usage` (vLLM's continuous_usage_stats) every chunk carries the usage so
+        far, else `include_usage` adds it once at the end."""
         started: set[int] = set()
         failed = False
         try:
@@ -250,7 +257,9 @@ class Generation:
                 chunk = self._chunk(choice, delta, choice.logprobs[num_logprobs:],
                                     first=index not in started)
                 started.add(index)
-                if include_usage:
+                if continuous_usage:
+                    chunk["usage"] = self._usage_so_far()
+                elif include_usage:
                     chunk["usage"] = None
                 yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage and not failed:

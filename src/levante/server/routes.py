@@ -215,7 +215,8 @@ async def _handle(request: Request, state: ServerState,
     await stream.start()
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream.sse(include_usage=usage),
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        return StreamingResponse(stream.sse(include_usage=usage, continuous_usage=continuous),
                                  media_type="text/event-stream")
     return JSONResponse(await stream.collect(request))
 
