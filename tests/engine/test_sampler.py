@@ -255,16 +255,20 @@ def test_min_tokens_against_a_grammar_that_must_stop_is_an_error() -> None:
 
 # --- logprobs ----------------------------------------------------------------------------------
 
-def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> None:
+def test_logprobs_are_the_models_own_before_bias_and_penalties() -> None:
+    """OpenAI reports the model's distribution: logit_bias and penalties steer the choice but
+    not the reported logprobs; a grammar's forbidden tokens are at -inf."""
     gen = torch.Generator().manual_seed(8)
     logits = torch.randn(3, 100, generator=gen) * 3
     allowed = torch.ones(3, 100, dtype=torch.bool)
     allowed[2, 3:] = False  # only 3 tokens left: fewer alternatives than asked for
-    params = [SamplingParams(temperature=0.5, logprobs=5, logit_bias=((11, 2.0),)),
+    params = [SamplingParams(temperature=0.5, logprobs=5, logit_bias=((11, 50.0),),
+                             frequency_penalty=1.5),
               SamplingParams(temperature=0, logprobs=0), SamplingParams(logprobs=20)]
-    out = sample(Sampler(100, seed=1), logits, params, allowed=allowed)
+    out = sample(Sampler(100, seed=1), logits, params, allowed=allowed,
+                 outputs=[[int(logits[0].argmax())], [], []], prompts=[[1], [1], [1]])
+    assert out.token_ids[0] == 11  # the bias chose it
     processed = logits.clone()
-    processed[0, 11] += 2.0
     processed[2, 3:] = -INF
     expected = processed.log_softmax(dim=-1)
     for row in range(3):

@@ -360,3 +360,18 @@ def test_continuous_usage_stats_on_every_chunk(server) -> None:
     assert generated == sorted(generated) and generated[-1] == 5
     assert usages[-1] == {"prompt_tokens": prompt, "completion_tokens": 5,
                           "total_tokens": prompt + 5}
+
+
+def test_logprobs_report_the_model_not_the_bias(client, server) -> None:
+    """logit_bias forces the token; its reported logprob stays the model's own (OpenAI's
+    convention), the same as an echo of the prompt with that token scores it."""
+    token = server.state.bundle.tokenizer.encode(" zebra")[0]
+    prompt = "The capital of France is"
+    biased = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1,
+                                       temperature=0, logprobs=1,
+                                       logit_bias={str(token): 100})
+    assert biased.choices[0].text == server.state.bundle.tokenizer.decode([token])
+    reported = biased.choices[0].logprobs.token_logprobs[0]
+    scored = client.completions.create(model="smollm2", prompt=prompt + biased.choices[0].text,
+                                       max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert reported < -3 and reported == scored.choices[0].logprobs.token_logprobs[-1]

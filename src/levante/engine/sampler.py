@@ -203,9 +203,10 @@ class Sampler:
     Order, as in vLLM: grammar mask (`allowed`), logit_bias, min_tokens (bans EOS and
     stop_token_ids while the output is shorter than min_tokens; EOS is not banned under
     ignore_eos, since then it does not stop anything), repetition penalty, presence and
-    frequency penalties. Logprobs are log_softmax of these processed logits, before
-    temperature and top-k/top-p/min-p: they are the distribution the request's penalties and
-    grammar define, with masked tokens at -inf. Then greedy rows take the argmax; sampled
+    frequency penalties. Logprobs are the model's own distribution, as OpenAI reports them:
+    log_softmax of the logits before logit_bias, min_tokens and penalties (and temperature,
+    top-k/top-p/min-p), with tokens the grammar forbids at -inf. Then greedy rows take the
+    argmax; sampled
     rows apply temperature, top-k, top-p, min-p and draw with the exponential race.
     """
 
@@ -229,7 +230,12 @@ class Sampler:
         processed = self.process_logits(logits, params, prompt_ids=prompt_ids,
                                         output_ids=output_ids, allowed=allowed, counts=counts)
         token_ids = self._sample(processed, params, generators)
-        logprobs, top_logprobs = _gather_logprobs(processed, token_ids, params)
+        reported = processed  # the model's own distribution: before bias, bans and penalties
+        if processed is not logits and any(p.logprobs is not None for p in params):
+            reported = logits.float()
+            if allowed is not None:
+                reported = reported.masked_fill(~allowed.to(reported.device), -math.inf)
+        logprobs, top_logprobs = _gather_logprobs(reported, token_ids, params)
         return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
 
     def process_logits(self, logits: torch.Tensor, params: Sequence[SamplingParams], *,
