@@ -232,6 +232,18 @@ class TestSmolLM2TensorParallel3:
         assert whole.usage.completion_tokens == 8
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
+    def test_prompt_logprobs_over_ranks_equal_one_process(self, group, smollm2_reference) -> None:
+        """Every rank computes the prompt positions' logits in step (the head's collectives)."""
+        params = SamplingParams(max_tokens=0, prompt_logprobs=2)
+        scores = []
+        for engine in (group.engine(ENGINE), Engine(smollm2_reference.model,
+                                                   smollm2_reference.tokenizer, ENGINE)):
+            rid = engine.add_request(PROMPTS[0], params)
+            scores.append(engine.run_to_completion([rid])[rid][-1].prompt_logprobs)
+        ranked, alone = scores
+        assert [t for t, _, _ in ranked] == [t for t, _, _ in alone] == PROMPTS[0][1:]
+        assert [lp for _, lp, _ in ranked] == pytest.approx([lp for _, lp, _ in alone], abs=1e-3)
+
 
 class TestTinyMistralTensorParallel2:
     """A Mistral-shaped HF safetensors model (8 heads / 2 KV heads) over 2 ranks."""

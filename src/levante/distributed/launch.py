@@ -72,6 +72,8 @@ class RequestView:
     token_ids: tuple[int, ...]  # positions [num_computed_tokens, + len) this step runs
     draft_ids: list[int]
     block_ids: list[int]
+    num_prompt_tokens: int = 0
+    scores_prompt: bool = False  # every rank computes the prompt's logits alike (collectives)
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         """Tokens at positions [start, stop); only the step's own range is known."""
@@ -95,7 +97,8 @@ class StepBatch:
             stop = start + num_new - len(request.draft_ids)
             views.append(RequestView(start, request.num_tokens,
                                      tuple(request.token_slice(start, stop)),
-                                     list(request.draft_ids), list(request.block_ids)))
+                                     list(request.draft_ids), list(request.block_ids),
+                                     request.num_prompt_tokens, request.scores_prompt))
         return cls(tuple(views), tuple(batch.num_new_tokens))
 
 

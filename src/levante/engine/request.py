@@ -116,6 +116,11 @@ class Request:
         return min(self.num_computed_tokens, self.num_tokens)
 
     @property
+    def scores_prompt(self) -> bool:
+        """Whether each prompt position's logits are turned into prompt logprobs."""
+        return self.params.prompt_logprobs is not None
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 

@@ -63,7 +63,7 @@ class ModelRunner:
             start = request.num_computed_tokens
             # position p's logits score prompt token p + 1
             stop = min(start + num_new, request.num_prompt_tokens - 1)
-            if request.params.prompt_logprobs is not None and stop > start:
+            if request.scores_prompt and stop > start:
                 rows_i = hidden[offset:offset + stop - start]
                 self.prompt_scores[i] = (start, self.model.logits(rows_i).log_softmax(dim=-1))
             offset += num_new
