@@ -549,3 +549,20 @@ def test_a_schema_nested_200_deep_is_400_not_500(http, where: str) -> None:
     assert error["param"] == where and "deeper than 64" in error["message"]
     body.update({"response_format": None, "tools": None})
     assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(smollm2_gguf) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "levante.cli", "serve", str(smollm2_gguf),
+                                 "--port", str(port)], capture_output=True, text=True,
+                                timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"cannot serve on 127.0.0.1:{port}" in output and "Traceback" not in output
+    assert "KV cache" not in output  # refused before the model (and its engine) loaded

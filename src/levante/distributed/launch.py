@@ -445,7 +445,7 @@ def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int) -> None
     """`levante serve --tensor-parallel N`: as `levante.server.app.serve`, over N ranks."""
     import uvicorn
 
-    from levante.server.app import create_app
+    from levante.server.app import check_port_free, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if config.lora:
@@ -453,6 +453,7 @@ def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int) -> None
     if torchrun_rank() not in (None, 0):
         run_torchrun_worker(config.ref, config.load_config)
         return
+    check_port_free(config.host, config.port)  # before N ranks load the model
     with TensorParallelGroup.start(config.ref, tensor_parallel=tensor_parallel,
                                    load_config=config.load_config) as group:
         log.info("tensor parallel %d: weight bytes per rank %s", tensor_parallel,

@@ -392,6 +392,25 @@ def _document_request_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError now if HOST:PORT cannot be bound (in use, or not an address of this
+    machine), not after the model has loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e} (is another "
+                              f"server running there? choose another --port)") from None
+
+
 def serve(config: ServerConfig) -> None:
     """Load the model, build the app and run uvicorn until SIGTERM/SIGINT (drains first)."""
     import uvicorn
@@ -402,6 +421,7 @@ def serve(config: ServerConfig) -> None:
     if not is_loopback_bind(config.host) and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it",
                     config.host)
+    check_port_free(config.host, config.port)  # before a load that may take minutes
     state = ServerState.build(config)
     app = create_app(config, state)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
