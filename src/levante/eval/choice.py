@@ -173,14 +173,28 @@ def _score(model: Any, hidden: torch.Tensor, context_len: int,
 def score_questions(model: Any, tokenizer: Any, questions: Sequence[Question], *,
                     style: str = "letter") -> list[ChoiceScores]:
     """Loglikelihood of every choice of every question under `model` (a Transformer)."""
-    requests, spans, texts = [], [], []
+    pairs, spans, texts = _choice_pairs(questions, style)
+    requests = [encode_pair(tokenizer, context, option) for context, option in pairs]
+    return _choice_scores(loglikelihoods(model, requests), spans, texts)
+
+
+def _choice_pairs(questions: Sequence[Question], style: str
+                  ) -> tuple[list[tuple[str, str]], list[tuple[int, int]], list[str]]:
+    """(context, continuation) text per choice of every question, each question's span of
+    them, and the continuations (for acc_norm's lengths)."""
+    pairs: list[tuple[str, str]] = []
+    spans, texts = [], []
     for question in questions:
-        context = format_prompt(question)
-        options = continuations(question, style)
-        spans.append((len(requests), len(requests) + len(options)))
-        requests += [encode_pair(tokenizer, context, option) for option in options]
+        context, options = format_prompt(question), continuations(question, style)
+        spans.append((len(pairs), len(pairs) + len(options)))
+        pairs += [(context, option) for option in options]
         texts += options
-    scores = loglikelihoods(model, requests)
+    return pairs, spans, texts
+
+
+def _choice_scores(scores: Sequence[tuple[float, bool]], spans: list[tuple[int, int]],
+                   texts: list[str]) -> list[ChoiceScores]:
+    """Per question: the choices' loglikelihoods and what acc and acc_norm pick."""
     out = []
     for start, end in spans:
         logprobs = [s for s, _ in scores[start:end]]
@@ -196,23 +210,11 @@ def _endpoint_scores(model: EndpointModel, questions: Sequence[Question],
     (then the letter is asked for by generation)."""
     import openai
 
-    pairs, spans, texts = [], [], []
-    for question in questions:
-        options = continuations(question, style)
-        spans.append((len(pairs), len(pairs) + len(options)))
-        pairs += [(format_prompt(question), option) for option in options]
-        texts += options
+    pairs, spans, texts = _choice_pairs(questions, style)
     try:
-        scores = model.loglikelihoods(pairs)
+        return _choice_scores(model.loglikelihoods(pairs), spans, texts)
     except openai.BadRequestError:
         return None
-    out = []
-    for start, end in spans:
-        logprobs = [s for s, _ in scores[start:end]]
-        normed = [lp / len(texts[start + i].encode("utf-8")) for i, lp in enumerate(logprobs)]
-        out.append(ChoiceScores(tuple(logprobs), tuple(g for _, g in scores[start:end]),
-                                _argmax(logprobs), _argmax(normed)))
-    return out
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -245,9 +247,13 @@ def run_mmlu(model: LocalModel | EndpointModel, data: str | Path | None = None, 
     scores echoed prompts), else letters by generation from the endpoint."""
     path = Path(data) if data is not None else sample_path()
     questions = read_questions(path, limit=limit)
+    scores: list[ChoiceScores] | None
     if isinstance(model, LocalModel):
         bundle = model.llm.bundle
         scores = score_questions(bundle.model, bundle.tokenizer, questions, style=style)
+    else:
+        scores = _endpoint_scores(model, questions, style)
+    if scores is not None:
         samples = [{"subject": q.subject, "answer": q.answer, "predicted": s.predicted,
                     "logprobs": list(s.logprobs)} for q, s in zip(questions, scores)]
         metrics = [mean_metric("acc", [float(s.predicted == q.answer)
@@ -256,17 +262,8 @@ def run_mmlu(model: LocalModel | EndpointModel, data: str | Path | None = None, 
             metrics.append(mean_metric("acc_norm", [float(s.predicted_norm == q.answer)
                                                     for q, s in zip(questions, scores)]))
         config: dict[str, Any] = {"method": "loglikelihood", "style": style}
-    elif style_scores := _endpoint_scores(model, questions, style):
-        scores = style_scores
-        samples = [{"subject": q.subject, "answer": q.answer, "predicted": s.predicted,
-                    "logprobs": list(s.logprobs)} for q, s in zip(questions, scores)]
-        metrics = [mean_metric("acc", [float(s.predicted == q.answer)
-                                       for q, s in zip(questions, scores)])]
-        if style == "text":
-            metrics.append(mean_metric("acc_norm", [float(s.predicted_norm == q.answer)
-                                                    for q, s in zip(questions, scores)]))
-        config = {"method": "loglikelihood", "style": style}
     else:
+        assert isinstance(model, EndpointModel)
         answers = model.chat([generation_prompt(q) for q in questions], max_tokens=32, stop=[])
         picked = [parse_letter(a, len(q.choices)) for q, a in zip(questions, answers)]
         samples = [{"subject": q.subject, "answer": q.answer, "predicted": p, "response": a}
