@@ -566,3 +566,17 @@ def test_a_port_in_use_is_refused_before_the_model_loads(smollm2_gguf) -> None:
     assert result.returncode == 1, output
     assert f"cannot serve on 127.0.0.1:{port}" in output and "Traceback" not in output
     assert "KV cache" not in output  # refused before the model (and its engine) loaded
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500_without_internals(http, server,
+                                                                      monkeypatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.state.bundle.tokenizer, "decode", broken)
+    response = http.post("/detokenize", json={"tokens": [1, 2]})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+    assert "secret" not in response.text
+    monkeypatch.undo()
+    assert http.post("/detokenize", json={"tokens": [1, 2]}).status_code == 200

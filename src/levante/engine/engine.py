@@ -95,6 +95,14 @@ def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype 
     return max(per_sequence, min(wanted, budget // per_block))
 
 
+def check_vocabulary(token_ids: Sequence[int], vocab_size: int, *, param: str) -> None:
+    """RequestError naming `param` for the first id outside [0, vocab_size)."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})",
+                           param=param)
+
+
 def invariant_kernels(model: Transformer) -> bool:
     """Whether a row's numbers do not depend on its batch: float32 on the CPU with the
     compiled kernels (paged attention, the quantized GEMMs; LoRA deltas in float64) and no
@@ -209,11 +217,7 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})",
-                               param="prompt")
+        check_vocabulary(prompt, self.model.config.vocab_size, param="prompt")
         return prompt
 
     def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:

@@ -343,7 +343,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
                            expose_headers=["x-request-id"])
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry one too
     for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError,
-                     StarletteHTTPException):
+                     StarletteHTTPException, Exception):  # Exception: a 500, OpenAI-shaped
         app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
 
     @app.get("/metrics")

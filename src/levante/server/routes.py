@@ -16,7 +16,7 @@ from levante.bundle import Bundle
 from levante.chat_request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
-from levante.engine.engine import Engine
+from levante.engine.engine import Engine, check_vocabulary
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
@@ -136,31 +136,21 @@ def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         """vLLM's: {count, max_model_len, tokens} of a text prompt or chat messages."""
-        try:
-            body: TokenizeRequest = await parse_body(request, TokenizeRequest, limit)
-            if body.model is not None:
-                state.check_model(body.model)
-            ids = await asyncio.to_thread(_tokenize, state, body)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
-            return error_response(exc)
+        body: TokenizeRequest = await parse_body(request, TokenizeRequest, limit)
+        if body.model is not None:
+            state.check_model(body.model)
+        ids = await asyncio.to_thread(_tokenize, state, body)
         return JSONResponse({"count": len(ids), "max_model_len": state.bundle.config.max_seq_len,
                              "tokens": ids, "token_strs": None})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         """vLLM's: {prompt} of token ids."""
-        try:
-            body: DetokenizeRequest = await parse_body(request, DetokenizeRequest, limit)
-            if body.model is not None:
-                state.check_model(body.model)
-            vocab = state.bundle.config.vocab_size
-            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})",
-                                   param="tokens")
-            text = await asyncio.to_thread(state.bundle.tokenizer.decode, body.tokens)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
-            return error_response(exc)
+        body: DetokenizeRequest = await parse_body(request, DetokenizeRequest, limit)
+        if body.model is not None:
+            state.check_model(body.model)
+        check_vocabulary(body.tokens, state.bundle.config.vocab_size, param="tokens")
+        text = await asyncio.to_thread(state.bundle.tokenizer.decode, body.tokens)
         return JSONResponse({"prompt": text})
 
 
