@@ -83,6 +83,18 @@ def test_slow_reader_does_not_stall_others(server) -> None:
     server.wait_idle()
 
 
+def _wait_healthy(proc: subprocess.Popen, base: str) -> None:
+    """Until the server process answers /health (it must not exit first)."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
 def test_sigterm_drains_then_exits(smollm2_gguf) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "levante.cli", "serve", str(smollm2_gguf),
@@ -90,14 +102,7 @@ def test_sigterm_drains_then_exits(smollm2_gguf) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(proc, base)
         body = {"model": str(smollm2_gguf), "prompt": "Count:", "max_tokens": 48,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
@@ -176,14 +181,7 @@ def test_engine_death_ends_every_request_and_exits_non_zero(smollm2_gguf) -> Non
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(proc, base)
         body = {"model": str(smollm2_gguf), "prompt": "Count:", "max_tokens": 48,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
