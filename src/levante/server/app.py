@@ -321,6 +321,34 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class UnexpectedErrorMiddleware:
+    """An unexpected exception becomes an OpenAI-shaped 500 here, logged with its traceback.
+    Not an `Exception` handler: Starlette's ServerErrorMiddleware re-raises after answering,
+    and uvicorn then closes the socket under the client (a reset instead of the 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            log.exception("unexpected error serving %s", scope.get("path"))
+            if started:  # a stream already under way: closing it is all that is left
+                raise
+            await error_response(exc)(scope, receive, send)
+
+
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
     from levante.server.ollama import register_ollama
@@ -334,6 +362,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         state.engine.stop()
 
     app = FastAPI(title="Levante", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(GuardMiddleware, config=config)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -343,7 +372,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
                            expose_headers=["x-request-id"])
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry one too
     for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError,
-                     StarletteHTTPException, Exception):  # Exception: a 500, OpenAI-shaped
+                     StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
 
     @app.get("/metrics")
