@@ -17,6 +17,7 @@ class LiveServer:
     base_url: str
     state: object  # levante.server.routes.ServerState
     config: object
+    server: object = None  # levante.server.listener.DrainingServer
 
     @property
     def engine(self):  # the sync Engine inside the AsyncEngine
@@ -39,16 +40,14 @@ def free_port() -> int:
 
 
 def start_server(ref: str, bundle=None, **overrides) -> Iterator[LiveServer]:
-    import uvicorn
-
     from levante.server.app import ServerConfig, create_app
+    from levante.server.listener import build_server
     from levante.server.routes import ServerState
 
     config = ServerConfig(ref=ref, port=free_port(), **overrides)
     state = ServerState.build(config, bundle)
     app = create_app(config, state)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port,
-                                           log_level="warning"))
+    server = build_server(app, config, state.engine, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -56,7 +55,7 @@ def start_server(ref: str, bundle=None, **overrides) -> Iterator[LiveServer]:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     try:
-        yield LiveServer(f"http://127.0.0.1:{config.port}", state, config)
+        yield LiveServer(f"http://127.0.0.1:{config.port}", state, config, server)
     finally:
         server.should_exit = True
         thread.join(10)

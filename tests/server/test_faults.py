@@ -109,11 +109,16 @@ def test_sigterm_drains_then_exits(smollm2_gguf) -> None:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.5)  # the signal is handled between the server's 0.1 s ticks
+            refused = httpx.post(base + "/v1/completions", json={**body, "stream": False})
+            health = httpx.get(base + "/health")
             rest = [line for line in lines if line.startswith("data: ")]
         assert first and rest[-1] == "data: [DONE]"
         assert '"finish_reason": "length"' in rest[-2]  # the accepted request finished
-        # uvicorn re-raises the signal after draining, so the exit status reports SIGTERM
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_shutdown"
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        assert proc.wait(timeout=60) == 0  # drained: a clean exit
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -239,6 +239,15 @@ def serve(
     batch_invariant: Annotated[bool, typer.Option(
         help="a request's tokens never depend on its batch (always so on the CPU; on a GPU "
              "each sequence then runs alone)")] = False,
+    drain_timeout: Annotated[float, typer.Option(
+        help="seconds requests in flight get to finish after SIGTERM/SIGINT (new ones get "
+             "503); then they end with an error")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(
+        help="seconds a client may take to send a request's headers")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds a client may take to send a request's body")] = 60.0,
+    max_connections: Annotated[int, typer.Option(
+        help="open connections served; past it a request gets a 503")] = 1024,
     tensor_parallel: TensorParallel = 1,
     device: Device = "auto",
     quant: Quant = "auto",
@@ -269,7 +278,9 @@ def serve(
             kv_cache_dtype=kv_cache_dtype, device=device,
             dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
-            batch_invariant=batch_invariant, lora=_lora_pairs(lora or []))
+            batch_invariant=batch_invariant, lora=_lora_pairs(lora or []),
+            drain_timeout=drain_timeout, header_timeout=header_timeout,
+            body_timeout=body_timeout, max_connections=max_connections)
         if replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 

@@ -443,9 +443,8 @@ def server_state(group: TensorParallelGroup, config: ServerConfig) -> ServerStat
 
 def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int) -> None:
     """`levante serve --tensor-parallel N`: as `levante.server.app.serve`, over N ranks."""
-    import uvicorn
-
     from levante.server.app import check_port_free, create_app
+    from levante.server.listener import build_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if config.lora:
@@ -458,12 +457,12 @@ def serve_tensor_parallel(config: ServerConfig, *, tensor_parallel: int) -> None
                                    load_config=config.load_config) as group:
         log.info("tensor parallel %d: weight bytes per rank %s", tensor_parallel,
                  group.weight_bytes)
-        app = create_app(config, server_state(group, config))
-        # uvicorn drains on SIGTERM, then re-raises it to the previous handler: make that an
-        # exception, so leaving this block stops the workers (the default would just kill us).
+        state = server_state(group, config)
+        app = create_app(config, state)
+        # A second SIGTERM (the first drains) is re-raised by uvicorn to the previous handler:
+        # make that an exception, so leaving this block stops the workers.
         signal.signal(signal.SIGTERM, _raise_system_exit)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                    timeout_graceful_shutdown=30)
+        build_server(app, config, state.engine).run()
 
 
 def _raise_system_exit(signum: int, frame: Any) -> None:

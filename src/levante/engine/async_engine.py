@@ -44,6 +44,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.is_healthy = True
+        self.is_draining = False  # shutting down: no new requests (see server.listener)
         self.death: str | None = None  # why the engine thread died, once it has
         self.on_step: Callable[[list[StepOutput]], None] | None = None
         self.on_death: Callable[[], None] | None = None  # the server's exit (app.serve)
@@ -92,6 +93,9 @@ class AsyncEngine:
         one is refused, the others are aborted and its RequestError raised."""
         if self.death is not None:
             raise self._dead_error()
+        if self.is_draining:
+            raise RequestError("the server is shutting down; retry the request (on another "
+                               "replica)", code="server_shutdown")
         loop = asyncio.get_running_loop()
         submits = [_Submit(prompt_ids, params, request_id, asyncio.Queue(), loop.create_future(),
                            loop, grammar, adapter_id) for prompt_ids, params, request_id in jobs]
@@ -127,6 +131,14 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (safe from any thread)."""
         self._commands.put(("abort", request_id))
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; those accepted run on."""
+        self.is_draining = True
+
+    def end_all(self, message: str) -> None:
+        """End every accepted request now with `message` (error code "server_shutdown")."""
+        self._commands.put(("end_all", message))
 
     def _dead_error(self) -> RequestError:
         return RequestError(f"the engine has stopped ({self.death}); the server is exiting",
@@ -174,7 +186,8 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
             self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
-                                     error="the server is shutting down"))
+                                     error="the server is shutting down",
+                                     error_code="server_shutdown"))
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -202,6 +215,11 @@ class AsyncEngine:
             self._streams[command.request_id] = (command.loop, command.outputs)
             command.loop.call_soon_threadsafe(_set_result, command.accepted,
                                               command.request_id)
+        elif command[0] == "end_all":
+            for request_id in list(self._streams):
+                self.engine.abort(request_id)
+                self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
+                                         error=command[1], error_code="server_shutdown"))
         else:
             _, request_id = command
             self._streams.pop(request_id, None)

@@ -51,6 +51,7 @@ class StepOutput:
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     error: str | None = None
+    error_code: str | None = None  # e.g. "server_shutdown": the server maps it to a status
     # with prompt_logprobs, on the request's first output: (token, logprob, top) from position 1
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 

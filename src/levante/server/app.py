@@ -62,6 +62,10 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     no_web: bool = False
+    drain_timeout: float = 30.0  # seconds accepted requests get to finish after SIGTERM
+    header_timeout: float = 10.0  # seconds a request's headers may take to arrive
+    body_timeout: float = 60.0  # seconds its body may take after the headers
+    max_connections: int = 1024  # open connections; past it a request gets a 503
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 
@@ -78,6 +82,9 @@ class ServerConfig:
                                   "(give names without a port, e.g. myhost.example)")
             names.append(split[0])
         object.__setattr__(self, "allowed_hosts", tuple(names))
+        for name in ("drain_timeout", "header_timeout", "body_timeout", "max_connections"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 class HTTPError(Exception):
@@ -89,6 +96,14 @@ class HTTPError(Exception):
         self.status = status
         self.body = error_body(message, type_=type_, param=param, code=code)
         self.headers = headers
+
+
+def generation_error(message: str, code: str | None) -> Exception:
+    """The exception for a request the engine ended with an error: a 503 to retry when the
+    server is shutting down (code "server_shutdown"), else a 500."""
+    if code == "server_shutdown":
+        return RequestError(message, code=code)
+    return HTTPError(500, message, type_="server_error")
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -106,6 +121,9 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, RequestError) and exc.code == "engine_dead":
         return JSONResponse(error_body(str(exc), type_="server_error", code=exc.code),
                             status_code=503)
+    if isinstance(exc, RequestError) and exc.code == "server_shutdown":
+        return JSONResponse(error_body(str(exc), type_="server_error", code=exc.code),
+                            status_code=503, headers={"Retry-After": "1"})
     if isinstance(exc, (RequestError, ContextLengthError)):
         return JSONResponse(error_body(str(exc), type_="invalid_request_error",
                                        param=exc.param, code=exc.code), status_code=400)
@@ -442,8 +460,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(config: ServerConfig) -> None:
     """Load the model, build the app and run uvicorn until SIGTERM/SIGINT (drains first)."""
-    import uvicorn
-
+    from levante.server.listener import build_server
     from levante.server.routes import ServerState
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -453,8 +470,7 @@ def serve(config: ServerConfig) -> None:
     check_port_free(config.host, config.port)  # before a load that may take minutes
     state = ServerState.build(config)
     app = create_app(config, state)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
-                                           log_level="info", timeout_graceful_shutdown=30))
+    server = build_server(app, config, state.engine)
     # A dead engine thread has already ended its requests with errors; the process exits
     # non-zero so that a supervisor (systemd, Kubernetes, `restart: always`) restarts it.
     state.engine.on_death = lambda: setattr(server, "should_exit", True)

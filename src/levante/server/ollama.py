@@ -18,7 +18,7 @@ from levante.chat_request import check_prompt_size
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
-from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.app import HTTPError, ServerConfig, error_response, generation_error, parse_body
 from levante.server.ollama_model import ModelFacts, file_size
 from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody, Options, served_name
 from levante.server.routes import ServerState
@@ -208,7 +208,7 @@ class _Run:
     def update(self, out: StepOutput) -> list[dict[str, Any]]:
         """Take one engine output; return its logprob entries (Ollama's shape)."""
         if out.error:
-            raise HTTPError(500, out.error, type_="server_error")
+            raise generation_error(out.error, out.error_code)
         if self.first_ns is None and out.new_token_ids:
             self.first_ns = time.perf_counter_ns()
             self.state.metrics.ttft.observe((self.first_ns - self.started_ns) / 1e9)

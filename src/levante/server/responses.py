@@ -34,6 +34,7 @@ class Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None
     streamer: ToolCallStreamer | None = None  # when the reply may hold tool calls
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
@@ -149,7 +150,7 @@ class Generation:
             delta = ChatDelta(echoed + delta.content, delta.tool_calls)
         choice.text += delta.content
         if out.finished:
-            choice.error = out.error
+            choice.error, choice.error_code = out.error, out.error_code
             called = choice.tool_calls and out.finish_reason == "stop"
             choice.finish_reason = "tool_calls" if called else out.finish_reason
         return delta
@@ -211,9 +212,9 @@ class Generation:
         await asyncio.gather(task, return_exceptions=True)
         failed = next((c for c in self.choices if c.error), None)
         if failed is not None:
-            from levante.server.app import HTTPError
+            from levante.server.app import generation_error
 
-            raise HTTPError(500, failed.error or "generation failed", type_="server_error")
+            raise generation_error(failed.error or "generation failed", failed.error_code)
         return self._whole()
 
     def _whole(self) -> dict[str, Any]:
@@ -250,7 +251,7 @@ class Generation:
                 num_logprobs = len(choice.logprobs)
                 delta = self._update(choice, out)
                 if out.error:
-                    body = error_body(out.error, type_="server_error")
+                    body = error_body(out.error, type_="server_error", code=out.error_code)
                     yield f"data: {json.dumps(body)}\n\n"
                     failed = True
                     break

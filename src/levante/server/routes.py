@@ -113,9 +113,12 @@ def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        ok = state.engine.is_healthy
-        return JSONResponse({"status": "ok" if ok else "unhealthy"},
-                            status_code=200 if ok else 503)
+        if not state.engine.is_healthy:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        if state.engine.is_draining:  # a balancer stops sending us requests
+            return JSONResponse({"status": "draining"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
