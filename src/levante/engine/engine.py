@@ -198,9 +198,7 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
-        prompt = self._check_prompt(prompt_ids)
-        params.check_token_ids(self.model.config.vocab_size)
-        max_tokens = self._resolve_max_tokens(len(prompt), params)
+        prompt, max_tokens = self.check_request(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise RequestError("the waiting queue is full; retry later", code="queue_full")
         request = Request(request_id, prompt, params, max_tokens,
@@ -213,6 +211,15 @@ class Engine:
                                                include_stop=params.include_stop_str_in_output)
         self.scheduler.add(request)
         return request_id
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams
+                      ) -> tuple[list[int], int]:
+        """(prompt ids, max tokens) of a request that fits this engine, else RequestError or
+        ContextLengthError. Reads only the configuration: safe from any thread, so the
+        server answers a request that can never run with a 400 even when the queue is full."""
+        prompt = self._check_prompt(prompt_ids)
+        params.check_token_ids(self.model.config.vocab_size)
+        return prompt, self._resolve_max_tokens(len(prompt), params)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]

@@ -391,7 +391,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry one too
     for exc_type in (HTTPError, LevanteError, RequestValidationError, ValidationError,
                      StarletteHTTPException):
-        app.add_exception_handler(exc_type, lambda _r, e: error_response(e))
+        app.add_exception_handler(exc_type, _shaped_error)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -402,6 +402,16 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
     register_web(app, config, state)
     _document_request_bodies(app)
     return app
+
+
+def _shaped_error(request: Request, exc: Exception) -> JSONResponse:
+    """An error raised outside a route's own handling (routing, validation): in Ollama's
+    shape under /api/, else OpenAI's."""
+    if request.url.path.startswith("/api/"):
+        from levante.server.ollama import ollama_error
+
+        return ollama_error(exc)
+    return error_response(exc)
 
 
 def _document_request_bodies(app: FastAPI) -> None:

@@ -90,7 +90,7 @@ def ollama_error(exc: Exception) -> JSONResponse:
     """Any error as Ollama writes it, `{"error": "..."}`, with the status app.py maps it to."""
     response = error_response(exc)
     message = json.loads(bytes(response.body))["error"]["message"]
-    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "allow")}
     return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
 
 
@@ -145,7 +145,7 @@ async def _generate(request: Request, state: ServerState,
     params = (body.options or Options()).sampling_params(
         num_prompt_tokens=len(prompt_ids), context=state.bundle.config.max_seq_len,
         logprobs=body.num_logprobs())
-    state.check_capacity(1)
+    state.check_admissible([prompt_ids], params, num_new=1)
     stream = await state.engine.add_request(prompt_ids, params, f"ollama-{uuid.uuid4().hex}",
                                             grammar=grammar)
     state.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -96,8 +96,12 @@ class ServerState:
                         f"{', '.join(self.served_names)}", type_="invalid_request_error",
                         param="model", code="model_not_found")
 
-    def check_capacity(self, num_new: int) -> None:
-        """503 while the queue is full; 400 for a request that could never be admitted."""
+    def check_admissible(self, prompts: list[list[int]], params: SamplingParams, *,
+                         num_new: int) -> None:
+        """400 for a request that could never be admitted (checked first, so that it is
+        told so even while the server is busy); 503 while the queue is full."""
+        for prompt_ids in prompts:
+            self.engine.engine.check_request(prompt_ids, params)
         if num_new > self.max_queue:
             raise RequestError(f"this request asks for {num_new} sequences (prompts x n); "
                                f"the server queues at most {self.max_queue}", param="n")
@@ -200,7 +204,7 @@ async def _handle(request: Request, state: ServerState,
         prompts = await asyncio.to_thread(
             lambda: [_encode_text(state, p) for p in body.prompts()])
     jobs = _jobs(prompts, params, body.n)
-    state.check_capacity(len(jobs))
+    state.check_admissible(prompts, params, num_new=len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
                         n=body.n, chat=chat, model=body.model, adapter_id=adapter_id,
                         grammar=grammar, tool_style=tool_style,
