@@ -443,6 +443,7 @@ class JinjaChatFormat:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.timeout_s = timeout_s
+        self.source = template  # the template's text (Ollama reads capabilities from it)
         environment = _environment()
         try:
             self._template = environment.from_string(template)

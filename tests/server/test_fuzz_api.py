@@ -32,7 +32,8 @@ CONTEXT = 2048
 OPERATIONS = ("GET /health", "GET /v1/models", "GET /metrics", "POST /v1/chat/completions",
               "POST /v1/completions", "HEAD /", "GET /api/version", "GET /api/tags",
               "GET /api/ps", "POST /api/show", "POST /api/chat", "POST /api/generate",
-              "POST /tokenize", "POST /detokenize")
+              "POST /tokenize", "POST /detokenize", "POST /v1/embeddings", "POST /api/embed",
+              "POST /api/embeddings", "POST /api/create", "POST /api/copy", "DELETE /api/delete")
 cases: Counter[str] = Counter()
 statuses: Counter[int] = Counter()
 ROLES = ("system", "user", "assistant", "tool", "developer", "wizard")
@@ -61,8 +62,11 @@ def test_the_operation_list_is_the_schema(api_schema) -> None:
 
 def test_every_request_body_is_in_the_schema(server) -> None:
     document = httpx.get(server.base_url + "/openapi.json").json()
-    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"):
-        ref = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
+                 "/v1/embeddings", "/api/embed", "/api/embeddings", "/api/create",
+                 "/api/delete"):
+        (operation,) = document["paths"][path].values()
+        ref = operation["requestBody"]["content"]["application/json"]
         name = ref["schema"]["$ref"].rsplit("/", 1)[-1]
         assert "model" in document["components"]["schemas"][name]["properties"]
 

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from levante.engine.embedding import embed_prompts
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
@@ -29,11 +32,22 @@ class _Submit:
     adapter_id: int = 0
 
 
+@dataclass
+class _Embed:
+    """Prompts to embed on the engine thread, between two steps."""
+
+    prompts: Sequence[Sequence[int]]
+    adapter_id: int
+    done: asyncio.Future[torch.Tensor]
+    loop: asyncio.AbstractEventLoop
+
+
 class AsyncEngine:
     """Thread-safe front of an Engine: `async for out in engine.generate(ids, params)`.
 
-    The engine thread drains a command queue (submit/abort) between steps, so new requests
-    join the running batch at the next step and aborts free their blocks within one step.
+    The engine thread drains a command queue (submit/abort/embed) between steps, so new
+    requests join the running batch at the next step, aborts free their blocks within one
+    step, and embeddings use the model while no step does.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -128,6 +142,19 @@ class AsyncEngine:
         finally:
             stream.abort()
 
+    async def embed(self, prompts: Sequence[Sequence[int]], *,
+                    adapter_id: int = 0) -> torch.Tensor:
+        """Embeddings of token-id prompts ([n, dim] float32, see `embed_prompts`), computed
+        by the engine thread between steps; raises RequestError if the engine is dead."""
+        if self.death is not None:
+            raise self._dead_error()
+        loop = asyncio.get_running_loop()
+        command = _Embed(prompts, adapter_id, loop.create_future(), loop)
+        self._commands.put(command)
+        if self.death is not None:  # died between the check and the put: nobody will answer
+            _set_exception(command.done, self._dead_error())
+        return await command.done
+
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (safe from any thread)."""
         self._commands.put(("abort", request_id))
@@ -167,6 +194,9 @@ class AsyncEngine:
             for submit in command if isinstance(command, list) else [command]:
                 if isinstance(submit, _Submit):
                     submit.loop.call_soon_threadsafe(_set_exception, submit.accepted,
+                                                     self._dead_error())
+                elif isinstance(submit, _Embed):
+                    submit.loop.call_soon_threadsafe(_set_exception, submit.done,
                                                      self._dead_error())
         if self.on_death is not None:
             self.on_death()
@@ -215,6 +245,8 @@ class AsyncEngine:
             self._streams[command.request_id] = (command.loop, command.outputs)
             command.loop.call_soon_threadsafe(_set_result, command.accepted,
                                               command.request_id)
+        elif isinstance(command, _Embed):
+            self._embed(command)
         elif command[0] == "end_all":
             for request_id in list(self._streams):
                 self.engine.abort(request_id)
@@ -224,6 +256,16 @@ class AsyncEngine:
             _, request_id = command
             self._streams.pop(request_id, None)
             self.engine.abort(request_id)
+
+    def _embed(self, command: _Embed) -> None:
+        try:
+            vectors = embed_prompts(self.engine.model, command.prompts,
+                                    adapters=self.engine.runner.adapters,
+                                    adapter_id=command.adapter_id)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's await
+            command.loop.call_soon_threadsafe(_set_exception, command.done, exc)
+            return
+        command.loop.call_soon_threadsafe(_set_result, command.done, vectors)
 
     def _deliver(self, out: StepOutput) -> None:
         entry = self._streams.get(out.request_id)
@@ -265,11 +307,11 @@ class RequestStream:
             self.engine.abort(self.request_id)
 
 
-def _set_result(future: asyncio.Future[str], value: str) -> None:
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _set_exception(future: asyncio.Future[str], exc: BaseException) -> None:
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

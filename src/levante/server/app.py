@@ -417,19 +417,30 @@ def _shaped_error(request: Request, exc: Exception) -> JSONResponse:
 def _document_request_bodies(app: FastAPI) -> None:
     """Put the request-body models into /openapi.json: the routes read bodies through
     `parse_body` (to answer bad JSON and sizes in OpenAI's shape), so FastAPI cannot see them."""
-    from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody
+    from levante.server.ollama_protocol import (
+        ChatBody,
+        CopyBody,
+        CreateBody,
+        EmbedBody,
+        EmbeddingsBody,
+        GenerateBody,
+        NamedBody,
+    )
     from levante.server.protocol import (
         ChatCompletionRequest,
         CompletionRequest,
         DetokenizeRequest,
+        EmbeddingRequest,
         TokenizeRequest,
     )
 
     bodies: dict[str, type[BaseModel]] = {
         "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
         "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
-        "/api/chat": ChatBody, "/api/generate": GenerateBody, "/api/show": NamedBody,
-        "/api/pull": NamedBody}
+        "/v1/embeddings": EmbeddingRequest, "/api/embed": EmbedBody,
+        "/api/embeddings": EmbeddingsBody, "/api/chat": ChatBody, "/api/generate": GenerateBody,
+        "/api/show": NamedBody, "/api/pull": NamedBody, "/api/create": CreateBody,
+        "/api/copy": CopyBody, "/api/delete": NamedBody}
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -442,8 +453,9 @@ def _document_request_bodies(app: FastAPI) -> None:
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema
             ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            document["paths"][path]["post"]["requestBody"] = {
-                "required": True, "content": {"application/json": {"schema": ref}}}
+            for operation in document["paths"][path].values():  # POST, or DELETE
+                operation["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": ref}}}
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,4 +1,5 @@
-"""Ollama's API on the same engine: /api/chat and /api/generate (NDJSON), tags, show, ps, pull."""
+"""Ollama's API on the same engine: chat and generate (NDJSON), embed, tags, show, ps, pull, and
+names made by create and copy (see ollama_aliases)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,20 @@ from levante.chat_request import check_prompt_size
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
+from levante.server import ollama_aliases as aliases
 from levante.server.app import HTTPError, ServerConfig, error_response, generation_error, parse_body
+from levante.server.embeddings import ollama_embed, ollama_embeddings
 from levante.server.ollama_model import ModelFacts, file_size
-from levante.server.ollama_protocol import ChatBody, GenerateBody, NamedBody, Options, served_name
+from levante.server.ollama_protocol import (
+    ChatBody,
+    CopyBody,
+    CreateBody,
+    EmbedBody,
+    EmbeddingsBody,
+    GenerateBody,
+    NamedBody,
+    Options,
+)
 from levante.server.routes import ServerState
 from levante.server.web import OLLAMA_ROOT_TEXT
 from levante.tools import parse_tool_calls
@@ -50,7 +62,7 @@ def register_ollama(app: FastAPI, config: ServerConfig, state: ServerState) -> N
 
     @app.get("/api/tags")
     async def tags() -> dict[str, Any]:
-        return {"models": [facts.listing()]}
+        return {"models": [facts.listing(), *map(facts.listing, state.aliases.values())]}
 
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
@@ -60,9 +72,25 @@ def register_ollama(app: FastAPI, config: ServerConfig, state: ServerState) -> N
     async def show(request: Request) -> Response:
         async def run() -> Response:
             body: NamedBody = await parse_body(request, NamedBody, limit)
-            _check_model(state, body.ref)
-            return JSONResponse(facts.show())
+            return JSONResponse(facts.show(aliases.lookup(state, body.ref)))
         return await _answer("ollama_show", state, run)
+
+    @app.post("/api/embed")
+    async def embed(request: Request) -> Response:
+        async def run() -> Response:
+            body: EmbedBody = await parse_body(request, EmbedBody, limit)
+            options = aliases.lookup(state, body.model).options_for(body.options)
+            return JSONResponse(await ollama_embed(state, body, options))
+        return await _answer("ollama_embed", state, run)
+
+    @app.post("/api/embeddings")
+    async def embeddings(request: Request) -> Response:
+        async def run() -> Response:
+            body: EmbeddingsBody = await parse_body(request, EmbeddingsBody, limit)
+            options = aliases.lookup(state, body.model).options_for(body.options)
+            body = body.model_copy(update={"options": options})
+            return JSONResponse(await ollama_embeddings(state, body))
+        return await _answer("ollama_embeddings", state, run)
 
     @app.post("/api/chat")
     async def chat(request: Request) -> Response:
@@ -85,6 +113,40 @@ def register_ollama(app: FastAPI, config: ServerConfig, state: ServerState) -> N
             return JSONResponse({"status": "success"})
         return await _answer("ollama_pull", state, run)
 
+    register_names(app, state, limit)
+
+
+def register_names(app: FastAPI, state: ServerState, limit: int) -> None:
+    """/api/create, /api/copy and /api/delete: names for the served model (ollama_aliases)."""
+
+    @app.post("/api/create")
+    async def create(request: Request) -> Response:
+        async def run() -> Response:
+            body: CreateBody = await parse_body(request, CreateBody, limit)
+            alias = aliases.create(state, body)
+            if not body.stream:
+                return JSONResponse({"status": "success"})
+            lines = [{"status": f"using {alias.name} as another name for the served model"},
+                     {"status": "writing manifest"}, {"status": "success"}]
+            return Response("".join(json.dumps(line) + "\n" for line in lines),
+                            media_type=NDJSON)
+        return await _answer("ollama_create", state, run)
+
+    @app.post("/api/copy")
+    async def copy(request: Request) -> Response:
+        async def run() -> Response:
+            aliases.copy(state, await parse_body(request, CopyBody, limit))
+            return Response(status_code=200)
+        return await _answer("ollama_copy", state, run)
+
+    @app.delete("/api/delete")
+    async def delete(request: Request) -> Response:
+        async def run() -> Response:
+            body: NamedBody = await parse_body(request, NamedBody, limit)
+            aliases.delete(state, body.ref)
+            return Response(status_code=200)
+        return await _answer("ollama_delete", state, run)
+
 
 def ollama_error(exc: Exception) -> JSONResponse:
     """Any error as Ollama writes it, `{"error": "..."}`, with the status app.py maps it to."""
@@ -105,13 +167,6 @@ async def _answer(endpoint: str, state: ServerState,
     return response
 
 
-def _check_model(state: ServerState, requested: str) -> None:
-    if served_name(requested, state.model_names) is None:
-        raise HTTPError(404, f'model "{requested}" not found: this server runs '
-                        f'"{state.model_names[0]}" (`levante serve REF` serves another)',
-                        type_="invalid_request_error", param="model", code="model_not_found")
-
-
 def _now() -> str:
     """RFC 3339 in UTC, as Ollama's `created_at`: "2024-05-01T12:00:00.123456Z"."""
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
@@ -122,8 +177,8 @@ async def _generate(request: Request, state: ServerState,
     """/api/chat or /api/generate: validate, encode, submit, then stream or collect."""
     started_ns = time.perf_counter_ns()
     body: ChatBody | GenerateBody = await parse_body(request, kind, limit)
-    _check_model(state, body.model)
-    body.check_supported()
+    body.check_supported()  # before the name's defaults join it: errors name what was sent
+    body = aliases.lookup(state, body.model).apply(body)
     is_chat = isinstance(body, ChatBody)
     if not (body.messages if isinstance(body, ChatBody) else body.prompt):
         # Ollama's answer to an empty request: the model is loaded (it always is here).

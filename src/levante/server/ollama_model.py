@@ -9,10 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.engine.kv_cache import KVCache
 from levante.server.ollama_protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, tagged
 
 if TYPE_CHECKING:
+    from levante.server.ollama_aliases import Alias
     from levante.server.routes import ServerState
 
 # /api/ps `expires_at`: the served model stays loaded for the life of the server.
@@ -37,9 +39,11 @@ def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str]:
-    """(architecture, quantization level, chat template) from a GGUF's metadata or a folder's
-    config.json; a Mistral consolidated folder is "mistral" with no template file."""
+def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str, dict[str, Any]]:
+    """(architecture, quantization level, chat template, file metadata) from a GGUF's metadata
+    or a folder's config.json; a Mistral consolidated folder is "mistral" with no template
+    file. The metadata is what Ollama's `model_info` lists: a GGUF's keys less `general.name`
+    and the template, arrays as null (Ollama reads none of their values unless verbose)."""
     if fmt == "gguf":
         from gguf import LlamaFileType
 
@@ -49,12 +53,27 @@ def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str]:
         file_type = meta.get("general.file_type")
         quant = (LlamaFileType(file_type).name.removeprefix("MOSTLY_")
                  if isinstance(file_type, int) else dtype)
+        info = {k: None if isinstance(v, list) else v for k, v in meta.items()
+                if k not in ("general.name", "tokenizer.chat_template")}
         return str(meta["general.architecture"]), quant, str(
-            meta.get("tokenizer.chat_template", ""))
+            meta.get("tokenizer.chat_template", "")), info
     if fmt == "safetensors-hf":
         config = json.loads((path / "config.json").read_text())
-        return str(config.get("model_type", "llama")), dtype, ""
-    return "mistral", dtype, ""
+        return str(config.get("model_type", "llama")), dtype, "", {}
+    return "mistral", dtype, "", {}
+
+
+def capabilities(chat_format: ChatFormat | None) -> list[str]:
+    """Ollama's `capabilities` for a generative model: "completion", and "tools" where the chat
+    format takes tools: Mistral's V7, or a template that mentions "tools" or "tool_call" (the
+    test Ollama applies to a template). Never "embedding" (Ollama lists it only for a GGUF with
+    a `pooling_type`, an embedding model) nor "insert" (no fill-in-the-middle here)."""
+    found = ["completion"]
+    if isinstance(chat_format, MistralChatFormat) or (
+            isinstance(chat_format, JinjaChatFormat)
+            and ("tools" in chat_format.source or "tool_call" in chat_format.source)):
+        found.append("tools")
+    return found
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class ModelFacts:
     architecture: str
     quantization_level: str
     template: str
+    file_info: dict[str, Any]  # a GGUF's metadata, as `model_info` lists it
 
     @classmethod
     def read(cls, state: ServerState) -> ModelFacts:
@@ -78,12 +98,12 @@ class ModelFacts:
         size = file_size(bundle.path)
         dtype = str(bundle.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, dtype)
-        architecture, quant, template = _file_facts(bundle.path, bundle.format, dtype)
+        architecture, quant, template, info = _file_facts(bundle.path, bundle.format, dtype)
         # Identifies this file as it is on disk (path, size, mtime), without hashing gigabytes;
         # not the sha256 of its content that Ollama's digests are.
         digest = hashlib.sha256(f"{bundle.path}|{size}|{stat.st_mtime_ns}".encode()).hexdigest()
         return cls(state, tagged(state.model_names[0]), size, _rfc3339(stat.st_mtime), digest,
-                   architecture, quant, template)
+                   architecture, quant, template, info)
 
     def details(self) -> dict[str, Any]:
         """Ollama's `details` object."""
@@ -92,9 +112,11 @@ class ModelFacts:
                 "parameter_size": parameter_size(self.state.bundle.config.num_params),
                 "quantization_level": self.quantization_level}
 
-    def listing(self) -> dict[str, Any]:
-        """One entry of /api/tags."""
-        return {"name": self.name, "model": self.name, "modified_at": self.modified_at,
+    def listing(self, alias: Alias | None = None) -> dict[str, Any]:
+        """One entry of /api/tags: the served model, or a name made for it (the same file)."""
+        name = alias.name if alias else self.name
+        modified = (alias.modified_at if alias else None) or self.modified_at
+        return {"name": name, "model": name, "modified_at": modified,
                 "size": self.size_bytes, "digest": self.digest, "details": self.details()}
 
     def running(self) -> dict[str, Any]:
@@ -113,9 +135,11 @@ class ModelFacts:
                 "context_length": self.state.bundle.config.max_seq_len}
 
     def model_info(self) -> dict[str, Any]:
-        """GGUF-style keys, as Ollama's `model_info`."""
+        """GGUF-style keys, as Ollama's `model_info`: the file's metadata, then the loaded
+        config's numbers over it. So `<arch>.context_length` is the context this server runs
+        (`--max-model-len`), which clients size their prompts by, not the trained one."""
         c, a = self.state.bundle.config, self.architecture
-        return {"general.architecture": a, "general.parameter_count": c.num_params,
+        return {**self.file_info, "general.architecture": a, "general.parameter_count": c.num_params,
                 f"{a}.context_length": c.max_seq_len, f"{a}.embedding_length": c.dim,
                 f"{a}.block_count": c.num_layers, f"{a}.feed_forward_length": c.ffn_dim,
                 f"{a}.attention.head_count": c.num_heads,
@@ -124,13 +148,22 @@ class ModelFacts:
                 f"{a}.attention.layer_norm_rms_epsilon": c.norm_eps, f"{a}.vocab_size":
                 c.vocab_size}
 
-    def show(self) -> dict[str, Any]:
-        """The /api/show object: the defaults a request gets, as Modelfile parameters."""
-        defaults = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
-                    "top_p": DEFAULT_TOP_P, "num_ctx": self.state.bundle.config.max_seq_len}
-        parameters = "\n".join(f"{k:<30} {v}" for k, v in defaults.items())
-        modelfile = (f"# Served by Levante\nFROM {self.state.bundle.path}\n"
-                     + "".join(f"PARAMETER {k} {v}\n" for k, v in defaults.items()))
-        return {"modelfile": modelfile, "parameters": parameters, "template": self.template,
-                "details": self.details(), "model_info": self.model_info(),
-                "capabilities": ["completion"], "modified_at": self.modified_at}
+    def show(self, alias: Alias) -> dict[str, Any]:
+        """The /api/show object: the defaults a request gets (a made name's over the
+        server's), as Modelfile parameters, and a made name's system prompt."""
+        defaults: dict[str, Any] = {
+            "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P,
+            "num_ctx": self.state.bundle.config.max_seq_len, **alias.options}
+        lines = [(k, v) for k, value in defaults.items()
+                 for v in (value if isinstance(value, list) else [value])]
+        parameters = "\n".join(f"{k:<30} {json.dumps(v) if isinstance(v, str) else v}"
+                               for k, v in lines)
+        system = f'SYSTEM """{alias.system}"""\n' if alias.system else ""
+        modelfile = (f"# Served by Levante\nFROM {self.state.bundle.path}\n" + system
+                     + "".join(f"PARAMETER {k} {json.dumps(v) if isinstance(v, str) else v}\n"
+                               for k, v in lines))
+        shown = {"modelfile": modelfile, "parameters": parameters, "template": self.template,
+                 "details": self.details(), "model_info": self.model_info(),
+                 "capabilities": capabilities(self.state.bundle.chat_format),
+                 "modified_at": alias.modified_at or self.modified_at}
+        return {**shown, "system": alias.system} if alias.system else shown

@@ -7,7 +7,7 @@ import logging
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from levante.engine.sampler import SamplingParams
 from levante.errors import ContextLengthError, RequestError
@@ -260,6 +260,98 @@ class NamedBody(BaseModel):
         if not ref:
             raise RequestError("model is required", param="model")
         return ref
+
+
+class EmbedBody(BaseModel):
+    """POST /api/embed: one text or a list; over-long inputs are cut to the context unless
+    `truncate` is false; `dimensions` keeps the first n values (renormalized), as Ollama."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | None = None
+    truncate: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+    options: Options | None = None
+    keep_alive: float | str | None = None
+
+    def texts(self) -> list[str]:
+        """The inputs; an empty string or list embeds nothing (Ollama's "embeddings": [])."""
+        if isinstance(self.input, str):
+            return [self.input] if self.input else []
+        return list(self.input or [])
+
+
+class EmbeddingsBody(BaseModel):
+    """POST /api/embeddings (Ollama's older route): one `prompt`, not normalized."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: float | str | None = None
+
+
+class CopyBody(BaseModel):
+    """POST /api/copy."""
+
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+
+
+# /api/create fields that need files uploaded first (/api/blobs) or a model built from them.
+_UPLOAD_FIELDS = ("files", "adapters", "modelfile", "path", "quantize", "remote_host")
+
+
+class CreateBody(BaseModel):
+    """POST /api/create: another name for a model this server has (`from`), with its own
+    system prompt and default parameters. What needs uploads or a new model is refused."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    name: str | None = None  # older clients
+    from_: str | None = Field(default=None, alias="from")
+    system: str | None = None
+    template: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[Any] | None = None
+    license: str | list[str] | None = None  # kept by Ollama for `show`; nothing to enforce
+    stream: bool = True
+
+    @property
+    def ref(self) -> str:
+        ref = self.model or self.name
+        if not ref:
+            raise RequestError("model is required", param="model")
+        return ref
+
+    def check_supported(self) -> Options:
+        """Refuse what this server cannot build; the parameters, checked, as options."""
+        for name in _UPLOAD_FIELDS:
+            if (self.model_extra or {}).get(name):
+                raise RequestError(
+                    f"{name}: creating a model from uploaded files or a Modelfile is not "
+                    "supported here; send from (a model this server has) with system and "
+                    "parameters to make an alias of it", param=name)
+        if not self.from_:
+            raise RequestError("from is required: the name of a model this server has",
+                               param="from")
+        if self.template:
+            raise RequestError("template is not supported: the model's own chat template is "
+                               "used", param="template")
+        if self.messages:
+            raise RequestError("messages are not supported", param="messages")
+        try:
+            options = Options.model_validate(self.parameters or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            name = ".".join(str(p) for p in first.get("loc", ()))
+            raise RequestError(f"parameters.{name}: {first.get('msg')}",
+                               param=f"parameters.{name}") from None
+        options.check_supported()
+        return options
 
 
 def served_name(requested: str, served: tuple[str, ...]) -> str | None:

@@ -19,6 +19,7 @@ UNSUPPORTED_CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guid
                            "guided_decoding_backend", "guided_whitespace_pattern",
                            "structured_outputs", "grammar", "json_schema")
 MAX_N = 16
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
 
 
 class StreamOptions(BaseModel):
@@ -168,6 +169,36 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: text, token ids, or a list of either."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a list of inputs (text or token ids), none of them empty."""
+        given = self.input
+        if isinstance(given, str):
+            items: list[str | list[int]] = [given]
+        elif given and all(isinstance(x, int) for x in given):
+            items = [list(given)]  # type: ignore[arg-type]
+        else:
+            items = list(given)  # type: ignore[arg-type]
+        if not items:
+            raise RequestError("input must not be empty", param="input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise RequestError(f"input has {len(items)} items; at most "
+                               f"{MAX_EMBEDDING_INPUTS} per request", param="input")
+        if any(len(item) == 0 for item in items):
+            raise RequestError("input holds an empty string or token list", param="input")
+        return items
 
 
 def error_body(message: str, *, type_: str, param: str | None = None,

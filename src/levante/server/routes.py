@@ -1,4 +1,4 @@
-"""OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+"""OpenAI routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health."""
 
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ from levante.engine.engine import Engine, check_vocabulary
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.embeddings import openai_embeddings
 from levante.server.metrics import Metrics
 from levante.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from levante.server.responses import Generation
 
 if TYPE_CHECKING:
     from levante.finetune.adapters import AdapterSet
+    from levante.server.ollama_aliases import Alias
 
 
 @dataclass
@@ -44,6 +47,8 @@ class ServerState:
     max_queue: int
     created: int
     adapters: AdapterSet | None = None
+    # Ollama names made by /api/create and /api/copy (tagged name -> alias), in memory
+    aliases: dict[str, Alias] = field(default_factory=dict)
     chats: ChatRequests = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +144,16 @@ def register(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
     async def completions(request: Request) -> Response:
         body: CompletionRequest = await parse_body(request, CompletionRequest, limit)
         return await _complete(request, state, body, chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        try:
+            body: EmbeddingRequest = await parse_body(request, EmbeddingRequest, limit)
+            response: Response = JSONResponse(await openai_embeddings(state, body))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            response = error_response(exc)
+        state.metrics.requests.labels("embeddings", str(response.status_code)).inc()
+        return response
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
