@@ -352,6 +352,7 @@ class UnexpectedErrorMiddleware:
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
     from levante.server.ollama import register_ollama
+    from levante.server.responses_api import register_responses
     from levante.server.routes import register
     from levante.server.web import register_web
 
@@ -380,6 +381,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     register(app, config, state)
+    register_responses(app, config, state)
     register_ollama(app, config, state)
     register_web(app, config, state)
     _document_request_bodies(app)
@@ -396,10 +398,12 @@ def _document_request_bodies(app: FastAPI) -> None:
         DetokenizeRequest,
         TokenizeRequest,
     )
+    from levante.server.responses_protocol import ResponsesRequest
 
     bodies: dict[str, type[BaseModel]] = {
         "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
-        "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+        "/v1/responses": ResponsesRequest, "/tokenize": TokenizeRequest,
+        "/detokenize": DetokenizeRequest,
         "/api/chat": ChatBody, "/api/generate": GenerateBody, "/api/show": NamedBody,
         "/api/pull": NamedBody}
     build = app.openapi
