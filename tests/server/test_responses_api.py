@@ -250,3 +250,28 @@ def test_error_mid_stream_is_a_failed_event(server, monkeypatch) -> None:
     assert events[-1].response.status == "failed"
     assert "fault mid-stream" in events[-1].response.error.message
     server.wait_idle()
+
+
+def test_sdk_stream_helper_accumulates_the_same_response(client) -> None:
+    """`client.responses.stream` rebuilds the response from the events (indexes and all)."""
+    whole = client.responses.create(model="smollm2", input=QUESTION, max_output_tokens=12,
+                                    temperature=0)
+    with client.responses.stream(model="smollm2", input=QUESTION, max_output_tokens=12,
+                                 temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == whole.output_text
+
+
+def test_sdk_parse_fills_a_pydantic_model(client) -> None:
+    """`client.responses.parse(text_format=Model)` sends a strict json_schema format."""
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        city: str = Field(max_length=20)
+        population: int = Field(ge=0, le=10**9)
+
+    r = client.responses.parse(model="smollm2", input="Describe Paris as JSON.",
+                               text_format=City, max_output_tokens=80, temperature=0)
+    assert r.status == "completed" and isinstance(r.output_parsed, City)
+    assert r.output_parsed == City.model_validate_json(r.output_text)

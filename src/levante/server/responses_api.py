@@ -134,6 +134,7 @@ def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
 
 
 def text_part(text: str) -> dict[str, Any]:
+    """An `output_text` content part."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
@@ -145,6 +146,7 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str,
 
 
 def new_item_id(prefix: str) -> str:
+    """A fresh output item id: "msg_..." or "fc_..."."""
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -192,6 +194,7 @@ class EventWriter:
         self._text = ""  # its text or arguments so far
 
     def event(self, kind: str, **fields: Any) -> str:
+        """One SSE event of this type, with the next sequence number."""
         data = {"type": kind, "sequence_number": self.num_events, **fields}
         self.num_events += 1
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
