@@ -9,6 +9,8 @@ import jsonschema
 import openai
 import pytest
 
+from tests.server.conftest import start_server
+
 QUESTION = "What is the capital of France? Answer in one word."
 MESSAGES = [{"role": "user", "content": QUESTION}]
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -275,3 +277,50 @@ def test_sdk_parse_fills_a_pydantic_model(client) -> None:
                                text_format=City, max_output_tokens=80, temperature=0)
     assert r.status == "completed" and isinstance(r.output_parsed, City)
     assert r.output_parsed == City.model_validate_json(r.output_text)
+
+
+@pytest.fixture(scope="module")
+def mistral_server(tiny_mistral_hf):
+    """A random model with Mistral's V7 format: calls are [TOOL_CALLS] + JSON."""
+    from levante.bundle import load
+
+    yield from start_server("tiny-mistral", load(str(tiny_mistral_hf), max_seq_len=1024),
+                            max_num_seqs=4)
+
+
+def test_mistral_v7_function_call_loop(mistral_server) -> None:
+    """On the V7 format a forced call streams as function-call events and its output comes
+    back to the prompt in [TOOL_RESULTS] (a random model: the grammar makes the call valid)."""
+    client = openai.OpenAI(base_url=mistral_server.base_url + "/v1", api_key="none",
+                           max_retries=0)
+    tool = {**WEATHER, "parameters": {"type": "object", "required": ["city"],
+                                      "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                      "additionalProperties": False}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="tiny-mistral", tools=[tool], max_output_tokens=60, temperature=0,
+              parallel_tool_calls=False)
+    events = list(client.responses.create(input=ask, stream=True, **kw,
+                                          tool_choice={"type": "function",
+                                                       "name": "get_weather"}))
+    final = events[-1].response
+    assert events[-1].type == "response.completed", [e.type for e in events]
+    [call] = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    pieces = "".join(e.delta for e in events
+                     if e.type == "response.function_call_arguments.delta")
+    assert pieces == call.arguments
+    result = {"type": "function_call_output", "call_id": call.call_id,
+              "output": "22 degrees and sunny"}
+    second = client.responses.create(input=[*ask, *final.output, result], **kw)
+    bundle = mistral_server.state.bundle
+    history = [*ask, {"role": "assistant", "tool_calls": [
+        {"id": call.call_id, "type": "function",
+         "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "22 degrees and sunny"}]
+    nested = [{"type": "function", "function": {
+        k: tool[k] for k in ("name", "description", "parameters")}}]
+    prompt = mistral_server.state.chats.prepare(history, tools=nested).prompt_ids
+    assert second.usage.input_tokens == len(prompt)
+    text = bundle.tokenizer.decode(prompt)
+    assert "22 degrees and sunny" in text
