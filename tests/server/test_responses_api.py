@@ -324,3 +324,18 @@ def test_mistral_v7_function_call_loop(mistral_server) -> None:
     assert second.usage.input_tokens == len(prompt)
     text = bundle.tokenizer.decode(prompt)
     assert "22 degrees and sunny" in text
+
+
+def test_a_call_cut_off_by_the_limit_is_incomplete(client) -> None:
+    """Streamed, the call was announced before it was cut: it ends "incomplete", and its text
+    follows as the message the whole response holds."""
+    kw = dict(model="smollm2", input="Weather in Rome?", tools=[WEATHER], temperature=0,
+              max_output_tokens=20, tool_choice="required")
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    assert whole.status == "incomplete" and events[-1].type == "response.incomplete"
+    [call] = [e.item for e in events if e.type == "response.output_item.done"
+              and e.item.type == "function_call"]
+    assert call.status == "incomplete"
+    assert [item.type for item in whole.output] == ["message"]
+    assert events[-1].response.output_text == whole.output_text

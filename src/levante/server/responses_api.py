@@ -164,7 +164,7 @@ def output_items(choice: Choice, status: str) -> list[dict[str, Any]]:
 
 
 async def _stream(generation: Generation, shell: Shell) -> AsyncIterator[str]:
-    writer = EventWriter(shell)
+    writer = EventWriter(shell, generation.choices[0])
     yield writer.event("response.created", response=shell.render("in_progress"))
     yield writer.event("response.in_progress", response=shell.render("in_progress"))
     try:
@@ -184,10 +184,12 @@ async def _stream(generation: Generation, shell: Shell) -> AsyncIterator[str]:
 class EventWriter:
     """The typed SSE events of one streamed response, numbered in order, and the output
     items they have completed. One item is open at a time: text after a call, or a call
-    after text, closes the one before."""
+    after text, closes the one before. A call whose arguments were cut off ends "incomplete"
+    (its text then follows as a message, as the whole response has it)."""
 
-    def __init__(self, shell: Shell) -> None:
+    def __init__(self, shell: Shell, choice: Choice) -> None:
         self.shell = shell
+        self.choice = choice
         self.num_events = 0
         self.output: list[dict[str, Any]] = []
         self._item: dict[str, Any] | None = None  # the open item (as output_item.added)
@@ -200,20 +202,23 @@ class EventWriter:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     def add(self, delta: ChatDelta) -> list[str]:
-        """The events for what a delta adds: text, call headers, argument pieces."""
+        """The events for what a delta adds: first the open call's further arguments, then
+        text (a cut-off call's text comes with its last arguments), then new calls."""
         events = []
+        pieces = list(delta.tool_calls)
+        while pieces and "id" not in pieces[0]:
+            events += self._piece(pieces.pop(0)["function"]["arguments"])
         if delta.content:
             if self._item is None or self._item["type"] != "message":
                 events += self._close("completed")
                 events += self._open(message_item(new_item_id("msg"), "", "in_progress"))
             events += self._piece(delta.content)
-        for piece in delta.tool_calls:
+        for piece in pieces:
             if "id" in piece:  # a new call: its header, maybe some arguments
                 events += self._close("completed")
                 events += self._open(call_item(new_item_id("fc"), "call_" + piece["id"],
                                                piece["function"]["name"], "", "in_progress"))
-            if piece["function"]["arguments"]:
-                events += self._piece(piece["function"]["arguments"])
+            events += self._piece(piece["function"]["arguments"])
         return events
 
     def finish(self, status: str, usage: dict[str, Any]) -> list[str]:
@@ -249,6 +254,8 @@ class EventWriter:
 
     def _piece(self, text: str) -> list[str]:
         assert self._item is not None
+        if not text:
+            return []
         self._text += text
         if self._item["type"] == "message":
             return [self.event("response.output_text.delta", **self._where(), delta=text,
@@ -267,6 +274,9 @@ class EventWriter:
                       self.event("response.content_part.done", **where,
                                  part=text_part(self._text))]
         else:
+            calls = self.choice.streamer.calls if self.choice.streamer else []
+            if all("call_" + call.id != item["call_id"] for call in calls):
+                status = "incomplete"
             done = {**item, "arguments": self._text, "status": status}
             events = [self.event("response.function_call_arguments.done", **where,
                                  arguments=self._text)]
