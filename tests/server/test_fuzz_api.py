@@ -33,7 +33,10 @@ OPERATIONS = ("GET /health", "GET /v1/models", "GET /metrics", "POST /v1/chat/co
               "POST /v1/completions", "HEAD /", "GET /api/version", "GET /api/tags",
               "GET /api/ps", "POST /api/show", "POST /api/chat", "POST /api/generate",
               "POST /tokenize", "POST /detokenize", "POST /v1/embeddings", "POST /api/embed",
-              "POST /api/embeddings", "POST /api/create", "POST /api/copy", "DELETE /api/delete")
+              "POST /api/embeddings", "POST /api/create", "POST /api/copy", "DELETE /api/delete",
+              "POST /v1/responses", "GET /v1/responses/{response_id}",
+              "DELETE /v1/responses/{response_id}", "GET /v1/responses/{response_id}/input_items",
+              "POST /v1/responses/{response_id}/cancel")
 cases: Counter[str] = Counter()
 statuses: Counter[int] = Counter()
 ROLES = ("system", "user", "assistant", "tool", "developer", "wizard")
@@ -62,9 +65,9 @@ def test_the_operation_list_is_the_schema(api_schema) -> None:
 
 def test_every_request_body_is_in_the_schema(server) -> None:
     document = httpx.get(server.base_url + "/openapi.json").json()
-    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
-                 "/v1/embeddings", "/api/embed", "/api/embeddings", "/api/create",
-                 "/api/delete"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat",
+                 "/api/generate", "/v1/embeddings", "/api/embed", "/api/embeddings",
+                 "/api/create", "/api/delete"):
         (operation,) = document["paths"][path].values()
         ref = operation["requestBody"]["content"]["application/json"]
         name = ref["schema"]["$ref"].rsplit("/", 1)[-1]
@@ -79,8 +82,9 @@ def reach_the_engine(body: Any, *, is_served_model: bool,
         return
     if is_served_model and isinstance(body.get("model"), str):
         body["model"] = "smollm2"
-    if isinstance(body.get("messages"), list) and messages:
-        body["messages"] = messages
+    for name in ("messages", "input"):  # chat's messages; the Responses API's input items
+        if isinstance(body.get(name), list) and messages:
+            body[name] = messages
 
 
 def bound_generation(path: str, body: Any) -> None:
@@ -96,12 +100,14 @@ def bound_generation(path: str, body: Any) -> None:
                                                         or MAX_FUZZ_TOKENS < predict <= CONTEXT):
             options["num_predict"] = MAX_FUZZ_TOKENS  # -1 and -2 mean "fill the context"
         return
-    for name in ("max_tokens", "max_completion_tokens"):
+    names = ("max_output_tokens",) if path == "/v1/responses" else ("max_tokens",
+                                                                    "max_completion_tokens")
+    for name in names:
         value = body.get(name)
         if type(value) is int and MAX_FUZZ_TOKENS < value <= CONTEXT:
             body[name] = value % MAX_FUZZ_TOKENS + 1
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = MAX_FUZZ_TOKENS
+    if all(body.get(name) is None for name in names):
+        body[names[0]] = MAX_FUZZ_TOKENS
 
 
 def check_error_shape(path: str, response: Any) -> None:

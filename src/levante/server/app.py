@@ -370,6 +370,7 @@ class UnexpectedErrorMiddleware:
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
     from levante.server.ollama import register_ollama
+    from levante.server.responses_api import register_responses
     from levante.server.routes import register
     from levante.server.web import register_web
 
@@ -398,6 +399,7 @@ def create_app(config: ServerConfig, state: Any) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     register(app, config, state)
+    register_responses(app, config, state)
     register_ollama(app, config, state)
     register_web(app, config, state)
     _document_request_bodies(app)
@@ -433,9 +435,11 @@ def _document_request_bodies(app: FastAPI) -> None:
         EmbeddingRequest,
         TokenizeRequest,
     )
+    from levante.server.responses_protocol import ResponsesRequest
 
     bodies: dict[str, type[BaseModel]] = {
         "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+        "/v1/responses": ResponsesRequest,
         "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
         "/v1/embeddings": EmbeddingRequest, "/api/embed": EmbedBody,
         "/api/embeddings": EmbeddingsBody, "/api/chat": ChatBody, "/api/generate": GenerateBody,

@@ -185,7 +185,8 @@ class Generation:
                 "top_logprobs": [{"token": (t := self.tokenizer.token_text(i)), "logprob": v,
                                   "bytes": list(t.encode())} for i, v in (top or [])]}
 
-    def _usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, int]:
+        """The request's token counts (counted into the prompt-token metric: call once)."""
         usage = self._usage_so_far()
         self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
         return usage
@@ -195,6 +196,13 @@ class Generation:
         completion = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
+
+    async def deltas(self) -> AsyncIterator[tuple[Choice, ChatDelta, StepOutput]]:
+        """Each output folded into its choice, with what it adds to the message, as it comes
+        (for renderings other than the chat chunks of `sse`)."""
+        async for index, out in self._events():
+            choice = self.choices[index]
+            yield choice, self._update(choice, out), out
 
     async def collect(self, request: Request) -> dict[str, Any] | Any:
         """Run to the end (aborting if the client goes away) and build the whole response."""
@@ -236,7 +244,7 @@ class Generation:
                     choice["prompt_logprobs"] = scores
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage()}
+                "choices": choices, "usage": self.usage()}
 
     async def sse(self, *, include_usage: bool, continuous_usage: bool = False
                   ) -> AsyncIterator[str]:
@@ -264,7 +272,7 @@ class Generation:
                     chunk["usage"] = None
                 yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage and not failed:
-                yield "data: " + json.dumps(self._envelope([], usage=self._usage())) + "\n\n"
+                yield "data: " + json.dumps(self._envelope([], usage=self.usage())) + "\n\n"
         finally:
             self.abort()
         yield "data: [DONE]\n\n"
