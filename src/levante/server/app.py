@@ -62,6 +62,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     no_web: bool = False
+    allow_local_paths: bool = False  # /api/pull may name files on the server's disk
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 

@@ -1,0 +1,117 @@
+"""Hardening, round 2 (a hostile client): /api/pull refuses local paths without telling
+which exist; schemas whose recursion never ends are 400s before generation; tool grammars
+are compiled once and bounded. After each refusal the server still answers normally."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import LiveServer, start_server
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.fixture()
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture()
+def offline_pulls(monkeypatch) -> None:
+    """A pull of the registry's smollm2 must find it on disk, never download it."""
+    from levante.weights import hub
+
+    def download(*args, **kwargs):
+        raise AssertionError("pull tried to download")
+
+    monkeypatch.setattr(hub, "_download_wheel", download)
+
+
+def assert_still_serving(http: httpx.Client) -> None:
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+# --- /api/pull: no file-existence oracle ------------------------------------------------------
+
+def local_refs(tmp_path: Path) -> dict[str, str]:
+    """Paths a client might probe: existing and missing files and folders, absolute and not."""
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text("{}")
+    return {"existing gguf": str(tmp_path / "model.gguf"),
+            "missing gguf": str(tmp_path / "absent.gguf"),
+            "existing model folder": str(tmp_path / "folder"),
+            "missing folder": str(tmp_path / "absent"),
+            "existing system file": "/etc/passwd",
+            "missing system file": "/etc/no-such-file",
+            "home": "~", "relative": "./src", "parent": "../"}
+
+
+def pull_answer(http: httpx.Client, ref: str, *, stream: bool) -> tuple[int, str]:
+    """(status, body with the ref itself blanked out) of one /api/pull."""
+    response = http.post("/api/pull", json={"model": ref, "stream": stream})
+    return response.status_code, response.text.replace(ref, "<REF>")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pull_refuses_local_paths_the_same_whether_they_exist(http, tmp_path, offline_pulls,
+                                                              stream: bool) -> None:
+    answers = {name: pull_answer(http, ref, stream=stream)
+               for name, ref in local_refs(tmp_path).items()}
+    assert len(set(answers.values())) == 1, answers
+    status, body = next(iter(answers.values()))
+    assert status == 400
+    assert "local paths are refused" in body and "--allow-local-paths" in body
+    assert "not a model file" not in body and "no such file" not in body
+    assert http.post("/api/pull", json={"model": "smollm2", "stream": False}).json() == {
+        "status": "success"}
+    assert_still_serving(http)
+
+
+def test_pull_of_a_relative_name_that_exists_on_disk_never_reads_it(http, offline_pulls,
+                                                                    monkeypatch) -> None:
+    """A ref shaped like a hub repo (org/repo) goes to the hub even if such a folder exists
+    where the server runs: never to the disk."""
+    from levante.weights import hub
+
+    seen = []
+    monkeypatch.setattr(hub, "_pull_hub", lambda ref, **kwargs: seen.append(ref) or Path("x"))
+    monkeypatch.setattr(hub, "_check_local", lambda path: pytest.fail(f"read {path}"))
+    assert http.post("/api/pull", json={"model": "src/levante", "stream": False}).status_code \
+        == 200
+    assert seen == [hub.HubRef("src/levante")]
+
+
+@pytest.fixture(scope="module")
+def local_server(smollm2_bundle) -> Iterator[LiveServer]:
+    yield from start_server("smollm2", smollm2_bundle, max_num_seqs=2, allow_local_paths=True)
+
+
+def test_allow_local_paths_lets_pull_name_a_file(local_server, smollm2_gguf, tmp_path) -> None:
+    with httpx.Client(base_url=local_server.base_url, timeout=60) as http:
+        ok = http.post("/api/pull", json={"model": str(smollm2_gguf), "stream": False})
+        assert ok.status_code == 200 and ok.json() == {"status": "success"}
+        missing = http.post("/api/pull", json={"model": str(tmp_path / "x.gguf"),
+                                               "stream": False})
+        assert missing.status_code == 400 and "no such file" in missing.json()["error"]
+
+
+def test_serve_flag_allow_local_paths(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import levante.server.app
+    from levante.cli import app
+    from levante.distributed.replicas import serve_args
+
+    seen = []
+    monkeypatch.setattr(levante.server.app, "serve", seen.append)
+    assert CliRunner().invoke(app, ["serve", "m"]).exit_code == 0
+    assert CliRunner().invoke(app, ["serve", "m", "--allow-local-paths"]).exit_code == 0
+    assert [config.allow_local_paths for config in seen] == [False, True]
+    assert "--allow-local-paths" in serve_args(seen[1])  # replicas get it too
+    assert "--allow-local-paths" not in serve_args(seen[0])
