@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from levante.errors import RequestError
+from levante.schema_recursion import check_recursion_ends
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.tools import (
     CHAT_STYLES,
@@ -120,7 +121,9 @@ def _json_grammar(schema: dict[str, Any]) -> str:
 
 
 def _check_supported(schema: dict[str, Any], param: str, what: str) -> None:
-    """RequestError naming the feature if llguidance cannot compile `schema`."""
+    """RequestError naming the feature if llguidance cannot compile `schema`, or if its
+    recursion cannot end (llguidance would fail mid-generation)."""
+    check_recursion_ends(schema, param=param, what=what)
     grammar = llguidance.LLMatcher.grammar_from_lark("start: " + _json_grammar(schema))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, None, limits=parser_limits())

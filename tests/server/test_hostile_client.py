@@ -4,6 +4,7 @@ are compiled once and bounded. After each refusal the server still answers norma
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +116,64 @@ def test_serve_flag_allow_local_paths(monkeypatch) -> None:
     assert [config.allow_local_paths for config in seen] == [False, True]
     assert "--allow-local-paths" in serve_args(seen[1])  # replicas get it too
     assert "--allow-local-paths" not in serve_args(seen[0])
+
+
+# --- recursive schemas: 400 up front if the recursion cannot end, else valid output ---------
+
+TREE = {"$defs": {"node": {"type": "object", "additionalProperties": False,
+                           "required": ["name", "children"],
+                           "properties": {"name": {"type": "string", "maxLength": 12},
+                                          "children": {"type": "array", "maxItems": 2,
+                                                       "items": {"$ref": "#/$defs/node"}}}}},
+        "$ref": "#/$defs/node"}
+ENDLESS = {"itself": {"$ref": "#"},
+           "a cycle": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                       "$ref": "#/$defs/a"},
+           "a required self": {"type": "object", "properties": {"next": {"$ref": "#"}},
+                               "required": ["next"]}}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def tool_with(parameters: dict) -> list[dict]:
+    return [{"type": "function", "function": {"name": "plant", "parameters": parameters}}]
+
+
+@pytest.mark.parametrize("name", ENDLESS)
+def test_endless_recursive_schema_is_400_before_generation(http, server, name: str) -> None:
+    """Before: the matcher failed on its first step or ran into llguidance's item limit
+    mid-generation (a 500, or an empty "stop" reply that is no JSON at all)."""
+    schema = ENDLESS[name]
+    server.wait_idle()
+    num_computed = server.engine.num_computed_tokens
+    for body, param in [({"response_format": schema_format(schema)}, "response_format"),
+                        ({"tools": tool_with({"type": "object", **schema, "required": ["x"],
+                                              "properties": {"x": schema}}),
+                          "tool_choice": "required"}, "tools")]:
+        for stream in (False, True):
+            response = http.post("/v1/chat/completions",
+                                 json={**CHAT, "max_tokens": 64, "stream": stream, **body})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == param and "recurses without end" in error["message"]
+    assert server.engine.num_computed_tokens == num_computed  # nothing reached the model
+    assert_still_serving(http)
+
+
+def test_recursive_tree_schema_works_end_to_end(http) -> None:
+    import jsonschema
+
+    body = {**CHAT, "messages": [{"role": "user", "content": "Ann has two children, Bo and Cy, who "
+                                                     "have none. Her family tree as JSON:"}],
+            "max_tokens": 400, "temperature": 0, "response_format": schema_format(TREE)}
+    choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), TREE)
+    tools = tool_with({"type": "object", "required": ["root"], "$defs": TREE["$defs"],
+                       "properties": {"root": {"$ref": "#/$defs/node"}}})
+    call = http.post("/v1/chat/completions", json={**body, "response_format": None, "tools": tools,
+                                                   "tool_choice": "required"}).json()
+    arguments = json.loads(call["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+    jsonschema.validate(arguments, tools[0]["function"]["parameters"])
