@@ -159,7 +159,8 @@ def grammar_source(tokenizer: Tokenizer, *, schema: dict[str, Any] | None, mode:
 class GrammarCompiler:
     """Compiles request constraints for one tokenizer; owns llguidance's tokenizer and threads.
 
-    Keeps the last `cache_size` compiled grammars: agents send the same tools every turn.
+    Keeps the last `cache_size` compiled grammars (and refusals): agents send the same tools
+    every turn, and 128 tools take ~0.2 s to validate and compile.
     One per model (the engine's), safe to call from several threads.
     """
 
@@ -169,7 +170,7 @@ class GrammarCompiler:
         self.ll_tokenizer = llguidance_tokenizer(tokenizer)
         self.vocab_size = self.ll_tokenizer.vocab_size  # may differ from the model's logits
         self.executor = llguidance.LLExecutor(num_threads)
-        self._cache: OrderedDict[str, Grammar | None] = OrderedDict()
+        self._cache: OrderedDict[str, Grammar | RequestError | None] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -193,14 +194,24 @@ class GrammarCompiler:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        grammar = self._compile(response_format, tools, tool_choice, parallel_tool_calls,
-                                chat_style, num_chars=len(key))
+                cached = self._cache[key]
+                if isinstance(cached, RequestError):  # a fresh one: tracebacks would pile up
+                    raise RequestError(str(cached), param=cached.param, code=cached.code)
+                return cached
+        try:
+            grammar = self._compile(response_format, tools, tool_choice, parallel_tool_calls,
+                                    chat_style, num_chars=len(key))
+        except RequestError as error:  # a refusal is remembered too: a client may repeat it
+            self._remember(key, error)
+            raise
+        self._remember(key, grammar)
+        return grammar
+
+    def _remember(self, key: str, result: Grammar | RequestError | None) -> None:
         with self._lock:
-            self._cache[key] = grammar
+            self._cache[key] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return grammar
 
     def _compile(self, response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
                  tool_choice: str | dict[str, Any] | None, parallel_tool_calls: bool,

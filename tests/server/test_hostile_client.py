@@ -177,3 +177,61 @@ def test_recursive_tree_schema_works_end_to_end(http) -> None:
                                                    "tool_choice": "required"}).json()
     arguments = json.loads(call["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
     jsonschema.validate(arguments, tools[0]["function"]["parameters"])
+
+
+# --- tool grammars: compiled once per tool set, refusals too --------------------------------
+
+def many_tools(count: int) -> list[dict]:
+    return [{"type": "function", "function": {"name": f"tool_{i}", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer", "minimum": 1}},
+        "required": ["city"]}}} for i in range(count)]
+
+
+@pytest.fixture()
+def compiles(monkeypatch) -> list[str]:
+    """The lark source of every grammar the server compiles from here on."""
+    from levante import structured
+
+    seen: list[str] = []
+
+    class Counted(structured.Grammar):
+        def __init__(self, compiler, lark: str, *, param: str) -> None:
+            seen.append(lark)
+            super().__init__(compiler, lark, param=param)
+
+    monkeypatch.setattr(structured, "Grammar", Counted)
+    return seen
+
+
+def test_the_same_128_tools_compile_once(http, server, compiles) -> None:
+    """128 tools fit the grammar limits (the json-style prompt describing them does not fit
+    SmolLM2's 2048-token window here, so the answer is a context-length 400: after the
+    grammar was compiled, as a prompt with tools is sized only once it is rendered)."""
+    server.state.chats.compiler._cache.clear()
+    body = {**CHAT, "tools": many_tools(128), "tool_choice": "required"}
+    for _ in range(3):
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == \
+            "context_length_exceeded"
+    assert len(compiles) == 1 and compiles[0].count('{"const": "tool_') == 128
+    small = {**CHAT, "tools": many_tools(2), "tool_choice": "required", "max_tokens": 40}
+    for _ in range(2):
+        assert http.post("/v1/chat/completions", json=small).status_code == 200
+    assert len(compiles) == 2
+    assert_still_serving(http)
+
+
+def test_a_refused_tool_set_is_not_recompiled(http, server, monkeypatch) -> None:
+    from levante import structured
+
+    calls = []
+    original = structured.check_recursion_ends
+    monkeypatch.setattr(structured, "check_recursion_ends",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    body = {**CHAT, "tools": tool_with(endless)}
+    answers = [http.post("/v1/chat/completions", json=body) for _ in range(3)]
+    assert {(a.status_code, a.text) for a in answers} == {(400, answers[0].text)}
+    assert len(calls) == 1
+    assert_still_serving(http)
