@@ -1,7 +1,14 @@
 """Cost of JSON-schema-constrained decoding on SmolLM2: tokens/s with and without the grammar,
-and llguidance's mask time per step, at batch 1 and 8.
+and llguidance's mask time per step, at batch 1 and 8; time to first token with 1, 16 and 128
+tools (tool_choice "required"), first request and cached repeat.
 
 Usage: .venv/bin/python benchmarks/structured.py [--ref smollm2] [--tokens 64] [--rounds 3]
+       [--tools-only]
+
+Time to first token with tools is validation + grammar compile + the first constrained step
+on a fixed short prompt: the prompt text describing the tools is left out, as 128 tools
+(~10k tokens in the json style) do not fit SmolLM2's context and their prefill is no grammar
+cost. The repeat finds the grammar in the compiler's cache.
 
 The schema (an array of at least 50 people) cannot finish within --tokens, so constrained and
 free runs decode the same number of tokens with the same batch alive at every step; they run
@@ -89,12 +96,54 @@ def mask_round(grammar: Any, sequences: list[list[int]], vocab_size: int) -> flo
     return elapsed / len(sequences[0]) * 1e3
 
 
+def tool_definitions(count: int, family: str) -> list[dict[str, Any]]:
+    """`count` functions with a small object schema; `family` keeps sets apart in the cache."""
+    return [{"type": "function", "function": {"name": f"{family}_{i}", "parameters": {
+        "type": "object", "required": ["city"], "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}}}}}
+        for i in range(count)]
+
+
+def first_token_seconds(llm: Any, compiler: Any, prompt_ids: list[int],
+                        tools: list[dict[str, Any]]) -> tuple[float, float]:
+    """(compile s, time to first token s) of one request constrained to call one of `tools`."""
+    from levante import SamplingParams
+    from levante.tools import validate_tools
+
+    start = time.perf_counter()
+    grammar = compiler.compile(tools=validate_tools(tools), tool_choice="required",
+                               chat_style="json")
+    compiled = time.perf_counter()
+    request_id = llm.engine.add_request(prompt_ids, SamplingParams(max_tokens=1),
+                                        grammar=grammar)
+    while not any(out.request_id == request_id and out.new_token_ids
+                  for out in llm.engine.step()):
+        pass
+    while llm.engine.has_work:
+        llm.engine.step()
+    return compiled - start, time.perf_counter() - start
+
+
+def tools_table(llm: Any, compiler: Any, prompt_ids: list[int]) -> None:
+    """Time to first token with 1, 16 and 128 tools: first request, then the cached repeat."""
+    print(f"{'tools':>5}{'compile ms':>12}{'first TTFT ms':>15}{'cached TTFT ms':>16}"
+          f"{'cached/first':>14}")
+    for count in (1, 16, 128):
+        tools = tool_definitions(count, f"set{count}")
+        compile_s, first = first_token_seconds(llm, compiler, prompt_ids, tools)
+        _, cached = first_token_seconds(llm, compiler, prompt_ids, tools)
+        print(f"{count:>5}{compile_s * 1e3:>12.1f}{first * 1e3:>15.1f}{cached * 1e3:>16.1f}"
+              f"{cached / first:>14.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", default="smollm2")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--wait-quiet", type=float, default=60.0)
+    parser.add_argument("--tools-only", action="store_true",
+                        help="only the time-to-first-token table with tools")
     args = parser.parse_args()
 
     from levante import LLM
@@ -114,6 +163,9 @@ def main() -> None:
           f"sequence; torch threads {torch.get_num_threads()}; {os.cpu_count()} cores; load "
           f"average {load:.2f}; llguidance tokenizer {(built - start) * 1e3:.0f} ms, grammar "
           f"compile {(compiled - built) * 1e3:.1f} ms")
+    tools_table(llm, compiler, prompt_ids)
+    if args.tools_only:
+        return
     best: dict[tuple[str, int], float] = {}
     for round_index in range(args.rounds):
         for batch in (1, 8):

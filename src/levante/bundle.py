@@ -24,7 +24,11 @@ from levante.quant.gguf_blocks import FLOAT_DTYPES
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.weights.gguf import GGUFFile, check_fits_config, load_gguf_state_dict
 from levante.weights.hub import resolve
-from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
+from levante.weights.safetensors import (
+    consolidated_shards,
+    hf_shards,
+    load_safetensors_state_dict,
+)
 
 log = logging.getLogger(__name__)
 SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -120,7 +124,7 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
         if isinstance(named, str) and named in DTYPES:
             return DTYPES[named]
         return safetensors_dtype(hf_shards(path))
-    return safetensors_dtype(_consolidated_files(path))
+    return safetensors_dtype(consolidated_shards(path))
 
 
 def safetensors_dtype(files: list[Path]) -> torch.dtype | None:
@@ -285,19 +289,12 @@ def fused_row_groups(config: ModelConfig) -> list[tuple[str, ...]]:
             for block, kind in (("self_attn", Attention), ("mlp", MLP))]
 
 
-def _consolidated_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("consolidated*.safetensors"))
-    if not files:
-        raise ModelFileError(path, "no consolidated*.safetensors file")
-    return files
-
-
 def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     try:
         config = ModelConfig.from_params(read_json_object(path / "params.json"))
     except ConfigError as e:
         raise ModelFileError(path / "params.json", str(e)) from None
-    files = _consolidated_files(path)
+    files = consolidated_shards(path)
     load_config = _safetensors_quant(load_config, path, safetensors_dtype(files))
     state = load_safetensors_state_dict(files, config, dtype=load_config.torch_dtype,
                                         consolidated=True, row_groups=fused_row_groups(config))

@@ -299,14 +299,14 @@ _FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 12: "q3_k_m"
 def _safetensors_weights(folder: Path) -> _Weights:
     from safetensors import safe_open
 
-    from levante.weights.safetensors import hf_shards
+    from levante.weights.safetensors import consolidated_shards, hf_shards
 
     if (folder / "config.json").exists():
         config = ModelConfig.from_hf(read_json_object(folder / "config.json"))
         files = hf_shards(folder)
     elif (folder / "params.json").exists():
         config = ModelConfig.from_params(read_json_object(folder / "params.json"))
-        files = sorted(folder.glob("consolidated*.safetensors"))
+        files = consolidated_shards(folder)
     else:
         raise ModelFileError(folder, "folder has neither config.json nor params.json")
     stored, embedding, dtypes = 0, 0, set()

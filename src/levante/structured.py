@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from levante.errors import RequestError
+from levante.schema_recursion import check_recursion_ends
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.tools import (
     CHAT_STYLES,
@@ -120,7 +121,9 @@ def _json_grammar(schema: dict[str, Any]) -> str:
 
 
 def _check_supported(schema: dict[str, Any], param: str, what: str) -> None:
-    """RequestError naming the feature if llguidance cannot compile `schema`."""
+    """RequestError naming the feature if llguidance cannot compile `schema`, or if its
+    recursion cannot end (llguidance would fail mid-generation)."""
+    check_recursion_ends(schema, param=param, what=what)
     grammar = llguidance.LLMatcher.grammar_from_lark("start: " + _json_grammar(schema))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, None, limits=parser_limits())
@@ -156,7 +159,8 @@ def grammar_source(tokenizer: Tokenizer, *, schema: dict[str, Any] | None, mode:
 class GrammarCompiler:
     """Compiles request constraints for one tokenizer; owns llguidance's tokenizer and threads.
 
-    Keeps the last `cache_size` compiled grammars: agents send the same tools every turn.
+    Keeps the last `cache_size` compiled grammars (and refusals): agents send the same tools
+    every turn, and 128 tools take ~0.2 s to validate and compile.
     One per model (the engine's), safe to call from several threads.
     """
 
@@ -166,7 +170,7 @@ class GrammarCompiler:
         self.ll_tokenizer = llguidance_tokenizer(tokenizer)
         self.vocab_size = self.ll_tokenizer.vocab_size  # may differ from the model's logits
         self.executor = llguidance.LLExecutor(num_threads)
-        self._cache: OrderedDict[str, Grammar | None] = OrderedDict()
+        self._cache: OrderedDict[str, Grammar | RequestError | None] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -190,14 +194,24 @@ class GrammarCompiler:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        grammar = self._compile(response_format, tools, tool_choice, parallel_tool_calls,
-                                chat_style, num_chars=len(key))
+                cached = self._cache[key]
+                if isinstance(cached, RequestError):  # a fresh one: tracebacks would pile up
+                    raise RequestError(str(cached), param=cached.param, code=cached.code)
+                return cached
+        try:
+            grammar = self._compile(response_format, tools, tool_choice, parallel_tool_calls,
+                                    chat_style, num_chars=len(key))
+        except RequestError as error:  # a refusal is remembered too: a client may repeat it
+            self._remember(key, error)
+            raise
+        self._remember(key, grammar)
+        return grammar
+
+    def _remember(self, key: str, result: Grammar | RequestError | None) -> None:
         with self._lock:
-            self._cache[key] = grammar
+            self._cache[key] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return grammar
 
     def _compile(self, response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
                  tool_choice: str | dict[str, Any] | None, parallel_tool_calls: bool,

@@ -140,11 +140,15 @@ def _variant(small_hf: Path, tmp_path: Path, *, add: dict[str, torch.Tensor] | N
 
 def _state(folder: Path, *, consolidated: bool = False) -> dict[str, torch.Tensor]:
     from levante.config import ModelConfig
-    from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
+    from levante.weights.safetensors import (
+        consolidated_shards,
+        hf_shards,
+        load_safetensors_state_dict,
+    )
 
     if consolidated:
         config = ModelConfig.from_params(json.loads((folder / "params.json").read_text()))
-        files = sorted(folder.glob("consolidated*.safetensors"))
+        files = consolidated_shards(folder)
     else:
         config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
         files = hf_shards(folder)
@@ -252,3 +256,76 @@ def test_consolidated_bias_is_refused_naming_the_stored_name(small_hf: Path,
               folder / "consolidated.safetensors")
     _refusal(folder, str(folder / "consolidated.safetensors"),
              "tensor layers.0.attention.wq.bias is a bias", consolidated=True)
+
+
+# --- a checkpoint names only files inside its folder -----------------------------------------
+
+def _sharded(small_hf: Path, tmp_path: Path, shard_name: str) -> Path:
+    """An HF folder whose index puts every tensor in `shard_name`; the real shard lies in a
+    sibling folder, `outside/model.safetensors`, so an escaping name would load."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(small_hf / "model.safetensors", outside / "model.safetensors")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(small_hf / "config.json", folder / "config.json")
+    names = load_file(small_hf / "model.safetensors")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard_name)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("shard_name", ["ABSOLUTE", "../outside/model.safetensors",
+                                        "sub/../../outside/model.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(small_hf: Path, tmp_path: Path,
+                                                            shard_name: str) -> None:
+    shard_name = shard_name.replace("ABSOLUTE", str(tmp_path / "outside" / "model.safetensors"))
+    folder = _sharded(small_hf, tmp_path, shard_name)
+    with pytest.raises(ModelFileError) as caught:
+        load(str(folder))
+    message = str(caught.value)
+    assert str(folder / "model.safetensors.index.json") in message
+    assert f"shard {shard_name!r} lies outside the model folder" in message
+
+
+def test_shard_linked_out_of_the_folder_is_refused(small_hf: Path, tmp_path: Path) -> None:
+    folder = _sharded(small_hf, tmp_path, "model-00001-of-00001.safetensors")
+    (folder / "model-00001-of-00001.safetensors").symlink_to(
+        tmp_path / "outside" / "model.safetensors")
+    _refusal(folder, str(folder / "model.safetensors.index.json"),
+             "shard 'model-00001-of-00001.safetensors' is a symbolic link to",
+             "outside the model folder")
+    (folder / "model.safetensors.index.json").unlink()  # no index: model.safetensors alone
+    (folder / "model.safetensors").symlink_to(tmp_path / "outside" / "model.safetensors")
+    _refusal(folder, "shard 'model.safetensors' is a symbolic link")
+
+
+def test_consolidated_shard_linked_out_of_the_folder_is_refused(tmp_path: Path,
+                                                                tiny_mistral_consolidated: Path
+                                                                ) -> None:
+    folder = tmp_path / "consolidated"
+    folder.mkdir()
+    shutil.copy(tiny_mistral_consolidated / "params.json", folder / "params.json")
+    (folder / "consolidated.safetensors").symlink_to(
+        tiny_mistral_consolidated / "consolidated.safetensors")
+    with pytest.raises(ModelFileError, match="shard 'consolidated.safetensors' is a symbolic "
+                                             "link to .* outside the model folder"):
+        load(str(folder))
+
+
+def test_index_with_a_non_string_shard_is_refused(small_hf: Path, tmp_path: Path) -> None:
+    folder = _sharded(small_hf, tmp_path, "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": 5}}')
+    _refusal(folder, "shard name 5 is not a file name")
+
+
+def test_hub_snapshot_links_into_its_blobs_load(small_hf: Path, tmp_path: Path) -> None:
+    """huggingface_hub's cache: snapshots/REV/ holds links into the repo's blobs/ folder."""
+    repo = tmp_path / "models--org--small"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(small_hf / name, repo / "blobs" / f"sha-{name}")
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", f"sha-{name}"))
+    assert len(_state(snapshot)) == len(load_file(small_hf / "model.safetensors"))

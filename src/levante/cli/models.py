@@ -230,6 +230,10 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option()] = None,
     no_web: Annotated[bool, typer.Option(
         "--no-web", help="Do not serve the browser chat page at /")] = False,
+    allow_local_paths: Annotated[bool, typer.Option(
+        "--allow-local-paths",
+        help="let /api/pull name files and folders on this machine (off: registry names and "
+             "Hugging Face repos only)")] = False,
     prefix_caching: Annotated[bool, typer.Option(
         help="reuse KV blocks of repeated prompt prefixes")] = True,
     num_speculative_tokens: Annotated[int, typer.Option(
@@ -277,6 +281,7 @@ def serve(
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory),
             kv_cache_dtype=kv_cache_dtype, device=device,
             dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
+            allow_local_paths=allow_local_paths,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             batch_invariant=batch_invariant, lora=_lora_pairs(lora or []),
             drain_timeout=drain_timeout, header_timeout=header_timeout,

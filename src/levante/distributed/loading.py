@@ -43,7 +43,7 @@ from levante.weights.layout import (
     expected_shapes,
     interleaved_to_half,
 )
-from levante.weights.safetensors import hf_shards
+from levante.weights.safetensors import consolidated_shards, hf_shards
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,7 @@ def shard_reader(path: Path, fmt: str, config: ModelConfig) -> ShardReader:
         return GGUFShardReader(GGUFFile(path), config)
     if fmt == "safetensors-hf":
         return SafetensorsShardReader(hf_shards(path), config, consolidated=False)
-    files = sorted(path.glob("consolidated*.safetensors"))
-    if not files:
-        raise ModelFileError(path, "no consolidated*.safetensors file")
-    return SafetensorsShardReader(files, config, consolidated=True)
+    return SafetensorsShardReader(consolidated_shards(path), config, consolidated=True)
 
 
 def load_shard(reader: ShardReader, config: ModelConfig, *, rank: int, world_size: int,

@@ -283,7 +283,9 @@ def serve_args(config: ServerConfig) -> list[str]:
             args += [flag, str(value)]
     for name, path in config.lora:
         args += ["--lora", f"{name}={path}"]
-    return args + (["--no-web"] if config.no_web else [])
+    flags = [flag for flag, is_on in (("--no-web", config.no_web),
+                                      ("--allow-local-paths", config.allow_local_paths)) if is_on]
+    return args + flags
 
 
 def start_replicas(config: ServerConfig, num_replicas: int, *,

@@ -147,14 +147,14 @@ def _gguf_source(path: Path, stack: ExitStack) -> TensorSource:
 
 
 def _safetensors_source(folder: Path, stack: ExitStack) -> TensorSource:
-    from levante.weights.safetensors import hf_shards
+    from levante.weights.safetensors import consolidated_shards, hf_shards
 
     consolidated = not (folder / "config.json").exists()
     if consolidated and not (folder / "params.json").exists():
         raise ModelFileError(folder, "folder has neither config.json nor params.json")
     config = (ModelConfig.from_params(read_json_object(folder / "params.json")) if consolidated
               else ModelConfig.from_hf(read_json_object(folder / "config.json")))
-    files = sorted(folder.glob("consolidated*.safetensors")) if consolidated else hf_shards(folder)
+    files = consolidated_shards(folder) if consolidated else hf_shards(folder)
     where: dict[str, tuple[Any, Path, str, tuple[int, ...], int]] = {}
     for file in files:
         handle = stack.enter_context(file.open("rb"))

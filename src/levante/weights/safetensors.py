@@ -35,18 +35,56 @@ PLAIN_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 def hf_shards(folder: Path) -> list[Path]:
-    """The safetensors files of an HF folder: from the shard index, or model.safetensors."""
+    """The safetensors files of an HF folder: from the shard index, or model.safetensors.
+
+    Every shard must lie inside `folder` (`inside_folder`): an index is untrusted input.
+    """
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelFileError(index, f"malformed shard index ({e})") from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(index, f"malformed shard index ({e!r})") from None
+        return [inside_folder(folder, name, listed_in=index) for name in names]
     single = folder / "model.safetensors"
     if single.exists():
-        return [single]
+        return [inside_folder(folder, single.name, listed_in=folder)]
     raise ModelFileError(folder, "no model.safetensors or model.safetensors.index.json")
+
+
+def consolidated_shards(folder: Path) -> list[Path]:
+    """The consolidated*.safetensors files of a Mistral folder, each inside it."""
+    files = sorted(folder.glob("consolidated*.safetensors"))
+    if not files:
+        raise ModelFileError(folder, "no consolidated*.safetensors file")
+    return [inside_folder(folder, file.name, listed_in=folder) for file in files]
+
+
+def inside_folder(folder: Path, name: object, *, listed_in: Path) -> Path:
+    """`folder / name` for a shard `listed_in` names; ModelFileError naming both if the shard
+    is not a relative name, climbs out ("../x"), or is a symbolic link leading out.
+
+    A Hugging Face cache snapshot (…/snapshots/REV/) may link into its repo's blobs/ folder:
+    that is where huggingface_hub keeps every file.
+    Example: "model-00001-of-00002.safetensors" -> folder/model-00001-of-00002.safetensors;
+    "/etc/passwd", "../other/model.safetensors" -> refused.
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelFileError(listed_in, f"shard name {name!r} is not a file name")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise ModelFileError(listed_in, f"shard {name!r} lies outside the model folder "
+                             f"{folder}: a checkpoint may only name files inside its folder")
+    path = folder / name
+    real, roots = path.resolve(), [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ModelFileError(listed_in, f"shard {name!r} is a symbolic link to {real}, outside "
+                             f"the model folder {folder}: a checkpoint may only name files "
+                             "inside its folder")
+    return path
 
 
 def load_safetensors_state_dict(files: list[Path], config: ModelConfig, *, dtype: torch.dtype,
