@@ -69,7 +69,7 @@ async def _create(request: Request, state: ServerState, limit: int) -> Response:
     prepared = await asyncio.to_thread(
         state.chats.prepare, chat.messages, tools=chat.tools, tool_choice=chat.tool_choice,
         response_format=chat.response_format, parallel_tool_calls=body.parallel_tool_calls)
-    state.check_capacity(1)
+    state.check_admissible([prepared.prompt_ids], params, num_new=1)
     generation = Generation(state.engine, state.metrics, state.bundle.tokenizer,
                             [(0, prepared.prompt_ids, params)], n=1, chat=True,
                             model=body.model, adapter_id=adapter_id, grammar=prepared.grammar,
