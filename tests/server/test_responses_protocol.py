@@ -59,6 +59,19 @@ def test_bad_items_name_their_index(items, words) -> None:
     assert info.value.param == "input" and f"input[{len(items) - 1}]" in str(info.value)
 
 
+def test_history_comes_first_and_input_errors_count_from_the_new_input() -> None:
+    """A previous response's items (its call) come before the new input, which may answer
+    that call; an error in the new input names its index there, not in the whole."""
+    history = [{"type": "message", "role": "user", "content": "Weather?", "id": "msg_0"},
+               CALL]
+    messages = chat_messages([RESULT], "Be brief.", history)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[2]["tool_calls"][0]["id"] == "call_1"
+    assert chat_messages("Hi", None, history)[-1] == {"role": "user", "content": "Hi"}
+    with pytest.raises(RequestError, match=r"input\[1\]: function_call_output call_id 'call_9'"):
+        chat_messages([RESULT, {**RESULT, "call_id": "call_9"}], None, history)
+
+
 def test_tool_choice_and_text_format_map_to_chat_shapes() -> None:
     assert chat_tool_choice("required") == "required"
     assert chat_tool_choice({"type": "function", "name": "f"}) == {

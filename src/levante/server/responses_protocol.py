@@ -2,7 +2,9 @@
 
 A Responses request runs on the chat-completions path; this module translates its shapes:
 
-- `input` (a string, or items) and `instructions` -> chat messages: a `message` item keeps its
+- `input` (a string, or items) and `instructions` -> chat messages, after the items of the
+  conversation a `previous_response_id` continues (the previous response's input and output;
+  its instructions are not carried over, as OpenAI's): a `message` item keeps its
   role and text parts; consecutive `function_call` items become one assistant turn's
   `tool_calls` (joined to the assistant message just before them, as `response.output` lists
   a message then its calls); a `function_call_output` item becomes a `tool` message.
@@ -111,9 +113,10 @@ class ResponsesRequest(BaseModel):
         fmt = (self.text or {}).get("format")
         return {"type": "text"} if fmt is None else fmt
 
-    def to_chat(self) -> ChatForm:
-        """The chat request this one runs as; RequestError naming the field otherwise."""
-        return ChatForm(messages=chat_messages(self.input, self.instructions),
+    def to_chat(self, history: list[dict[str, Any]] | None = None) -> ChatForm:
+        """The chat request this one runs as, continuing the `history` items (a previous
+        response's conversation); RequestError naming the field otherwise."""
+        return ChatForm(messages=chat_messages(self.input, self.instructions, history),
                         tools=None if self.tools is None else chat_tools(self.tools),
                         tool_choice=chat_tool_choice(self.tool_choice),
                         response_format=chat_response_format(self.text_format()))
@@ -123,15 +126,18 @@ def _bad_item(index: int, problem: str) -> RequestError:
     return RequestError(f"input[{index}]: {problem}", param="input")
 
 
-def chat_messages(items: str | list[Any], instructions: str | None) -> list[dict[str, Any]]:
-    """`instructions` as a system message, then the input as chat messages."""
+def chat_messages(items: str | list[Any], instructions: str | None,
+                  history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """`instructions` as a system message, then the `history` items (already checked) and the
+    input as chat messages. Errors count input items only: `history` items index below 0."""
     messages = [] if instructions is None else [{"role": "system", "content": instructions}]
     if isinstance(items, str):
-        return [*messages, {"role": "user", "content": items}]
+        items = [{"type": "message", "role": "user", "content": items}]
     if not items:
         raise RequestError("input is an empty list", param="input")
+    history = history or []
     call_ids: set[str] = set()
-    for index, item in enumerate(items):
+    for index, item in enumerate([*history, *items], start=-len(history)):
         if not isinstance(item, dict):
             raise _bad_item(index, f"expected an object, got {type(item).__name__}")
         kind = item.get("type", "message")
