@@ -103,3 +103,18 @@ def test_serve_batch_invariant_reaches_the_engine(monkeypatch, smollm2_gguf) -> 
     state = ServerState.build(config)
     assert state.engine.engine.config.batch_invariant is True
     assert state.engine.engine.split_batches is False
+
+
+def test_serve_max_stored_responses_reaches_the_config(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import levante.server.app
+    from levante.cli import app
+
+    seen = []
+    monkeypatch.setattr(levante.server.app, "serve", seen.append)
+    result = CliRunner().invoke(app, ["serve", "m", "--max-stored-responses", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].max_stored_responses == 3
+    bad = CliRunner().invoke(app, ["serve", "m", "--max-stored-responses", "-1"])
+    assert bad.exit_code != 0 and "max_stored_responses must be >= 0" in bad.output

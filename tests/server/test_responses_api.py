@@ -179,7 +179,6 @@ def test_streamed_function_call(client) -> None:
 
 
 BAD_BODIES = [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
     ({"tools": [{"type": "web_search"}]}, "tools", "function tools only"),
     ({"tools": [{"type": "file_search", "vector_store_ids": []}]}, "tools", "not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "item_reference"),
@@ -194,7 +193,7 @@ BAD_BODIES = [
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice", "tool_choice"),
     ({"temperature": "hot"}, "temperature", "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
-    ({"background": True}, "background", "not keep"),
+    ({"background": True}, "background", "not supported"),
 ]
 
 
@@ -213,18 +212,26 @@ def test_bad_requests_are_openai_400s(server, extra, param, words) -> None:
 
 
 def test_client_raises_on_400_and_unknown_model(client) -> None:
-    with pytest.raises(openai.BadRequestError, match="not stored"):
-        client.responses.create(model="smollm2", input="Hi", previous_response_id="resp_x")
+    with pytest.raises(openai.BadRequestError, match="background"):
+        client.responses.create(model="smollm2", input="Hi", background=True)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="gpt-9", input="Hi")
 
 
-def test_stored_response_routes_are_404s(client, server) -> None:
-    with pytest.raises(openai.NotFoundError, match="not stored"):
+def test_unknown_response_ids_are_openai_404s(client, server) -> None:
+    with pytest.raises(openai.NotFoundError, match="not found"):
         client.responses.retrieve("resp_abc")
+    with pytest.raises(openai.NotFoundError, match="previous response"):
+        client.responses.create(model="smollm2", input="Hi", previous_response_id="resp_x")
     with httpx.Client(base_url=server.base_url, timeout=10) as http:
-        r = http.delete("/v1/responses/resp_abc")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        for method, path in [("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")]:
+            r = http.request(method, "/v1/responses/resp_abc" + path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = http.post("/v1/responses", json={"model": "smollm2", "input": "Hi",
+                                             "previous_response_id": "resp_x"})
+    error = r.json()["error"]
+    assert error["param"] == "previous_response_id"
+    assert error["code"] == "previous_response_not_found"
 
 
 def test_reasoning_is_accepted_and_echoed(client) -> None:

@@ -93,9 +93,10 @@ def test_flat_tools_become_nested_and_builtin_tools_are_refused() -> None:
         ResponsesRequest(model="m", input="Hi", tools=[{"type": "web_search"}]).to_chat()
 
 
-def test_stored_state_is_refused() -> None:
-    with pytest.raises(RequestError, match="not stored") as info:
-        ResponsesRequest(model="m", input="Hi", previous_response_id="resp_1").check_supported()
-    assert info.value.param == "previous_response_id"
+def test_background_and_conversations_are_refused() -> None:
+    ResponsesRequest(model="m", input="Hi", previous_response_id="resp_1").check_supported()
+    with pytest.raises(RequestError, match="background") as info:
+        ResponsesRequest(model="m", input="Hi", background=True).check_supported()
+    assert info.value.param == "background"
     with pytest.raises(RequestError, match="conversations are not stored"):
         ResponsesRequest(model="m", input="Hi", conversation="conv_1").check_supported()

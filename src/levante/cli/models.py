@@ -252,6 +252,9 @@ def serve(
         help="seconds a client may take to send a request's body")] = 60.0,
     max_connections: Annotated[int, typer.Option(
         help="open connections served; past it a request gets a 503")] = 1024,
+    max_stored_responses: Annotated[int, typer.Option(
+        help="Responses API responses kept in memory for previous_response_id and GET "
+             "(also at most 64 MB of them; least recently used go first; 0: none)")] = 1024,
     tensor_parallel: TensorParallel = 1,
     device: Device = "auto",
     quant: Quant = "auto",
@@ -285,7 +288,8 @@ def serve(
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             batch_invariant=batch_invariant, lora=_lora_pairs(lora or []),
             drain_timeout=drain_timeout, header_timeout=header_timeout,
-            body_timeout=body_timeout, max_connections=max_connections)
+            body_timeout=body_timeout, max_connections=max_connections,
+            max_stored_responses=max_stored_responses)
         if replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 

@@ -67,6 +67,9 @@ class ServerConfig:
     body_timeout: float = 60.0  # seconds its body may take after the headers
     max_connections: int = 1024  # open connections; past it a request gets a 503
     allow_local_paths: bool = False  # /api/pull may name files on the server's disk
+    # Responses API responses kept in memory for previous_response_id (least recent go first)
+    max_stored_responses: int = 1024
+    max_stored_response_bytes: int = 64 * 2**20
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 
@@ -86,6 +89,10 @@ class ServerConfig:
         for name in ("drain_timeout", "header_timeout", "body_timeout", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_stored_responses", "max_stored_response_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: store none), got "
+                                  f"{getattr(self, name)}")
 
 
 class HTTPError(Exception):

@@ -1,7 +1,9 @@
-"""OpenAI's Responses API, POST /v1/responses, on the chat path: response objects, typed SSE.
+"""OpenAI's Responses API, /v1/responses, on the chat path: response objects, typed SSE.
 
-Nothing is stored (as vLLM by default): `store` is accepted, `previous_response_id` is a 400
-and GET/DELETE /v1/responses/{id} are OpenAI-shaped 404s.
+Responses with `store` (OpenAI's default) are kept in memory, within the server's bounds (see
+server.response_store): `previous_response_id` continues one, GET /v1/responses/{id} returns
+it as it was answered (a streamed one once its stream has ended, failed or incomplete ones
+with their status), DELETE forgets it, GET .../input_items pages through its conversation.
 
 A streamed response is `event: <type>` / `data: <json>` pairs, numbered by `sequence_number`:
 response.created, response.in_progress, then per output item output_item.added, for a
@@ -26,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.response_store import ResponseStore, register_stored_routes, with_item_ids
 from levante.server.responses import Choice, Generation
 from levante.server.responses_protocol import ResponsesRequest
 from levante.server.routes import ServerState
@@ -36,13 +39,14 @@ RENAMED_PARAMS = {"messages": "input", "response_format": "text.format"}
 
 
 def register_responses(app: FastAPI, config: ServerConfig, state: ServerState) -> None:
-    """Add POST /v1/responses and the 404s for the stored-response routes to `app`."""
+    """Add POST /v1/responses to `app`; the stored-response routes share its store."""
     limit = config.max_body_bytes
+    store = ResponseStore(config.max_stored_responses, config.max_stored_response_bytes)
 
     @app.post("/v1/responses")
     async def create(request: Request) -> Response:
         try:
-            response = await _create(request, state, limit)
+            response = await _create(request, state, store, limit)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             if isinstance(exc, RequestError) and exc.param in RENAMED_PARAMS:
                 exc.param = RENAMED_PARAMS[exc.param]
@@ -50,21 +54,18 @@ def register_responses(app: FastAPI, config: ServerConfig, state: ServerState) -
         state.metrics.requests.labels("responses", str(response.status_code)).inc()
         return response
 
-    @app.get("/v1/responses/{response_id}")
-    @app.delete("/v1/responses/{response_id}")
-    @app.get("/v1/responses/{response_id}/input_items")
-    @app.post("/v1/responses/{response_id}/cancel")
-    async def stored(response_id: str) -> Response:
-        return error_response(HTTPError(
-            404, f"no response {response_id[:100]!r}: responses are not stored on this server",
-            type_="invalid_request_error", param="response_id", code="not_found"))
+    register_stored_routes(app, store)
 
 
-async def _create(request: Request, state: ServerState, limit: int) -> Response:
+async def _create(request: Request, state: ServerState, store: ResponseStore,
+                  limit: int) -> Response:
     body: ResponsesRequest = await parse_body(request, ResponsesRequest, limit)
     body.check_supported()
     adapter_id = state.check_model(body.model)
-    chat = body.to_chat()
+    history = [] if body.previous_response_id is None else previous_conversation(
+        store, body.previous_response_id)
+    chat = body.to_chat(history)
+    input_items = [*history, *with_item_ids(body.input)]
     params = body.params()
     prepared = await asyncio.to_thread(
         state.chats.prepare, chat.messages, tools=chat.tools, tool_choice=chat.tool_choice,
@@ -74,24 +75,45 @@ async def _create(request: Request, state: ServerState, limit: int) -> Response:
                             [(0, prepared.prompt_ids, params)], n=1, chat=True,
                             model=body.model, adapter_id=adapter_id, grammar=prepared.grammar,
                             tool_style=prepared.tool_style)
-    shell = Shell("resp_" + uuid.uuid4().hex, int(time.time()), body)
+    shell = Shell("resp_" + uuid.uuid4().hex, int(time.time()), body,
+                  store if body.store else None, input_items)
     await generation.start()
     if body.stream:
         return StreamingResponse(_stream(generation, shell), media_type="text/event-stream")
     await generation.collect(request)
     choice = generation.choices[0]
     status = response_status(choice.finish_reason)
-    return JSONResponse(shell.render(status, output=output_items(choice, status),
-                                     usage=responses_usage(generation.usage())))
+    return JSONResponse(shell.keep(shell.render(status, output=output_items(choice, status),
+                                                usage=responses_usage(generation.usage()))))
+
+
+def previous_conversation(store: ResponseStore, response_id: str) -> list[dict[str, Any]]:
+    """The items a response continuing `response_id` starts from; a 404 if it is not stored."""
+    stored = store.get(response_id)
+    if stored is None:
+        raise HTTPError(404, f"previous response with id {response_id[:100]!r} not found (it "
+                             "was not stored, was deleted, or was evicted from this server's "
+                             "bounded store)", type_="invalid_request_error",
+                        param="previous_response_id", code="previous_response_not_found")
+    return stored.conversation
 
 
 @dataclass(frozen=True)
 class Shell:
-    """What each rendering of one response repeats: its id, creation time, the request."""
+    """What each rendering of one response repeats: its id, creation time, the request; and
+    where its final rendering is kept (no store: not kept) with the input items it came from."""
 
     id: str
     created_at: int
     body: ResponsesRequest
+    store: ResponseStore | None
+    input_items: list[dict[str, Any]]
+
+    def keep(self, response: dict[str, Any]) -> dict[str, Any]:
+        """Store the final rendering (when the request asked to) and return it."""
+        if self.store is not None:
+            self.store.put(response, self.input_items)
+        return response
 
     def render(self, status: str, *, output: list[dict[str, Any]] | None = None,
                usage: dict[str, Any] | None = None,
@@ -105,7 +127,8 @@ class Shell:
             "background": False, "error": error, "incomplete_details": incomplete,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "metadata": body.metadata or {}, "model": body.model, "output": output or [],
-            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
+            "parallel_tool_calls": body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id, "store": body.store,
             "reasoning": body.reasoning,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": body.text_format()}, "tool_choice": body.tool_choice or "auto",
@@ -229,13 +252,13 @@ class EventWriter:
         events += self._close("incomplete" if status == "incomplete" else "completed")
         kind = {"incomplete": "response.incomplete"}.get(status, "response.completed")
         response = self.shell.render(status, output=self.output, usage=usage)
-        return [*events, self.event(kind, response=response)]
+        return [*events, self.event(kind, response=self.shell.keep(response))]
 
     def failed(self, message: str) -> str:
         """response.failed, with the items completed before the failure."""
         error = {"code": "server_error", "message": message}
-        return self.event("response.failed", response=self.shell.render(
-            "failed", output=self.output, error=error))
+        response = self.shell.render("failed", output=self.output, error=error)
+        return self.event("response.failed", response=self.shell.keep(response))
 
     def _where(self) -> dict[str, Any]:
         assert self._item is not None

@@ -62,7 +62,7 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
-    store: bool = True  # accepted, as vLLM does; nothing is stored
+    store: bool = True  # kept in memory for previous_response_id and GET (OpenAI's default)
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None  # no reasoning model here: ignored, as vLLM does
     background: bool = False
@@ -88,14 +88,10 @@ class ResponsesRequest(BaseModel):
         return value
 
     def check_supported(self) -> None:
-        """Refuse what needs stored state; log unknown fields."""
-        if self.previous_response_id is not None:
-            raise RequestError("previous_response_id cannot be used: responses are not stored "
-                               "on this server; send the whole conversation in `input`",
-                               param="previous_response_id")
+        """Refuse what this server does not run; log unknown fields."""
         if self.background:
-            raise RequestError("background responses need stored responses, which this "
-                               "server does not keep", param="background")
+            raise RequestError("background responses are not supported on this server",
+                               param="background")
         for name in self.model_extra or {}:
             if name == "conversation":
                 raise RequestError("conversations are not stored on this server; send the "
