@@ -15,6 +15,7 @@ import torch
 
 from levante.errors import ModelFileError, RequestError
 from levante.eval.tasks import (
+    LOCAL_CHUNK,
     EndpointModel,
     LocalModel,
     TaskResult,
@@ -147,6 +148,34 @@ def loglikelihoods(model: Any, requests: Sequence[tuple[list[int], list[int]]], 
     return results
 
 
+def engine_loglikelihoods(engine: Any, requests: Sequence[tuple[list[int], list[int]]]
+                          ) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), is_greedy) for each (context_ids, continuation_ids),
+    from the engine's prompt logprobs: the numbers `levante serve` echoes for the same ids,
+    so a local `levante eval` and one through --base-url score alike. (A plain forward pass,
+    `loglikelihoods`, differs from the engine's prefill with quantized kernels, whose 8-bit
+    activations turn a different batch shape into a different score.)"""
+    from levante.engine.sampler import SamplingParams
+
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    results: list[tuple[float, bool]] = []
+    for start in range(0, len(requests), LOCAL_CHUNK):
+        chunk = requests[start:start + LOCAL_CHUNK]
+        for index, (context, continuation) in enumerate(chunk, start):
+            if not context or not continuation:
+                raise RequestError(f"request {index}: context and continuation must be "
+                                   "non-empty")
+        ids = [engine.add_request(context + continuation, scoring) for context, continuation
+               in chunk]
+        outputs = engine.run_to_completion(ids)
+        for request_id, (context, _) in zip(ids, chunk):
+            # entry i scores prompt token i + 1, so the continuation's start at len(context) - 1
+            scores = outputs[request_id][-1].prompt_logprobs[len(context) - 1:]
+            results.append((sum(lp for _, lp, _ in scores),
+                            all(top and lp >= top[0][1] for _, lp, top in scores)))
+    return results
+
+
 def _batches(rows: list[tuple[int, ...]], max_batch_tokens: int) -> list[list[tuple[int, ...]]]:
     """Rows of one length together, <= max_batch_tokens tokens (or one row) per batch."""
     by_length: dict[int, list[tuple[int, ...]]] = {}
@@ -172,7 +201,8 @@ def _score(model: Any, hidden: torch.Tensor, context_len: int,
 
 def score_questions(model: Any, tokenizer: Any, questions: Sequence[Question], *,
                     style: str = "letter") -> list[ChoiceScores]:
-    """Loglikelihood of every choice of every question under `model` (a Transformer)."""
+    """Loglikelihood of every choice of every question under `model` (a Transformer), by a
+    plain forward pass (`run_mmlu` scores through the engine instead)."""
     pairs, spans, texts = _choice_pairs(questions, style)
     requests = [encode_pair(tokenizer, context, option) for context, option in pairs]
     return _choice_scores(loglikelihoods(model, requests), spans, texts)
@@ -202,6 +232,13 @@ def _choice_scores(scores: Sequence[tuple[float, bool]], spans: list[tuple[int, 
         out.append(ChoiceScores(tuple(logprobs), tuple(g for _, g in scores[start:end]),
                                 _argmax(logprobs), _argmax(normed)))
     return out
+
+
+def _local_scores(llm: Any, questions: Sequence[Question], style: str) -> list[ChoiceScores]:
+    """Loglikelihoods from the engine of `llm` (a levante.llm.LLM), as the server computes them."""
+    pairs, spans, texts = _choice_pairs(questions, style)
+    requests = [encode_pair(llm.tokenizer, context, option) for context, option in pairs]
+    return _choice_scores(engine_loglikelihoods(llm.engine, requests), spans, texts)
 
 
 def _endpoint_scores(model: EndpointModel, questions: Sequence[Question],
@@ -249,8 +286,7 @@ def run_mmlu(model: LocalModel | EndpointModel, data: str | Path | None = None, 
     questions = read_questions(path, limit=limit)
     scores: list[ChoiceScores] | None
     if isinstance(model, LocalModel):
-        bundle = model.llm.bundle
-        scores = score_questions(bundle.model, bundle.tokenizer, questions, style=style)
+        scores = _local_scores(model.llm, questions, style)
     else:
         scores = _endpoint_scores(model, questions, style)
     if scores is not None:
