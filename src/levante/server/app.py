@@ -67,6 +67,8 @@ class ServerConfig:
     body_timeout: float = 60.0  # seconds its body may take after the headers
     max_connections: int = 1024  # open connections; past it a request gets a 503
     allow_local_paths: bool = False  # /api/pull may name files on the server's disk
+    # mean | cls | last; None: the GGUF's `<arch>.pooling_type`, else mean (see embeddings)
+    embedding_pooling: str | None = None
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 
@@ -83,6 +85,9 @@ class ServerConfig:
                                   "(give names without a port, e.g. myhost.example)")
             names.append(split[0])
         object.__setattr__(self, "allowed_hosts", tuple(names))
+        if self.embedding_pooling not in (None, "mean", "cls", "last"):
+            raise ConfigError(f"embedding_pooling must be mean, cls or last, got "
+                              f"{self.embedding_pooling!r}")
         for name in ("drain_timeout", "header_timeout", "body_timeout", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
