@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -22,32 +24,67 @@ TEXTS = ["The capital of France is Paris.", "hello", "Embeddings are pooled hidd
 
 
 @pytest.fixture(scope="module")
-def exact_server(smollm2_gguf: Path) -> Iterator[LiveServer]:
-    """The SmolLM2 file dequantized to float32: the math transformers does, to compare with."""
+def exact_bundle(smollm2_gguf: Path):
+    """The SmolLM2 file dequantized to float32 with a float32 KV pool: the math transformers
+    does, to compare with."""
     from levante.bundle import load
+    from levante.load_config import LoadConfig
 
-    bundle = load(str(smollm2_gguf), quant="none", max_seq_len=2048)
-    yield from start_server("smollm2", bundle, max_num_seqs=4, max_queue=16)
+    return load(str(smollm2_gguf), LoadConfig(quant="none", kv_cache_dtype="float32",
+                                              max_model_len=2048))
 
 
 @pytest.fixture(scope="module")
-def reference(hf_smollm2, exact_server: LiveServer):
-    """text -> transformers' final-norm hidden state of its last token (unnormalized), from
-    the HF tokenizer's ids, which must equal ours."""
+def exact_server(exact_bundle) -> Iterator[LiveServer]:
+    yield from start_server("smollm2", exact_bundle, max_num_seqs=4, max_queue=16)
+
+
+@pytest.fixture(scope="module")
+def hidden_states(hf_smollm2, exact_bundle):
+    """text -> transformers' final-norm hidden states [S, dim] of it, from the HF tokenizer's
+    ids, which must equal ours."""
     model, tokenizer = hf_smollm2
-    ours = exact_server.state.bundle.tokenizer
+    ours = exact_bundle.tokenizer
 
     @torch.inference_mode()
-    def embed(text: str) -> np.ndarray:
+    def run(text: str) -> torch.Tensor:
         ids = tokenizer(text).input_ids
         assert ids == ours.encode(text, add_bos=ours.should_add_bos)
-        return model.model(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+        return model.model(torch.tensor([ids])).last_hidden_state[0]
 
-    return embed
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(hidden_states):
+    """text -> the mean of its hidden states over its tokens (unnormalized), as llama.cpp's
+    `--embeddings` pools."""
+    return lambda text: hidden_states(text).double().mean(dim=0).numpy()
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
+
+
+def test_last_token_pooling_under_the_flag(exact_bundle, hidden_states) -> None:
+    """`levante serve --embedding-pooling last`: Ollama 0.12's vectors, the last token's."""
+    for live in start_server("smollm2", exact_bundle, max_num_seqs=2, max_queue=4,
+                             embedding_pooling="last"):
+        r = ollama.Client(host=live.base_url).embed(model="smollm2", input=TEXTS)
+        for text, vector in zip(TEXTS, r.embeddings):
+            np.testing.assert_allclose(vector, _unit(hidden_states(text)[-1].numpy()),
+                                       atol=2e-6)
+
+
+def test_langchain_ollama_embeddings_equal_api_embed(server) -> None:
+    from langchain_ollama import OllamaEmbeddings
+
+    vectors = OllamaEmbeddings(model="smollm2", base_url=server.base_url).embed_documents(TEXTS)
+    direct = httpx.post(server.base_url + "/api/embed",
+                        json={"model": "smollm2", "input": TEXTS}).json()["embeddings"]
+    assert vectors == direct
+    query = OllamaEmbeddings(model="smollm2", base_url=server.base_url).embed_query(TEXTS[1])
+    assert query == direct[1]
 
 
 def test_openai_client_embeddings_equal_transformers(exact_server, reference) -> None:
@@ -203,3 +240,94 @@ def test_generation_running_meanwhile_is_unaffected(server) -> None:
     assert during == solo * 3
     assert sum(overlapped) >= 2  # the embeddings really ran while the generation did
     server.wait_idle()
+
+
+@pytest.mark.parametrize(("pooling_type", "flag", "expected"), [
+    (None, None, "mean"), (1, None, "mean"), (2, None, "cls"), (3, None, "last"),
+    (0, None, "last"), (2, "mean", "mean"), (4, "last", "last"), (4, None, "refused")])
+def test_the_ggufs_pooling_type_is_honoured_unless_the_flag_says(
+        tmp_path: Path, pooling_type: int | None, flag: str | None, expected: str) -> None:
+    import gguf
+
+    from levante.errors import ConfigError
+    from levante.server.app import ServerConfig
+    from levante.server.embeddings import serving_pooling
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if pooling_type is not None:
+        writer.add_uint32("llama.pooling_type", pooling_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    bundle = SimpleNamespace(format="gguf", path=path)
+    config = ServerConfig(ref="m", embedding_pooling=flag)
+    if expected == "refused":
+        with pytest.raises(ConfigError, match="pooling_type is 4"):
+            serving_pooling(config, bundle)
+    else:
+        assert serving_pooling(config, bundle).value == expected
+
+
+@pytest.fixture(scope="module")
+def small_server(smollm2_bundle) -> Iterator[LiveServer]:
+    """Chunks of 128 tokens and a queue of 3, to watch a long input share the engine."""
+    yield from start_server("smollm2", smollm2_bundle, max_num_seqs=2, max_queue=3,
+                            max_num_batched_tokens=128)
+
+
+def test_a_long_input_does_not_stall_a_stream_and_counts_against_the_queue(
+        small_server) -> None:
+    """While 2 inputs of ~1000 tokens embed (16 chunks), a greedy stream goes on receiving
+    tokens, and the queue (1 stream + 2 inputs = max_queue 3) turns further requests away
+    with a 503 and Retry-After, in OpenAI's and Ollama's shapes."""
+    base = small_server.base_url
+    long_text = " ".join(f"item {i} of a long list." for i in range(108))
+    num_tokens = len(small_server.state.bundle.tokenizer.encode(long_text))
+    assert 900 < num_tokens <= 1100
+    arrivals: list[float] = []
+    pending: dict[str, float] = {}
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "smollm2", "prompt": "Count: 1, 2,", "max_tokens": 1500,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+                    started.set()
+                if "done" in pending:
+                    break  # leaving aborts the generation
+
+    def embed() -> None:
+        pending["sent"] = time.monotonic()
+        r = _v1(small_server, input=[long_text, long_text + " end"])
+        pending["status"] = r.status_code
+        pending["done"] = time.monotonic()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    assert started.wait(60)
+    embedder = threading.Thread(target=embed)
+    embedder.start()
+    deadline = time.monotonic() + 30
+    while small_server.state.engine.num_embedding_inputs < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    busy = _v1(small_server, input="one more")
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert busy.json()["error"]["code"] == "queue_full"
+    ollama_busy = httpx.post(base + "/api/embed", json={"model": "smollm2", "input": "x"})
+    assert ollama_busy.status_code == 503 and list(ollama_busy.json()) == ["error"]
+    chat = httpx.post(base + "/v1/completions", json={"model": "smollm2", "prompt": "hi"})
+    assert chat.status_code == 503
+    embedder.join(300)
+    streamer.join(60)
+    assert pending["status"] == 200
+    during = [t for t in arrivals if pending["sent"] < t < pending["done"]]
+    assert len(during) >= 8, (len(during), pending["done"] - pending["sent"])
+    too_many = _v1(small_server, input=["a", "b", "c", "d"])
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "input"
+    small_server.wait_idle(30)

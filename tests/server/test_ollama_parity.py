@@ -59,6 +59,7 @@ def test_mistral_v7_models_take_tools(mistral_server) -> None:
     shown = ollama.Client(host=mistral_server.base_url).show("tiny-mistral")
     assert shown.capabilities == ["completion", "tools"]
     assert shown.modelinfo["mistral.embedding_length"] == 320
+    assert shown.template.startswith("# Mistral V7 instruct format")  # no template text
 
 
 def _show(server, name: str) -> dict:
@@ -108,7 +109,14 @@ def test_create_streams_progress_then_success(server, client) -> None:
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
     ({"model": "x", "from": "smollm2", "files": {"a.gguf": "sha256:00"}}, 400, "files"),
-    ({"model": "x", "modelfile": "FROM smollm2"}, 400, "modelfile"),
+    ({"model": "x", "modelfile": "FROM smollm2\nTEMPLATE {{ .Prompt }}"}, 400,
+     "line 2: TEMPLATE is not supported"),
+    ({"model": "x", "modelfile": "# hi\nFORM smollm2"}, 400, "line 2: unknown instruction 'FORM'"),
+    ({"model": "x", "modelfile": 'FROM smollm2\nSYSTEM """open'}, 400, "line 2"),
+    ({"model": "x", "modelfile": "SYSTEM hi"}, 400, "FROM is required"),
+    ({"model": "x", "modelfile": "FROM smollm2\nADAPTER ./a.gguf"}, 400, "line 2: ADAPTER"),
+    ({"model": "x", "modelfile": "FROM smollm2\nPARAMETER bogus 1"}, 400, "parameters.bogus"),
+    ({"model": "x", "modelfile": "FROM llama3.2"}, 404, "not found"),
     ({"model": "x", "from": "smollm2", "quantize": "q4_K_M"}, 400, "quantize"),
     ({"model": "x", "from": "smollm2", "template": "{{ .Prompt }}"}, 400, "template"),
     ({"model": "x", "from": "smollm2", "parameters": {"bogus": 1}}, 400, "parameters.bogus"),
@@ -156,3 +164,65 @@ def test_the_served_model_cannot_be_deleted(server, client) -> None:
     assert _chat(client, "smollm2", options={"num_predict": 1}).eval_count == 1
     wrong_method = httpx.post(server.base_url + "/api/delete", json={"model": "smollm2"})
     assert wrong_method.status_code == 405
+
+
+MODELFILE = """# an older client's create
+FROM smollm2
+SYSTEM \"\"\"You answer in French,
+in one word.\"\"\"
+parameter temperature 0.2
+PARAMETER num_predict 6
+PARAMETER stop "<|im_end|>"
+PARAMETER stop ###
+LICENSE "Apache 2.0"
+"""
+
+
+def test_create_from_a_modelfile_as_older_clients_send(server, client,
+                                                        smollm2_gguf: Path) -> None:
+    r = httpx.post(server.base_url + "/api/create",
+                   json={"model": "mf", "modelfile": MODELFILE, "stream": False})
+    assert r.status_code == 200 and r.json() == {"status": "success"}
+    shown = client.show("mf")
+    assert shown.parameters.splitlines()[-3:] == [
+        f"{'num_predict':<30} 6", f"{'stop':<30} \"<|im_end|>\"", f"{'stop':<30} \"###\""]
+    assert f"{'temperature':<30} 0.2" in shown.parameters.splitlines()
+    assert shown.template == _gguf_template(smollm2_gguf)
+    system = _show(server, "mf")["system"]
+    assert system == "You answer in French,\nin one word."
+    made = _chat(client, "mf", options={"temperature": 0})
+    spelled_out = client.chat(model="smollm2", messages=[
+        {"role": "system", "content": system}, *MESSAGES],
+        options={"temperature": 0, "num_predict": 6, "stop": ["<|im_end|>", "###"]})
+    assert made.message.content == spelled_out.message.content
+    # /api/show's Modelfile makes the same name again
+    again = httpx.post(server.base_url + "/api/create",
+                       json={"model": "mf2", "modelfile": shown.modelfile})
+    assert again.status_code == 200, again.text
+    assert _show(server, "mf2")["system"] == system
+    assert client.show("mf2").parameters == shown.parameters
+
+
+def _gguf_template(path: Path) -> str:
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields["tokenizer.chat_template"].contents()
+
+
+def test_from_a_path_only_the_served_file_and_no_file_oracle(server, client, tmp_path: Path,
+                                                             smollm2_gguf: Path) -> None:
+    served = client.create(model="byfile", from_=str(smollm2_gguf), system=SYSTEM)
+    assert served.status == "success" and "byfile:latest" in _names(client)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(smollm2_gguf.read_bytes()[:4096])
+    answers = []
+    for path in (other, tmp_path / "missing.gguf", Path("/etc/passwd"), tmp_path / "nope"):
+        r = httpx.post(server.base_url + "/api/create",
+                       json={"model": "x", "from": str(path), "stream": False})
+        answers.append((r.status_code, r.json()))
+        mf = httpx.post(server.base_url + "/api/create",
+                        json={"model": "x", "modelfile": f"FROM {path}"})
+        answers.append((mf.status_code, mf.json()))
+    assert answers[0][0] == 400 and "serves one model" in answers[0][1]["error"]
+    assert all(answer == answers[0] for answer in answers), answers
+    assert "x:latest" not in _names(client)

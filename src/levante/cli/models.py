@@ -234,6 +234,11 @@ def serve(
         "--allow-local-paths",
         help="let /api/pull name files and folders on this machine (off: registry names and "
              "Hugging Face repos only)")] = False,
+    embedding_pooling: Annotated[str | None, typer.Option(
+        metavar="mean|cls|last",
+        help="how /v1/embeddings and /api/embed pool the final hidden states (default: the "
+             "GGUF's pooling_type, else mean, as llama.cpp --embeddings; last: what Ollama "
+             "0.12 returns for a model without a pooling type)")] = None,
     prefix_caching: Annotated[bool, typer.Option(
         help="reuse KV blocks of repeated prompt prefixes")] = True,
     num_speculative_tokens: Annotated[int, typer.Option(
@@ -284,7 +289,7 @@ def serve(
             max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory),
             kv_cache_dtype=kv_cache_dtype, device=device,
             dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
-            allow_local_paths=allow_local_paths,
+            allow_local_paths=allow_local_paths, embedding_pooling=embedding_pooling,
             enable_prefix_caching=prefix_caching, num_speculative_tokens=num_speculative_tokens,
             batch_invariant=batch_invariant, lora=_lora_pairs(lora or []),
             drain_timeout=drain_timeout, header_timeout=header_timeout,

@@ -277,7 +277,8 @@ def serve_args(config: ServerConfig) -> list[str]:
             "--prefix-caching" if config.enable_prefix_caching else "--no-prefix-caching"]
     optional = {"--max-model-len": config.max_model_len,
                 "--kv-cache-memory": config.kv_cache_memory,
-                "--served-model-name": config.served_model_name}
+                "--served-model-name": config.served_model_name,
+                "--embedding-pooling": config.embedding_pooling}
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]

@@ -6,13 +6,14 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from levante.engine.embedding import embed_prompts
+from levante.engine.embedding import EmbeddingJob, Pooling
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
@@ -34,12 +35,12 @@ class _Submit:
 
 @dataclass
 class _Embed:
-    """Prompts to embed on the engine thread, between two steps."""
+    """Prompts to embed on the engine thread, a chunk between two steps."""
 
-    prompts: Sequence[Sequence[int]]
-    adapter_id: int
+    job: EmbeddingJob
     done: asyncio.Future[torch.Tensor]
     loop: asyncio.AbstractEventLoop
+    is_cancelled: bool = False  # the caller left: the engine thread drops the job
 
 
 class AsyncEngine:
@@ -47,7 +48,7 @@ class AsyncEngine:
 
     The engine thread drains a command queue (submit/abort/embed) between steps, so new
     requests join the running batch at the next step, aborts free their blocks within one
-    step, and embeddings use the model while no step does.
+    step, and embeddings run one chunk (`EmbeddingJob`) before each step, oldest job first.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -55,6 +56,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop,
                                        asyncio.Queue[StepOutput]]] = {}
+        self._embeddings: deque[_Embed] = deque()  # engine thread only
+        self.num_embedding_inputs = 0  # prompts of embed() calls not yet answered
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.is_healthy = True
@@ -142,18 +145,28 @@ class AsyncEngine:
         finally:
             stream.abort()
 
-    async def embed(self, prompts: Sequence[Sequence[int]], *,
+    async def embed(self, prompts: Sequence[Sequence[int]], *, pooling: Pooling,
                     adapter_id: int = 0) -> torch.Tensor:
-        """Embeddings of token-id prompts ([n, dim] float32, see `embed_prompts`), computed
-        by the engine thread between steps; raises RequestError if the engine is dead."""
+        """Embeddings of token-id prompts ([n, dim] float32, not normalized), computed by
+        the engine thread in chunks of max_num_batched_tokens between steps; raises
+        RequestError if the engine is dead."""
         if self.death is not None:
             raise self._dead_error()
         loop = asyncio.get_running_loop()
-        command = _Embed(prompts, adapter_id, loop.create_future(), loop)
-        self._commands.put(command)
-        if self.death is not None:  # died between the check and the put: nobody will answer
-            _set_exception(command.done, self._dead_error())
-        return await command.done
+        job = EmbeddingJob(prompts, pooling=pooling, adapter_id=adapter_id,
+                           chunk_tokens=self.engine.config.max_num_batched_tokens)
+        command = _Embed(job, loop.create_future(), loop)
+        self.num_embedding_inputs += len(prompts)
+        try:
+            self._commands.put(command)
+            if self.death is not None:  # died between the check and the put: nobody answers
+                _set_exception(command.done, self._dead_error())
+            return await command.done
+        except asyncio.CancelledError:
+            command.is_cancelled = True
+            raise
+        finally:
+            self.num_embedding_inputs -= len(prompts)
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (safe from any thread)."""
@@ -186,6 +199,7 @@ class AsyncEngine:
         message = f"the engine stopped: {reason}"
         for request_id in list(self._streams):
             self._deliver(StepOutput(request_id, [], "", True, "error", 0, 0, error=message))
+        self._end_embeddings(self._dead_error())
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -203,9 +217,11 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._drain(block=not self.engine.has_work)
+            self._drain(block=not (self.engine.has_work or self._embeddings))
             if self._stopping.is_set():
                 break
+            if self._embeddings:
+                self._embed_chunk()
             if not self.engine.has_work:
                 continue
             outputs = self.engine.step()
@@ -218,6 +234,8 @@ class AsyncEngine:
             self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
                                      error="the server is shutting down",
                                      error_code="server_shutdown"))
+        self._end_embeddings(RequestError("the server is shutting down",
+                                          code="server_shutdown"))
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -246,26 +264,43 @@ class AsyncEngine:
             command.loop.call_soon_threadsafe(_set_result, command.accepted,
                                               command.request_id)
         elif isinstance(command, _Embed):
-            self._embed(command)
+            self._embeddings.append(command)
         elif command[0] == "end_all":
             for request_id in list(self._streams):
                 self.engine.abort(request_id)
                 self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
                                          error=command[1], error_code="server_shutdown"))
+            self._end_embeddings(RequestError(command[1], code="server_shutdown"))
         else:
             _, request_id = command
             self._streams.pop(request_id, None)
             self.engine.abort(request_id)
 
-    def _embed(self, command: _Embed) -> None:
+    def _embed_chunk(self) -> None:
+        """One chunk of the oldest embedding job; answer it when its last prompt is done."""
+        command = self._embeddings[0]
+        job = command.job
         try:
-            vectors = embed_prompts(self.engine.model, command.prompts,
-                                    adapters=self.engine.runner.adapters,
-                                    adapter_id=command.adapter_id)
+            if command.is_cancelled:
+                raise RequestError("the caller left")
+            if not job.advance(self.engine) and not self.engine.has_work:
+                raise RequestError("the KV pool has no free blocks for this input")
         except Exception as exc:  # noqa: BLE001 - handed to the caller's await
+            self._embeddings.popleft()
+            job.release(self.engine)
             command.loop.call_soon_threadsafe(_set_exception, command.done, exc)
             return
-        command.loop.call_soon_threadsafe(_set_result, command.done, vectors)
+        if job.is_done:
+            self._embeddings.popleft()
+            vectors = job.result(self.engine.model.config.dim)
+            command.loop.call_soon_threadsafe(_set_result, command.done, vectors)
+
+    def _end_embeddings(self, exc: RequestError) -> None:
+        """Answer every queued embedding job with `exc` (shutdown, or the engine died)."""
+        while self._embeddings:
+            command = self._embeddings.popleft()
+            command.job.release(self.engine)
+            command.loop.call_soon_threadsafe(_set_exception, command.done, exc)
 
     def _deliver(self, out: StepOutput) -> None:
         entry = self._streams.get(out.request_id)

@@ -70,6 +70,8 @@ class ServerConfig:
     # Responses API responses kept in memory for previous_response_id (least recent go first)
     max_stored_responses: int = 1024
     max_stored_response_bytes: int = 64 * 2**20
+    # mean | cls | last; None: the GGUF's `<arch>.pooling_type`, else mean (see embeddings)
+    embedding_pooling: str | None = None
     # How the model loads, built from the fields above (and checked) when the config is made.
     load_config: LoadConfig = field(init=False, repr=False, compare=False)
 
@@ -86,6 +88,9 @@ class ServerConfig:
                                   "(give names without a port, e.g. myhost.example)")
             names.append(split[0])
         object.__setattr__(self, "allowed_hosts", tuple(names))
+        if self.embedding_pooling not in (None, "mean", "cls", "last"):
+            raise ConfigError(f"embedding_pooling must be mean, cls or last, got "
+                              f"{self.embedding_pooling!r}")
         for name in ("drain_timeout", "header_timeout", "body_timeout", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -1,4 +1,9 @@
-"""Embeddings over HTTP: inputs to token ids, vectors from the engine, OpenAI and Ollama shapes."""
+"""Embeddings over HTTP: inputs to token ids, vectors from the engine, OpenAI and Ollama shapes.
+
+Vectors are the served model's final-norm hidden states, mean-pooled over the input's tokens
+(llama.cpp's `--embeddings`) unless the GGUF names another `pooling_type` or `levante serve
+--embedding-pooling` says otherwise ("last": what Ollama 0.12 returns for a model without one).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,44 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from levante.chat_request import check_prompt_size
+from levante.engine.embedding import GGUF_POOLING, Pooling
 from levante.engine.engine import check_vocabulary
-from levante.errors import ContextLengthError, RequestError
+from levante.errors import ConfigError, ContextLengthError, RequestError
 from levante.server.ollama_protocol import EmbedBody, EmbeddingsBody, Options
 from levante.server.protocol import EmbeddingRequest
 
 if TYPE_CHECKING:
+    from levante.bundle import Bundle
+    from levante.server.app import ServerConfig
     from levante.server.routes import ServerState
+
+
+def serving_pooling(config: ServerConfig, bundle: Bundle) -> Pooling:
+    """The pooling this server embeds with: the flag's, else the GGUF's `<arch>.pooling_type`
+    (llama.cpp's enum), else mean. A reranker's "rank" (4) is refused unless overridden."""
+    if config.embedding_pooling is not None:
+        return Pooling(config.embedding_pooling)
+    if bundle.format != "gguf":
+        return Pooling.MEAN
+    from levante.weights.gguf import GGUFFile
+
+    metadata = GGUFFile(bundle.path).metadata
+    key = f"{metadata.get('general.architecture')}.pooling_type"
+    value = metadata.get(key)
+    if value is None:
+        return Pooling.MEAN
+    if not isinstance(value, int) or value not in GGUF_POOLING:
+        raise ConfigError(f"{bundle.path}: {key} is {value!r}, a pooling this server does not "
+                          "compute (4 is a reranker's); pass --embedding-pooling mean|cls|last")
+    return GGUF_POOLING[value]
+
+
+async def _embed(state: ServerState, prompts: list[list[int]], *,
+                 adapter_id: int = 0) -> torch.Tensor:
+    """Vectors of token-id inputs from the engine, counted against the queue bound."""
+    state.check_capacity(len(prompts), what="inputs", param="input")
+    return await state.engine.embed(prompts, pooling=state.embedding_pooling,
+                                    adapter_id=adapter_id)
 
 
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
@@ -62,7 +98,7 @@ async def openai_embeddings(state: ServerState, body: EmbeddingRequest) -> dict[
     items = body.inputs()
     prompts = await asyncio.to_thread(
         lambda: [_openai_ids(state, item, i) for i, item in enumerate(items)])
-    vectors = l2_normalize(await state.engine.embed(prompts, adapter_id=adapter_id))
+    vectors = l2_normalize(await _embed(state, prompts, adapter_id=adapter_id))
     num_tokens = sum(len(p) for p in prompts)
     state.metrics.prompt_tokens.inc(num_tokens)
     encode = base64_floats if body.encoding_format == "base64" else torch.Tensor.tolist
@@ -100,7 +136,7 @@ async def ollama_embed(state: ServerState, body: EmbedBody, options: Options) ->
                   state.bundle.config.max_seq_len)
     prompts = await asyncio.to_thread(_ollama_ids, state, texts, context=context,
                                       truncate=body.truncate)
-    vectors = l2_normalize(await state.engine.embed(prompts))
+    vectors = l2_normalize(await _embed(state, prompts))
     if body.dimensions is not None and body.dimensions < vectors.shape[-1]:
         vectors = l2_normalize(vectors[:, :body.dimensions])
     num_tokens = sum(len(p) for p in prompts)
@@ -121,6 +157,6 @@ async def ollama_embeddings(state: ServerState, body: EmbeddingsBody) -> dict[st
     check_prompt_size(state.bundle, len(body.prompt), param="prompt")
     prompts = await asyncio.to_thread(_ollama_ids, state, [body.prompt], context=context,
                                       truncate=False)
-    vectors = await state.engine.embed(prompts)
+    vectors = await _embed(state, prompts)
     state.metrics.prompt_tokens.inc(len(prompts[0]))
     return {"embedding": vectors[0].tolist()}

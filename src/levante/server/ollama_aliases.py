@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -91,12 +92,31 @@ def _new_name(state: ServerState, name: str, param: str) -> str:
     return tagged(name)
 
 
+def looks_like_path(ref: str) -> bool:
+    """Whether a `from` names a file rather than a model: "./m.gguf", "/models/x", "~/x"."""
+    return ref.lower().endswith(".gguf") or ref.startswith(("/", "./", "../", "~", "\\"))
+
+
+def _base(state: ServerState, ref: str) -> Alias:
+    """The Alias `from` means: a model name, or the path of the file this server serves.
+    Any other path gets one answer, whether or not it exists (no file oracle)."""
+    if not looks_like_path(ref):
+        return lookup(state, ref)
+    served = os.path.realpath(state.bundle.path)
+    if os.path.realpath(os.path.expanduser(ref)) == served:
+        return Alias(tagged(state.model_names[0]), is_served=True)
+    raise RequestError(f"from: this server serves one model, {state.model_names[0]!r}, and "
+                       "makes names only for it; a path must name the file it serves",
+                       param="from")
+
+
 def create(state: ServerState, body: CreateBody) -> Alias:
-    """/api/create: a name for `from` (the served model or an alias), its system prompt and
-    parameters over those of `from`."""
+    """/api/create: a name for `from` (the served model, its file, or an alias), its system
+    prompt and parameters over those of `from`; from fields or a Modelfile."""
     name = _new_name(state, body.ref, "model")
+    body = body.with_modelfile()
     options = body.check_supported()
-    base = lookup(state, body.from_ or "")
+    base = _base(state, body.from_ or "")
     system = body.system or base.system
     if system and state.bundle.chat_format is None:
         raise RequestError("system: this model has no chat template to put it in",

@@ -63,6 +63,21 @@ def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str, dict[s
     return "mistral", dtype, "", {}
 
 
+# /api/show `template` for Mistral's V7 format, which mistral-common builds (no template text).
+MISTRAL_V7_NOTE = ("# Mistral V7 instruct format ([SYSTEM_PROMPT] [INST] [AVAILABLE_TOOLS] ...), "
+                   "built by mistral-common from tekken.json; there is no template text")
+
+
+def template_text(file_template: str, chat_format: ChatFormat | None) -> str:
+    """The chat template /api/show reports: the file's, the Jinja source the server renders,
+    or a note for Mistral's V7 format."""
+    if isinstance(chat_format, MistralChatFormat):
+        return MISTRAL_V7_NOTE
+    if not file_template and isinstance(chat_format, JinjaChatFormat):
+        return chat_format.source
+    return file_template
+
+
 def capabilities(chat_format: ChatFormat | None) -> list[str]:
     """Ollama's `capabilities` for a generative model: "completion", and "tools" where the chat
     format takes tools: Mistral's V7, or a template that mentions "tools" or "tool_call" (the
@@ -162,7 +177,8 @@ class ModelFacts:
         modelfile = (f"# Served by Levante\nFROM {self.state.bundle.path}\n" + system
                      + "".join(f"PARAMETER {k} {json.dumps(v) if isinstance(v, str) else v}\n"
                                for k, v in lines))
-        shown = {"modelfile": modelfile, "parameters": parameters, "template": self.template,
+        template = template_text(self.template, self.state.bundle.chat_format)
+        shown = {"modelfile": modelfile, "parameters": parameters, "template": template,
                  "details": self.details(), "model_info": self.model_info(),
                  "capabilities": capabilities(self.state.bundle.chat_format),
                  "modified_at": alias.modified_at or self.modified_at}

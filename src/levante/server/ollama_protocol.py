@@ -301,12 +301,13 @@ class CopyBody(BaseModel):
 
 
 # /api/create fields that need files uploaded first (/api/blobs) or a model built from them.
-_UPLOAD_FIELDS = ("files", "adapters", "modelfile", "path", "quantize", "remote_host")
+_UPLOAD_FIELDS = ("files", "adapters", "path", "quantize", "remote_host")
 
 
 class CreateBody(BaseModel):
     """POST /api/create: another name for a model this server has (`from`), with its own
-    system prompt and default parameters. What needs uploads or a new model is refused."""
+    system prompt and default parameters, given as fields or as a Modelfile's text (as older
+    clients send). What needs uploads or a new model is refused."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -318,6 +319,7 @@ class CreateBody(BaseModel):
     parameters: dict[str, Any] | None = None
     messages: list[Any] | None = None
     license: str | list[str] | None = None  # kept by Ollama for `show`; nothing to enforce
+    modelfile: str | None = None
     stream: bool = True
 
     @property
@@ -327,14 +329,26 @@ class CreateBody(BaseModel):
             raise RequestError("model is required", param="model")
         return ref
 
+    def with_modelfile(self) -> CreateBody:
+        """The body with its Modelfile's FROM, SYSTEM and PARAMETERs filled in (fields given
+        in the body win); itself when it has none."""
+        if not self.modelfile:
+            return self
+        from levante.server.ollama_modelfile import parse_modelfile
+
+        parsed = parse_modelfile(self.modelfile)
+        return self.model_copy(update={
+            "from_": self.from_ or parsed.from_, "system": self.system or parsed.system,
+            "parameters": {**parsed.parameters, **(self.parameters or {})}, "modelfile": None})
+
     def check_supported(self) -> Options:
         """Refuse what this server cannot build; the parameters, checked, as options."""
         for name in _UPLOAD_FIELDS:
             if (self.model_extra or {}).get(name):
                 raise RequestError(
-                    f"{name}: creating a model from uploaded files or a Modelfile is not "
-                    "supported here; send from (a model this server has) with system and "
-                    "parameters to make an alias of it", param=name)
+                    f"{name}: creating a model from uploaded files is not supported here; "
+                    "send from (a model this server has) with system and parameters to make "
+                    "an alias of it", param=name)
         if not self.from_:
             raise RequestError("from is required: the name of a model this server has",
                                param="from")

@@ -16,11 +16,12 @@ from levante.bundle import Bundle
 from levante.chat_request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
+from levante.engine.embedding import Pooling
 from levante.engine.engine import Engine, check_vocabulary
 from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
-from levante.server.embeddings import openai_embeddings
+from levante.server.embeddings import openai_embeddings, serving_pooling
 from levante.server.metrics import Metrics
 from levante.server.protocol import (
     ChatCompletionRequest,
@@ -49,6 +50,7 @@ class ServerState:
     adapters: AdapterSet | None = None
     # Ollama names made by /api/create and /api/copy (tagged name -> alias), in memory
     aliases: dict[str, Alias] = field(default_factory=dict)
+    embedding_pooling: Pooling = Pooling.MEAN
     chats: ChatRequests = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +86,7 @@ class ServerState:
         names = tuple(dict.fromkeys(n for n in (config.served_model_name, config.ref,
                                                 bundle.name) if n))
         return cls(bundle, async_engine, names, metrics, config.max_queue, int(time.time()),
-                   adapters)
+                   adapters, embedding_pooling=serving_pooling(config, bundle))
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -107,10 +109,16 @@ class ServerState:
         told so even while the server is busy); 503 while the queue is full."""
         for prompt_ids in prompts:
             self.engine.engine.check_request(prompt_ids, params)
+        self.check_capacity(num_new, what="sequences (prompts x n)", param="n")
+
+    def check_capacity(self, num_new: int, *, what: str, param: str) -> None:
+        """400 for more than the queue holds; 503 + Retry-After while the accepted requests
+        and the embedding inputs not yet answered fill it."""
         if num_new > self.max_queue:
-            raise RequestError(f"this request asks for {num_new} sequences (prompts x n); "
-                               f"the server queues at most {self.max_queue}", param="n")
-        if self.engine.num_active + num_new > self.max_queue:
+            raise RequestError(f"this request asks for {num_new} {what}; the server queues "
+                               f"at most {self.max_queue}", param=param)
+        engine = self.engine
+        if engine.num_active + engine.num_embedding_inputs + num_new > self.max_queue:
             raise HTTPError(503, "the server is at capacity; retry later",
                             type_="server_overloaded", code="queue_full",
                             headers={"Retry-After": "1"})
