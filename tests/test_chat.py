@@ -318,6 +318,13 @@ def test_template_sees_hf_shaped_messages(smollm2_chat: JinjaChatFormat) -> None
         ("{% set ns = namespace(_hidden=1) %}", "underscore"),
         ("{{ raise_exception('Conversation roles must alternate') }}", "roles must alternate"),
         ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+        ("{{ '%999999999d' % 1 }}", "format width"),
+        ("{{ '%.999999999f' % 1.5 }}", "format width"),
+        ("{{ '%999999999s'|format('x') }}", "format width"),
+        ("{{ 'x'|center(10 ** 9) }}", "center wider"),
+        ("{{ 'x'|indent(10 ** 9) }}", "indent wider"),
+        ("{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+         + "{% endfor %}{{ ns.s }}", "items is not allowed"),
     ],
 )
 def test_template_misbehaviour_is_a_clear_error(
@@ -339,6 +346,32 @@ def test_endless_template_times_out(smollm2_chat: JinjaChatFormat) -> None:
     with pytest.raises(RequestError, match=r"took over 0.5 s"):
         fmt.encode(CONVERSATIONS[0])
     assert time.monotonic() - start < 3
+
+
+def test_a_template_writing_without_end_is_stopped_by_size_not_memory(
+    smollm2_chat: JinjaChatFormat,
+) -> None:
+    import tracemalloc
+
+    from levante.chat import MAX_RENDER_CHARS
+
+    endless = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+        "{% endfor %}"
+    )
+    fmt = JinjaChatFormat(endless, smollm2_chat.tokenizer, bos_token="", eos_token="",
+                          timeout_s=60)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError, match=f"over {MAX_RENDER_CHARS} characters"):
+            fmt.encode(CONVERSATIONS[0])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MAX_RENDER_CHARS  # the pieces up to the cap, not the loop's gigabytes
+    fair = JinjaChatFormat("{% for m in messages %}{{ m.content }}{% endfor %}",
+                           smollm2_chat.tokenizer, bos_token="", eos_token="")
+    assert fair.render([{"role": "user", "content": "y" * 2**20}]) == "y" * 2**20
 
 
 def test_template_syntax_error_is_a_value_error(smollm2_chat: JinjaChatFormat) -> None:

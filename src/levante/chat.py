@@ -247,6 +247,16 @@ class _RenderTimeout(Exception):
     """A template render ran past its time budget."""
 
 
+class _RenderTooLarge(Exception):
+    """A template render's output ran past its size budget."""
+
+
+# What one render may write or build (characters): a prompt is at most the request body (8 MB
+# by default) plus the template's own text. The time budget alone let a looping template
+# pile up gigabytes of small strings before its 5 s were over.
+MAX_RENDER_CHARS = 32 * 2**20
+
+
 class _Namespace(jinja2.utils.Namespace):
     """Jinja's `namespace`, refusing underscore names (as transformers does for Hub templates)."""
 
@@ -289,11 +299,13 @@ def _tojson(value: Any, ensure_ascii: bool = False, **options: Any) -> str:
 
 class _ChatSandbox(ImmutableSandboxedEnvironment):
     """HF's chat-template environment, stricter: unsafe attributes raise at once (instead of
-    rendering as empty), and `*`/`**` refuse results big enough to exhaust memory."""
+    rendering as empty), and `*`, `**`, `+` and `%` refuse results big enough to exhaust
+    memory (as do the padding filters, below)."""
 
     MAX_REPEAT = 1_000_000
     MAX_EXPONENT = 256
-    intercepted_binops = frozenset({"*", "**"})
+    MAX_WIDTH = 100_000  # of a %-format field or a padding filter
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(
@@ -309,7 +321,35 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"repetition to {len(seq) * count} items is not allowed")
         if operator == "**" and isinstance(right, int) and right > self.MAX_EXPONENT:
             raise SecurityError(f"exponent {right} is too large")
-        return super().call_binop(context, operator, left, right)
+        if operator == "%" and isinstance(left, str):
+            _check_widths(left, self.MAX_WIDTH)
+        result = super().call_binop(context, operator, left, right)
+        if operator == "+" and isinstance(result, (str, list, tuple)) \
+                and len(result) > MAX_RENDER_CHARS:
+            raise SecurityError(f"a value of {len(result)} items is not allowed")
+        return result
+
+
+FORMAT_WIDTHS = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d+))?")
+
+
+def _check_widths(spec: str, limit: int) -> None:
+    """`"%999999999d" % 1` would allocate a gigabyte: refuse widths and precisions past
+    `limit` in a %-format string."""
+    for match in FORMAT_WIDTHS.finditer(spec):
+        if any(n and int(n) > limit for n in match.groups()):
+            raise SecurityError(f"a format width over {limit} is not allowed")
+
+
+def _bounded(name: str, filter_: Any, limit: int) -> Any:
+    """A padding filter (`center`, `indent`, `format`) that refuses widths past `limit`."""
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "format":
+            _check_widths(str(value), limit)
+        elif any(isinstance(a, int) and a > limit for a in (*args, *kwargs.values())):
+            raise SecurityError(f"{name} wider than {limit} is not allowed")
+        return filter_(value, *args, **kwargs)
+    return bounded
 
 
 def _environment() -> _ChatSandbox:
@@ -317,6 +357,8 @@ def _environment() -> _ChatSandbox:
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    for name in ("center", "indent", "format"):
+        env.filters[name] = _bounded(name, env.filters[name], _ChatSandbox.MAX_WIDTH)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)
@@ -405,7 +447,13 @@ def _render_within(template: jinja2.Template, context: dict[str, Any], timeout_s
     previous = sys.gettrace()
     sys.settrace(trace)
     try:
-        return template.render(context)
+        pieces, size = [], 0
+        for piece in template.generate(context):  # counted as written, not once joined
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                raise _RenderTooLarge
+            pieces.append(piece)
+        return "".join(pieces)
     finally:
         sys.settrace(previous)
 
@@ -507,6 +555,8 @@ class JinjaChatFormat:
             return self._render(self.template_messages(messages), tools, add_generation_prompt)
         except _RenderTimeout:
             problem = f"rendering took over {self.timeout_s:g} s (does the template loop forever?)"
+        except _RenderTooLarge:
+            problem = f"output is over {MAX_RENDER_CHARS} characters (does it loop forever?)"
         except SecurityError as error:
             problem = f"blocked by the sandbox: {error}"
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, RecursionError) as error:
