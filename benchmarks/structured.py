@@ -108,7 +108,7 @@ def first_token_seconds(llm: Any, compiler: Any, prompt_ids: list[int],
                         tools: list[dict[str, Any]]) -> tuple[float, float]:
     """(compile s, time to first token s) of one request constrained to call one of `tools`."""
     from levante import SamplingParams
-    from levante.tools import validate_tools
+    from levante.chat.tools import validate_tools
 
     start = time.perf_counter()
     grammar = compiler.compile(tools=validate_tools(tools), tool_choice="required",

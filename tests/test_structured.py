@@ -16,6 +16,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
 from levante.bundle import Bundle, load
+from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
@@ -29,7 +30,6 @@ from levante.structured import (
     llguidance_tokenizer,
 )
 from levante.tokenizer import MistralTokenizer, Tokenizer
-from levante.tools import parse_tool_calls
 
 SCHEMAS: list[dict[str, Any]] = [  # every string bounded: random models never close one
     {"type": "object", "additionalProperties": False, "required": ["user"], "properties": {

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from levante.bundle import Bundle, load
-from levante.chat_request import ChatRequests
+from levante.chat.request import ChatRequests
+from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampler import SamplingParams
 from levante.errors import ConfigError, RequestError
 from levante.load_config import DTYPES, LoadConfig  # noqa: F401 - DTYPES: older importers
 from levante.structured import Grammar
-from levante.tools import parse_tool_calls
 
 Prompt = str | Sequence[int]
 

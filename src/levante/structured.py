@@ -4,7 +4,7 @@ A request's response_format, tools and tool_choice compile (`GrammarCompiler.com
 lark grammar over the model's tokens; each sequence runs a `Matcher` of it, and `fill_masks`
 computes the allowed-token masks of a whole batch at once (llguidance, in parallel threads).
 
-What the grammar allows, per chat style (call syntaxes: levante.tools):
+What the grammar allows, per chat style (call syntaxes: levante.chat.tools):
 
     nothing asked (no response_format, no tools or tool_choice "none") -> no grammar (None);
       except Mistral with tools and "none": text without control tokens, so no [TOOL_CALLS]
@@ -34,10 +34,8 @@ import llguidance.numpy  # not llguidance.torch: importing it pulls in sympy etc
 import numpy as np
 import torch
 
-from levante.errors import RequestError
-from levante.schema_recursion import check_recursion_ends
-from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
-from levante.tools import (
+from levante.chat.schema_recursion import check_recursion_ends
+from levante.chat.tools import (
     CHAT_STYLES,
     MAX_SCHEMA_DEPTH,
     json_depth,
@@ -46,6 +44,8 @@ from levante.tools import (
     tool_calls_token_id,
     validate_tools,
 )
+from levante.errors import RequestError
+from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_CHARS = 256 * 1024  # a request's schemas, as JSON text

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from levante.chat_request import check_prompt_size
+from levante.chat.request import check_prompt_size
 from levante.engine.embedding import GGUF_POOLING, Pooling
 from levante.engine.engine import check_vocabulary
 from levante.errors import ConfigError, ContextLengthError, RequestError

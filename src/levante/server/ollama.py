@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from levante.chat_request import check_prompt_size
+from levante.chat.request import check_prompt_size
+from levante.chat.tools import parse_tool_calls
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
@@ -35,7 +36,6 @@ from levante.server.ollama_protocol import (
 )
 from levante.server.routes import ServerState
 from levante.server.web import OLLAMA_ROOT_TEXT
-from levante.tools import parse_tool_calls
 from levante.weights import hub
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama release whose API shapes these routes follow

@@ -12,13 +12,13 @@ from typing import Any
 
 from fastapi import Request
 
+from levante.chat.tools import ChatDelta, ToolCallStreamer
 from levante.engine.async_engine import AsyncEngine, RequestStream
 from levante.engine.engine import StepOutput
 from levante.engine.sampler import SamplingParams
 from levante.server.metrics import Metrics
 from levante.server.protocol import error_body
 from levante.tokenizer import Tokenizer
-from levante.tools import ChatDelta, ToolCallStreamer
 
 Job = tuple[int, list[int], SamplingParams]
 

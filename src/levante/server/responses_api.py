@@ -26,13 +26,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from levante.chat.tools import ChatDelta
 from levante.errors import RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
 from levante.server.response_store import ResponseStore, register_stored_routes, with_item_ids
 from levante.server.responses import Choice, Generation
 from levante.server.responses_protocol import ResponsesRequest
 from levante.server.routes import ServerState
-from levante.tools import ChatDelta
 
 # The chat path's names for what a Responses request calls otherwise (errors name the field).
 RENAMED_PARAMS = {"messages": "input", "response_format": "text.format"}

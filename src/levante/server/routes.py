@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.bundle import Bundle
-from levante.chat_request import ChatRequests, check_prompt_size
+from levante.chat.request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.embedding import Pooling

@@ -6,7 +6,7 @@ Ollama routes and the Python API alike:
 - Mistral models ("mistral" style): tools go into the V7 prompt ([AVAILABLE_TOOLS]) through
   mistral-common; calls come back as [TOOL_CALLS][...].
 - Other chat templates ("json" style): the tools are described in the system prompt
-  (`levante.tools.tools_system_prompt`) and a call is the JSON object
+  (`levante.chat.tools.tools_system_prompt`) and a call is the JSON object
   `{"tool_calls": [{"name": ..., "arguments": {...}}]}`; the grammar forces that shape once
   the reply starts with "{" (auto) or from the first token (required / a named function).
   Earlier calls and results in the history are shown in that same style when the template
@@ -21,10 +21,10 @@ from typing import Any
 
 from levante.bundle import Bundle
 from levante.chat import MistralChatFormat, check_messages
+from levante.chat.tools import resolve_tool_choice, tools_system_prompt, validate_tools
 from levante.errors import ContextLengthError, RequestError
 from levante.structured import Grammar, GrammarCompiler
 from levante.tokenizer import longer_than_chars
-from levante.tools import resolve_tool_choice, tools_system_prompt, validate_tools
 
 
 @dataclass(frozen=True)

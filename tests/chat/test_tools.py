@@ -16,9 +16,7 @@ from mistral_common.protocol.instruct.tool_calls import ToolCall as MistralToolC
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from levante.errors import RequestError
-from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
-from levante.tools import (
+from levante.chat.tools import (
     ChatDelta,
     ToolCallStreamer,
     json_calls_text,
@@ -30,6 +28,8 @@ from levante.tools import (
     tools_system_prompt,
     validate_tools,
 )
+from levante.errors import RequestError
+from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 from levante.weights.gguf import GGUFFile
 
 WEATHER = {"type": "function", "function": {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from levante.chat.schema_recursion import check_recursion_ends
 from levante.errors import RequestError
-from levante.schema_recursion import check_recursion_ends
 
 NODE = {"type": "object", "properties": {"children": {"type": "array",
                                                       "items": {"$ref": "#/$defs/node"}}}}
