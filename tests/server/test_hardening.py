@@ -363,7 +363,7 @@ def test_loopback_names_and_addresses_pass(http, host: str) -> None:
     ("[::1]x", None), ("[::1", None), ("a b", None), ("x:y", None), ("x:123456", None),
     ("localhost..", None), ("ex ample.com:80", None), ("\u212aelvin.example", None)])
 def test_host_header_parsing(header: str, name: str | None) -> None:
-    from levante.server.app import host_name
+    from levante.server.hosts import host_name
 
     assert host_name(header) == name
 

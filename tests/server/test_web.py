@@ -89,7 +89,7 @@ def _generated_tokens(server) -> float:
 
 
 def test_page_is_public_and_the_api_is_not(key_server) -> None:
-    from levante.server.app import PUBLIC_PATHS
+    from levante.server.guards import PUBLIC_PATHS
     from levante.server.web import ASSETS
 
     assert set(ASSETS) <= set(PUBLIC_PATHS)

@@ -1,15 +1,10 @@
-"""The FastAPI app: auth, host and size guards, OpenAI-shaped errors, routes; `serve()`."""
+"""The FastAPI app: its config, OpenAI-shaped errors, body parsing, and `serve()` (guards: server.guards)."""
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
-import re
-import uuid
-from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,18 +16,14 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from levante.errors import ConfigError, ContextLengthError, LevanteError, RequestError
 from levante.load_config import LoadConfig
+from levante.server.hosts import is_loopback_bind, split_host
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_NAMES = ("localhost",)  # besides loopback IP literals (127.0.0.0/8, ::1)
-HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # DNS names and IPv4 literals, lowercased
-# The chat page and its assets are public (it asks for the key); the API behind it is not.
-PUBLIC_PATHS = ("/health", "/", "/static/app.js", "/static/style.css")
 
 
 @dataclass(frozen=True)
@@ -201,187 +192,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def host_name(header: str) -> str | None:
-    """The host part of a Host header, normalized; None if it is not one.
-
-    Lowercased, without port, brackets or a trailing dot: 'LOCALHOST.:8000' -> 'localhost',
-    '[::1]:8000' -> '::1', '::1' -> '::1' (a bare IPv6 literal, no port), '127.0.0.1' ->
-    '127.0.0.1'; 'a b', 'x:port' and '[::1' -> None.
-    """
-    split = split_host(header)
-    return None if split is None else split[0]
-
-
-def split_host(header: str) -> tuple[str, str | None] | None:
-    """(normalized name, port or None) of a Host header or --allowed-hosts entry (see
-    `host_name`); None if malformed. ASCII only, so no Unicode case folding maps a name onto
-    'localhost' (the Kelvin sign lowercases to 'k')."""
-    if not header.isascii():
-        return None
-    text = header.strip().lower()
-    if text.startswith("["):  # [IPv6] or [IPv6]:port
-        address, sep, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-        if not sep or (rest and not _is_port(port)) or ":" not in address:
-            return None
-        return (address, port) if _is_ip(address) else None
-    if text.count(":") > 1:  # a bare IPv6 literal cannot carry a port
-        return (text, None) if _is_ip(text) else None
-    name, colon, port = text.partition(":")
-    name = name.removesuffix(".")
-    if (colon and not _is_port(port)) or not HOST_NAME.fullmatch(name):
-        return None
-    return name, port or None
-
-
-def _is_port(text: str | None) -> bool:
-    return text is not None and text.isascii() and text.isdigit() and len(text) <= 5
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def is_loopback(name: str) -> bool:
-    """'localhost' or a loopback IP literal (127.0.0.0/8, ::1), after `host_name`.
-
-    Exact names only: '127.attacker.example' or 'localhost.evil.com' are names anyone can
-    point at any address (DNS rebinding), so they are not loopback.
-    """
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def is_loopback_bind(host: str) -> bool:
-    """Whether `serve --host` binds loopback only (and so guards against DNS rebinding)."""
-    name = host_name(host)
-    return name is not None and is_loopback(name)
-
-
-def is_allowed_host(header: str, allowed_hosts: tuple[str, ...] = ()) -> bool:
-    """Whether a loopback-bound server answers a request with this Host header."""
-    name = host_name(header)
-    return name is not None and (is_loopback(name) or name in allowed_hosts)
-
-
-def guard_middleware(config: ServerConfig) -> Callable[..., Awaitable[Response]]:
-    """API key (constant-time), DNS-rebinding Host check on loopback, body-size limit."""
-
-    checks_host = is_loopback_bind(config.host)  # bound elsewhere, there is no Host check
-
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                    ) -> Response:
-        if checks_host:
-            host = request.headers.get("host", "")
-            if not is_allowed_host(host, config.allowed_hosts):
-                return error_response(HTTPError(
-                    403, f"Host header {host[:100]!r} is not a loopback name (others need "
-                    "--allowed-hosts)", type_="invalid_request_error", code="forbidden_host"))
-        if config.api_key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                return error_response(HTTPError(
-                    401, "missing or invalid API key", type_="invalid_request_error",
-                    code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return error_response(HTTPError(
-                413, f"request body is {length} bytes; the limit is {config.max_body_bytes}",
-                type_="invalid_request_error", code="request_too_large"))
-        return await call_next(request)
-
-    return guard
-
-
-class GuardMiddleware:
-    """`guard_middleware` as plain ASGI. Not `app.middleware("http")`: Starlette's
-    BaseHTTPMiddleware hides client disconnects from `request.is_disconnected()`, so a
-    non-streaming request whose client left would run on to its end."""
-
-    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
-        self.app = app
-        self.guard = guard_middleware(config)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        passed = Response()
-
-        async def call_next(_: Request) -> Response:
-            return passed
-
-        response = await self.guard(Request(scope, receive), call_next)
-        if response is passed:
-            await self.app(scope, receive, send)
-        else:
-            await response(scope, receive, send)
-
-
-class RequestIdMiddleware:
-    """`x-request-id` on every response: the client's own (printable, <= 128 characters),
-    else a fresh one, as vLLM and most API gateways do, so logs on both sides can be joined."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
-        ok = 0 < len(given) <= 128 and all(0x21 <= c < 0x7f for c in given)
-        request_id = given if ok else uuid.uuid4().hex.encode()
-
-        async def send_with_id(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ())
-                           if k.lower() != b"x-request-id"]
-                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class UnexpectedErrorMiddleware:
-    """An unexpected exception becomes an OpenAI-shaped 500 here, logged with its traceback.
-    Not an `Exception` handler: Starlette's ServerErrorMiddleware re-raises after answering,
-    and uvicorn then closes the socket under the client (a reset instead of the 500)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracked(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracked)
-        except Exception as exc:
-            log.exception("unexpected error serving %s", scope.get("path"))
-            if started:  # a stream already under way: closing it is all that is left
-                raise
-            await error_response(exc)(scope, receive, send)
-
-
 def create_app(config: ServerConfig, state: Any) -> FastAPI:
     """The app over a ready `ServerState` (see server.routes)."""
+    from levante.server.guards import (
+        GuardMiddleware,
+        RequestIdMiddleware,
+        UnexpectedErrorMiddleware,
+    )
     from levante.server.ollama import register_ollama
     from levante.server.responses_api import register_responses
     from levante.server.routes import register

@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse, Response
 from levante.server.app import ServerConfig
 from levante.server.routes import ServerState
 
-# URL path -> (file in levante/web, media type). app.PUBLIC_PATHS lists these paths too.
+# URL path -> (file in levante/web, media type). guards.PUBLIC_PATHS lists these paths too.
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
