@@ -1,4 +1,4 @@
-"""The FastAPI app: its config, OpenAI-shaped errors, body parsing, and `serve()` (guards: server.guards)."""
+"""The FastAPI app: config, OpenAI-shaped errors, body parsing, serve(); guards: server.guards."""
 
 from __future__ import annotations
 
