@@ -283,3 +283,28 @@ def bpe_backend_from_gguf(meta: Mapping[str, Any], path: str | Path) -> HFBacken
         ]
     )
     return backend
+
+
+# llama.cpp's fill-in-the-middle token keys (gguf-py Keys.Tokenizer), by role: the current
+# name, then the older one llama.cpp still reads (prefix/suffix/middle_token_id).
+GGUF_FIM_KEYS = {
+    "pre": ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
+    "suf": ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
+    "mid": ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
+}
+
+
+def fim_ids_from_gguf(meta: Mapping[str, Any], num_tokens: int,
+                      path: str | Path) -> dict[str, int]:
+    """The FIM token ids a GGUF names, by role ("pre", "suf", "mid"); roles it does not name are
+    left out (chat.fim then looks for the token by its text, as llama.cpp does)."""
+    found = {}
+    for role, keys in GGUF_FIM_KEYS.items():
+        key = next((k for k in keys if k in meta), None)
+        if key is None:
+            continue
+        value = meta[key]
+        if type(value) is not int or not 0 <= value < num_tokens:
+            raise ModelFileError(path, f"{key} is {value!r}, not a token id below {num_tokens}")
+        found[role] = value
+    return found

@@ -15,6 +15,7 @@ from levante.gguf_vocab import (
     ADDS_BOS_BY_DEFAULT,
     TEKKEN_PRE,
     bpe_backend_from_gguf,
+    fim_ids_from_gguf,
     tekkenizer_from_gguf,
 )
 
@@ -223,8 +224,10 @@ class HFTokenizer:
         bos_id: int | None,
         eos_ids: frozenset[int],
         should_add_bos: bool,
+        named_fim_ids: Mapping[str, int] | None = None,
     ) -> None:
         self.backend = backend
+        self.named_fim_ids = dict(named_fim_ids or {})  # a GGUF's FIM keys; see chat.fim
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id = bos_id
         self.eos_ids = eos_ids
@@ -275,6 +278,7 @@ class HFTokenizer:
             bos_id=None if bos_id is None else int(bos_id),
             eos_ids=eos_ids,
             should_add_bos=bool(add_bos),
+            named_fim_ids=fim_ids_from_gguf(meta, backend.get_vocab_size(), path),
         )
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:

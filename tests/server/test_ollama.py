@@ -142,7 +142,8 @@ def test_not_json_and_missing_model(server) -> None:
 
 @pytest.mark.parametrize(("body", "needle"), [
     ({"prompt": "x", "template": "{{ .Prompt }}"}, "template is not supported"),
-    ({"prompt": "x", "suffix": "y"}, "suffix (fill in the middle) is not supported"),
+    ({"prompt": "x", "suffix": "y"}, "'smollm2' does not support suffix"),
+    ({"prompt": "x", "suffix": "y", "raw": True}, "raw is not supported with suffix"),
     ({"prompt": "x", "raw": True, "system": "s"}, "system has no effect with raw"),
     ({"prompt": "x", "images": ["aGk="]}, "images are not supported"),
 ])

@@ -57,7 +57,7 @@ def mistral_server(tiny_mistral_hf: Path) -> Iterator[LiveServer]:
 
 def test_mistral_v7_models_take_tools(mistral_server) -> None:
     shown = ollama.Client(host=mistral_server.base_url).show("tiny-mistral")
-    assert shown.capabilities == ["completion", "tools"]
+    assert shown.capabilities == ["completion", "tools", "insert"]  # Tekken has FIM
     assert shown.modelinfo["mistral.embedding_length"] == 320
     assert shown.template.startswith("# Mistral V7 instruct format")  # no template text
 

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import check_prompt_size
 from levante.chat.tools import parse_tool_calls
 from levante.engine.async_engine import RequestStream
@@ -224,7 +225,10 @@ def _encode(state: ServerState, body: ChatBody | GenerateBody) -> list[int]:
             raise RequestError("this model has no chat template; use /api/generate",
                                param="messages")
         return chat_format.encode(body.chat_messages())
-    check_prompt_size(state.bundle, len(body.prompt) + len(body.system or ""), param="prompt")
+    check_prompt_size(state.bundle, len(body.prompt) + len(body.system or "")
+                      + len(body.suffix or ""), param="prompt")
+    if body.suffix:  # check_supported refused raw, system and context with it
+        return fim_prompt_ids(tokenizer, body.prompt, body.suffix, model=body.model)
     if body.raw or chat_format is None:
         if body.system:
             raise RequestError("this model has no chat template to put system in",

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
+from levante.chat.fim import supports_fim
 from levante.engine.kv_cache import KVCache
 from levante.server.ollama_protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, tagged
+from levante.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from levante.server.ollama_aliases import Alias
@@ -78,16 +80,19 @@ def template_text(file_template: str, chat_format: ChatFormat | None) -> str:
     return file_template
 
 
-def capabilities(chat_format: ChatFormat | None) -> list[str]:
+def capabilities(chat_format: ChatFormat | None, tokenizer: Tokenizer) -> list[str]:
     """Ollama's `capabilities` for a generative model: "completion", and "tools" where the chat
     format takes tools: Mistral's V7, or a template that mentions "tools" or "tool_call" (the
-    test Ollama applies to a template). Never "embedding" (Ollama lists it only for a GGUF with
-    a `pooling_type`, an embedding model) nor "insert" (no fill-in-the-middle here)."""
+    test Ollama applies to a template); "insert" where the tokenizer has a fill-in-the-middle
+    format (Ollama's test is a template mentioning .Suffix; ours builds the prompt, chat.fim).
+    Never "embedding" (Ollama lists it only for a GGUF with a `pooling_type`)."""
     found = ["completion"]
     if isinstance(chat_format, MistralChatFormat) or (
             isinstance(chat_format, JinjaChatFormat)
             and ("tools" in chat_format.source or "tool_call" in chat_format.source)):
         found.append("tools")
+    if supports_fim(tokenizer):
+        found.append("insert")
     return found
 
 
@@ -180,6 +185,7 @@ class ModelFacts:
         template = template_text(self.template, self.state.bundle.chat_format)
         shown = {"modelfile": modelfile, "parameters": parameters, "template": template,
                  "details": self.details(), "model_info": self.model_info(),
-                 "capabilities": capabilities(self.state.bundle.chat_format),
+                 "capabilities": capabilities(self.state.bundle.chat_format,
+                                               self.state.bundle.tokenizer),
                  "modified_at": alias.modified_at or self.modified_at}
         return {**shown, "system": alias.system} if alias.system else shown

@@ -235,8 +235,11 @@ class GenerateBody(_Generating):
             raise RequestError("template is not supported: the model's own chat template is "
                                "used; send raw: true with a formatted prompt instead",
                                param="template")
-        if self.suffix:
-            raise RequestError("suffix (fill in the middle) is not supported", param="suffix")
+        if self.suffix:  # a fill-in-the-middle prompt (chat.fim) replaces the template's
+            for name in ("raw", "system", "context"):
+                if getattr(self, name):
+                    raise RequestError(f"{name} is not supported with suffix: the prompt is "
+                                       f"the model's fill-in-the-middle format", param=name)
         if self.images:
             raise RequestError("images are not supported: this model reads text only",
                                param="images")

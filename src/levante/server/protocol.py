@@ -129,9 +129,12 @@ class CompletionRequest(_Common):
 
     def params(self) -> SamplingParams:
         """With `echo`, the prompt is scored too (its tokens' logprobs when `logprobs` is set,
-        OpenAI's legacy API, which lm-eval's loglikelihood uses with max_tokens 0)."""
-        if self.suffix:
-            raise RequestError("suffix is not supported", param="suffix")
+        OpenAI's legacy API, which lm-eval's loglikelihood uses with max_tokens 0). A `suffix`
+        makes a fill-in-the-middle prompt of each text prompt (chat.fim); with `echo` it is a
+        400: the echoed prompt would be the FIM prompt, control tokens and suffix first."""
+        if self.suffix and self.echo:
+            raise RequestError("echo is not supported with suffix (fill-in-the-middle)",
+                               param="echo")
         if self.max_tokens == 0 and not self.echo:
             raise RequestError("max_tokens 0 returns nothing without echo", param="max_tokens")
         scored = (self.logprobs or 0) if self.echo else None

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.bundle import Bundle
+from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
@@ -225,7 +226,8 @@ async def _handle(request: Request, state: ServerState,
     else:
         assert isinstance(body, CompletionRequest)
         prompts = await asyncio.to_thread(
-            lambda: [_encode_text(state, p) for p in body.prompts()])
+            lambda: [_encode_text(state, p, suffix=body.suffix, model=body.model)
+                     for p in body.prompts()])
     jobs = _jobs(prompts, params, body.n)
     state.check_admissible(prompts, params, num_new=len(jobs))
     stream = Generation(state.engine, state.metrics, state.bundle.tokenizer, jobs,
@@ -241,13 +243,21 @@ async def _handle(request: Request, state: ServerState,
     return JSONResponse(await stream.collect(request))
 
 
-def _encode_text(state: ServerState, prompt: str | list[int]) -> list[int]:
+def _encode_text(state: ServerState, prompt: str | list[int], *, suffix: str | None,
+                 model: str) -> list[int]:
+    """A prompt's ids: text encoded (a fill-in-the-middle prompt with a non-empty `suffix`,
+    where an empty prompt is the start of a file), token ids as given."""
     tokenizer = state.bundle.tokenizer
     if isinstance(prompt, str):
-        if not prompt:
+        if not prompt and not suffix:
             raise RequestError("prompt is empty", param="prompt")
-        check_prompt_size(state.bundle, len(prompt), param="prompt")
+        check_prompt_size(state.bundle, len(prompt) + len(suffix or ""), param="prompt")
+        if suffix:
+            return fim_prompt_ids(tokenizer, prompt, suffix, model=model)
         return tokenizer.encode(prompt, add_bos=tokenizer.should_add_bos)
+    if suffix:
+        raise RequestError("suffix needs a text prompt: token-id prompts are sent as they are",
+                           param="suffix")
     if not all(isinstance(t, int) for t in prompt):
         raise RequestError("prompt token ids must be integers", param="prompt")
     return prompt
