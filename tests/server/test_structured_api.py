@@ -134,3 +134,16 @@ def test_mistral_v7_tool_calls_on_a_random_model(mistral_server) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
     if r.choices[0].finish_reason == "stop":
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_the_server_builds_the_grammar_compiler_before_the_first_request(smollm2_bundle) -> None:
+    """llguidance's tokenizer holds the GIL while it is built (~0.2 s): a first structured
+    request used to build it, stalling every connection meanwhile."""
+    import time
+
+    for live in start_server("smollm2", smollm2_bundle):
+        deadline = time.monotonic() + 30
+        while live.state.chats._compiler is None:  # built in the background at start
+            assert time.monotonic() < deadline, "no grammar compiler 30 s after start"
+            time.sleep(0.05)
+        assert live.state.bundle.tokenizer._plain is not None  # user text's tokenizer too

@@ -53,6 +53,13 @@ class ChatRequests:
                 self._compiler = GrammarCompiler(self.bundle.tokenizer)
             return self._compiler
 
+    def warm_up(self) -> None:
+        """Build what the first chat request would: the grammar compiler, and whatever the
+        chat format builds on its first prompt."""
+        self.compiler  # noqa: B018 - the property builds it
+        if self.bundle.chat_format is not None:
+            self.prepare([{"role": "user", "content": "Hi"}])
+
     def prepare(self, messages: list[dict[str, Any]], *,
                 tools: list[dict[str, Any]] | None = None,
                 tool_choice: str | dict[str, Any] | None = None,

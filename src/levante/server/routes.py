@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from levante.engine.async_engine import AsyncEngine
 from levante.engine.embedding import Pooling
 from levante.engine.engine import Engine, check_vocabulary
 from levante.engine.sampler import SamplingParams
-from levante.errors import RequestError
+from levante.errors import LevanteError, RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
 from levante.server.embeddings import openai_embeddings, serving_pooling
 from levante.server.metrics import Metrics
@@ -36,6 +37,8 @@ from levante.server.responses import Generation
 if TYPE_CHECKING:
     from levante.finetune.adapters import AdapterSet
     from levante.server.ollama_aliases import Alias
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,8 +59,18 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.chats = ChatRequests(self.bundle)
-        # the early size check's bound (~0.2 s for Tekken's 131K pieces), off the start path
-        threading.Thread(target=self.bundle.tokenizer.max_token_chars, daemon=True).start()
+        # Off the start path, and before clients come: the early size check's bound (~0.2 s
+        # for Tekken's 131K pieces) and what the first chat would build (llguidance's
+        # tokenizer, the plain-text tokenizer): those hold the GIL for up to 0.2 s each, which
+        # stalled every connection when a first request built them.
+        threading.Thread(target=self._warm_up, daemon=True).start()
+
+    def _warm_up(self) -> None:
+        self.bundle.tokenizer.max_token_chars()
+        try:
+            self.chats.warm_up()
+        except LevanteError as error:  # a template may refuse a one-message chat: no harm
+            log.info("chat warm-up skipped: %s", error)
 
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
