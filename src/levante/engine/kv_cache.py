@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from levante.config import KV_BYTES_PER_VALUE, ModelConfig
+from levante.engine.flex_attention import FlexKernel, FlexStep, build_flex_step
 from levante.load_config import dtype_name
 from levante.quant import kernels
 
@@ -240,6 +241,8 @@ class PagedAttention:
     query_index: torch.Tensor | None  # [T] index into the padded [B * Q] query grid
     num_seqs: int
     max_query_len: int
+    use_cpu_kernel: bool = True  # the compiled CPU kernel where it applies (float32 on CPU)
+    flex: FlexStep | None = None  # FlexAttention's block mask for this step (flex backend)
 
     def _gather(self, cache: torch.Tensor) -> torch.Tensor:
         """Each sequence's keys or values, whole blocks at a time: [B, kv_heads, L, head_dim].
@@ -264,43 +267,63 @@ class PagedAttention:
                v: torch.Tensor) -> torch.Tensor:
         """Write the new K/V into the cache, then attend over each sequence's whole context.
 
-        In float32 on CPU every step (decode, prefill chunks, draft verification, any mix)
-        reads the blocks in place with the compiled kernel (a 16-bit or q8_0 pool widened to
-        float32 as it is read), where a token's result is
+        With `use_cpu_kernel`, in float32 on CPU every step (decode, prefill chunks, draft
+        verification, any mix) reads the blocks in place with the compiled kernel (a 16-bit or
+        q8_0 pool widened to float32 as it is read), where a token's result is
         bit-identical to a decode of that token alone: it depends on neither its neighbours,
         nor the chunking, nor a prefix-cache hit. With 8-bit activations downstream, the float
-        noise SDPA's row count and chunking gave flipped near-tie greedy tokens. Other devices
-        and dtypes (or no compiler) gather each sequence's blocks and call SDPA.
+        noise SDPA's row count and chunking gave flipped near-tie greedy tokens. With `flex`
+        (it comes first) FlexAttention reads the pool in place through a block mask (GPU).
+        Otherwise (other devices and dtypes, no compiler) each sequence's blocks are gathered
+        for SDPA.
         """
         cache = self.cache
         cache.write(layer_idx, self.slot_mapping, k, v)
         k_scales, v_scales = cache.scales(layer_idx)
-        if q.device.type == "cpu" and q.dtype == torch.float32:
+        if self.flex is not None:
+            assert k_scales is None, "the flex backend reads a float pool (runner checks)"
+            out = self.flex.attend(self._padded_queries(q), cache.keys[layer_idx],
+                                   cache.values[layer_idx])
+            return self._unpadded(out)
+        if self.use_cpu_kernel and q.device.type == "cpu" and q.dtype == torch.float32:
             out = kernels.paged_attention(
                 q.contiguous(), cache.keys[layer_idx], cache.values[layer_idx], self.block_tables,
                 self.context_lens, self.query_lens, block_size=cache.block_size,
                 k_scales=k_scales, v_scales=v_scales)
             if out is not None:
                 return out
-        b, qn = self.num_seqs, self.max_query_len
+        queries = self._padded_queries(q)  # [B, heads, Q, head_dim]
         keys = self._gather_as(cache.keys[layer_idx], k_scales, q.dtype)
         values = self._gather_as(cache.values[layer_idx], v_scales, q.dtype)
-        if self.query_index is None:  # one new token per sequence, in order
-            queries = q.view(b, 1, *q.shape[1:]).transpose(1, 2)
-        else:
-            padded = q.new_zeros(b * qn, *q.shape[1:])
-            padded[self.query_index] = q
-            queries = padded.view(b, qn, *q.shape[1:]).transpose(1, 2)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask,
                                              enable_gqa=True)
-        out = out.transpose(1, 2).reshape(b * qn, *q.shape[1:])  # [B * Q, heads, head_dim]
+        return self._unpadded(out)
+
+    def _padded_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """[T, heads, head_dim] -> [B, heads, Q, head_dim], each sequence's rows from 0."""
+        b, qn = self.num_seqs, self.max_query_len
+        if self.query_index is None:  # one new token per sequence, in order
+            return q.view(b, 1, *q.shape[1:]).transpose(1, 2)
+        padded = q.new_zeros(b * qn, *q.shape[1:])
+        padded[self.query_index] = q
+        return padded.view(b, qn, *q.shape[1:]).transpose(1, 2)
+
+    def _unpadded(self, out: torch.Tensor) -> torch.Tensor:
+        """`_padded_queries` undone: [B, heads, Q, head_dim] -> [T, heads, head_dim]."""
+        out = out.transpose(1, 2).reshape(self.num_seqs * self.max_query_len, out.shape[1],
+                                          out.shape[3])
         return out if self.query_index is None else out[self.query_index]
 
 
 def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
                           context_lens: list[int], query_lens: list[int],
-                          device: torch.device | str = "cpu") -> PagedAttention:
-    """Index tensors for a step (see `PagedAttention` for the layout)."""
+                          device: torch.device | str = "cpu", use_cpu_kernel: bool = True,
+                          flex: FlexKernel | None = None) -> PagedAttention:
+    """Index tensors for a step (see `PagedAttention` for the layout).
+
+    `use_cpu_kernel` False forces the gather + SDPA path on CPU; `flex` attends with
+    FlexAttention through a block mask instead of gathering (see `flex_attention`).
+    """
     bs = cache.block_size
     num_seqs = len(context_lens)
     max_len = max(context_lens)
@@ -332,8 +355,14 @@ def build_paged_attention(cache: KVCache, *, block_tables: list[list[int]],
         mask = mask[:, None]
         query_index = (torch.arange(num_seqs * max_q).view(num_seqs, max_q))[q_valid]
         query_index = query_index.to(device)
+    table, ctx, qlen = table.to(device), ctx.to(device), qlen.to(device)
+    step = None
+    if flex is not None:
+        mask = None  # the block mask replaces the dense one
+        step = build_flex_step(flex, block_tables=table, context_lens=ctx, query_lens=qlen,
+                               num_blocks=cache.num_blocks, block_size=bs, max_query_len=max_q)
     return PagedAttention(
-        cache=cache, slot_mapping=slot_mapping.to(device),
-        block_tables=table.to(device), context_lens=ctx.to(device), query_lens=qlen.to(device),
-        context_len=max_len, mask=None if mask is None else mask.to(device),
-        query_index=query_index, num_seqs=num_seqs, max_query_len=max_q)
+        cache=cache, slot_mapping=slot_mapping.to(device), block_tables=table, context_lens=ctx,
+        query_lens=qlen, context_len=max_len, mask=None if mask is None else mask.to(device),
+        query_index=query_index, num_seqs=num_seqs, max_query_len=max_q,
+        use_cpu_kernel=use_cpu_kernel, flex=step)
