@@ -13,6 +13,7 @@ from levante.errors import ConfigError
 # (see `Engine.kv_cache_dtype`). Here, not in load_config, so this module needs no torch.
 KV_BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 1 + 2 / 32}
 KV_CACHE_DTYPES = ("auto", *KV_BYTES_PER_VALUE)
+ATTENTION_BACKENDS = ("auto", "cpu_kernel", "sdpa", "flex")
 
 MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
                  "head_dim": 4096, "vocab_size": 2**22}
@@ -331,6 +332,12 @@ class EngineConfig:
     # CPU float32 path already is (its kernels); elsewhere each sequence then runs in its own
     # forward pass: exact, at the cost of batching.
     batch_invariant: bool = False
+    # Which attention reads the paged KV pool: "auto" (the CPU kernel on CPU in float32,
+    # FlexAttention on CUDA where torch has it, else SDPA), "cpu_kernel" (the compiled C++
+    # kernel, CPU float32), "sdpa" (gather each sequence's blocks per layer, then SDPA) or
+    # "flex" (FlexAttention reading the pool in place through a block mask; compiled on CUDA,
+    # eager and slow elsewhere: forcing it on CPU is for tests).
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -348,6 +355,9 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ConfigError(f"EngineConfig.num_kv_blocks must be positive, got "
                               f"{self.num_kv_blocks!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"EngineConfig.attention_backend must be one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"EngineConfig.kv_cache_dtype must be one of "
                               f"{', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

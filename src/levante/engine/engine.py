@@ -148,9 +148,11 @@ class Engine:
         self.pool = BlockPool(num_blocks, enable_caching=self.config.enable_prefix_caching)
         cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
                         dtype=dtype, device=model.rope_cos.device)
-        self.runner = ModelRunner(model, cache, adapters=adapters)
+        self.runner = ModelRunner(model, cache, adapters=adapters,
+                                  attention_backend=self.config.attention_backend)
         # Batch invariance by splitting, where the kernels do not give it already.
-        self.split_batches = self.config.batch_invariant and not invariant_kernels(model)
+        self.split_batches = self.config.batch_invariant and not (
+            invariant_kernels(model) and self.runner.attention_backend == "cpu_kernel")
         self.scheduler = Scheduler(self.config, self.pool)
         eos = set(model.config.eos_ids) | (set(tokenizer.eos_ids) if tokenizer else set())
         self.eos_ids = frozenset(eos)
@@ -170,11 +172,13 @@ class Engine:
         """The pool's storage: the one named, or for "auto" 16 bits, as llama.cpp and GPU
         servers keep it: the activations' dtype if it is 16-bit, else float16 when the CPU
         kernel computes in float32 (it widens each block exactly as it reads it), else the
-        activations' dtype. Mistral Small 3 at 32K: 5 GiB, not 10."""
+        activations' dtype. Mistral Small 3 at 32K: 5 GiB, not 10. (Only where the CPU kernel
+        may run: the SDPA and flex backends read the pool as the activations' dtype.)"""
         if config.kv_cache_dtype != "auto":
             return config.kv_cache_dtype
         dtype = model.model.embed_tokens.weight.dtype
-        if dtype == torch.float32 and model.rope_cos.device.type == "cpu" and kernels.available():
+        if (dtype == torch.float32 and model.rope_cos.device.type == "cpu" and kernels.available()
+                and config.attention_backend in ("auto", "cpu_kernel")):
             return torch.float16
         return dtype
 

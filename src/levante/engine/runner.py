@@ -2,27 +2,71 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
 
+from levante.engine import flex_attention
+from levante.engine.flex_attention import FlexKernel
 from levante.engine.kv_cache import KVCache, build_paged_attention
 from levante.engine.scheduler import Batch
+from levante.errors import ConfigError
 from levante.model import Transformer
+from levante.quant import kernels
 
 if TYPE_CHECKING:
     from levante.finetune.adapters import AdapterSet
+
+
+log = logging.getLogger(__name__)
+
+ATTENTION_LOG = {
+    "cpu_kernel": "the compiled CPU paged kernel (reads the pool in place)",
+    "sdpa": "SDPA over each sequence's blocks, gathered per layer",
+    "flex": "FlexAttention over the paged pool through a block mask ({compiled})",
+}
+
+
+def resolve_attention_backend(requested: str, model: Transformer, cache: KVCache) -> str:
+    """The backend `requested` ("auto" or a name, see EngineConfig) means for this model and
+    pool: "cpu_kernel", "sdpa" or "flex"; a forced one that cannot run is a ConfigError."""
+    device = model.rope_cos.device.type
+    dtype = model.model.embed_tokens.weight.dtype
+    cpu_kernel_runs = device == "cpu" and dtype == torch.float32 and kernels.available()
+    flex_problem = flex_attention.unsupported_reason(
+        device_type=device, block_size=cache.block_size, kv_dtype=cache.kv_dtype,
+        activation_dtype=dtype)
+    if requested == "auto":
+        if cpu_kernel_runs:
+            return "cpu_kernel"
+        if device == "cuda" and flex_problem is None:
+            return "flex"
+        if device == "cuda":
+            log.info("attention: not FlexAttention: %s", flex_problem)
+        return "sdpa"
+    if requested == "cpu_kernel" and not cpu_kernel_runs:
+        raise ConfigError(f"attention_backend 'cpu_kernel' needs float32 activations on the CPU "
+                          f"with the compiled kernels; this model is {dtype} on {device}"
+                          f"{'' if kernels.available() else ', and the kernels did not build'}")
+    if requested == "flex" and flex_problem is not None:
+        raise ConfigError(f"attention_backend 'flex' cannot run: {flex_problem}")
+    return requested
 
 
 class ModelRunner:
     """Owns the model and the KV cache; one `run` per engine step."""
 
     def __init__(self, model: Transformer, cache: KVCache, *,
-                 adapters: AdapterSet | None = None) -> None:
+                 adapters: AdapterSet | None = None, attention_backend: str = "auto") -> None:
         self.model = model
         self.cache = cache
         self.adapters = adapters
         self.device = model.rope_cos.device
+        self.attention_backend = resolve_attention_backend(attention_backend, model, cache)
+        self.flex = FlexKernel.for_device(self.device) if self.attention_backend == "flex" else None
+        compiled = "compiled" if self.flex is not None and self.flex.is_compiled else "eager"
+        log.info("attention: %s", ATTENTION_LOG[self.attention_backend].format(compiled=compiled))
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
@@ -52,7 +96,8 @@ class ModelRunner:
                 sample_requests.extend([i] * (1 + len(drafts)))
         attention = build_paged_attention(
             self.cache, block_tables=[r.block_ids for r in batch.requests],
-            context_lens=context_lens, query_lens=list(batch.num_new_tokens), device=self.device)
+            context_lens=context_lens, query_lens=list(batch.num_new_tokens), device=self.device,
+            use_cpu_kernel=self.attention_backend == "cpu_kernel", flex=self.flex)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.adapters is not None:
