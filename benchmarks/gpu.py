@@ -3,7 +3,9 @@
 One prepared script for a lent GPU (target: under 8 minutes on an H100), printing one table:
 batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode, time to
 first token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams, batched
-and with --batch-invariant (each sequence in its own forward pass).
+and with --batch-invariant (each sequence in its own forward pass). The engine's attention
+(EngineConfig.attention_backend "auto": FlexAttention over the paged pool on CUDA) is printed,
+and a last row races FlexAttention against SDPA over gathered blocks on the same streams.
 
     python benchmarks/gpu.py                      # on a GPU: the real preset
     python benchmarks/gpu.py --scale 16 --device cpu --bandwidth-gbs 20   # CPU smoke run
@@ -23,6 +25,7 @@ import torch
 from levante.config import EngineConfig, ModelConfig, preset
 from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
+from levante.errors import ConfigError
 from levante.model import Transformer
 
 
@@ -108,6 +111,8 @@ def main() -> None:
                                  max_num_batched_tokens=2048,
                                  num_kv_blocks=args.streams * 2048 // 16 // 4)
     engine = Engine(model, None, engine_config)
+    print(f"attention: {engine.runner.attention_backend}"
+          f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}")
     decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # warm-up
     bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
@@ -127,10 +132,33 @@ def main() -> None:
     rows.append(("  with --batch-invariant", f"{split_rate:.1f} tok/s",
                  f"{split_rate / rate:.2f}x of batched"))
     del invariant
+    rows.append(_attention_row(model, engine_config, args, device))
     rows.append(_int8_row(model, engine_config, args, device))
     print(f"{'measure':<34}{'value':>16}  note")
     for label, value, note in rows:
         print(f"{label:<34}{value:>16}  {note}")
+
+
+def _attention_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
+                   device: str) -> tuple[str, str, str]:
+    """Aggregate decode with FlexAttention against SDPA over gathered blocks, same streams.
+
+    Off CUDA, flex runs eagerly over the whole pool's score matrix: 2 streams at most there.
+    """
+    streams = args.streams if device == "cuda" else min(args.streams, 2)
+    rates = {}
+    for backend in ("flex", "sdpa"):
+        config = dataclasses.replace(engine_config, attention_backend=backend)
+        try:
+            engine = Engine(model, None, config)
+        except ConfigError as e:
+            return (f"flex vs sdpa, {streams} streams", "n/a", str(e))
+        decode_rate(engine, batch=streams, prompt_len=16, new_tokens=4, device=device)
+        rates[backend], _ = decode_rate(engine, batch=streams, prompt_len=64,
+                                        new_tokens=args.new_tokens, device=device)
+        del engine
+    return (f"flex vs sdpa, {streams} streams", f"{rates['flex']:.1f} tok/s",
+            f"sdpa {rates['sdpa']:.1f} tok/s: flex {rates['flex'] / rates['sdpa']:.2f}x")
 
 
 def _int8_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
