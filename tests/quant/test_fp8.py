@@ -18,6 +18,7 @@ from levante import LLM, SamplingParams
 from levante.bundle import load
 from levante.errors import ConfigError
 from levante.load_config import LoadConfig
+from levante.plan import plan
 from levante.quant.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -226,3 +227,15 @@ def test_engine_generates_deterministically(tiny_mistral_hf: Path) -> None:
     attention = llm.bundle.model.model.layers[0].self_attn
     assert isinstance(attention.joined(), Fp8Linear)  # the engine fused q/k/v in fp8
 
+
+def test_plan_counts_fp8_by_hand() -> None:
+    result = plan("mistral-small-3", quant="fp8", context=4096)
+    dim, vocab, layers = 5120, 131072, 40
+    rows = 4096 + 1024 + 1024 + 5120 + 32768 + 32768 + 5120  # q k v o gate up down
+    linear_params = dim * (4096 + 1024 + 1024) + 4096 * dim + 3 * dim * 32768
+    expected = (layers * (linear_params + 4 * rows)  # 1-byte codes + f32 scales
+                + 2 * vocab * dim * 2  # bf16 embedding and lm_head
+                + (2 * layers + 1) * dim * 2)  # norms
+    assert result.quant == "fp8" and result.weights_bytes == expected == 24_928_102_400
+    fp8_row = {row.format: row for row in result.rows}["fp8"]
+    assert fp8_row.weights_bytes == expected and 8.4 < fp8_row.bits_per_weight < 8.5
