@@ -23,6 +23,8 @@ def test_gpu_script_runs_scaled_down_on_cpu() -> None:
     assert any(line.startswith("bf16 decode, batch 1") and "of bound" in line for line in lines)
     assert any(line.startswith("bf16 TTFT, 500-token prompt") for line in lines)
     assert any(line.startswith("bf16 aggregate, 2 streams") for line in lines)
+    assert any(line.startswith("fp8 decode, batch 1 (dequantize)") and "of bound" in line
+               for line in lines)
 
 
 def load_features() -> ModuleType:
