@@ -16,16 +16,20 @@ from torch import nn
 
 from levante import LLM, SamplingParams
 from levante.bundle import load
+from levante.config import preset
 from levante.errors import ConfigError
 from levante.load_config import LoadConfig
+from levante.model import Transformer
 from levante.plan import plan
 from levante.quant.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
+    SCALED_MM_MIN_CAPABILITY,
     Fp8Linear,
     check_device,
     default_kernel,
     quantize_fp8,
+    quantize_model_fp8,
 )
 
 E4M3_RELATIVE = 2.0**-4  # half a step of a 3-bit mantissa
@@ -239,3 +243,40 @@ def test_plan_counts_fp8_by_hand() -> None:
     assert result.quant == "fp8" and result.weights_bytes == expected == 24_928_102_400
     fp8_row = {row.format: row for row in result.rows}["fp8"]
     assert fp8_row.weights_bytes == expected and 8.4 < fp8_row.bits_per_weight < 8.5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_kernel_runs_batch_one_close_to_the_weights() -> None:
+    kernel = default_kernel("cuda")
+    if torch.cuda.get_device_capability() >= SCALED_MM_MIN_CAPABILITY:
+        assert kernel == "scaled_mm", "an fp8 GPU fell back to weight-only (see the warning)"
+    weight = _weight(1024, 512, seed=8).cuda()
+    layer = Fp8Linear.from_float(weight, kernel=kernel)
+    for num_tokens in (1, 3, 64):
+        x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, 1024)
+        expected = F.linear(x.float(), layer.dequantize())
+        assert _relative(out.float(), expected).max() < E4M3_RELATIVE
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_peak_memory_stays_near_the_fp8_size() -> None:
+    config = preset("mistral-small-3").replace(num_layers=16, dim=2048, num_heads=16,
+                                                num_kv_heads=4, ffn_dim=8192, vocab_size=4096,
+                                                max_seq_len=1024)
+    model = Transformer(config).to(torch.bfloat16)  # on the CPU, as `--quant fp8` builds it
+    linear_bytes = sum(m.weight.numel() * 2 for m in _decoder_linears(model))
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    quantize_model_fp8(model, device="cuda").to("cuda")
+    peak = torch.cuda.max_memory_allocated() - start
+    rest = 2 * config.vocab_size * config.dim * 2  # bf16 embedding and head
+    largest = config.ffn_dim * config.dim  # in flight: one bf16 weight, two f32 row chunks
+    assert peak < linear_bytes / 2 * 1.02 + rest + largest * (2 + 8)
+    assert peak < 0.7 * (linear_bytes + rest)  # 1.9 GB in bf16: never all on the GPU
