@@ -1,11 +1,12 @@
 """GPU benchmark for the `mistral-small-3` preset with random weights (same shapes, same speed).
 
 One prepared script for a lent GPU (target: under 8 minutes on an H100), printing one table:
-batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode, time to
-first token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams, batched
-and with --batch-invariant (each sequence in its own forward pass). The engine's attention
+batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode, fp8 decode
+(`--quant fp8`: fp8 matmuls on Ada/Hopper) against the bound of its own bytes, time to first
+token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams, batched and
+with --batch-invariant (each sequence in its own forward pass). The engine's attention
 (EngineConfig.attention_backend "auto": FlexAttention over the paged pool on CUDA) is printed,
-and a last row races FlexAttention against SDPA over gathered blocks on the same streams.
+and a row races FlexAttention against SDPA over gathered blocks on the same streams.
 
     python benchmarks/gpu.py                      # on a GPU: the real preset
     python benchmarks/gpu.py --scale 16 --device cpu --bandwidth-gbs 20   # CPU smoke run
@@ -134,6 +135,10 @@ def main() -> None:
     del invariant
     rows.append(_attention_row(model, engine_config, args, device))
     rows.append(_int8_row(model, engine_config, args, device))
+    del model  # now int8; fp8 starts again from a bf16 model, so only one is held at a time
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    rows.append(_fp8_row(config, engine_config, args, device, bf16_bound=bound))
     print(f"{'measure':<34}{'value':>16}  note")
     for label, value, note in rows:
         print(f"{label:<34}{value:>16}  {note}")
@@ -174,6 +179,22 @@ def _int8_row(model: Transformer, engine_config: EngineConfig, args: argparse.Na
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
                           device=device)
     return ("int8 decode, batch 1", f"{rate:.1f} tok/s", "target >= 150 tok/s on an H100")
+
+
+def _fp8_row(config: ModelConfig, engine_config: EngineConfig, args: argparse.Namespace,
+             device: str, *, bf16_bound: float) -> tuple[str, str, str]:
+    """fp8 e4m3 decode (`quantize_model_fp8`, as `--quant fp8` loads) against its HBM bound."""
+    from levante.quant.fp8 import quantize_model_fp8
+
+    model = quantize_model_fp8(random_model(config, torch.bfloat16, device))
+    kernel = model.model.layers[0].mlp.down_proj.kernel
+    engine = Engine(model, None, engine_config)
+    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)
+    rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
+                          device=device)
+    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
+    return (f"fp8 decode, batch 1 ({kernel})", f"{rate:.1f} tok/s",
+            f"{rate / bound:.0%} of bound {bound:.1f} ({bound / bf16_bound:.2f}x bf16's)")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,12 @@ def load(ref: str, config: LoadConfig | None = None, *, dtype: torch.dtype | str
     nothing else is stored. quant: "auto" computes with a GGUF file's own blocks on the CPU
     (elsewhere they are dequantized to the device's dtype, as "none" does everywhere) and
     keeps a safetensors checkpoint's float weights; "gguf" insists on the blocks; "int8" /
-    "int4" quantize a float checkpoint's linears at load, and "q8_0" / "q4_k_m" / ... to the
-    GGUF types llama.cpp's quantizer would write (CPU kernels, float32 activations). The returned Bundle's
-    `load_config` holds the concrete choices.
+    "int4" quantize a float checkpoint's linears at load, "fp8" its decoder linears to
+    float8_e4m3fn (`quant.fp8`: fp8 matmuls on Ada/Hopper GPUs, weight-only elsewhere; each
+    weight is quantized as it reaches the device, so the device never holds the bf16 model),
+    and "q8_0" / "q4_k_m" / ... to the GGUF types llama.cpp's quantizer would write (CPU
+    kernels, float32 activations). The returned Bundle's `load_config` holds the concrete
+    choices.
 
     The keyword arguments build the LoadConfig for callers written before it (`dtype` as a
     torch dtype or a name); they cannot be combined with `config`.
@@ -88,6 +91,10 @@ def _load(ref: str, path: Path, config: LoadConfig) -> Bundle:
         from levante.quant.linear import quantize_model
 
         quantize_model(bundle.model, loaded.quant)
+    elif loaded.quant == "fp8":  # built on the CPU (`_build_device`): one weight at a time
+        from levante.quant.fp8 import quantize_model_fp8
+
+        bundle.model = quantize_model_fp8(bundle.model, device=loaded.device).to(loaded.device)
     elif loaded.quant in GGUF_LOAD_FORMATS:  # the float weights become GGUF blocks, one by one
         from levante.quant.gguf_linear import quantize_model_gguf
 
@@ -171,6 +178,11 @@ def _limit(config: ModelConfig, max_seq_len: int | None) -> ModelConfig:
 def _gguf_quant(load_config: LoadConfig, gguf_file: GGUFFile) -> LoadConfig:
     """quant and dtype made concrete for a GGUF file on the (resolved) device."""
     quant, device = load_config.quant, load_config.device
+    if quant == "fp8":
+        raise ConfigError(f"--quant fp8 quantizes a float (safetensors) checkpoint at load; "
+                          f"{gguf_file.path.name} is a GGUF and runs from its own blocks "
+                          f"(--quant auto), or dequantized (--quant none); for fp8, load the "
+                          f"model's safetensors checkpoint")
     if quant in GGUF_LOAD_FORMATS:
         raise ConfigError(f"--quant {quant} quantizes a float checkpoint at load; "
                           f"{gguf_file.path.name} is a GGUF and runs from its own blocks "
@@ -255,11 +267,15 @@ def _safetensors_quant(load_config: LoadConfig, path: Path, stored: torch.dtype 
     """quant and dtype made concrete for a safetensors checkpoint."""
     if load_config.quant == "gguf":
         raise ConfigError(f"--quant gguf needs a GGUF file; {path} is a safetensors folder "
-                          f"(use int8 or int4)")
+                          f"(use int8, int4 or fp8)")
     quant = "none" if load_config.quant == "auto" else load_config.quant
+    if quant == "fp8":
+        from levante.quant.fp8 import check_device
+
+        check_device(load_config.device)
     if quant in GGUF_LOAD_FORMATS and load_config.device != "cpu":
         raise ConfigError(f"--quant {quant} computes with the CPU's GGUF kernels, not on "
-                          f"{load_config.device}; use --quant none, int8 or int4 there")
+                          f"{load_config.device}; use --quant none, int8, int4 or fp8 there")
     return load_config.replace(quant=quant).with_dtype(stored)
 
 
@@ -274,11 +290,24 @@ def _load_hf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
         raise ModelFileError(path / "config.json", str(e)) from None
     load_config = _safetensors_quant(load_config, path, checkpoint_dtype(path))
     state = load_safetensors_state_dict(hf_shards(path), config, dtype=load_config.torch_dtype,
-                                        row_groups=fused_row_groups(config))
+                                        row_groups=_row_groups(config, load_config))
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
-    model = Transformer.from_state_dict(config, state, device=load_config.device)
+    model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
     return Bundle(ref, path, "safetensors-hf", config, model, tokenizer, chat, load_config)
+
+
+def _build_device(load_config: LoadConfig) -> str:
+    """Where the float model is built: "fp8" builds it on the CPU (the checkpoint's memory
+    map) and moves each weight to the device only as it is quantized."""
+    return "cpu" if load_config.quant == "fp8" else load_config.device
+
+
+def _row_groups(config: ModelConfig, load_config: LoadConfig) -> list[tuple[str, ...]]:
+    """`fused_row_groups`, except under "fp8": every weight is replaced by its fp8 codes, so
+    reading q/k/v and gate/up into joined float buffers would only hold the float model in
+    memory; left in the memory map, each weight is read once, as it is quantized."""
+    return [] if load_config.quant == "fp8" else fused_row_groups(config)
 
 
 def fused_row_groups(config: ModelConfig) -> list[tuple[str, ...]]:
@@ -297,10 +326,11 @@ def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     files = consolidated_shards(path)
     load_config = _safetensors_quant(load_config, path, safetensors_dtype(files))
     state = load_safetensors_state_dict(files, config, dtype=load_config.torch_dtype,
-                                        consolidated=True, row_groups=fused_row_groups(config))
+                                        consolidated=True,
+                                        row_groups=_row_groups(config, load_config))
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
-    model = Transformer.from_state_dict(config, state, device=load_config.device)
+    model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
     return Bundle(ref, path, "safetensors-consolidated", config, model, tokenizer, chat,
                   load_config)
 

@@ -26,7 +26,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 DTYPE_NAMES = ("auto", *DTYPES)
 # GGUF formats a float checkpoint can be quantized to at load (`gguf_linear.quantize_model_gguf`)
 GGUF_LOAD_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
-QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4", *GGUF_LOAD_FORMATS)
+QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4", "fp8", *GGUF_LOAD_FORMATS)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -44,7 +44,7 @@ class LoadConfig:
 
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto: the checkpoint's own precision | float32 | bfloat16 | float16
-    quant: str = "auto"  # auto | none | gguf | int8 | int4 (see `bundle.load`)
+    quant: str = "auto"  # auto | none | gguf | int8 | int4 | fp8 | q8_0 ... (see `bundle.load`)
     kv_cache_dtype: str = "auto"  # auto: the activations' dtype
     max_model_len: int | None = None  # tokens per sequence; None: the model's context
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: sized automatically

@@ -40,7 +40,7 @@ POST_ROWS = {"f16": ("FP16", 48e9), "q8_0": ("8-bit", 24e9), "q4_k_m": ("Q4_K_M"
 FLOAT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0}
 SINGLE_TYPES = {"q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 K_MIXES = ("q5_k_m", "q4_k_m", "q3_k_m")
-LEVANTE_FORMATS = ("int8", "int4")  # levante.quant.linear, computed in memory
+LEVANTE_FORMATS = ("int8", "int4", "fp8")  # levante.quant.linear / .fp8, computed in memory
 FORMATS = (*FLOAT_BITS, *SINGLE_TYPES, *K_MIXES, *LEVANTE_FORMATS)
 # llama.cpp falls back to these when a row is not whole 256-value super-blocks
 K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
@@ -111,6 +111,8 @@ def tensor_bytes(fmt: str, name: str, shape: tuple[int, ...], num_layers: int) -
     rows, cols = shape
     if name == "model.embed_tokens.weight" and fmt in LEVANTE_FORMATS:  # stays bf16
         return count * 2
+    if fmt == "fp8":  # e4m3 codes + an f32 scale per row; the head stays bf16 (quant.fp8)
+        return count * 2 if name == "lm_head.weight" else count + 4 * rows
     if fmt == "int8" or (fmt == "int4" and name == "lm_head.weight"):  # + an f32 scale per row
         return count + 4 * rows
     if fmt == "int4":  # nibbles + bf16 scale and zero per group of 32
@@ -242,7 +244,7 @@ def _format_bytes(fmt: str, weights: _Weights) -> int:
     config = weights.config
     total = sum(tensor_bytes(fmt, name, shape, config.num_layers)
                 for name, shape in weights.shapes.items())
-    if fmt in LEVANTE_FORMATS and config.tie_embeddings:  # quantize_model's int8 head copy
+    if fmt in ("int8", "int4") and config.tie_embeddings:  # quantize_model's int8 head copy
         total += tensor_bytes(fmt, "lm_head.weight", (config.vocab_size, config.dim),
                               config.num_layers)
     return total

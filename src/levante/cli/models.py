@@ -29,7 +29,8 @@ Dtype = Annotated[str, typer.Option(
          "| float16")]
 Quant = Annotated[str, typer.Option(
     help="auto (a GGUF computes with its own blocks on the CPU, safetensors stay float) | none "
-         "(float; a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load) | q8_0 | "
+         "(float; a GGUF is dequantized) | gguf | int8 | int4 (weight-only, at load) | fp8 (e4m3 "
+         "at load: fp8 matmuls on Ada/Hopper, weight-only elsewhere; not MPS) | q8_0 | "
          "q6_k | q5_k_m | q4_k_m | q3_k_m (a float checkpoint to llama.cpp's GGUF types at load, "
          "CPU)")]
 KVCacheDtype = Annotated[str, typer.Option(

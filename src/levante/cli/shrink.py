@@ -120,7 +120,7 @@ def plan(
     ref: Annotated[str, typer.Argument(help="a preset (mistral-small-3, smollm2) or model ref")],
     quant: Annotated[str | None, typer.Option(help="f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | "
                                                    "q4_k_m | q4_0 | q4_1 | q3_k_m | int8 | "
-                                                   "int4 (default: as stored, bf16 for a "
+                                                   "int4 | fp8 (default: as stored, bf16 for a "
                                                    "preset)")] = None,
     context: Annotated[int | None, typer.Option(help="tokens per sequence (default: the "
                                                      "model's context)")] = None,
