@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from levante import LLM
-    from levante.structured import GrammarCompiler
+    from levante.chat.grammars import GrammarCompiler
 
     llm = LLM(args.ref, max_model_len=1024)
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
 from levante.bundle import Bundle, load
+from levante.chat.grammars import GrammarCompiler
 from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
@@ -23,7 +24,6 @@ from levante.engine.sampler import SamplingParams
 from levante.errors import RequestError
 from levante.structured import (
     Grammar,
-    GrammarCompiler,
     Matcher,
     MatcherError,
     fill_masks,

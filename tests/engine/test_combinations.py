@@ -22,11 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from levante.bundle import Bundle, load
+from levante.chat.grammars import GrammarCompiler
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
 from levante.quant import kernels
-from levante.structured import Grammar, GrammarCompiler
+from levante.structured import Grammar
 
 NUM_RANDOM_SEEDS = 24
 REGRESSIONS: dict[int, str] = {}  # seed -> what it caught, once one fails

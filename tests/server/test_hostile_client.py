@@ -191,16 +191,16 @@ def many_tools(count: int) -> list[dict]:
 @pytest.fixture()
 def compiles(monkeypatch) -> list[str]:
     """The lark source of every grammar the server compiles from here on."""
-    from levante import structured
+    from levante.chat import grammars
 
     seen: list[str] = []
 
-    class Counted(structured.Grammar):
+    class Counted(grammars.Grammar):
         def __init__(self, compiler, lark: str, *, param: str) -> None:
             seen.append(lark)
             super().__init__(compiler, lark, param=param)
 
-    monkeypatch.setattr(structured, "Grammar", Counted)
+    monkeypatch.setattr(grammars, "Grammar", Counted)
     return seen
 
 
@@ -223,11 +223,11 @@ def test_the_same_128_tools_compile_once(http, server, compiles) -> None:
 
 
 def test_a_refused_tool_set_is_not_recompiled(http, server, monkeypatch) -> None:
-    from levante import structured
+    from levante.chat import grammars
 
     calls = []
-    original = structured.check_recursion_ends
-    monkeypatch.setattr(structured, "check_recursion_ends",
+    original = grammars.check_recursion_ends
+    monkeypatch.setattr(grammars, "check_recursion_ends",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
     body = {**CHAT, "tools": tool_with(endless)}

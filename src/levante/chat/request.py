@@ -21,9 +21,10 @@ from typing import Any
 
 from levante.bundle import Bundle
 from levante.chat import MistralChatFormat, check_messages
+from levante.chat.grammars import GrammarCompiler
 from levante.chat.tools import resolve_tool_choice, tools_system_prompt, validate_tools
 from levante.errors import ContextLengthError, RequestError
-from levante.structured import Grammar, GrammarCompiler
+from levante.structured import Grammar
 from levante.tokenizer import longer_than_chars
 
 

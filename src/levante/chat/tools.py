@@ -1,6 +1,6 @@
 """Tool definitions, tool_choice and tool-call parsing: Mistral V7 [TOOL_CALLS] and JSON-in-text for templates without tools.
 
-Two call syntaxes ("chat styles"), both constrained by grammar (levante.structured):
+Two call syntaxes ("chat styles"), both constrained by grammar (levante.chat.grammars):
 
 - "mistral": what mistral-common's V7 instruct tokenizer encodes for an assistant turn with
   calls, and so what Mistral Small 3 emits: the control token [TOOL_CALLS] (id 9) followed by
