@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from levante.config import EngineConfig, ModelConfig
+from levante.config import EngineConfig
 from levante.engine.engine import Engine
 from levante.engine.sampler import SamplingParams
 from levante.errors import ContextLengthError, RequestError
 from levante.model import Transformer
-from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
-
-
-@pytest.fixture(scope="module")
-def model(tiny_mistral_hf: Path) -> Transformer:
-    config = ModelConfig.from_hf(json.loads((tiny_mistral_hf / "config.json").read_text()))
-    config = config.replace(max_seq_len=512)
-    state = load_safetensors_state_dict(hf_shards(tiny_mistral_hf), config, dtype=torch.float32)
-    return Transformer.from_state_dict(config, state)
 
 
 def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:

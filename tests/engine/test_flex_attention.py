@@ -3,10 +3,8 @@ attention; its block mask lists exactly the blocks the mask_mod lets each query 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from levante.engine.sampler import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 from levante.quant import kernels
-from levante.weights.safetensors import hf_shards, load_safetensors_state_dict
 
 pytestmark = [
     pytest.mark.skipif(not flex_attention.is_available(), reason="this torch has no FlexAttention"),
@@ -163,14 +160,6 @@ def test_auto_backend_on_cpu_is_the_kernel_in_float32_else_sdpa() -> None:
         assert resolve_attention_backend("auto", Transformer(CONFIG).eval(), cache) == "cpu_kernel"
     with pytest.raises(ConfigError, match="cpu_kernel"):
         resolve_attention_backend("cpu_kernel", half, cache)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_mistral_hf: Path) -> Transformer:
-    config = ModelConfig.from_hf(json.loads((tiny_mistral_hf / "config.json").read_text()))
-    config = config.replace(max_seq_len=512)
-    state = load_safetensors_state_dict(hf_shards(tiny_mistral_hf), config, dtype=torch.float32)
-    return Transformer.from_state_dict(config, state)
 
 
 def test_engine_greedy_tokens_with_flex_equal_the_default(

@@ -33,6 +33,22 @@ class LiveServer:
         raise AssertionError("engine still busy")
 
 
+def fail_model_step(server: LiveServer, monkeypatch, *, on_call: int, message: str) -> None:
+    """Make the engine's `on_call`-th model step (1-based) raise RuntimeError(message); the
+    steps before and after it run as usual."""
+    runner = server.engine.runner
+    original = runner.run
+    calls = {"n": 0}
+
+    def failing(batch):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise RuntimeError(message)
+        return original(batch)
+
+    monkeypatch.setattr(runner, "run", failing)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,23 +12,13 @@ import time
 import httpx
 import openai
 
-from tests.server.conftest import free_port
+from tests.server.conftest import fail_model_step, free_port
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
 
 
 def test_model_step_exception_fails_requests_and_engine_goes_on(server, monkeypatch) -> None:
-    runner = server.engine.runner
-    original = runner.run
-    calls = {"n": 0}
-
-    def flaky(batch):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected fault")
-        return original(batch)
-
-    monkeypatch.setattr(runner, "run", flaky)
+    fail_model_step(server, monkeypatch, on_call=1, message="injected fault")
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         failed = http.post("/v1/chat/completions", json=CHAT)
         assert failed.status_code == 500
@@ -42,17 +32,7 @@ def test_model_step_exception_fails_requests_and_engine_goes_on(server, monkeypa
 
 
 def test_error_mid_stream_is_an_error_event_then_done(server, monkeypatch) -> None:
-    runner = server.engine.runner
-    original = runner.run
-    calls = {"n": 0}
-
-    def fail_later(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("fault mid-stream")
-        return original(batch)
-
-    monkeypatch.setattr(runner, "run", fail_later)
+    fail_model_step(server, monkeypatch, on_call=3, message="fault mid-stream")
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         body = {**CHAT, "max_tokens": 20, "ignore_eos": True, "stream": True}
         with http.stream("POST", "/v1/chat/completions", json=body) as r:

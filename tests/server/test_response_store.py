@@ -10,7 +10,7 @@ import pytest
 
 from levante.errors import RequestError
 from levante.server.response_store import ResponseStore, item_page, with_item_ids
-from tests.server.conftest import start_server
+from tests.server.conftest import fail_model_step, start_server
 from tests.server.test_responses_api import WEATHER
 
 
@@ -177,16 +177,7 @@ def test_a_stream_is_stored_when_it_ends(client) -> None:
 
 
 def test_a_failed_stream_is_stored_failed(server, client, monkeypatch) -> None:
-    runner = server.engine.runner
-    original, calls = runner.run, {"n": 0}
-
-    def fail_later(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("fault mid-stream")
-        return original(batch)
-
-    monkeypatch.setattr(runner, "run", fail_later)
+    fail_model_step(server, monkeypatch, on_call=3, message="fault mid-stream")
     events = list(client.responses.create(input="Name a fruit.", stream=True, **GREEDY))
     server.wait_idle()
     stored = client.responses.retrieve(events[-1].response.id)

@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.conftest import start_server
+from tests.server.conftest import fail_model_step, start_server
 
 QUESTION = "What is the capital of France? Answer in one word."
 MESSAGES = [{"role": "user", "content": QUESTION}]
@@ -31,6 +31,20 @@ def client(server):
 def chat_text(client, messages, max_tokens: int) -> openai.types.chat.ChatCompletion:
     return client.chat.completions.create(model="smollm2", messages=messages,
                                           max_tokens=max_tokens, temperature=0)
+
+
+def _chat_turns(call, output: str, **assistant) -> list[dict]:
+    """The chat messages a Responses function call and its output stand for."""
+    return [{"role": "assistant", **assistant, "tool_calls": [
+        {"id": call.call_id, "type": "function",
+         "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": output}]
+
+
+def _nested(tools: list[dict]) -> list[dict]:
+    """Flat Responses tools in chat's nested shape."""
+    return [{"type": "function", "function": {
+        k: tool[k] for k in ("name", "description", "parameters")}} for tool in tools]
 
 
 def test_response_equals_chat_completion(client) -> None:
@@ -152,13 +166,8 @@ def test_function_call_loop(client, server) -> None:
               "output": "22 degrees and sunny"}
     second = client.responses.create(model="smollm2", input=[*ask, *first.output, result],
                                      tools=[WEATHER], max_output_tokens=16, temperature=0)
-    history = [*ask, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call.call_id, "type": "function",
-         "function": {"name": call.name, "arguments": call.arguments}}]},
-        {"role": "tool", "tool_call_id": call.call_id, "content": "22 degrees and sunny"}]
-    nested = [{"type": "function", "function": {
-        k: WEATHER[k] for k in ("name", "description", "parameters")}}]
-    prompt = server.state.chats.prepare(history, tools=nested).prompt_ids
+    history = [*ask, *_chat_turns(call, "22 degrees and sunny", content=None)]
+    prompt = server.state.chats.prepare(history, tools=_nested([WEATHER])).prompt_ids
     assert second.usage.input_tokens == len(prompt) > first.usage.input_tokens
     assert "22 degrees and sunny" in server.state.bundle.tokenizer.decode(prompt)
 
@@ -241,17 +250,7 @@ def test_reasoning_is_accepted_and_echoed(client) -> None:
 
 
 def test_error_mid_stream_is_a_failed_event(server, monkeypatch) -> None:
-    runner = server.engine.runner
-    original = runner.run
-    calls = {"n": 0}
-
-    def fail_later(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("fault mid-stream")
-        return original(batch)
-
-    monkeypatch.setattr(runner, "run", fail_later)
+    fail_model_step(server, monkeypatch, on_call=3, message="fault mid-stream")
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
     events = list(client.responses.create(model="smollm2", input=QUESTION, stream=True,
                                           max_output_tokens=20))
@@ -321,13 +320,8 @@ def test_mistral_v7_function_call_loop(mistral_server) -> None:
               "output": "22 degrees and sunny"}
     second = client.responses.create(input=[*ask, *final.output, result], **kw)
     bundle = mistral_server.state.bundle
-    history = [*ask, {"role": "assistant", "tool_calls": [
-        {"id": call.call_id, "type": "function",
-         "function": {"name": call.name, "arguments": call.arguments}}]},
-        {"role": "tool", "tool_call_id": call.call_id, "content": "22 degrees and sunny"}]
-    nested = [{"type": "function", "function": {
-        k: tool[k] for k in ("name", "description", "parameters")}}]
-    prompt = mistral_server.state.chats.prepare(history, tools=nested).prompt_ids
+    history = [*ask, *_chat_turns(call, "22 degrees and sunny")]
+    prompt = mistral_server.state.chats.prepare(history, tools=_nested([tool])).prompt_ids
     assert second.usage.input_tokens == len(prompt)
     text = bundle.tokenizer.decode(prompt)
     assert "22 degrees and sunny" in text
