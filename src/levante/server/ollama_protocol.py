@@ -249,7 +249,8 @@ class GenerateBody(_Generating):
 
 
 class NamedBody(BaseModel):
-    """POST /api/show and /api/pull: `model`, or `name` as older clients send it."""
+    """POST /api/show, /api/pull and /api/delete (and /api/create's name): `model`, or `name`
+    as older clients send it."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -307,15 +308,14 @@ class CopyBody(BaseModel):
 _UPLOAD_FIELDS = ("files", "adapters", "path", "quantize", "remote_host")
 
 
-class CreateBody(BaseModel):
-    """POST /api/create: another name for a model this server has (`from`), with its own
-    system prompt and default parameters, given as fields or as a Modelfile's text (as older
-    clients send). What needs uploads or a new model is refused."""
+class CreateBody(NamedBody):
+    """POST /api/create: another name (`model`, or `name` from older clients) for a model
+    this server has (`from`), with its own system prompt and default parameters, given as
+    fields or as a Modelfile's text (as older clients send). What needs uploads or a new
+    model is refused."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    model: str | None = None
-    name: str | None = None  # older clients
     from_: str | None = Field(default=None, alias="from")
     system: str | None = None
     template: str | None = None
@@ -323,14 +323,6 @@ class CreateBody(BaseModel):
     messages: list[Any] | None = None
     license: str | list[str] | None = None  # kept by Ollama for `show`; nothing to enforce
     modelfile: str | None = None
-    stream: bool = True
-
-    @property
-    def ref(self) -> str:
-        ref = self.model or self.name
-        if not ref:
-            raise RequestError("model is required", param="model")
-        return ref
 
     def with_modelfile(self) -> CreateBody:
         """The body with its Modelfile's FROM, SYSTEM and PARAMETERs filled in (fields given
