@@ -229,13 +229,7 @@ class AsyncEngine:
                 self.on_step(outputs)
             for out in outputs:
                 self._deliver(out)
-        for request_id in list(self._streams):
-            self.engine.abort(request_id)
-            self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
-                                     error="the server is shutting down",
-                                     error_code="server_shutdown"))
-        self._end_embeddings(RequestError("the server is shutting down",
-                                          code="server_shutdown"))
+        self._shut_down("the server is shutting down")
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -266,11 +260,7 @@ class AsyncEngine:
         elif isinstance(command, _Embed):
             self._embeddings.append(command)
         elif command[0] == "end_all":
-            for request_id in list(self._streams):
-                self.engine.abort(request_id)
-                self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
-                                         error=command[1], error_code="server_shutdown"))
-            self._end_embeddings(RequestError(command[1], code="server_shutdown"))
+            self._shut_down(command[1])
         else:
             _, request_id = command
             self._streams.pop(request_id, None)
@@ -294,6 +284,15 @@ class AsyncEngine:
             self._embeddings.popleft()
             vectors = job.result(self.engine.model.config.dim)
             command.loop.call_soon_threadsafe(_set_result, command.done, vectors)
+
+    def _shut_down(self, message: str) -> None:
+        """Abort every accepted request and embedding; each ends with `message` (code
+        "server_shutdown", which the server answers with a 503 or an error event)."""
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
+                                     error=message, error_code="server_shutdown"))
+        self._end_embeddings(RequestError(message, code="server_shutdown"))
 
     def _end_embeddings(self, exc: RequestError) -> None:
         """Answer every queued embedding job with `exc` (shutdown, or the engine died)."""
