@@ -243,6 +243,23 @@ def test_disconnect_while_queued_is_dropped_from_the_queue(narrow_clean, stream:
     assert_nothing_leaked(narrow)
 
 
+def test_a_request_that_can_never_run_is_400_even_while_the_queue_is_full(
+        narrow_clean, monkeypatch) -> None:
+    narrow = narrow_clean
+    monkeypatch.setattr(narrow.state, "max_queue", 1)
+    running = long_request(narrow)  # the queue (of 1) is now full
+    try:
+        with httpx.Client(base_url=narrow.base_url, timeout=60) as http:
+            busy = http.post("/v1/chat/completions", json=CHAT)
+            never = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10**9})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+        assert never.status_code == 400, never.text
+        assert "maximum context length" in never.json()["error"]["message"]
+    finally:
+        running.close()
+    assert_nothing_leaked(narrow)
+
+
 @pytest.mark.parametrize("num_chunks", [0, 1, 10])
 def test_disconnect_after_some_chunks_frees_everything(narrow_clean, num_chunks: int) -> None:
     narrow = narrow_clean

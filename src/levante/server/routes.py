@@ -119,11 +119,15 @@ class ServerState:
 
     def check_admissible(self, prompts: list[list[int]], params: SamplingParams, *,
                          num_new: int) -> None:
-        """400 for a request that could never be admitted (checked first, so that it is
-        told so even while the server is busy); 503 while the queue is full."""
-        for prompt_ids in prompts:
-            self.engine.engine.check_request(prompt_ids, params)
-        self.check_capacity(num_new, what="sequences (prompts x n)", param="n")
+        """503 while the queue is full, unless the request could never be admitted: that
+        is a 400 even while the server is busy. (With room in the queue the engine's own
+        admission gives the same 400, so the prompt is not checked twice.)"""
+        try:
+            self.check_capacity(num_new, what="sequences (prompts x n)", param="n")
+        except HTTPError:
+            for prompt_ids in prompts:
+                self.engine.engine.check_request(prompt_ids, params)
+            raise
 
     def check_capacity(self, num_new: int, *, what: str, param: str) -> None:
         """400 for more than the queue holds; 503 + Retry-After while the accepted requests
