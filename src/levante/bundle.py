@@ -17,7 +17,7 @@ from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
-from levante.heap import compact_heap
+from levante.heap import compact_heap, release_free_memory
 from levante.load_config import DTYPES, GGUF_LOAD_FORMATS, LoadConfig, dtype_name
 from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
@@ -214,6 +214,9 @@ def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     check_fits_config(gguf_file, config)  # every tensor, for both paths, before any is read
     load_config = _gguf_quant(load_config, gguf_file)
     tokenizer, chat = _gguf_tokenizer(path, meta)
+    for key in VOCAB_KEYS:  # the tokenizer has them now; freed before the weights' peak
+        meta.pop(key, None)
+    release_free_memory()
     config = _limit(config, load_config.max_model_len)
     dtype, device = load_config.torch_dtype, load_config.device
     if load_config.quant == "gguf":
@@ -225,6 +228,11 @@ def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat, load_config)
 
+
+# The vocabulary arrays of a GGUF's metadata: SmolLM2's 49152 tokens and 48900 merges are
+# ~12 MB of Python strings that no one reads once the tokenizer is built.
+VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+              "tokenizer.ggml.scores")
 
 # What malformed tokenizer metadata raises inside `tokenizers`/jinja2 (untrusted input).
 METADATA_ERRORS = (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError)

@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from levante.engine.output import StopStrings
 from levante.errors import RequestError
 from levante.tokenizer import IncrementalDetokenizer, MistralTokenizer, Tokenizer
@@ -101,6 +99,8 @@ def _check_parameters(index: int, parameters: object) -> dict[str, Any]:
     if json_depth(parameters) > MAX_SCHEMA_DEPTH:
         raise _bad_tool(index, f".function.parameters nests deeper than {MAX_SCHEMA_DEPTH} "
                                f"levels")
+    import jsonschema  # here, not at import: only requests with tools need it (~2 MB RSS)
+
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:
