@@ -6,7 +6,7 @@ MODEL ?= smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test browser fuzz lint clean
+.PHONY: setup run test browser fuzz lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ fuzz: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# pyproject.toml's [tool.mypy]; the suite runs the same check (tests/test_types.py).
+typecheck: setup
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -107,8 +107,9 @@ def _load(ref: str, path: Path, config: LoadConfig) -> Bundle:
 def _config_of(config: LoadConfig | None, *, dtype: torch.dtype | str | None,
                device: str | None, max_seq_len: int | None, quant: str | None) -> LoadConfig:
     """`config`, or one built from the older keyword form of `load`."""
-    keywords = {"dtype": dtype if dtype is None or isinstance(dtype, str) else dtype_name(dtype),
-                "device": device, "max_model_len": max_seq_len, "quant": quant}
+    keywords: dict[str, Any] = {
+        "dtype": dtype if dtype is None or isinstance(dtype, str) else dtype_name(dtype),
+        "device": device, "max_model_len": max_seq_len, "quant": quant}
     given = {k: v for k, v in keywords.items() if v is not None}
     if config is not None and given:
         raise ConfigError(f"load() takes a LoadConfig or the keywords {', '.join(given)}, "

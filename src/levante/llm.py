@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from levante.bundle import Bundle, load
 from levante.chat.request import ChatRequests
@@ -56,9 +56,9 @@ class LLM:
                  device: str | None = None, quant: str | None = None,
                  kv_cache_dtype: str | None = None, kv_cache_memory: int | None = None,
                  load_config: LoadConfig | None = None) -> None:
-        keywords = {"dtype": dtype, "max_model_len": max_model_len, "device": device,
-                    "quant": quant, "kv_cache_dtype": kv_cache_dtype,
-                    "kv_cache_memory": kv_cache_memory}
+        keywords: dict[str, Any] = {
+            "dtype": dtype, "max_model_len": max_model_len, "device": device, "quant": quant,
+            "kv_cache_dtype": kv_cache_dtype, "kv_cache_memory": kv_cache_memory}
         given = {k: v for k, v in keywords.items() if v is not None}
         if load_config is not None and given:
             raise ConfigError(f"LLM takes load_config or the keywords {', '.join(given)}, "
@@ -92,10 +92,9 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | None = None) -> list[Completion]:
         """Complete each prompt (text or token ids); all run together as one batch."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        return self._run([self.encode_prompt(p) for p in prompts],  # type: ignore[union-attr]
-                         params or SamplingParams())
+        is_one = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch = cast(Sequence[Prompt], [prompts] if is_one else prompts)
+        return self._run([self.encode_prompt(p) for p in batch], params or SamplingParams())
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              tools: list[dict[str, Any]] | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,10 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     if any(type(p) is not kind for p in parts):
         return None
     if kind is nn.Linear:
-        if any(p.bias is not None for p in parts):
+        linears = [p for p in parts if isinstance(p, nn.Linear)]  # all of them: one type
+        if any(p.bias is not None for p in linears):
             return None
-        weights = [p.weight for p in parts]
+        weights = [p.weight for p in linears]
         if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             return None
         joined = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
@@ -64,7 +65,7 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
         joined.weight = nn.Parameter(torch.cat([w.detach() for w in weights])
                                      if stacked is None else stacked, requires_grad=False)
         start = 0
-        for part, weight in zip(parts, weights):
+        for part, weight in zip(linears, weights):
             end = start + weight.shape[0]
             part.weight = nn.Parameter(joined.weight[start:end], requires_grad=False)
             start = end
@@ -326,6 +327,10 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """The decoder plus output head; `forward` returns final hidden states, `logits` projects."""
 
+    lm_head: nn.Module  # quantization and tensor parallelism swap the head
+    rope_cos: torch.Tensor  # [max_positions, head_dim] buffers (register_buffer)
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = config
@@ -376,14 +381,18 @@ class Transformer(nn.Module):
         Plain `nn.Linear`s join; other layer types where they implement `RowConcatenable`.
         Calling it again keeps what is still joined. Returns how many groups are joined.
         """
-        return sum(block.fuse() for layer in self.model.layers
+        return sum(block.fuse() for layer in self.decoder_layers()
                    for block in (layer.self_attn, layer.mlp))
 
     def unfuse_projections(self) -> None:
         """Back to one matmul per HF linear."""
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.unfuse()
             layer.mlp.unfuse()
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """`model.layers` as their class (an nn.ModuleList yields plain Modules)."""
+        return [cast(DecoderLayer, layer) for layer in self.model.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., vocab] in float32."""

@@ -62,7 +62,8 @@ def response_schema(response_format: object) -> dict[str, Any] | None:
     if kind != "json_schema":
         raise RequestError('response_format.type must be "text", "json_object" or '
                            f'"json_schema", got {kind!r}', param="response_format")
-    spec = response_format.get("json_schema")  # type: ignore[union-attr]
+    assert isinstance(response_format, dict)  # kind came from it
+    spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise RequestError("response_format.json_schema.schema must be a JSON schema object",

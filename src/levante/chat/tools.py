@@ -152,7 +152,7 @@ def resolve_tool_choice(tools: list[dict[str, Any]],
         return tool_choice, tools
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if tool_choice.get("type") != "function" or not isinstance(name, str):  # type: ignore[union-attr]
+    if tool_choice.get("type") != "function" or not isinstance(name, str):
         raise RequestError('a named tool_choice must be {"type": "function", "function": '
                            '{"name": ...}}', param="tool_choice")
     chosen = [t for t in tools if t["function"]["name"] == name]

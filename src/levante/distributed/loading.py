@@ -200,7 +200,7 @@ def _gguf_config(gguf_file: GGUFFile) -> ModelConfig:
 
 def _parse(path: Path, build: Any, data: dict[str, Any]) -> ModelConfig:
     try:
-        return build(data)  # type: ignore[no-any-return]
+        return build(data)
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
 

@@ -104,7 +104,8 @@ class Options(BaseModel):
             raise RequestError("options.num_predict must be a positive number of tokens, -1 "
                                "(no limit) or -2 (fill the context)", param="options.num_predict")
         room = window - num_prompt_tokens
-        max_tokens = min(self.num_predict, room) if (self.num_predict or 0) > 0 else room
+        num_predict = self.num_predict or 0
+        max_tokens = min(num_predict, room) if num_predict > 0 else room
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling())
         except RequestError as e:
