@@ -188,33 +188,33 @@ class RMSNorm(nn.Module):
 
 
 def rotary_table(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions [0, max_positions): each [max_positions, head_dim], float32.
+    """cos and sin for positions [0, max_positions): each [max_positions, head_dim / 2], float32.
 
-    Rotate-half layout: entry j and j + head_dim/2 share frequency theta^(-2j/head_dim).
-    Under the meta device only the shapes are made: torch's meta math imports torch._dynamo.
+    Rotate-half layout: entry j and j + head_dim/2 share frequency theta^(-2j/head_dim), so
+    one half is stored and `rotary_factors` widens the rows a forward reads (at 32K positions
+    and head_dim 128 that halves 32 MB). Under the meta device only the shapes are made:
+    torch's meta math imports torch._dynamo.
     """
-    if torch.empty(0).device.type == "meta":
-        shape = (max_positions, config.head_dim)
-        return torch.empty(shape), torch.empty(shape)
     half = config.head_dim // 2
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(max_positions, half), torch.empty(max_positions, half)
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.int64)
                                             .float() * 2 / config.head_dim))
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def rotary_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [..., head_dim] -> (cos, signed sin) [..., 1, head_dim] for `apply_rotary`.
+    """`rotary_table` rows [..., head_dim / 2] -> (cos, signed sin) [..., 1, head_dim] for
+    `apply_rotary`.
 
     Rotate-half is x * cos + [-x2, x1] * sin = x * cos + roll(x, half) * [-sin1, sin2], so
     with the sign folded into sin once per forward, each layer rotates with one roll and
     two multiplies. Example, head_dim 4, x = [a, b, c, d]: roll gives [c, d, a, b], and
-    [-s0, -s1, s2, s3] * [c, d, a, b] = [-c s0, -d s1, a s2, b s3], as rotate-half's.
+    [-s0, -s1, s0, s1] * [c, d, a, b] = [-c s0, -d s1, a s0, b s1], as rotate-half's.
     """
-    half = sin.shape[-1] // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-    return cos.unsqueeze(-2), signed.unsqueeze(-2)
+    return (torch.cat([cos, cos], dim=-1).unsqueeze(-2),
+            torch.cat([-sin, sin], dim=-1).unsqueeze(-2))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
