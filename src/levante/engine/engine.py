@@ -146,10 +146,15 @@ class Engine:
         dtype = self.kv_cache_dtype(model, self.config)
         num_blocks = kv_pool_blocks(model, self.config, dtype)
         self.pool = BlockPool(num_blocks, enable_caching=self.config.enable_prefix_caching)
-        cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
-                        dtype=dtype, device=model.rope_cos.device)
+        spare = int(self.config.decode_graphs != "off")  # decode graphs pad rows into it
+        cache = KVCache(model.config, num_blocks=num_blocks + spare,
+                        block_size=self.config.block_size, dtype=dtype,
+                        device=model.rope_cos.device)
         self.runner = ModelRunner(model, cache, adapters=adapters,
-                                  attention_backend=self.config.attention_backend)
+                                  attention_backend=self.config.attention_backend,
+                                  decode_graphs=self.config.decode_graphs,
+                                  max_num_seqs=self.config.max_num_seqs,
+                                  max_model_len=self.config.max_model_len)
         # Batch invariance by splitting, where the kernels do not give it already.
         self.split_batches = self.config.batch_invariant and not (
             invariant_kernels(model) and self.runner.attention_backend == "cpu_kernel")
