@@ -175,7 +175,7 @@ def test_block_hashes_name_the_tokens_after_accepted_drafts(model: Transformer) 
     """Drafts accepted in a step are computed before their tokens are appended: the blocks
     they fill are hashed once the tokens are known, so every hash names its block's tokens
     (a wrong hash would let a later prompt reuse blocks that do not hold its tokens)."""
-    from levante.engine.kv_cache import block_hash
+    from levante.engine.kv_blocks import block_hash
 
     base = _prompts(model.config.vocab_size, [6, 9])
     prompts = [p * 6 for p in base]

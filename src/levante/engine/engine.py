@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from levante.config import EngineConfig
-from levante.engine.kv_cache import BlockPool, KVCache
+from levante.engine.kv_blocks import BlockPool
+from levante.engine.kv_cache import KVCache
 from levante.engine.output import TextState
 from levante.engine.request import Request, RequestStatus
 from levante.engine.runner import ModelRunner

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from levante.config import EngineConfig
-from levante.engine.kv_cache import BlockPool, block_hash
+from levante.engine.kv_blocks import BlockPool, block_hash
 from levante.engine.request import Request, RequestStatus
 
 
