@@ -12,7 +12,7 @@ from levante.chat.request import ChatRequests
 from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError, RequestError
 from levante.load_config import DTYPES, LoadConfig  # noqa: F401 - DTYPES: older importers
 from levante.structured import Grammar

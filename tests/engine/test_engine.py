@@ -7,7 +7,7 @@ import torch
 
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ContextLengthError, RequestError
 from levante.model import Transformer
 

@@ -15,7 +15,7 @@ import torch
 
 from levante.engine.embedding import EmbeddingJob, Pooling
 from levante.engine.engine import Engine, StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import RequestError
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,11 @@ from levante.config import EngineConfig
 from levante.engine.kv_blocks import BlockPool
 from levante.engine.kv_cache import KVCache
 from levante.engine.output import TextState
+from levante.engine.penalties import TokenCounts
 from levante.engine.request import Request, RequestStatus
 from levante.engine.runner import ModelRunner
-from levante.engine.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingParams,
-    TokenCounts,
-    make_generator,
-)
+from levante.engine.sampler import Sampler, SamplerOutput, make_generator
+from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ConfigError, ContextLengthError, RequestError
 from levante.heap import compact_heap

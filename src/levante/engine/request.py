@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -15,7 +15,7 @@ from fastapi import Request
 from levante.chat.tools import ChatDelta, ToolCallStreamer
 from levante.engine.async_engine import AsyncEngine, RequestStream
 from levante.engine.engine import StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.server.metrics import Metrics
 from levante.server.protocol import error_body
 from levante.tokenizer import Tokenizer
