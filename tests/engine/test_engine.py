@@ -224,8 +224,8 @@ def test_prompt_lookup_index_equals_a_full_scan() -> None:
     """The incremental n-gram index proposes what scanning the whole context would."""
     import random
 
+    from levante.engine.drafts import NgramIndex
     from levante.engine.request import Request
-    from levante.engine.scheduler import NgramIndex
 
     def scan(tokens: list[int], max_n: int, k: int) -> list[int]:
         for n in range(min(max_n, len(tokens) - 1), 0, -1):

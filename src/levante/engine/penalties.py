@@ -1,4 +1,4 @@
-"""Penalties and bias on the logits: logit_bias, repetition/presence/frequency penalties, counts."""
+"""Logit bias and repetition/presence/frequency penalties, with their running token counts."""
 
 from __future__ import annotations
 

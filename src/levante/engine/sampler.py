@@ -1,4 +1,4 @@
-"""The batched sampler: grammar masks, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs."""
+"""The batched sampler: masks, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs."""
 
 from __future__ import annotations
 

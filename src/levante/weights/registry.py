@@ -1,4 +1,4 @@
-"""The registry of known models: short names, aliases and tags, and where their weights come from."""
+"""The registry of known models: names, aliases, tags, and where their weights come from."""
 
 from __future__ import annotations
 
