@@ -25,6 +25,7 @@ from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import Batch, Scheduler
 from levante.errors import ContextLengthError, RequestError
 from levante.heap import compact_heap
+from levante.kinds import FinishReason
 from levante.model import Transformer
 from levante.quant import kernels
 from levante.structured import Grammar, MatcherError, fill_masks
@@ -44,7 +45,7 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[float | None] = field(default_factory=list)
@@ -262,7 +263,7 @@ class Engine:
         self.scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
         self.requests.pop(request.request_id, None)
         self.texts.pop(request.request_id, None)
-        return StepOutput(request.request_id, [], "", True, "length",
+        return StepOutput(request.request_id, [], "", True, FinishReason.LENGTH,
                           request.num_prompt_tokens, 0,
                           prompt_logprobs=request.prompt_logprobs)
 
@@ -386,7 +387,8 @@ class Engine:
         self.requests.pop(request.request_id, None)
         self.texts.pop(request.request_id, None)
         self.num_failed_requests += 1
-        return StepOutput(request.request_id, [], "", True, "error", request.num_prompt_tokens,
+        return StepOutput(request.request_id, [], "", True, FinishReason.ERROR,
+                          request.num_prompt_tokens,
                           len(request.output_ids), error=message)
 
     def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, list[StepOutput]]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from levante.engine.sampling_params import SamplingParams
+from levante.kinds import FinishReason
 
 
 class RequestStatus(enum.Enum):
@@ -27,9 +28,9 @@ class RequestStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         """OpenAI's finish_reason for a finished request, None while it runs."""
-        return self.value if self.is_finished else None
+        return FinishReason(self.value) if self.is_finished else None
 
 
 @dataclass

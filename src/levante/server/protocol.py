@@ -209,5 +209,3 @@ def error_body(message: str, *, type_: str, param: str | None = None,
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
-
-FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]

