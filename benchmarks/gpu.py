@@ -27,7 +27,7 @@ import torch
 
 from levante.config import EngineConfig, ModelConfig, preset
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 

@@ -18,6 +18,7 @@ from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
 from levante.heap import compact_heap, release_free_memory
+from levante.kinds import WeightFormat
 from levante.load_config import DTYPES, GGUF_LOAD_FORMATS, LoadConfig, dtype_name
 from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
@@ -40,7 +41,7 @@ class Bundle:
 
     name: str
     path: Path
-    format: str  # "gguf" | "safetensors-hf" | "safetensors-consolidated"
+    format: WeightFormat
     config: ModelConfig
     model: Transformer
     tokenizer: Tokenizer
@@ -224,9 +225,9 @@ def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
         from levante.quant.gguf_linear import load_gguf_quantized
 
         model = load_gguf_quantized(gguf_file, config, dtype)
-        return Bundle(ref, path, "gguf", config, model.to(device), tokenizer, chat, load_config)
+        return Bundle(ref, path, WeightFormat.GGUF, config, model.to(device), tokenizer, chat, load_config)
     state = load_gguf_state_dict(gguf_file, config, dtype)
-    return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
+    return Bundle(ref, path, WeightFormat.GGUF, config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat, load_config)
 
 
@@ -303,7 +304,7 @@ def _load_hf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
-    return Bundle(ref, path, "safetensors-hf", config, model, tokenizer, chat, load_config)
+    return Bundle(ref, path, WeightFormat.SAFETENSORS_HF, config, model, tokenizer, chat, load_config)
 
 
 def _build_device(load_config: LoadConfig) -> str:
@@ -340,7 +341,7 @@ def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
-    return Bundle(ref, path, "safetensors-consolidated", config, model, tokenizer, chat,
+    return Bundle(ref, path, WeightFormat.SAFETENSORS_CONSOLIDATED, config, model, tokenizer, chat,
                   load_config)
 
 

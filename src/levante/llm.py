@@ -12,8 +12,9 @@ from levante.chat.request import ChatRequests
 from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError, RequestError
+from levante.kinds import FinishReason
 from levante.load_config import DTYPES, LoadConfig  # noqa: F401 - DTYPES: older importers
 from levante.structured import Grammar
 
@@ -27,7 +28,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     prefill_tokens_per_s: float = 0.0
@@ -112,8 +113,8 @@ class LLM:
                 include_stop=params.include_stop_str_in_output)
             done.text = content or ""
             done.tool_calls = [c.to_openai() for c in calls]
-            if calls and done.finish_reason == "stop":
-                done.finish_reason = "tool_calls"
+            if calls and done.finish_reason == FinishReason.STOP:
+                done.finish_reason = FinishReason.TOOL_CALLS
         return done
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:

@@ -13,7 +13,7 @@ from levante.config import EngineConfig
 from levante.engine import flex_attention
 from levante.engine.cuda_graphs import GRAPH_SIZES, DecodeGraphs, resolve_decode_graphs
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 

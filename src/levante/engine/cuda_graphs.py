@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from levante.engine.flex_attention import FlexKernel, build_flex_step
-from levante.engine.kv_cache import KVCache, PagedAttention
+from levante.engine.kv_cache import KVCache
+from levante.engine.paged_attention import PagedAttention
 from levante.errors import ConfigError
 from levante.model import Transformer
 

@@ -10,7 +10,8 @@ import torch
 from levante.engine import flex_attention
 from levante.engine.cuda_graphs import DecodeGraphs, resolve_decode_graphs
 from levante.engine.flex_attention import FlexKernel
-from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.kv_cache import KVCache
+from levante.engine.paged_attention import build_paged_attention
 from levante.engine.scheduler import Batch
 from levante.errors import ConfigError
 from levante.model import Transformer

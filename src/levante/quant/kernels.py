@@ -448,7 +448,7 @@ def _build() -> Path:
     that one insists on a `ninja` binary on PATH, which a venv's python run without
     activation does not see even when the `ninja` wheel is installed.
     """
-    from levante.weights.hub import levante_home
+    from levante.weights.store import levante_home
 
     key = hashlib.sha256()
     # The command's include and library paths are torch's own folders: torch's location and

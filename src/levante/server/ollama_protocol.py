@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ContextLengthError, RequestError
-from levante.weights.hub import ALIASES
+from levante.weights.registry import ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def served_name(requested: str, served: tuple[str, ...]) -> str | None:
     """The served name `requested` means, as Ollama clients write it, or None.
 
     Example: served ("smollm2",): "smollm2", "smollm2:latest" and "smollm2:135m" (an alias
-    in `levante.weights.hub`) all give "smollm2"; "llama3.2" gives None.
+    in `levante.weights.registry`) all give "smollm2"; "llama3.2" gives None.
     """
     bare = requested.removesuffix(":latest")
     for name in (requested, bare, ALIASES.get(requested.lower()), ALIASES.get(bare.lower())):
