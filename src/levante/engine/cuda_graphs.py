@@ -71,13 +71,11 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // cache.block_size)
         device = model.rope_cos.device
         largest = self.sizes[-1]
-        long = dict(dtype=torch.long, device=device)
-        self.ids = torch.zeros(largest, **long)
-        self.positions = torch.zeros(largest, **long)
-        self.slots = torch.zeros(largest, **long)
-        self.context_lens = torch.ones(largest, **long)
-        self.query_lens = torch.ones(largest, **long)
-        self.tables = torch.zeros(largest, self.max_blocks, **long)
+        self.ids, self.positions, self.slots = (
+            torch.zeros(largest, dtype=torch.long, device=device) for _ in range(3))
+        self.context_lens, self.query_lens = (
+            torch.ones(largest, dtype=torch.long, device=device) for _ in range(2))
+        self.tables = torch.zeros(largest, self.max_blocks, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0  # decode steps run through here

@@ -62,7 +62,7 @@ class NgramIndex:
             self.num_indexed = num_tokens
         tail = request.token_slice(max(0, num_tokens - self.max_n), num_tokens)
         for n in range(min(self.max_n, num_tokens - 1), 0, -1):
-            end = self.last_end.get(tuple(tail[-n:]))
-            if end is not None:
-                return request.token_slice(end, min(end + k, num_tokens))
+            found = self.last_end.get(tuple(tail[-n:]))
+            if found is not None:
+                return request.token_slice(found, min(found + k, num_tokens))
         return []

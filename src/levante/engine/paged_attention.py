@@ -79,12 +79,12 @@ class PagedAttention:
                                    cache.values[layer_idx])
             return self._unpadded(out)
         if self.use_cpu_kernel and q.device.type == "cpu" and q.dtype == torch.float32:
-            out = kernels.paged_attention(
+            in_place = kernels.paged_attention(
                 q.contiguous(), cache.keys[layer_idx], cache.values[layer_idx], self.block_tables,
                 self.context_lens, self.query_lens, block_size=cache.block_size,
                 k_scales=k_scales, v_scales=v_scales)
-            if out is not None:
-                return out
+            if in_place is not None:
+                return in_place
         queries = self._padded_queries(q)  # [B, heads, Q, head_dim]
         keys = self._gather_as(cache.keys[layer_idx], k_scales, q.dtype)
         values = self._gather_as(cache.values[layer_idx], v_scales, q.dtype)

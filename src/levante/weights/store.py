@@ -191,10 +191,10 @@ def _silent_tqdm() -> type:
     """huggingface_hub's progress bar, switched off for `pull(..., progress=False)`."""
     from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-    class SilentTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
+    class SilentTqdm(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     return SilentTqdm
 
