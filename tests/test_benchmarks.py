@@ -23,7 +23,9 @@ def test_gpu_script_runs_scaled_down_on_cpu() -> None:
     assert any(line.startswith("bf16 decode, batch 1") and "of bound" in line for line in lines)
     assert any(line.startswith("bf16 TTFT, 500-token prompt") for line in lines)
     assert any(line.startswith("bf16 aggregate, 2 streams") for line in lines)
-    assert "attention: sdpa" in lines  # bf16 on CPU: the gather path (the kernel is float32)
+    # bf16 on CPU: the gather path (the kernel is float32), and no graphs off CUDA
+    assert "attention: sdpa; decode steps: eager" in lines
+    assert any(line.startswith("decode graphs vs eager, batch 1") for line in lines)
     assert any(line.startswith("flex vs sdpa, 2 streams") and ": flex " in line for line in lines)
     assert any(line.startswith("fp8 decode, batch 1 (dequantize)") and "of bound" in line
                for line in lines)
