@@ -1,0 +1,330 @@
+"""`levante serve --ray`: Levante engines as Ray Serve replicas behind Ray's HTTP proxy.
+
+Two deployments, as Ray Serve LLM is built:
+
+- `LevanteEngine` (`EngineReplica`, levante.distributed.ray_replica): N engines, each running the
+  whole `levante serve` app in-process; Ray scales them between min and max replicas on
+  ongoing requests, health-checks them, and routes each call with `ConversationAffinityRouter`
+  (levante.distributed.ray_router) or Ray's own prefix-tree router.
+- `LevanteIngress` (`Ingress`): the FastAPI app behind Ray's proxy. It applies the guards
+  (Host, API key, body size), forwards every path to an engine through a deployment handle and
+  relays the answer as it streams. A request whose replica dies before answering is sent again
+  to another (a stream dies after its head: it ends with an error event, SSE or NDJSON);
+  a request no replica takes within `placement_timeout_s`, or past `max_queued_requests`,
+  gets a 503 with Retry-After. /metrics counts routing, retries, refusals and replica states.
+
+On a Ray cluster (`ray start --head` / `ray start --address`; RAY_ADDRESS set), `levante serve
+--ray` deploys there; otherwise it starts a local one. `serve run` takes `app_builder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from levante.distributed.ray_replica import EngineReplica, ProxiedRequest, ResponseHead
+from levante.distributed.replicas import HOP_BY_HOP, PROXY_METHODS
+from levante.errors import ConfigError
+from levante.server.app import HTTPError, ServerConfig, error_response
+from levante.server.guards import GuardMiddleware
+from levante.server.protocol import error_body
+
+log = logging.getLogger(__name__)
+APP_NAME = "levante"
+ENGINE_DEPLOYMENT = "LevanteEngine"
+MAX_ATTEMPTS = 3  # a request's tries when replicas die under it
+RETRYABLE = (RayActorError, ReplicaUnavailableError)  # died or left before answering
+ROUTERS = {"conversation": "levante.distributed.ray_router.ConversationAffinityRouter",
+           "prefix-tree": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+           "pow2": "ray.serve._private.request_router.pow_2_router."
+                   "PowerOfTwoChoicesRequestRouter"}
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """How the engines scale, route and reserve resources under Ray Serve."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0  # per replica, what the autoscaler aims at
+    tensor_parallel: int = 1
+    num_cpus: float = 1.0  # per rank
+    num_gpus: float = 0.0  # per rank
+    router: str = "conversation"  # a key of ROUTERS
+    max_queued_requests: int = 256  # waiting for a replica; past it: 503
+    placement_timeout_s: float = 30.0  # waiting for a replica at all; then: 503
+    health_check_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ConfigError(f"replicas must satisfy 0 <= min ({self.min_replicas}) <= max "
+                              f"({self.max_replicas}), max >= 1")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        for name in ("target_ongoing_requests", "placement_timeout_s", "health_check_period_s",
+                     "tensor_parallel", "max_queued_requests"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class IngressMetrics(Collector):
+    """The ingress's /metrics: requests routed per replica, retried, refused; replica states
+    (read from Ray Serve's controller at scrape time)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.routed = Counter("levante_ray_requests_routed", "Requests a replica answered",
+                              ["replica"], registry=r)
+        self.failed = Counter("levante_ray_replica_failures",
+                              "Requests whose replica died or left under them", ["stage"],
+                              registry=r)
+        self.retried = Counter("levante_ray_requests_retried",
+                               "Requests sent again after their replica failed", registry=r)
+        self.refused = Counter("levante_ray_requests_refused", "Requests answered 503",
+                               ["reason"], registry=r)
+        r.register(self)
+
+    def collect(self) -> list[Metric]:
+        gauge = GaugeMetricFamily("levante_ray_replicas", "Engine replicas by Ray Serve state",
+                                  labels=["state"])
+        try:
+            deployment = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
+        except KeyError:  # not deployed under these names (a test's own app)
+            return [gauge]
+        for state, count in deployment.replica_states.items():
+            gauge.add_metric([str(getattr(state, "value", state))], count)
+        return [gauge]
+
+
+class _Unplaced(Exception):
+    """No replica took the request in time, or the queue for one is full."""
+
+
+def _error_tail(content_type: str, message: str) -> bytes:
+    """How a stream that lost its replica ends: an error event then [DONE] (SSE), an error
+    line (NDJSON), nothing for other bodies (their length no longer matches)."""
+    if content_type.startswith("text/event-stream"):
+        body = error_body(message, type_="server_error", code="replica_failed")
+        return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+    if "ndjson" in content_type:
+        return (json.dumps({"error": message}) + "\n").encode()
+    return b""
+
+
+def ingress_app(engines: DeploymentHandle, config: ServerConfig,
+                ray_config: RayServeConfig) -> FastAPI:
+    """The ingress's app: guards, /metrics, /health, and every other path to an engine."""
+    metrics = IngressMetrics()
+    app = FastAPI(title="Levante on Ray Serve")
+    app.add_middleware(GuardMiddleware, config=config)
+    respond = engines.options(stream=True).respond
+
+    @app.get("/metrics")
+    async def ingress_metrics() -> Response:
+        text = await asyncio.to_thread(generate_latest, metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health() -> Response:
+        status = await asyncio.to_thread(serve.status)
+        app_status = status.applications.get(APP_NAME)
+        deployment = app_status.deployments.get(ENGINE_DEPLOYMENT) if app_status else None
+        states = {str(getattr(k, "value", k)): v
+                  for k, v in (deployment.replica_states if deployment else {}).items()}
+        return JSONResponse({"replicas": states},
+                            status_code=200 if states.get("RUNNING") else 503)
+
+    async def place(request: ProxiedRequest) -> tuple[ResponseHead, DeploymentResponseGenerator]:
+        """The request's head from a replica, with its body stream; retried on replicas
+        that die before answering."""
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                metrics.retried.inc()
+            try:
+                return await _start(respond, request, ray_config.placement_timeout_s)
+            except RETRYABLE as e:
+                metrics.failed.labels("before_answer").inc()
+                log.warning("replica failed before answering (try %d): %s", attempt + 1,
+                            str(e).splitlines()[0])
+        raise _Unplaced(f"{MAX_ATTEMPTS} replicas failed under the request")
+
+    @app.api_route("/{path:path}", methods=PROXY_METHODS)
+    async def proxy(request: Request, path: str) -> Response:
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+        except HTTPError as e:
+            return error_response(e)
+        proxied = ProxiedRequest.of(request.method, request.url.path,
+                                    request.scope.get("query_string", b""),
+                                    tuple(request.scope["headers"]), body)
+        try:
+            head, stream = await place(proxied)
+        except (_Unplaced, BackPressureError) as e:
+            reason = "backpressure" if isinstance(e, BackPressureError) else "no_replica"
+            metrics.refused.labels(reason).inc()
+            return JSONResponse(error_body(f"no replica can take the request now ({e}); "
+                                           "retry later", type_="server_overloaded",
+                                           code=reason),
+                                status_code=503, headers={"Retry-After": "1"})
+        metrics.routed.labels(head.replica).inc()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers
+                   if k.decode("latin-1").lower() not in HOP_BY_HOP}
+        headers["x-levante-replica"] = head.replica
+        return StreamingResponse(_relay(stream, headers.get("content-type", ""), metrics),
+                                 status_code=head.status, headers=headers)
+
+    return app
+
+
+async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float
+                 ) -> tuple[ResponseHead, DeploymentResponseGenerator]:
+    """Choose a replica (within `timeout_s`), dispatch, and wait for the response's head."""
+    chooser = respond.choose_replica(request)
+    try:
+        selection = await asyncio.wait_for(chooser.__aenter__(), timeout_s)
+    except asyncio.TimeoutError:
+        raise _Unplaced(f"none became free within {timeout_s:g} s") from None
+    stream = respond.dispatch(selection, request)
+    try:
+        head = await stream.__anext__()
+    except BaseException as e:
+        stream.cancel()
+        await chooser.__aexit__(type(e), e, e.__traceback__)
+        raise
+    await chooser.__aexit__(None, None, None)
+    assert isinstance(head, ResponseHead), "a replica's first item is its response head"
+    return head, stream
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused while read past `limit` (a chunked body declares no length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is over {limit} bytes (the limit)",
+                            type_="invalid_request_error", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _relay(stream: DeploymentResponseGenerator, content_type: str,
+                 metrics: IngressMetrics) -> AsyncIterator[bytes]:
+    """The replica's body chunks; if it dies mid-way, `_error_tail`. Leaving early (the
+    client went away) cancels the call, so the replica aborts the request."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except RETRYABLE as e:
+        metrics.failed.labels("while_streaming").inc()
+        log.warning("replica failed mid-response: %s", str(e).splitlines()[0])
+        yield _error_tail(content_type, "the replica serving this request failed; retry it")
+    finally:
+        stream.cancel()
+
+
+@serve.ingress()
+class Ingress:
+    """The ingress deployment body: holds the engines' handle; its app is `ingress_app`."""
+
+    def __init__(self, engines: DeploymentHandle, config: ServerConfig,
+                 ray_config: RayServeConfig) -> None:
+        self.engines, self.config, self.ray_config = engines, config, ray_config
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return ingress_app(self.engines, self.config, self.ray_config)
+
+
+def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
+    """The Ray Serve application: the ingress bound to the engine deployment."""
+    tp = ray_config.tensor_parallel
+    scaling: dict[str, Any] = {"num_replicas": ray_config.min_replicas} \
+        if ray_config.min_replicas == ray_config.max_replicas else {"autoscaling_config": {
+            "min_replicas": ray_config.min_replicas, "max_replicas": ray_config.max_replicas,
+            "target_ongoing_requests": ray_config.target_ongoing_requests}}
+    engines = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
+        **scaling,
+        ray_actor_options={"num_cpus": ray_config.num_cpus * tp,
+                           "num_gpus": ray_config.num_gpus * tp},
+        max_ongoing_requests=2 * config.max_num_seqs,  # running, plus one batch waiting
+        max_queued_requests=ray_config.max_queued_requests,
+        health_check_period_s=ray_config.health_check_period_s,
+        health_check_timeout_s=max(5.0, 3 * ray_config.health_check_period_s),
+        graceful_shutdown_timeout_s=config.drain_timeout,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTERS[ray_config.router]))
+    ingress = serve.deployment(Ingress, name="LevanteIngress").options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.max_connections)
+    return ingress.bind(engines.bind(config, tp), config, ray_config)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For `serve run levante.distributed.ray_serve:app_builder ref=smollm2 max_replicas=4`
+    (or a Serve config file's `args`): ServerConfig's and RayServeConfig's fields by name."""
+    server_fields = {f.name: f for f in fields(ServerConfig) if f.init}
+    ray_fields = {f.name: f for f in fields(RayServeConfig)}
+    unknown = set(args) - set(server_fields) - set(ray_fields)
+    if unknown:
+        raise ConfigError(f"unknown app_builder args: {', '.join(sorted(unknown))}")
+    server = {k: _coerce(v, ServerConfig.__dataclass_fields__[k].default)
+              for k, v in args.items() if k in server_fields}
+    ray_args = {k: _coerce(v, RayServeConfig.__dataclass_fields__[k].default)
+                for k, v in args.items() if k in ray_fields}
+    return build_app(ServerConfig(**server), RayServeConfig(**ray_args))
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """A `key=value` string from `serve run` as the type of the field's default."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    return type(default)(value)
+
+
+def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
+    """Deploy on the Ray cluster at RAY_ADDRESS (else a local one), serve on config.host:port
+    through Ray's proxy until SIGTERM/SIGINT, then remove the app (and stop a local Ray)."""
+    import ray
+
+    from levante.server.app import check_port_free
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_port_free(config.host, config.port)
+    is_local = not os.environ.get("RAY_ADDRESS")
+    ray.init(include_dashboard=False, **({} if not is_local else {"num_cpus": os.cpu_count()}))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config, ray_config), name=APP_NAME, route_prefix="/")
+        log.info("Ray Serve: %s on http://%s:%d (replicas %d-%d, tensor parallel %d)",
+                 config.ref, config.host, config.port, ray_config.min_replicas,
+                 ray_config.max_replicas, ray_config.tensor_parallel)
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)
+        if is_local:
+            serve.shutdown()
+            ray.shutdown()
