@@ -13,13 +13,13 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from levante.distributed.ray_replica import (  # noqa: E402 - after the skip
+from levante.distributed.ray_replica import (
     EngineReplica,
     ProxiedRequest,
     ResponseHead,
 )
-from levante.distributed.ray_router import rendezvous_rank  # noqa: E402
-from levante.server.app import ServerConfig  # noqa: E402
+from levante.distributed.ray_router import rendezvous_rank
+from levante.server.app import ServerConfig
 
 CHAT = {"model": "smollm2", "max_tokens": 6, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]}

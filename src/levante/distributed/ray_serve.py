@@ -274,7 +274,8 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTERS[ray_config.router]))
     ingress = serve.deployment(Ingress, name="LevanteIngress").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.max_connections)
+        num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_connections)
     return ingress.bind(engines.bind(config, tp), config, ray_config)
 
 
