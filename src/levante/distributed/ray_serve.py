@@ -325,7 +325,11 @@ def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
                  ray_config.max_replicas, ray_config.tensor_parallel)
         stop.wait()
     finally:
-        serve.delete(APP_NAME)
+        # Bounded: a terminal's Ctrl-C or systemd's stop reaches Ray's own processes too, and
+        # Serve's calls then wait forever for a controller that is gone.
+        cleanup = threading.Thread(target=serve.shutdown if is_local else serve.delete,
+                                   args=() if is_local else (APP_NAME,), daemon=True)
+        cleanup.start()
+        cleanup.join(config.drain_timeout + 10)
         if is_local:
-            serve.shutdown()
             ray.shutdown()
