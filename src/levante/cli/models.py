@@ -286,8 +286,10 @@ def serve(
              "hash, load-bounded), Ray's prefix-tree router, or power of two choices")
     ] = "conversation",
     ray_cpus: Annotated[float, typer.Option(
-        help="with --ray: CPUs each rank reserves (--device cuda also reserves a GPU each)")
-    ] = 1.0,
+        help="with --ray: CPUs each rank reserves")] = 1.0,
+    ray_gpus: Annotated[float | None, typer.Option(
+        help="with --ray: GPUs each rank reserves (default: 1 with --device cuda, else 0; "
+             "0.5 puts two replicas on one GPU: give each a --kv-cache-memory)")] = None,
 ) -> None:
     """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics.
 
@@ -324,7 +326,8 @@ def serve(
                 max_replicas=replicas if max_replicas is None else max_replicas,
                 target_ongoing_requests=target_ongoing_requests,
                 tensor_parallel=tensor_parallel, num_cpus=ray_cpus,
-                num_gpus=1.0 if device.startswith("cuda") else 0.0,
+                num_gpus=ray_gpus if ray_gpus is not None
+                else 1.0 if device.startswith("cuda") else 0.0,
                 router=ray_router if prefix_routing else "pow2"))
         elif replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
