@@ -55,7 +55,7 @@ def test_routing_fields_come_from_the_body() -> None:
     assert chat.routing_key is not None and chat.messages == CHAT["messages"]
     assert turn2.routing_key != chat.routing_key  # the first two messages differ
     prompt = _post("/v1/completions", {"prompt": "x" * 600})
-    assert prompt.routing_key == b"x" * 512 and prompt.prompt == "x" * 600
+    assert prompt.routing_key == b'"' + b"x" * 512 + b'"' and prompt.prompt == "x" * 600
     assert ProxiedRequest.of("GET", "/v1/models", b"", (), b"").routing_key is None
     assert ProxiedRequest.of("POST", "/v1/chat/completions", b"", (), b"{bad").routing_key is None
 

@@ -15,17 +15,16 @@ spawns on its own node (gloo on a CPU, NCCL on its N GPUs).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from levante.distributed.replicas import conversation_key, json_object
 from levante.server.app import ServerConfig
 
 log = logging.getLogger(__name__)
-PROMPT_KEY_CHARS = 512  # a completion's routing key: the prompt's first characters
 
 
 @dataclass(frozen=True)
@@ -49,27 +48,15 @@ class ProxiedRequest:
     @classmethod
     def of(cls, method: str, path: str, query_string: bytes,
            headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> ProxiedRequest:
-        """The request with its routing fields read from a JSON body: a chat's first two
-        messages (a conversation keeps them turn after turn), or a prompt's start."""
-        data = _json_object(body)
-        messages = data.get("messages") if isinstance(data.get("messages"), list) else None
-        prompt = data.get("prompt") if isinstance(data.get("prompt"), str) else None
-        key = None
-        if messages is not None:
-            key = json.dumps(messages[:2], sort_keys=True).encode()
-        elif prompt is not None:
-            key = prompt[:PROMPT_KEY_CHARS].encode()
-        return cls(method, path, query_string, headers, body, key,
-                   messages if messages and all(isinstance(m, dict) for m in messages) else None,
-                   prompt)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, RecursionError):  # the replica answers bad JSON with a 400
-        return {}
-    return data if isinstance(data, dict) else {}
+        """The request with its routing fields read from a JSON body (the built-in front's
+        `conversation_key`: a chat's first two messages, or a prompt's start)."""
+        data = json_object(body)
+        messages = data.get("messages")
+        prompt = data.get("prompt")
+        return cls(method, path, query_string, headers, body, conversation_key(data),
+                   messages if isinstance(messages, list)
+                   and all(isinstance(m, dict) for m in messages) else None,
+                   prompt if isinstance(prompt, str) else None)
 
 
 @dataclass(frozen=True)
