@@ -90,7 +90,8 @@ class IngressMetrics(Collector):
     """The ingress's /metrics: requests routed per replica, retried, refused; replica states
     (read from Ray Serve's controller at scrape time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
         self.registry = CollectorRegistry()
         r = self.registry
         self.routed = Counter("levante_ray_requests_routed", "Requests a replica answered",
@@ -107,13 +108,17 @@ class IngressMetrics(Collector):
     def collect(self) -> list[Metric]:
         gauge = GaugeMetricFamily("levante_ray_replicas", "Engine replicas by Ray Serve state",
                                   labels=["state"])
-        try:
-            deployment = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
-        except KeyError:  # not deployed under these names (a test's own app)
-            return [gauge]
-        for state, count in deployment.replica_states.items():
-            gauge.add_metric([str(getattr(state, "value", state))], count)
+        for state, count in replica_states(self.app_name).items():
+            gauge.add_metric([state], count)
         return [gauge]
+
+
+def replica_states(app_name: str) -> dict[str, int]:
+    """The engine replicas of app `app_name` by Ray Serve state (RUNNING, STARTING, ...)."""
+    app_status = serve.status().applications.get(app_name)
+    deployment = app_status.deployments.get(ENGINE_DEPLOYMENT) if app_status else None
+    return {str(getattr(state, "value", state)): count
+            for state, count in (deployment.replica_states if deployment else {}).items()}
 
 
 class _Unplaced(Exception):
@@ -132,9 +137,9 @@ def _error_tail(content_type: str, message: str) -> bytes:
 
 
 def ingress_app(engines: DeploymentHandle, config: ServerConfig,
-                ray_config: RayServeConfig) -> FastAPI:
+                ray_config: RayServeConfig, *, app_name: str = APP_NAME) -> FastAPI:
     """The ingress's app: guards, /metrics, /health, and every other path to an engine."""
-    metrics = IngressMetrics()
+    metrics = IngressMetrics(app_name)
     app = FastAPI(title="Levante on Ray Serve")
     app.add_middleware(GuardMiddleware, config=config)
     respond = engines.options(stream=True).respond
@@ -146,11 +151,7 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig,
 
     @app.get("/health")
     async def health() -> Response:
-        status = await asyncio.to_thread(serve.status)
-        app_status = status.applications.get(APP_NAME)
-        deployment = app_status.deployments.get(ENGINE_DEPLOYMENT) if app_status else None
-        states = {str(getattr(k, "value", k)): v
-                  for k, v in (deployment.replica_states if deployment else {}).items()}
+        states = await asyncio.to_thread(replica_states, app_name)
         return JSONResponse({"replicas": states},
                             status_code=200 if states.get("RUNNING") else 503)
 
@@ -252,7 +253,8 @@ class Ingress:
         self.engines, self.config, self.ray_config = engines, config, ray_config
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return ingress_app(self.engines, self.config, self.ray_config)
+        return ingress_app(self.engines, self.config, self.ray_config,
+                           app_name=serve.get_replica_context().app_name)
 
 
 def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
@@ -282,25 +284,28 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
 def app_builder(args: dict[str, Any]) -> Any:
     """For `serve run levante.distributed.ray_serve:app_builder ref=smollm2 max_replicas=4`
     (or a Serve config file's `args`): ServerConfig's and RayServeConfig's fields by name."""
-    server_fields = {f.name: f for f in fields(ServerConfig) if f.init}
-    ray_fields = {f.name: f for f in fields(RayServeConfig)}
-    unknown = set(args) - set(server_fields) - set(ray_fields)
+    kinds = {f.name: str(f.type) for cls in (ServerConfig, RayServeConfig) for f in fields(cls)
+             if f.init}
+    unknown = set(args) - set(kinds)
     if unknown:
         raise ConfigError(f"unknown app_builder args: {', '.join(sorted(unknown))}")
-    server = {k: _coerce(v, ServerConfig.__dataclass_fields__[k].default)
-              for k, v in args.items() if k in server_fields}
-    ray_args = {k: _coerce(v, RayServeConfig.__dataclass_fields__[k].default)
-                for k, v in args.items() if k in ray_fields}
-    return build_app(ServerConfig(**server), RayServeConfig(**ray_args))
+    typed = {k: _coerce(k, v, kinds[k]) for k, v in args.items()}
+    ray_names = {f.name for f in fields(RayServeConfig)}
+    return build_app(ServerConfig(**{k: v for k, v in typed.items() if k not in ray_names}),
+                     RayServeConfig(**{k: v for k, v in typed.items() if k in ray_names}))
 
 
-def _coerce(value: Any, default: Any) -> Any:
-    """A `key=value` string from `serve run` as the type of the field's default."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        return value
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    return type(default)(value)
+def _coerce(name: str, value: Any, kind: str) -> Any:
+    """A `key=value` string from `serve run` as its field's type (`kind`, e.g. "int | None")."""
+    if not isinstance(value, str):
+        return value  # typed already (a config file)
+    base = kind.split("|")[0].strip()
+    try:
+        if base == "bool":
+            return value.lower() in ("1", "true", "yes", "on")
+        return {"int": int, "float": float}.get(base, str)(value)
+    except ValueError:
+        raise ConfigError(f"app_builder arg {name}: {value!r} is not a {base}") from None
 
 
 def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
