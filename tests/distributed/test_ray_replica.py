@@ -125,3 +125,19 @@ def test_health_check_fails_once_the_engine_died(replica: EngineReplica,
     assert head.status in (500, 503)
     with pytest.raises(RuntimeError, match="injected engine bug"):
         replica.check_health()
+
+
+def test_serve_run_args_are_typed_and_checked() -> None:
+    from levante.distributed.ray_serve import RayServeConfig, app_builder
+    from levante.errors import ConfigError
+
+    app_builder({"ref": "smollm2", "max_model_len": "512", "no_web": "true",
+                 "min_replicas": "1", "max_replicas": "3", "num_cpus": "0.5"})
+    with pytest.raises(ConfigError, match="unknown app_builder args: bogus"):
+        app_builder({"ref": "smollm2", "bogus": "1"})
+    with pytest.raises(ConfigError, match="max_num_seqs: 'many' is not a int"):
+        app_builder({"ref": "smollm2", "max_num_seqs": "many"})
+    with pytest.raises(ConfigError, match=r"min \(3\) <= max \(2\)"):
+        RayServeConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ConfigError, match="router must be one of"):
+        RayServeConfig(router="random")
