@@ -43,7 +43,7 @@ def ray_url(smollm2_gguf: Path) -> Iterator[str]:
         config = ServerConfig(ref=str(smollm2_gguf), served_model_name="smollm2",
                               max_model_len=512, max_num_seqs=2, no_web=True)
         serve.run(build_app(config, RayServeConfig(
-            min_replicas=2, max_replicas=2, num_cpus=0.5, max_queued_requests=4,
+            min_replicas=2, max_replicas=2, num_cpus=0.5, max_queued_requests=8,
             placement_timeout_s=10, health_check_period_s=1)), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -89,7 +89,7 @@ def test_a_conversation_stays_on_one_replica(ray_url: str) -> None:
 
 
 def test_past_the_queue_bound_a_request_gets_503_with_retry_after(ray_url: str) -> None:
-    """2 replicas x 4 ongoing + 4 queued: of 20 long streams at once, some are refused."""
+    """2 replicas x 4 ongoing + 8 queued: of 24 long streams at once, 8 or more are refused."""
     body = {"model": "smollm2", "prompt": "Count:", "max_tokens": 400, "ignore_eos": True,
             "stream": True}
     stop = threading.Event()
@@ -102,8 +102,8 @@ def test_past_the_queue_bound_a_request_gets_503_with_retry_after(ray_url: str) 
             r.read()
             return r.status_code, r.headers.get("retry-after")
 
-    with ThreadPoolExecutor(20) as pool:
-        futures = [pool.submit(open_stream, i) for i in range(20)]
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(open_stream, i) for i in range(24)]
         deadline = time.monotonic() + 60
         while sum(f.done() for f in futures) < 8 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -36,7 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -156,18 +157,26 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig,
                             status_code=200 if states.get("RUNNING") else 503)
 
     async def place(request: ProxiedRequest) -> tuple[ResponseHead, DeploymentResponseGenerator]:
-        """The request's head from a replica, with its body stream; retried on replicas
-        that die before answering."""
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                metrics.retried.inc()
+        """The request's head from a replica, with its body stream. A replica that dies
+        before answering: sent to another. A retry waits (up to the placement timeout) for
+        room in a full queue, where a new request is refused at once."""
+        deadline = time.monotonic() + ray_config.placement_timeout_s
+        num_failures = 0
+        while True:
             try:
-                return await _start(respond, request, ray_config.placement_timeout_s)
+                return await _start(respond, request, max(0.1, deadline - time.monotonic()))
             except RETRYABLE as e:
+                num_failures += 1
                 metrics.failed.labels("before_answer").inc()
-                log.warning("replica failed before answering (try %d): %s", attempt + 1,
+                log.warning("replica failed before answering (try %d): %s", num_failures,
                             str(e).splitlines()[0])
-        raise _Unplaced(f"{MAX_ATTEMPTS} replicas failed under the request")
+                if num_failures == MAX_ATTEMPTS:
+                    raise _Unplaced(f"{MAX_ATTEMPTS} replicas failed under the request") from e
+                metrics.retried.inc()
+            except BackPressureError:
+                if not num_failures or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     @app.api_route("/{path:path}", methods=PROXY_METHODS)
     async def proxy(request: Request, path: str) -> Response:
@@ -180,6 +189,8 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig,
                                     tuple(request.scope["headers"]), body)
         try:
             head, stream = await place(proxied)
+        except RayTaskError as e:  # the replica's app raised past its own 500 handler
+            return error_response(e.as_instanceof_cause())
         except (_Unplaced, BackPressureError) as e:
             reason = "backpressure" if isinstance(e, BackPressureError) else "no_replica"
             metrics.refused.labels(reason).inc()
@@ -240,6 +251,9 @@ async def _relay(stream: DeploymentResponseGenerator, content_type: str,
         metrics.failed.labels("while_streaming").inc()
         log.warning("replica failed mid-response: %s", str(e).splitlines()[0])
         yield _error_tail(content_type, "the replica serving this request failed; retry it")
+    except RayTaskError as e:  # the replica's app raised mid-body: the status is sent
+        log.error("replica error mid-response: %s", str(e).splitlines()[0])
+        yield _error_tail(content_type, "internal server error")
     finally:
         stream.cancel()
 
