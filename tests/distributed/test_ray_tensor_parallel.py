@@ -1,5 +1,6 @@
 """Tensor parallelism x replicas under Ray Serve on one machine: 2 replicas, each rank 0 of 2
-gloo ranks, serve the same greedy tokens as one process does alone."""
+gloo ranks (rank 1 a Ray actor in the replica's placement group), serve the same greedy
+tokens as one process does alone."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tests.distributed.test_tensor_parallel import (  # noqa: F401 - the fixture
 )
 from tests.server.conftest import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = pytest.mark.timeout(400)
 NUM_TOKENS = 6
 
 
@@ -63,3 +64,17 @@ def test_two_replicas_of_two_ranks_give_one_process_greedy_tokens(
         assert r.json()["choices"][0]["text"] == expected[attempt % 2]
         replicas.add(r.headers["x-levante-replica"])
     assert len(replicas) == 2, replicas
+    assert len(_rank_actor_processes()) == 2  # rank 1 of each replica, as a Ray actor
+
+
+def _rank_actor_processes() -> list[int]:
+    """Pids of this machine's processes Ray titled as a running rank actor."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if entry.name.isdigit() and title.startswith(b"ray::_RankActor"):
+            pids.append(int(entry.name))
+    return pids

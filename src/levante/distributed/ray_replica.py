@@ -7,9 +7,10 @@ no socket, and yields what the app sends: a `ResponseHead`, then the body's chun
 (one SSE event or NDJSON line each when streaming). The generator's end (done, client gone,
 cancelled by the ingress) is the app's `http.disconnect`, so the engine aborts the request.
 
-Ray calls `check_health` every health-check period: it fails once the engine thread has died,
-and Ray replaces the replica. With `tensor_parallel` > 1 the replica is rank 0 of N ranks it
-spawns on its own node (gloo on a CPU, NCCL on its N GPUs).
+Ray calls `check_health` every health-check period: it fails once the engine thread has died
+(or a rank has), and Ray replaces the replica. With `tensor_parallel` > 1 the replica is rank
+0 of N: the others are Ray actors in its placement group (levante.distributed.ray_ranks),
+on its node or others; gloo on CPUs, NCCL on GPUs.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ class ResponseHead:
 class EngineReplica:
     """A Ray Serve deployment body: one `ServerState` and the app over it (see module doc)."""
 
-    def __init__(self, config: ServerConfig, tensor_parallel: int = 1) -> None:
+    def __init__(self, config: ServerConfig, tensor_parallel: int = 1,
+                 rank_resources: tuple[float, float] | None = None) -> None:
+        """`rank_resources` (CPUs, GPUs): start ranks 1..N-1 as Ray actors with those in this
+        replica's placement group (levante.distributed.ray_ranks), else spawn them here."""
         from levante.server.app import create_app
         from levante.server.routes import ServerState
 
@@ -80,8 +84,9 @@ class EngineReplica:
         if tensor_parallel > 1:
             from levante.distributed.launch import TensorParallelGroup, server_state
 
-            self.group = TensorParallelGroup.start(config.ref, tensor_parallel=tensor_parallel,
-                                                   load_config=config.load_config)
+            self.group = TensorParallelGroup.start(
+                config.ref, tensor_parallel=tensor_parallel, load_config=config.load_config,
+                **_ray_rank_options(rank_resources))
             self.state = server_state(self.group, config)
         else:
             self.state = ServerState.build(config)
@@ -141,6 +146,22 @@ class EngineReplica:
             state.engine.stop()
         if getattr(self, "group", None) is not None:
             self.group.shutdown()
+
+
+def _ray_rank_options(rank_resources: tuple[float, float] | None) -> dict[str, Any]:
+    """`TensorParallelGroup.start`'s rank starter and rendezvous host for Ray actor ranks."""
+    if rank_resources is None:
+        return {}
+    import functools
+
+    import ray
+
+    from levante.distributed.ray_ranks import start_ray_ranks
+
+    num_cpus, num_gpus = rank_resources
+    return {"start_ranks": functools.partial(start_ray_ranks, num_cpus=num_cpus,
+                                             num_gpus=num_gpus),
+            "host": ray.util.get_node_ip_address()}
 
 
 def _scope(request: ProxiedRequest) -> dict[str, Any]:

@@ -278,10 +278,13 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
         if ray_config.min_replicas == ray_config.max_replicas else {"autoscaling_config": {
             "min_replicas": ray_config.min_replicas, "max_replicas": ray_config.max_replicas,
             "target_ongoing_requests": ray_config.target_ongoing_requests}}
+    rank = {"CPU": ray_config.num_cpus, **({"GPU": ray_config.num_gpus}
+                                            if ray_config.num_gpus else {})}
+    if tp > 1:  # one bundle per rank: rank 0 (the replica) in the first, ray_ranks the rest
+        scaling |= {"placement_group_bundles": [rank] * tp, "placement_group_strategy": "PACK"}
     engines = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
         **scaling,
-        ray_actor_options={"num_cpus": ray_config.num_cpus * tp,
-                           "num_gpus": ray_config.num_gpus * tp},
+        ray_actor_options={"num_cpus": ray_config.num_cpus, "num_gpus": ray_config.num_gpus},
         max_ongoing_requests=2 * config.max_num_seqs,  # running, plus one batch waiting
         max_queued_requests=ray_config.max_queued_requests,
         health_check_period_s=ray_config.health_check_period_s,
@@ -292,7 +295,8 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
     ingress = serve.deployment(Ingress, name="LevanteIngress").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_connections)
-    return ingress.bind(engines.bind(config, tp), config, ray_config)
+    rank_resources = (ray_config.num_cpus, ray_config.num_gpus) if tp > 1 else None
+    return ingress.bind(engines.bind(config, tp, rank_resources), config, ray_config)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
