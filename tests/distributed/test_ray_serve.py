@@ -116,18 +116,20 @@ def test_past_the_queue_bound_a_request_gets_503_with_retry_after(ray_url: str) 
                      metrics), metrics
 
 
-def _replica_actors() -> list:
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names
-            if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{ENGINE_DEPLOYMENT}#")]
+def _replica_actor(replica: str):
+    """The actor of engine replica `replica` (its id, as in x-levante-replica)."""
+    name = f"SERVE_REPLICA::{APP_NAME}#{ENGINE_DEPLOYMENT}#{replica}"
+    [found] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+    return ray.get_actor(name, namespace=found["namespace"])
 
 
 def test_a_replica_killed_mid_run(ray_url: str) -> None:
-    """6 plain requests and 2 streams in flight; one replica is killed. Plain ones are answered
-    (sent again to the other), a stream on the dead replica ends with an error, nothing hangs;
-    /metrics shows the failure, and Ray brings the replica back."""
+    """6 plain requests and 2 streams in flight; stream 0's replica is killed. Plain ones are
+    answered (sent again to the other), stream 0 ends with an error, nothing hangs; the dead
+    replica leaves rotation at once, /metrics shows the failure, and Ray replaces it."""
     client = _client(ray_url)
     streams_started = threading.Barrier(3)
+    stream_replicas: dict[int, str] = {}
 
     def plain(i: int) -> str:
         r = client.completions.create(model="smollm2", prompt=f"List {i} colours:",
@@ -135,14 +137,17 @@ def test_a_replica_killed_mid_run(ray_url: str) -> None:
         return r.choices[0].finish_reason
 
     def streamed(i: int) -> str:
-        chunks = client.completions.create(model="smollm2", prompt=f"Story {i}:", max_tokens=96,
-                                           stream=True, extra_body={"ignore_eos": True})
         outcome = "incomplete"
         try:
-            for n, chunk in enumerate(chunks):
-                if n == 1:
-                    streams_started.wait(60)
-                outcome = chunk.choices[0].finish_reason or outcome if chunk.choices else outcome
+            with client.completions.with_streaming_response.create(
+                    model="smollm2", prompt=f"Story {i}:", max_tokens=96, stream=True,
+                    extra_body={"ignore_eos": True}) as response:
+                stream_replicas[i] = response.headers["x-levante-replica"]
+                for n, chunk in enumerate(response.parse()):
+                    if n == 1:
+                        streams_started.wait(60)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        outcome = chunk.choices[0].finish_reason
         except openai.APIError as e:
             return f"error: {e}"
         return outcome
@@ -151,11 +156,15 @@ def test_a_replica_killed_mid_run(ray_url: str) -> None:
         streams = [pool.submit(streamed, i) for i in range(2)]
         plains = [pool.submit(plain, i) for i in range(6)]
         streams_started.wait(60)
-        ray.kill(_replica_actors()[0], no_restart=True)
+        ray.kill(_replica_actor(stream_replicas[0]), no_restart=True)  # stream 0's replica
+        killed_at = time.monotonic()
+        while _running(ray_url) == 2:  # out of rotation within a health-check period (1 s)
+            assert time.monotonic() - killed_at < 3, "the dead replica still counts as running"
+            time.sleep(0.1)
         reasons = [f.result(timeout=180) for f in plains]
         outcomes = [f.result(timeout=180) for f in streams]
     assert reasons == ["length"] * 6
-    assert all(o == "length" or o.startswith("error") for o in outcomes), outcomes
+    assert outcomes[0].startswith("error") and outcomes[1] in ("length", outcomes[0]), outcomes
     metrics = httpx.get(ray_url + "/metrics", timeout=30).text
     assert re.search(r"levante_ray_replica_failures_total\{[^}]*\} [1-9]", metrics), metrics
     deadline = time.monotonic() + 120
