@@ -70,7 +70,7 @@ def start_ray_ranks(spec: LaunchSpec, *, num_cpus: float, num_gpus: float) -> li
     actor_class = ray.remote(_RankActor)
     ranks = []
     for rank in range(1, spec.world_size):
-        actor = actor_class.options(
+        actor: Any = actor_class.options(
             num_cpus=num_cpus, num_gpus=num_gpus, name=None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=rank)).remote()

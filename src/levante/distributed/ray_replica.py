@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,7 @@ class EngineReplica:
 
     async def respond(self, request: ProxiedRequest) -> AsyncIterator[ResponseHead | bytes]:
         """Run `request` through the app: its `ResponseHead`, then its body chunks."""
-        sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        sent: asyncio.Queue[MutableMapping[str, Any] | None] = asyncio.Queue()
         gone = asyncio.Event()
         is_body_read = False
 
@@ -108,7 +108,7 @@ class EngineReplica:
             await gone.wait()  # what a streaming response listens for while it streams
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             await sent.put(message)
 
         call = asyncio.ensure_future(self.app(_scope(request), receive, send))

@@ -217,6 +217,7 @@ async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: 
     except asyncio.TimeoutError:
         raise _Unplaced(f"none became free within {timeout_s:g} s") from None
     stream = respond.dispatch(selection, request)
+    assert isinstance(stream, DeploymentResponseGenerator), "respond is a streaming call"
     try:
         head = await stream.__anext__()
     except BaseException as e:
@@ -282,7 +283,7 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
                                             if ray_config.num_gpus else {})}
     if tp > 1:  # one bundle per rank: rank 0 (the replica) in the first, ray_ranks the rest
         scaling |= {"placement_group_bundles": [rank] * tp, "placement_group_strategy": "PACK"}
-    engines = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
+    engines = serve.deployment(name=ENGINE_DEPLOYMENT)(EngineReplica).options(
         **scaling,
         ray_actor_options={"num_cpus": ray_config.num_cpus, "num_gpus": ray_config.num_gpus},
         max_ongoing_requests=2 * config.max_num_seqs,  # running, plus one batch waiting
@@ -290,9 +291,9 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
         health_check_period_s=ray_config.health_check_period_s,
         health_check_timeout_s=max(5.0, 3 * ray_config.health_check_period_s),
         graceful_shutdown_timeout_s=config.drain_timeout,
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTERS[ray_config.router]))
-    ingress = serve.deployment(Ingress, name="LevanteIngress").options(
+        request_router_config=RequestRouterConfig(  # a class or its import path
+            request_router_class=ROUTERS[ray_config.router]))  # type: ignore[arg-type]
+    ingress = serve.deployment(name="LevanteIngress")(Ingress).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_connections)
     rank_resources = (ray_config.num_cpus, ray_config.num_gpus) if tp > 1 else None
@@ -336,7 +337,7 @@ def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_port_free(config.host, config.port)
     is_local = not os.environ.get("RAY_ADDRESS")
-    ray.init(include_dashboard=False, **({} if not is_local else {"num_cpus": os.cpu_count()}))
+    ray.init(include_dashboard=False, num_cpus=os.cpu_count() if is_local else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
