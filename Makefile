@@ -6,7 +6,7 @@ MODEL ?= smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test browser fuzz lint clean
+.PHONY: setup run test test-slow test-all browser fuzz lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -23,9 +23,17 @@ run: setup
 	$(VENV)/bin/levante pull $(MODEL)
 	$(VENV)/bin/levante serve $(MODEL) --host $(HOST) --port $(PORT)
 
+# The fast tier (about 2 minutes on 2 cores); test-slow runs the rest (tests/slow_tests.txt
+# and @pytest.mark.slow); CI runs both (.ci/run).
 test: setup browser
 	$(VENV)/bin/levante pull $(MODEL)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup browser
+	$(VENV)/bin/levante pull $(MODEL)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 # Debian's Chromium for the chat-page test (skipped with a reason where it can't be had).
 browser:
@@ -41,6 +49,10 @@ fuzz: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# pyproject.toml's [tool.mypy]; the suite runs the same check (tests/test_types.py).
+typecheck: setup
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

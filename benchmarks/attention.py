@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from levante.config import ModelConfig
-from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.kv_cache import KVCache
+from levante.engine.paged_attention import build_paged_attention
 from levante.quant import kernels
 
 PROMPT_WORDS = ("The history of astronomy is long and rich. Early observers tracked the sun, "

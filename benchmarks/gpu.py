@@ -6,7 +6,9 @@ batch-1 decode in bf16 against the HBM-bandwidth bound, int8 weight-only decode,
 token for a 500-token prompt, and aggregate tokens/s at 32 concurrent streams, batched and
 with --batch-invariant (each sequence in its own forward pass). The engine's attention
 (EngineConfig.attention_backend "auto": FlexAttention over the paged pool on CUDA) is printed,
-and a row races FlexAttention against SDPA over gathered blocks on the same streams.
+and a row races FlexAttention against SDPA over gathered blocks on the same streams. Decode
+steps replay CUDA graphs by default on CUDA (EngineConfig.decode_graphs); a row compares them
+with eager steps at batch 1.
 
     python benchmarks/gpu.py                      # on a GPU: the real preset
     python benchmarks/gpu.py --scale 16 --device cpu --bandwidth-gbs 20   # CPU smoke run
@@ -25,7 +27,7 @@ import torch
 
 from levante.config import EngineConfig, ModelConfig, preset
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 
@@ -113,7 +115,8 @@ def main() -> None:
                                  num_kv_blocks=args.streams * 2048 // 16 // 4)
     engine = Engine(model, None, engine_config)
     print(f"attention: {engine.runner.attention_backend}"
-          f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}")
+          f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}; "
+          f"decode steps: {'CUDA graphs' if engine.runner.graphs else 'eager'}")
     decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # warm-up
     bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
@@ -134,6 +137,7 @@ def main() -> None:
                  f"{split_rate / rate:.2f}x of batched"))
     del invariant
     rows.append(_attention_row(model, engine_config, args, device))
+    rows.append(_graphs_row(model, engine_config, args, device, bound))
     rows.append(_int8_row(model, engine_config, args, device))
     del model  # now int8; fp8 starts again from a bf16 model, so only one is held at a time
     if device == "cuda":
@@ -164,6 +168,21 @@ def _attention_row(model: Transformer, engine_config: EngineConfig, args: argpar
         del engine
     return (f"flex vs sdpa, {streams} streams", f"{rates['flex']:.1f} tok/s",
             f"sdpa {rates['sdpa']:.1f} tok/s: flex {rates['flex'] / rates['sdpa']:.2f}x")
+
+
+def _graphs_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
+                device: str, bound: float) -> tuple[str, str, str]:
+    """Batch-1 decode with the default (CUDA graphs on CUDA) against eager steps."""
+    rates = {}
+    for mode in ("auto", "off"):
+        engine = Engine(model, None, dataclasses.replace(engine_config, decode_graphs=mode))
+        decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # capture
+        rates[mode], _ = decode_rate(engine, batch=1, prompt_len=16,
+                                     new_tokens=args.new_tokens, device=device)
+        del engine
+    return ("decode graphs vs eager, batch 1", f"{rates['auto']:.1f} tok/s",
+            f"eager {rates['off']:.1f} tok/s: {rates['auto'] / rates['off']:.2f}x; "
+            + f"{rates['auto'] / bound:.0%} of bound")
 
 
 def _int8_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,

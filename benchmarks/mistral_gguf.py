@@ -294,7 +294,7 @@ def main() -> None:
                         help="where the proxy lives (default $LEVANTE_HOME/proxy)")
     args = parser.parse_args()
 
-    from levante.weights.hub import levante_home
+    from levante.weights.store import levante_home
 
     folder = args.folder or levante_home() / "proxy"
     folder.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ print(json.dumps(out))
 
 def llama_python() -> Path:
     """The peer venv's python, building llama-cpp-python there on first use."""
-    from levante.weights.hub import levante_home
+    from levante.weights.store import levante_home
 
     venv = levante_home() / "peers" / "llama-cpp"
     python = venv / "bin" / "python"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from levante.bundle import Bundle, load
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.eval.perplexity import perplexity
 from levante.llm import LLM
 from levante.model import Transformer

@@ -11,6 +11,17 @@ from pathlib import Path
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")  # written by tests/make_tiers.py
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests slow_tests.txt lists (node ids, or whole files) slow."""
+    listed = {line.split("#")[0].strip() for line in SLOW_TESTS.read_text().splitlines()}
+    listed.discard("")
+    for item in items:
+        if item.nodeid in listed or item.nodeid.split("::")[0] in listed:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="module")

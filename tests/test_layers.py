@@ -11,7 +11,7 @@ SRC = Path(levante.__file__).parent
 
 # Lowest first. A module takes the layer of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("levante.errors", "levante.config", "levante.heap"),
+    ("levante.errors", "levante.config", "levante.heap", "levante.kinds"),
     # files, kernels, the model, tokenizers; engine.output is text on a tokenizer
     # (incremental detokenization, stop strings), used by the engine and the tool parsers
     ("levante.tokenizer", "levante.gguf_vocab", "levante.load_config", "levante.model",

@@ -20,7 +20,7 @@ from levante.chat.grammars import GrammarCompiler
 from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import RequestError
 from levante.structured import (
     Grammar,

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy, so `import levante.weights.hub` (e.g. for `levante pull`) does not load the engine.
     if name == "SamplingParams":
-        from levante.engine.sampler import SamplingParams
+        from levante.engine.sampling_params import SamplingParams
 
         return SamplingParams
     if name in ("LLM", "Completion"):

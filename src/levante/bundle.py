@@ -17,7 +17,8 @@ from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.gguf_vocab import TEKKEN_PRE
-from levante.heap import compact_heap
+from levante.heap import compact_heap, release_free_memory
+from levante.kinds import WeightFormat
 from levante.load_config import DTYPES, GGUF_LOAD_FORMATS, LoadConfig, dtype_name
 from levante.model import MLP, Attention, Transformer
 from levante.quant.gguf_blocks import FLOAT_DTYPES
@@ -40,7 +41,7 @@ class Bundle:
 
     name: str
     path: Path
-    format: str  # "gguf" | "safetensors-hf" | "safetensors-consolidated"
+    format: WeightFormat
     config: ModelConfig
     model: Transformer
     tokenizer: Tokenizer
@@ -107,8 +108,9 @@ def _load(ref: str, path: Path, config: LoadConfig) -> Bundle:
 def _config_of(config: LoadConfig | None, *, dtype: torch.dtype | str | None,
                device: str | None, max_seq_len: int | None, quant: str | None) -> LoadConfig:
     """`config`, or one built from the older keyword form of `load`."""
-    keywords = {"dtype": dtype if dtype is None or isinstance(dtype, str) else dtype_name(dtype),
-                "device": device, "max_model_len": max_seq_len, "quant": quant}
+    keywords: dict[str, Any] = {
+        "dtype": dtype if dtype is None or isinstance(dtype, str) else dtype_name(dtype),
+        "device": device, "max_model_len": max_seq_len, "quant": quant}
     given = {k: v for k, v in keywords.items() if v is not None}
     if config is not None and given:
         raise ConfigError(f"load() takes a LoadConfig or the keywords {', '.join(given)}, "
@@ -214,17 +216,25 @@ def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     check_fits_config(gguf_file, config)  # every tensor, for both paths, before any is read
     load_config = _gguf_quant(load_config, gguf_file)
     tokenizer, chat = _gguf_tokenizer(path, meta)
+    for key in VOCAB_KEYS:  # the tokenizer has them now; freed before the weights' peak
+        meta.pop(key, None)
+    release_free_memory()
     config = _limit(config, load_config.max_model_len)
     dtype, device = load_config.torch_dtype, load_config.device
     if load_config.quant == "gguf":
         from levante.quant.gguf_linear import load_gguf_quantized
 
         model = load_gguf_quantized(gguf_file, config, dtype)
-        return Bundle(ref, path, "gguf", config, model.to(device), tokenizer, chat, load_config)
+        return Bundle(ref, path, WeightFormat.GGUF, config, model.to(device), tokenizer, chat, load_config)
     state = load_gguf_state_dict(gguf_file, config, dtype)
-    return Bundle(ref, path, "gguf", config, Transformer.from_state_dict(config, state, device=device),
+    return Bundle(ref, path, WeightFormat.GGUF, config, Transformer.from_state_dict(config, state, device=device),
                   tokenizer, chat, load_config)
 
+
+# The vocabulary arrays of a GGUF's metadata: SmolLM2's 49152 tokens and 48900 merges are
+# ~12 MB of Python strings that no one reads once the tokenizer is built.
+VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+              "tokenizer.ggml.scores")
 
 # What malformed tokenizer metadata raises inside `tokenizers`/jinja2 (untrusted input).
 METADATA_ERRORS = (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError)
@@ -294,7 +304,7 @@ def _load_hf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
-    return Bundle(ref, path, "safetensors-hf", config, model, tokenizer, chat, load_config)
+    return Bundle(ref, path, WeightFormat.SAFETENSORS_HF, config, model, tokenizer, chat, load_config)
 
 
 def _build_device(load_config: LoadConfig) -> str:
@@ -331,7 +341,7 @@ def _load_consolidated(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     tokenizer, chat = load_tokenizer(path)
     config = _limit(config, load_config.max_model_len)
     model = Transformer.from_state_dict(config, state, device=_build_device(load_config))
-    return Bundle(ref, path, "safetensors-consolidated", config, model, tokenizer, chat,
+    return Bundle(ref, path, WeightFormat.SAFETENSORS_CONSOLIDATED, config, model, tokenizer, chat,
                   load_config)
 
 

@@ -14,6 +14,7 @@ from levante.errors import ConfigError
 KV_BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 1 + 2 / 32}
 KV_CACHE_DTYPES = ("auto", *KV_BYTES_PER_VALUE)
 ATTENTION_BACKENDS = ("auto", "cpu_kernel", "sdpa", "flex")
+DECODE_GRAPH_MODES = ("auto", "on", "off", "uncaptured")
 
 MAX_DIMENSION = {"num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096,
                  "head_dim": 4096, "vocab_size": 2**22}
@@ -338,6 +339,11 @@ class EngineConfig:
     # "flex" (FlexAttention reading the pool in place through a block mask; compiled on CUDA,
     # eager and slow elsewhere: forcing it on CPU is for tests).
     attention_backend: str = "auto"
+    # Decode steps (one token per sequence) as CUDA graphs (engine/cuda_graphs.py): "auto"
+    # (on CUDA with the flex backend and no LoRA adapters), "on" (that, or a ConfigError),
+    # "off", or "uncaptured" (the same padded static-input step without a graph, any device:
+    # for tests).
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -358,6 +364,9 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"EngineConfig.attention_backend must be one of "
                               f"{', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.decode_graphs not in DECODE_GRAPH_MODES:
+            raise ConfigError(f"EngineConfig.decode_graphs must be one of "
+                              f"{', '.join(DECODE_GRAPH_MODES)}, got {self.decode_graphs!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"EngineConfig.kv_cache_dtype must be one of "
                               f"{', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

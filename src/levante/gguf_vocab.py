@@ -263,9 +263,10 @@ def bpe_backend_from_gguf(meta: Mapping[str, Any], path: str | Path) -> HFBacken
         known = ", ".join(sorted([*GGUF_PRE_TOKENIZERS, TEKKEN_PRE]))
         raise ModelFileError(path, f"tokenizer.ggml.pre {pre!r} is not supported ({known})")
     tokens = _strings(meta, "tokenizer.ggml.tokens", path)
-    merges = [tuple(m.split(" ", 1)) for m in _strings(meta, "tokenizer.ggml.merges", path)]
-    if any(len(m) != 2 for m in merges):
+    pairs = [m.split(" ", 1) for m in _strings(meta, "tokenizer.ggml.merges", path)]
+    if any(len(pair) != 2 for pair in pairs):
         raise ModelFileError(path, "tokenizer.ggml.merges has an entry that is not 'left right'")
+    merges = [(left, right) for left, right in pairs]
     vocab = {token: index for index, token in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in IGNORES_MERGES)
     backend = HFBackend(bpe)

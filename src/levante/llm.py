@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from levante.bundle import Bundle, load
 from levante.chat.request import ChatRequests
 from levante.chat.tools import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError, RequestError
+from levante.kinds import FinishReason
 from levante.load_config import DTYPES, LoadConfig  # noqa: F401 - DTYPES: older importers
 from levante.structured import Grammar
 
@@ -27,7 +28,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     prefill_tokens_per_s: float = 0.0
@@ -56,9 +57,9 @@ class LLM:
                  device: str | None = None, quant: str | None = None,
                  kv_cache_dtype: str | None = None, kv_cache_memory: int | None = None,
                  load_config: LoadConfig | None = None) -> None:
-        keywords = {"dtype": dtype, "max_model_len": max_model_len, "device": device,
-                    "quant": quant, "kv_cache_dtype": kv_cache_dtype,
-                    "kv_cache_memory": kv_cache_memory}
+        keywords: dict[str, Any] = {
+            "dtype": dtype, "max_model_len": max_model_len, "device": device, "quant": quant,
+            "kv_cache_dtype": kv_cache_dtype, "kv_cache_memory": kv_cache_memory}
         given = {k: v for k, v in keywords.items() if v is not None}
         if load_config is not None and given:
             raise ConfigError(f"LLM takes load_config or the keywords {', '.join(given)}, "
@@ -92,10 +93,9 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | None = None) -> list[Completion]:
         """Complete each prompt (text or token ids); all run together as one batch."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        return self._run([self.encode_prompt(p) for p in prompts],  # type: ignore[union-attr]
-                         params or SamplingParams())
+        is_one = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch = cast(Sequence[Prompt], [prompts] if is_one else prompts)
+        return self._run([self.encode_prompt(p) for p in batch], params or SamplingParams())
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              tools: list[dict[str, Any]] | None = None,
@@ -113,8 +113,8 @@ class LLM:
                 include_stop=params.include_stop_str_in_output)
             done.text = content or ""
             done.tool_calls = [c.to_openai() for c in calls]
-            if calls and done.finish_reason == "stop":
-                done.finish_reason = "tool_calls"
+            if calls and done.finish_reason == FinishReason.STOP:
+                done.finish_reason = FinishReason.TOOL_CALLS
         return done
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,10 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     if any(type(p) is not kind for p in parts):
         return None
     if kind is nn.Linear:
-        if any(p.bias is not None for p in parts):
+        linears = [p for p in parts if isinstance(p, nn.Linear)]  # all of them: one type
+        if any(p.bias is not None for p in linears):
             return None
-        weights = [p.weight for p in parts]
+        weights = [p.weight for p in linears]
         if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             return None
         joined = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
@@ -64,7 +65,7 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
         joined.weight = nn.Parameter(torch.cat([w.detach() for w in weights])
                                      if stacked is None else stacked, requires_grad=False)
         start = 0
-        for part, weight in zip(parts, weights):
+        for part, weight in zip(linears, weights):
             end = start + weight.shape[0]
             part.weight = nn.Parameter(joined.weight[start:end], requires_grad=False)
             start = end
@@ -187,33 +188,33 @@ class RMSNorm(nn.Module):
 
 
 def rotary_table(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions [0, max_positions): each [max_positions, head_dim], float32.
+    """cos and sin for positions [0, max_positions): each [max_positions, head_dim / 2], float32.
 
-    Rotate-half layout: entry j and j + head_dim/2 share frequency theta^(-2j/head_dim).
-    Under the meta device only the shapes are made: torch's meta math imports torch._dynamo.
+    Rotate-half layout: entry j and j + head_dim/2 share frequency theta^(-2j/head_dim), so
+    one half is stored and `rotary_factors` widens the rows a forward reads (at 32K positions
+    and head_dim 128 that halves 32 MB). Under the meta device only the shapes are made:
+    torch's meta math imports torch._dynamo.
     """
-    if torch.empty(0).device.type == "meta":
-        shape = (max_positions, config.head_dim)
-        return torch.empty(shape), torch.empty(shape)
     half = config.head_dim // 2
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(max_positions, half), torch.empty(max_positions, half)
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.int64)
                                             .float() * 2 / config.head_dim))
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def rotary_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [..., head_dim] -> (cos, signed sin) [..., 1, head_dim] for `apply_rotary`.
+    """`rotary_table` rows [..., head_dim / 2] -> (cos, signed sin) [..., 1, head_dim] for
+    `apply_rotary`.
 
     Rotate-half is x * cos + [-x2, x1] * sin = x * cos + roll(x, half) * [-sin1, sin2], so
     with the sign folded into sin once per forward, each layer rotates with one roll and
     two multiplies. Example, head_dim 4, x = [a, b, c, d]: roll gives [c, d, a, b], and
-    [-s0, -s1, s2, s3] * [c, d, a, b] = [-c s0, -d s1, a s2, b s3], as rotate-half's.
+    [-s0, -s1, s0, s1] * [c, d, a, b] = [-c s0, -d s1, a s0, b s1], as rotate-half's.
     """
-    half = sin.shape[-1] // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-    return cos.unsqueeze(-2), signed.unsqueeze(-2)
+    return (torch.cat([cos, cos], dim=-1).unsqueeze(-2),
+            torch.cat([-sin, sin], dim=-1).unsqueeze(-2))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -326,6 +327,10 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """The decoder plus output head; `forward` returns final hidden states, `logits` projects."""
 
+    lm_head: nn.Module  # quantization and tensor parallelism swap the head
+    rope_cos: torch.Tensor  # [max_positions, head_dim] buffers (register_buffer)
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = config
@@ -376,14 +381,18 @@ class Transformer(nn.Module):
         Plain `nn.Linear`s join; other layer types where they implement `RowConcatenable`.
         Calling it again keeps what is still joined. Returns how many groups are joined.
         """
-        return sum(block.fuse() for layer in self.model.layers
+        return sum(block.fuse() for layer in self.decoder_layers()
                    for block in (layer.self_attn, layer.mlp))
 
     def unfuse_projections(self) -> None:
         """Back to one matmul per HF linear."""
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.unfuse()
             layer.mlp.unfuse()
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """`model.layers` as their class (an nn.ModuleList yields plain Modules)."""
+        return [cast(DecoderLayer, layer) for layer in self.model.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., vocab] in float32."""

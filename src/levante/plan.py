@@ -290,7 +290,8 @@ def _gguf_weights(path: Path) -> _Weights:
     file_type = gguf_file.metadata.get("general.file_type")
     embedding = gguf_file.nbytes("token_embd.weight") \
         if "token_embd.weight" in gguf_file.tensor_names else 0
-    return _Weights(config, shapes, stored, _FILE_TYPES.get(file_type), "gguf", embedding)
+    file_format = _FILE_TYPES.get(file_type) if file_type is not None else None
+    return _Weights(config, shapes, stored, file_format, "gguf", embedding)
 
 
 # general.file_type (llama.cpp's LLAMA_FTYPE_*) -> our format name

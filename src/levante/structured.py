@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import llguidance
-import llguidance.numpy  # not llguidance.torch: importing it pulls in sympy etc. (+118 MB RSS)
 import numpy as np
 import torch
 
@@ -17,7 +15,13 @@ from levante.errors import RequestError
 from levante.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
 
 if TYPE_CHECKING:
+    import llguidance
+
     from levante.chat.grammars import GrammarCompiler
+
+# llguidance is imported where a grammar is first used, not at import: a process that never
+# constrains output (`levante generate`) saves its ~3 MB of RSS. Never llguidance.torch: it
+# pulls in sympy etc. (+118 MB RSS); llguidance.numpy does the same work.
 
 
 def parser_limits() -> llguidance.LLParserLimits:
@@ -27,6 +31,8 @@ def parser_limits() -> llguidance.LLParserLimits:
     building); a mask step at step_lexer_fuel / step_max_items (~10 ms). A grammar over them
     fails to compile (a 400) or puts its matcher in an error state (that request fails).
     """
+    import llguidance
+
     return llguidance.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000,
                                      step_lexer_fuel=200_000, step_max_items=50_000,
                                      max_lexer_states=50_000, max_grammar_size=100_000,
@@ -47,6 +53,8 @@ def llguidance_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
         backend = type(backend).from_str(backend.to_str())
         backend.no_padding()
         backend.no_truncation()
+        import llguidance
+
         return llguidance.LLTokenizer(backend.to_str(), n_vocab=tokenizer.vocab_size,
                                       eos_token=sorted(tokenizer.eos_ids))
     raise TypeError(f"no llguidance tokenizer for {type(tokenizer).__name__}")
@@ -58,6 +66,8 @@ class Grammar:
     def __init__(self, compiler: GrammarCompiler, lark: str, *, param: str) -> None:
         self.compiler = compiler
         self.lark = lark
+        import llguidance
+
         self._initial = llguidance.LLMatcher(
             compiler.ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(lark),
             limits=parser_limits(), log_level=0)
@@ -117,6 +127,8 @@ def fill_masks(matchers: Sequence[Matcher | None], vocab_size: int) -> torch.Ten
     compiler = constrained[0].grammar.compiler
     assert all(m.grammar.compiler.vocab_size == compiler.vocab_size for m in constrained)
     bitmask = np.zeros((len(rows), (compiler.vocab_size + 31) // 32), dtype=np.int32)
+    import llguidance.numpy
+
     llguidance.numpy.fill_next_token_bitmask_par(
         compiler.executor, [(m.ll_matcher, i) for i, m in enumerate(constrained)], bitmask)
     # Bit j of 32-bit word w is token 32w + j: as little-endian bytes, unpackbits' "little"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tokenizers import Tokenizer as HFBackend
 
@@ -136,11 +136,11 @@ class MistralTokenizer:
     Plain `encode` never produces control tokens: user text "[INST]" stays text.
     """
 
-    def __init__(self, mistral: MistralCommonTokenizer) -> None:
+    def __init__(self, mistral: MistralCommonTokenizer[Any, Any, Any, Any, Any]) -> None:
         self.mistral = mistral
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
-        self._tekken: Tekkenizer = mistral.instruct_tokenizer.tokenizer
+        self._tekken = cast("Tekkenizer", mistral.instruct_tokenizer.tokenizer)  # the Tekken path
         self._skip_special, self._keep_special = SpecialTokenPolicy.IGNORE, SpecialTokenPolicy.KEEP
         self.vocab_size = self._tekken.n_words
         self.bos_id: int | None = self._tekken.bos_id

@@ -288,7 +288,7 @@ def test_streamed_and_whole_replies_agree_field_by_field(
 
     from levante.engine.engine import StepOutput
     from levante.engine.output import TextState
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
     from levante.server.metrics import Metrics
     from levante.server.responses import Generation
 

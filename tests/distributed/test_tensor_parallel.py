@@ -22,7 +22,7 @@ from levante.distributed.launch import TensorParallelGroup, server_state
 from levante.distributed.loading import load_shard, read_model_config, shard_reader
 from levante.distributed.parallel import ShardSlice, shard_plan, weight_bytes
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.load_config import LoadConfig
 

@@ -15,7 +15,7 @@ import pytest
 from levante.bundle import Bundle, load
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.quant import kernels
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)

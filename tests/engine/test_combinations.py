@@ -25,7 +25,7 @@ from levante.bundle import Bundle, load
 from levante.chat.grammars import GrammarCompiler
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.quant import kernels
 from levante.structured import Grammar
 

@@ -7,7 +7,7 @@ import torch
 
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ContextLengthError, RequestError
 from levante.model import Transformer
 
@@ -175,7 +175,7 @@ def test_block_hashes_name_the_tokens_after_accepted_drafts(model: Transformer) 
     """Drafts accepted in a step are computed before their tokens are appended: the blocks
     they fill are hashed once the tokens are known, so every hash names its block's tokens
     (a wrong hash would let a later prompt reuse blocks that do not hold its tokens)."""
-    from levante.engine.kv_cache import block_hash
+    from levante.engine.kv_blocks import block_hash
 
     base = _prompts(model.config.vocab_size, [6, 9])
     prompts = [p * 6 for p in base]
@@ -224,8 +224,8 @@ def test_prompt_lookup_index_equals_a_full_scan() -> None:
     """The incremental n-gram index proposes what scanning the whole context would."""
     import random
 
+    from levante.engine.drafts import NgramIndex
     from levante.engine.request import Request
-    from levante.engine.scheduler import NgramIndex
 
     def scan(tokens: list[int], max_n: int, k: int) -> list[int]:
         for n in range(min(max_n, len(tokens) - 1), 0, -1):

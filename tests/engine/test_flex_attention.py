@@ -13,9 +13,10 @@ from levante.config import EngineConfig, ModelConfig
 from levante.engine import flex_attention
 from levante.engine.engine import Engine
 from levante.engine.flex_attention import FlexKernel
-from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.kv_cache import KVCache
+from levante.engine.paged_attention import build_paged_attention
 from levante.engine.runner import resolve_attention_backend
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 from levante.quant import kernels

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from levante.config import EngineConfig, ModelConfig
-from levante.engine import engine as engine_module
+from levante.engine import kv_budget
 from levante.engine.engine import Engine
 from levante.engine.kv_cache import KVCache
 from levante.errors import ConfigError
@@ -58,9 +58,9 @@ def test_automatic_pool_holds_one_sequence_or_says_why(monkeypatch: pytest.Monke
     config = EngineConfig(max_model_len=4096, max_num_seqs=16, kv_cache_dtype="float16")
     # a quarter of 6 MiB is less than one 2 MiB sequence: the pool still takes one (reserved,
     # untouched), since it fits what is left
-    monkeypatch.setattr(engine_module, "_available_memory", lambda: 6 * 2**20)
-    assert engine_module.Engine(model, None, config).capacity_tokens == 4096
-    monkeypatch.setattr(engine_module, "_available_memory", lambda: 2**20)
+    monkeypatch.setattr(kv_budget, "_available_memory", lambda: 6 * 2**20)
+    assert Engine(model, None, config).capacity_tokens == 4096
+    monkeypatch.setattr(kv_budget, "_available_memory", lambda: 2**20)
     with pytest.raises(ConfigError, match=r"takes 2 MiB of float16 KV, and 1 MiB of memory is "
                                           r"left.*--max-model-len to 2048"):
-        engine_module.Engine(model, None, config)
+        Engine(model, None, config)

@@ -14,12 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from levante.engine.sampler import (
-    Sampler,
-    SamplingParams,
-    filter_logits,
-    make_generator,
-)
+from levante.engine.sampler import Sampler, filter_logits, make_generator
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import RequestError
 
 NAN, INF = float("nan"), float("inf")
@@ -340,7 +336,7 @@ def test_mixed_params_in_one_batch_act_per_row() -> None:
 def test_running_token_counts_equal_counting_the_lists() -> None:
     """Penalties from per-request running counts (updated as tokens arrive) equal a fresh
     count of the prompt and output lists, step after step."""
-    from levante.engine.sampler import TokenCounts
+    from levante.engine.penalties import TokenCounts
 
     gen = torch.Generator().manual_seed(9)
     params = [SamplingParams(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.5),

@@ -167,7 +167,7 @@ def test_endpoint_scores_choices_from_echoed_prompt_logprobs(smollm2_bundle: Any
 
     from levante.config import EngineConfig
     from levante.engine.engine import Engine
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
     from levante.eval.choice import continuations, encode_pair, format_prompt
     from tests.server.conftest import start_server
 

@@ -171,7 +171,7 @@ def test_engine_serves_two_adapters_and_the_base_in_one_batch(
     """Through the engine's flattened batches (and its prefix cache keyed by adapter)."""
     from levante.config import EngineConfig
     from levante.engine.engine import Engine
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = IDS[0].tolist()

@@ -181,7 +181,7 @@ _CHILD = textwrap.dedent("""
     if sys.argv[1] == "load":
         from levante.config import EngineConfig, ModelConfig
         from levante.engine.engine import Engine
-        from levante.engine.sampler import SamplingParams
+        from levante.engine.sampling_params import SamplingParams
         from levante.quant.gguf_linear import load_gguf_quantized
         from levante.weights.gguf import GGUFFile
         gguf_file = GGUFFile(sys.argv[2])

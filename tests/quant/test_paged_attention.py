@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from levante.config import ModelConfig
-from levante.engine.kv_cache import (
-    KVCache,
-    build_paged_attention,
-    dequantize_q8_0,
-    quantize_q8_0,
-)
+from levante.engine.kv_cache import KVCache, dequantize_q8_0, quantize_q8_0
+from levante.engine.paged_attention import build_paged_attention
 from levante.quant import kernels
 
 # Lengths around block edges for block_size 16, plus a few hundred.

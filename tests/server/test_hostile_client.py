@@ -25,12 +25,12 @@ def http(server) -> Iterator[httpx.Client]:
 @pytest.fixture()
 def offline_pulls(monkeypatch) -> None:
     """A pull of the registry's smollm2 must find it on disk, never download it."""
-    from levante.weights import hub
+    from levante.weights import store
 
     def download(*args, **kwargs):
         raise AssertionError("pull tried to download")
 
-    monkeypatch.setattr(hub, "_download_wheel", download)
+    monkeypatch.setattr(store, "_download_wheel", download)
 
 
 def assert_still_serving(http: httpx.Client) -> None:
@@ -78,14 +78,15 @@ def test_pull_of_a_relative_name_that_exists_on_disk_never_reads_it(http, offlin
                                                                     monkeypatch) -> None:
     """A ref shaped like a hub repo (org/repo) goes to the hub even if such a folder exists
     where the server runs: never to the disk."""
-    from levante.weights import hub
+    from levante.weights import hub, store
+    from levante.weights.registry import HubRef
 
     seen = []
-    monkeypatch.setattr(hub, "_pull_hub", lambda ref, **kwargs: seen.append(ref) or Path("x"))
+    monkeypatch.setattr(store, "pull_hub", lambda ref, **kwargs: seen.append(ref) or Path("x"))
     monkeypatch.setattr(hub, "_check_local", lambda path: pytest.fail(f"read {path}"))
     assert http.post("/api/pull", json={"model": "src/levante", "stream": False}).status_code \
         == 200
-    assert seen == [hub.HubRef("src/levante")]
+    assert seen == [HubRef("src/levante")]
 
 
 @pytest.fixture(scope="module")

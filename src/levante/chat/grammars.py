@@ -27,9 +27,6 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-import jsonschema
-import llguidance
-
 from levante.chat.schema_recursion import check_recursion_ends
 from levante.chat.tools import (
     CHAT_STYLES,
@@ -43,6 +40,9 @@ from levante.chat.tools import (
 from levante.errors import RequestError
 from levante.structured import Grammar, llguidance_tokenizer, parser_limits
 from levante.tokenizer import Tokenizer
+
+# jsonschema and llguidance are imported where a schema or grammar first comes: a process that
+# never constrains output (`levante generate`) does not pay their ~5 MB of RSS.
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_CHARS = 256 * 1024  # a request's schemas, as JSON text
@@ -62,7 +62,8 @@ def response_schema(response_format: object) -> dict[str, Any] | None:
     if kind != "json_schema":
         raise RequestError('response_format.type must be "text", "json_object" or '
                            f'"json_schema", got {kind!r}', param="response_format")
-    spec = response_format.get("json_schema")  # type: ignore[union-attr]
+    assert isinstance(response_format, dict)  # kind came from it
+    spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise RequestError("response_format.json_schema.schema must be a JSON schema object",
@@ -70,6 +71,8 @@ def response_schema(response_format: object) -> dict[str, Any] | None:
     if json_depth(schema) > MAX_SCHEMA_DEPTH:
         raise RequestError(f"response_format.json_schema.schema nests deeper than "
                            f"{MAX_SCHEMA_DEPTH} levels", param="response_format")
+    import jsonschema
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
@@ -89,6 +92,8 @@ def _check_supported(schema: dict[str, Any], param: str, what: str) -> None:
     """RequestError naming the feature if llguidance cannot compile `schema`, or if its
     recursion cannot end (llguidance would fail mid-generation)."""
     check_recursion_ends(schema, param=param, what=what)
+    import llguidance
+
     grammar = llguidance.LLMatcher.grammar_from_lark("start: " + _json_grammar(schema))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, None, limits=parser_limits())
@@ -134,6 +139,8 @@ class GrammarCompiler:
         self.tokenizer = tokenizer
         self.ll_tokenizer = llguidance_tokenizer(tokenizer)
         self.vocab_size = self.ll_tokenizer.vocab_size  # may differ from the model's logits
+        import llguidance
+
         self.executor = llguidance.LLExecutor(num_threads)
         self._cache: OrderedDict[str, Grammar | RequestError | None] = OrderedDict()
         self._cache_size = cache_size

@@ -60,7 +60,7 @@ class MistralChatFormat:
 
     def request(
         self, messages: list[Message], *, tools: list[dict[str, Any]] | None = None
-    ) -> ChatCompletionRequest:
+    ) -> ChatCompletionRequest[Any]:
         """The mistral-common request for OpenAI-shaped messages (tool-call ids mapped)."""
         from mistral_common.protocol.instruct.converters import (
             convert_openai_messages,

@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import datetime
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -55,7 +55,7 @@ class _Namespace(jinja2.utils.Namespace):
 class _GenerationTag(jinja2.ext.Extension):
     """HF's `{% generation %}...{% endgeneration %}` (assistant-mask marker): renders the body."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2.ext.Extension declares it a set, per instance)
 
     def parse(self, parser: Any) -> list[jinja2.nodes.Node]:
         next(parser.stream)

@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from levante.engine.output import StopStrings
 from levante.errors import RequestError
 from levante.tokenizer import IncrementalDetokenizer, MistralTokenizer, Tokenizer
@@ -101,6 +99,8 @@ def _check_parameters(index: int, parameters: object) -> dict[str, Any]:
     if json_depth(parameters) > MAX_SCHEMA_DEPTH:
         raise _bad_tool(index, f".function.parameters nests deeper than {MAX_SCHEMA_DEPTH} "
                                f"levels")
+    import jsonschema  # here, not at import: only requests with tools need it (~2 MB RSS)
+
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:
@@ -152,7 +152,7 @@ def resolve_tool_choice(tools: list[dict[str, Any]],
         return tool_choice, tools
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if tool_choice.get("type") != "function" or not isinstance(name, str):  # type: ignore[union-attr]
+    if tool_choice.get("type") != "function" or not isinstance(name, str):
         raise RequestError('a named tool_choice must be {"type": "function", "function": '
                            '{"name": ...}}', param="tool_choice")
     chosen = [t for t in tools if t["function"]["name"] == name]

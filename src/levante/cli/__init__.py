@@ -26,7 +26,7 @@ def _fail(exc: Exception) -> None:
 
 def _sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int | None,
               seed: int | None, stop: list[str] | None) -> Any:
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, seed=seed, stop=tuple(stop or ()))

@@ -149,7 +149,8 @@ def plan(
     table = Table("format", "bits/weight", "weights GB", *(["launch post"] if has_post else []),
                   title=f"{ref}: {result.num_params / 1e9:.2f} B parameters")
     for row in result.rows:
-        post = [f"{row.post_label} ~{row.post_bytes / 1e9:.0f} GB" if row.post_label else ""]
+        post = [f"{row.post_label} ~{row.post_bytes / 1e9:.0f} GB"
+                if row.post_label and row.post_bytes is not None else ""]
         table.add_row(row.format, f"{row.bits_per_weight:.2f}", f"{row.weights_bytes / 1e9:.2f}",
                       *(post if has_post else []))
     console.print(table)

@@ -33,7 +33,8 @@ from levante.bundle import Bundle, checkpoint_dtype
 from levante.config import EngineConfig
 from levante.distributed.loading import load_parallel_model, read_model_config, sharded_bundle
 from levante.distributed.parallel import check_tensor_parallel, weight_bytes
-from levante.engine.engine import Engine, kv_pool_blocks
+from levante.engine.engine import Engine
+from levante.engine.kv_budget import kv_pool_blocks
 from levante.engine.kv_cache import KVCache
 from levante.engine.runner import ModelRunner
 from levante.engine.scheduler import Batch

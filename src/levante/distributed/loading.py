@@ -31,6 +31,7 @@ from levante.chat import ChatFormat, JinjaChatFormat
 from levante.config import ModelConfig
 from levante.distributed.parallel import ShardSlice, parallelize, shard_plan
 from levante.errors import ConfigError, ModelFileError
+from levante.kinds import WeightFormat
 from levante.model import Transformer
 from levante.quant.gguf_blocks import dequantize
 from levante.tokenizer import HFTokenizer, Tokenizer
@@ -200,7 +201,7 @@ def _gguf_config(gguf_file: GGUFFile) -> ModelConfig:
 
 def _parse(path: Path, build: Any, data: dict[str, Any]) -> ModelConfig:
     try:
-        return build(data)  # type: ignore[no-any-return]
+        return build(data)
     except ConfigError as e:
         raise ModelFileError(path, str(e)) from None
 
@@ -245,4 +246,4 @@ def sharded_bundle(ref: str, path: Path, model: Transformer) -> Bundle:
             if meta.get("tokenizer.chat_template") else None
     else:
         tokenizer, chat = load_tokenizer(path)
-    return Bundle(ref, path, fmt, config, model, tokenizer, chat)
+    return Bundle(ref, path, WeightFormat(fmt), config, model, tokenizer, chat)

@@ -192,7 +192,7 @@ async def _forward(client: httpx.AsyncClient, replica: Replica, request: Request
     """Send the request to one replica and stream its answer back; None if unreachable."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     outgoing = client.build_request(request.method, replica.url + request.url.path,
-                                    params=request.query_params.multi_items(),
+                                    params=tuple(request.query_params.multi_items()),
                                     headers=headers, content=body)
     replica.num_in_flight += 1
     try:

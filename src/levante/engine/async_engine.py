@@ -15,8 +15,9 @@ import torch
 
 from levante.engine.embedding import EmbeddingJob, Pooling
 from levante.engine.engine import Engine, StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import RequestError
+from levante.kinds import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ class AsyncEngine:
         self.death = reason
         message = f"the engine stopped: {reason}"
         for request_id in list(self._streams):
-            self._deliver(StepOutput(request_id, [], "", True, "error", 0, 0, error=message))
+            self._deliver(StepOutput(request_id, [], "", True, FinishReason.ERROR, 0, 0,
+                                     error=message))
         self._end_embeddings(self._dead_error())
         while True:
             try:
@@ -290,7 +292,7 @@ class AsyncEngine:
         "server_shutdown", which the server answers with a 503 or an error event)."""
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            self._deliver(StepOutput(request_id, [], "", True, "abort", 0, 0,
+            self._deliver(StepOutput(request_id, [], "", True, FinishReason.ABORT, 0, 0,
                                      error=message, error_code="server_shutdown"))
         self._end_embeddings(RequestError(message, code="server_shutdown"))
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from levante.engine.kv_cache import build_paged_attention
+from levante.engine.paged_attention import build_paged_attention
 from levante.errors import RequestError
 
 if TYPE_CHECKING:

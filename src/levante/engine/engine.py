@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from levante.config import EngineConfig
-from levante.engine.kv_cache import BlockPool, KVCache
+from levante.engine.drafts import verify_drafts
+from levante.engine.kv_blocks import BlockPool
+from levante.engine.kv_budget import kv_cache_dtype, kv_pool_blocks
+from levante.engine.kv_cache import KVCache
 from levante.engine.output import TextState
+from levante.engine.penalties import TokenCounts
 from levante.engine.request import Request, RequestStatus
 from levante.engine.runner import ModelRunner
-from levante.engine.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingParams,
-    TokenCounts,
-    make_generator,
-)
+from levante.engine.sampler import Sampler, SamplerOutput, make_generator
+from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import Batch, Scheduler
-from levante.errors import ConfigError, ContextLengthError, RequestError
+from levante.errors import ContextLengthError, RequestError
 from levante.heap import compact_heap
+from levante.kinds import FinishReason
 from levante.model import Transformer
 from levante.quant import kernels
 from levante.structured import Grammar, MatcherError, fill_masks
@@ -45,7 +45,7 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[float | None] = field(default_factory=list)
@@ -54,46 +54,6 @@ class StepOutput:
     error_code: str | None = None  # e.g. "server_shutdown": the server maps it to a status
     # with prompt_logprobs, on the request's first output: (token, logprob, top) from position 1
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-
-
-def kv_pool_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype | str) -> int:
-    """Blocks the KV pool gets: exact, from a byte budget, or what max_num_seqs sequences need.
-
-    The automatic size is capped at a quarter of the machine's available memory on CPU (the
-    pool is reserved, not touched: RSS grows with the tokens cached) and at 90% of free device
-    memory on CUDA, but never below one sequence at max_model_len while that fits the memory
-    left. A budget (given or available) that cannot hold one such sequence is a ConfigError
-    with the numbers, at start rather than when a long request arrives.
-    """
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = KVCache.bytes_per_block(model.config, config.block_size, dtype)
-    per_sequence = -(-config.max_model_len // config.block_size)
-    needed = per_sequence * per_block
-    if config.kv_cache_memory is not None:
-        if config.kv_cache_memory < needed:
-            raise ConfigError(
-                f"--kv-cache-memory {_mib(config.kv_cache_memory)} cannot hold one sequence of "
-                f"max_model_len {config.max_model_len} tokens: that takes {_mib(needed)} of "
-                f"{_kv_name(dtype)} KV. Raise --kv-cache-memory to at least {_mib(needed)}, "
-                f"lower --max-model-len to {config.kv_cache_memory // per_block * config.block_size}"
-                f", or use --kv-cache-dtype q8_0")
-        return config.kv_cache_memory // per_block
-    wanted = config.max_num_seqs * per_sequence
-    device = model.rope_cos.device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        available = budget = int(free * 0.9)
-    else:
-        available = _available_memory()
-        budget = available // 4
-    if needed > available:
-        raise ConfigError(
-            f"the KV cache for one sequence of max_model_len {config.max_model_len} tokens takes "
-            f"{_mib(needed)} of {_kv_name(dtype)} KV, and {_mib(available)} of memory is left "
-            f"after the weights. Lower --max-model-len to "
-            f"{available // per_block * config.block_size} or use --kv-cache-dtype q8_0")
-    return max(per_sequence, min(wanted, budget // per_block))
 
 
 def check_vocabulary(token_ids: Sequence[int], vocab_size: int, *, param: str) -> None:
@@ -113,25 +73,6 @@ def invariant_kernels(model: Transformer) -> bool:
             and not any(type(m) is torch.nn.Linear for m in model.modules()))
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.0f} MiB"
-
-
-def _kv_name(dtype: torch.dtype | str) -> str:
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
 class Engine:
     """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
 
@@ -143,13 +84,18 @@ class Engine:
             model.fuse_projections()  # q/k/v and gate/up as one matmul each: fewer, larger calls
         self.tokenizer = tokenizer
         self.config = config or EngineConfig(max_model_len=model.config.max_seq_len)
-        dtype = self.kv_cache_dtype(model, self.config)
+        dtype = kv_cache_dtype(model, self.config)
         num_blocks = kv_pool_blocks(model, self.config, dtype)
         self.pool = BlockPool(num_blocks, enable_caching=self.config.enable_prefix_caching)
-        cache = KVCache(model.config, num_blocks=num_blocks, block_size=self.config.block_size,
-                        dtype=dtype, device=model.rope_cos.device)
+        spare = int(self.config.decode_graphs != "off")  # decode graphs pad rows into it
+        cache = KVCache(model.config, num_blocks=num_blocks + spare,
+                        block_size=self.config.block_size, dtype=dtype,
+                        device=model.rope_cos.device)
         self.runner = ModelRunner(model, cache, adapters=adapters,
-                                  attention_backend=self.config.attention_backend)
+                                  attention_backend=self.config.attention_backend,
+                                  decode_graphs=self.config.decode_graphs,
+                                  max_num_seqs=self.config.max_num_seqs,
+                                  max_model_len=self.config.max_model_len)
         # Batch invariance by splitting, where the kernels do not give it already.
         self.split_batches = self.config.batch_invariant and not (
             invariant_kernels(model) and self.runner.attention_backend == "cpu_kernel")
@@ -166,21 +112,6 @@ class Engine:
         self.texts: dict[str, TextState] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens, %s", num_blocks,
                  self.config.block_size, self.capacity_tokens, cache.kv_dtype)
-
-    @staticmethod
-    def kv_cache_dtype(model: Transformer, config: EngineConfig) -> torch.dtype | str:
-        """The pool's storage: the one named, or for "auto" 16 bits, as llama.cpp and GPU
-        servers keep it: the activations' dtype if it is 16-bit, else float16 when the CPU
-        kernel computes in float32 (it widens each block exactly as it reads it), else the
-        activations' dtype. Mistral Small 3 at 32K: 5 GiB, not 10. (Only where the CPU kernel
-        may run: the SDPA and flex backends read the pool as the activations' dtype.)"""
-        if config.kv_cache_dtype != "auto":
-            return config.kv_cache_dtype
-        dtype = model.model.embed_tokens.weight.dtype
-        if (dtype == torch.float32 and model.rope_cos.device.type == "cpu" and kernels.available()
-                and config.attention_backend in ("auto", "cpu_kernel")):
-            return torch.float16
-        return dtype
 
     @property
     def capacity_tokens(self) -> int:
@@ -302,7 +233,11 @@ class Engine:
         for i, message in failed.items():
             outputs.append(self._finish_with_error(batch.requests[i], message))
         drafting = {i for i, r in enumerate(batch.requests) if r.draft_ids and i not in failed}
-        accepted = self._verify_drafts(batch, logits, rows, drafting)
+        accepted = verify_drafts(batch.requests, logits, rows, drafting,
+                                 most=self.config.num_speculative_tokens)
+        for i, kept in accepted.items():
+            self.num_draft_tokens += len(batch.requests[i].draft_ids)
+            self.num_accepted_tokens += len(kept) - 1
         for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             if i not in failed:
                 request.advance(num_new, len(accepted.get(i, [0])) - 1)
@@ -326,27 +261,14 @@ class Engine:
         """Each prompt position computed this step scores the next prompt token (once: a
         preempted request recomputes positions it has already scored)."""
         for i, (start, log_probs) in self.runner.prompt_scores.items():
-            request = batch.requests[i]
-            k = request.params.prompt_logprobs or 0
-            done = len(request.prompt_logprobs)  # positions 0 .. done - 1 are scored
-            if start + len(log_probs) <= done:
-                continue
-            fresh = log_probs[done - start:] if done > start else log_probs
-            first = max(start, done)
-            targets = torch.tensor(request.prompt_ids[first + 1:first + 1 + len(fresh)],
-                                   device=fresh.device)
-            chosen = fresh.gather(1, targets[:, None]).squeeze(1).tolist()
-            top_values, top_ids = fresh.topk(k, dim=-1) if k else (fresh[:, :0], fresh[:, :0])
-            for token, value, ids, values in zip(targets.tolist(), chosen, top_ids.tolist(),
-                                                 top_values.tolist()):
-                request.prompt_logprobs.append((token, value, list(zip(ids, values))))
+            batch.requests[i].record_prompt_logprobs(start, log_probs)
 
     def _finish_scored(self, request: Request) -> StepOutput:
         """A prompt-only request (max_tokens 0) ends once its prompt is computed."""
         self.scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
         self.requests.pop(request.request_id, None)
         self.texts.pop(request.request_id, None)
-        return StepOutput(request.request_id, [], "", True, "length",
+        return StepOutput(request.request_id, [], "", True, FinishReason.LENGTH,
                           request.num_prompt_tokens, 0,
                           prompt_logprobs=request.prompt_logprobs)
 
@@ -398,33 +320,6 @@ class Engine:
             generators=[r.generator for r in requests],
             allowed=fill_masks(matchers, logits.shape[-1]) if any(matchers) else None,
             counts=[r.token_counts for r in requests])
-
-    def _verify_drafts(self, batch: Batch, logits: torch.Tensor, rows: list[int],
-                       drafting: set[int]) -> dict[int, list[int]]:
-        """Greedy tokens each drafting request (by batch index) keeps: accepted drafts plus
-        one more.
-
-        Row j of a request's rows is the model's choice after draft j - 1; drafts are kept
-        while they equal those choices, so outputs equal plain greedy decoding.
-        """
-        kept: dict[int, list[int]] = {}
-        spec = [j for j, i in enumerate(rows) if i in drafting]
-        if not spec:
-            return kept
-        choices = logits[spec].argmax(dim=-1).tolist()
-        cursor = 0
-        for i in dict.fromkeys(rows[j] for j in spec):
-            drafts = batch.requests[i].draft_ids
-            targets = choices[cursor:cursor + len(drafts) + 1]
-            cursor += len(drafts) + 1
-            n = 0
-            while n < len(drafts) and drafts[n] == targets[n]:
-                n += 1
-            kept[i] = drafts[:n] + [targets[n]]
-            self.num_draft_tokens += len(drafts)
-            self.num_accepted_tokens += n
-            batch.requests[i].record_drafts(len(drafts), n, self.config.num_speculative_tokens)
-        return kept
 
     def _append_tokens(self, request: Request, tokens: list[int]) -> StepOutput:
         """Append several greedy tokens, stopping at the first that ends the request."""
@@ -497,7 +392,8 @@ class Engine:
         self.requests.pop(request.request_id, None)
         self.texts.pop(request.request_id, None)
         self.num_failed_requests += 1
-        return StepOutput(request.request_id, [], "", True, "error", request.num_prompt_tokens,
+        return StepOutput(request.request_id, [], "", True, FinishReason.ERROR,
+                          request.num_prompt_tokens,
                           len(request.output_ids), error=message)
 
     def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, list[StepOutput]]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
+from levante.kinds import FinishReason
 
 
 class RequestStatus(enum.Enum):
@@ -27,9 +28,9 @@ class RequestStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         """OpenAI's finish_reason for a finished request, None while it runs."""
-        return self.value if self.is_finished else None
+        return FinishReason(self.value) if self.is_finished else None
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_registered_blocks: int = 0  # leading blocks of block_ids known to the prefix cache
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens for this step
-    ngrams: Any = None  # prompt-lookup's NgramIndex (scheduler), built at the first draft
+    ngrams: Any = None  # prompt-lookup's NgramIndex (drafts.py), built at the first draft
     # (token id, its logprob, top alternatives) per prompt position from 1, as computed
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(
         default_factory=list)
@@ -100,6 +101,24 @@ class Request:
             self.num_drafts = num_drafted // 2
             if self.num_drafts == 0:
                 self.num_drafts, self.draft_pause = 1, 8
+
+    def record_prompt_logprobs(self, start: int, log_probs: torch.Tensor) -> None:
+        """Prompt positions `start ..` were computed, `log_probs` [N, V] their next-token
+        distributions: each scores the next prompt token, once (a preempted request
+        recomputes positions it has already scored)."""
+        k = self.params.prompt_logprobs or 0
+        done = len(self.prompt_logprobs)  # positions 0 .. done - 1 are scored
+        if start + len(log_probs) <= done:
+            return
+        fresh = log_probs[done - start:] if done > start else log_probs
+        first = max(start, done)
+        targets = torch.tensor(self.prompt_ids[first + 1:first + 1 + len(fresh)],
+                               device=fresh.device)
+        chosen = fresh.gather(1, targets[:, None]).squeeze(1).tolist()
+        top_values, top_ids = fresh.topk(k, dim=-1) if k else (fresh[:, :0], fresh[:, :0])
+        for token, value, ids, values in zip(targets.tolist(), chosen, top_ids.tolist(),
+                                             top_values.tolist()):
+            self.prompt_logprobs.append((token, value, list(zip(ids, values))))
 
     def finish(self, status: RequestStatus, error: str | None = None) -> None:
         """running or waiting -> finished; the caller frees its blocks."""

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from levante.engine import flex_attention
+from levante.engine.cuda_graphs import DecodeGraphs, resolve_decode_graphs
 from levante.engine.flex_attention import FlexKernel
-from levante.engine.kv_cache import KVCache, build_paged_attention
+from levante.engine.kv_cache import KVCache
+from levante.engine.paged_attention import build_paged_attention
 from levante.engine.scheduler import Batch
 from levante.errors import ConfigError
 from levante.model import Transformer
@@ -58,7 +60,11 @@ class ModelRunner:
     """Owns the model and the KV cache; one `run` per engine step."""
 
     def __init__(self, model: Transformer, cache: KVCache, *,
-                 adapters: AdapterSet | None = None, attention_backend: str = "auto") -> None:
+                 adapters: AdapterSet | None = None, attention_backend: str = "auto",
+                 decode_graphs: str = "off", max_num_seqs: int = 1,
+                 max_model_len: int | None = None) -> None:
+        """decode_graphs other than "off" (EngineConfig.decode_graphs) needs the cache's last
+        block kept out of the block pool: padded graph rows use it."""
         self.model = model
         self.cache = cache
         self.adapters = adapters
@@ -67,6 +73,17 @@ class ModelRunner:
         self.flex = FlexKernel.for_device(self.device) if self.attention_backend == "flex" else None
         compiled = "compiled" if self.flex is not None and self.flex.is_compiled else "eager"
         log.info("attention: %s", ATTENTION_LOG[self.attention_backend].format(compiled=compiled))
+        graphs = resolve_decode_graphs(decode_graphs, device=self.device,
+                                       attention_backend=self.attention_backend,
+                                       has_adapters=adapters is not None)
+        self.graphs = None
+        if graphs != "off" and self.flex is not None:
+            self.graphs = DecodeGraphs(
+                model, cache, self.flex, spare_block=cache.num_blocks - 1,
+                max_num_seqs=max_num_seqs, max_model_len=max_model_len or model.config.max_seq_len,
+                capture=graphs == "captured")
+            log.info("decode steps: %s", "CUDA graphs" if graphs == "captured"
+                     else "static padded inputs, not captured")
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
@@ -78,6 +95,8 @@ class ModelRunner:
         `self.prompt_scores` (batch index -> (first position, [n, vocab] float32)).
         """
         self.prompt_scores: dict[int, tuple[int, torch.Tensor]] = {}
+        if self.graphs is not None and self.graphs.eligible(batch) and self.graphs.fits(batch):
+            return self.graphs.run(batch)
         token_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []

@@ -155,7 +155,7 @@ def engine_loglikelihoods(engine: Any, requests: Sequence[tuple[list[int], list[
     so a local `levante eval` and one through --base-url score alike. (A plain forward pass,
     `loglikelihoods`, differs from the engine's prefill with quantized kernels, whose 8-bit
     activations turn a different batch shape into a different score.)"""
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
 
     scoring = SamplingParams(max_tokens=0, prompt_logprobs=1)
     results: list[tuple[float, bool]] = []

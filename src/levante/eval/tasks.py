@@ -112,7 +112,7 @@ class LocalModel:
         return self._generate(ids, max_tokens, stop)
 
     def _generate(self, prompts: list[Any], max_tokens: int, stop: Sequence[str]) -> list[str]:
-        from levante.engine.sampler import SamplingParams
+        from levante.engine.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop))
         texts: list[str] = []

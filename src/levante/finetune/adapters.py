@@ -19,6 +19,7 @@ from torch import nn
 from levante.bundle import Bundle
 from levante.config import ModelConfig
 from levante.errors import ModelFileError, RequestError
+from levante.kinds import WeightFormat
 from levante.model import Transformer
 from levante.tokenizer import HFTokenizer
 
@@ -111,12 +112,13 @@ def save_merged(model: Transformer, source: Bundle, out_dir: Path) -> Path:
         del state["lm_head.weight"]  # the same tensor as the embedding; HF re-ties it
     dtype = state["model.norm.weight"].dtype
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    is_mistral = source.format == "safetensors-consolidated" or (source.path / "tekken.json").exists()
+    is_mistral = (source.format == WeightFormat.SAFETENSORS_CONSOLIDATED
+                  or (source.path / "tekken.json").exists())
     architecture = _source_architecture(source) or (
         "MistralForCausalLM" if is_mistral else "LlamaForCausalLM")
     config = hf_config(model.config, architecture=architecture, dtype=dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if source.format == "gguf":
+    if source.format == WeightFormat.GGUF:
         _write_gguf_tokenizer(source, out_dir)
     else:
         for name in HF_TOKENIZER_FILES:
@@ -127,7 +129,7 @@ def save_merged(model: Transformer, source: Bundle, out_dir: Path) -> Path:
 
 def _source_architecture(source: Bundle) -> str | None:
     config_path = source.path / "config.json"
-    if source.format != "safetensors-hf" or not config_path.is_file():
+    if source.format != WeightFormat.SAFETENSORS_HF or not config_path.is_file():
         return None
     architectures = json.loads(config_path.read_text()).get("architectures") or [None]
     return str(architectures[0]) if architectures[0] else None

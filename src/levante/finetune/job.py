@@ -86,7 +86,7 @@ def compare_answers(bundle: Bundle, peft_model: PeftModel, conversations: Sequen
     The prompt is everything before the last assistant message (which is the reference).
     Both runs go through the engine: the LoRA layers sit inside `bundle.model`.
     """
-    from levante.engine.sampler import SamplingParams
+    from levante.engine.sampling_params import SamplingParams
     from levante.llm import LLM
 
     assert bundle.chat_format is not None

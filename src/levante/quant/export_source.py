@@ -135,7 +135,8 @@ def _gguf_source(path: Path, stack: ExitStack) -> TensorSource:
         shape = gguf_file.tensor_shape(key)
         # `raw` is a zero-copy view of the file's map: its storage offset is the file offset
         # (taking the view reads nothing; the bytes come by pread)
-        offset, row_bytes = gguf_file.raw(key).storage_offset(), gguf_file.nbytes(key) // shape[0]
+        offset = int(gguf_file.raw(key).storage_offset())
+        row_bytes = gguf_file.nbytes(key) // shape[0]
         start, stop = rows or (0, shape[0])
         data = _read(handle, path, offset + start * row_bytes, (stop - start) * row_bytes, key)
         tensor = dequantize(torch.frombuffer(data, dtype=torch.uint8),

@@ -148,14 +148,28 @@ def _panel_splits(num_rows: int) -> list[tuple[int, int]]:
 
 
 def _to_panels(units: torch.Tensor) -> torch.Tensor:
-    """Row-ordered [N, nb, steps, unit] -> panel order, [N, nb * steps * unit] (PackedWeight)."""
+    """Row-ordered [N, nb, steps, unit] -> panel order, [N, nb * steps * unit] (PackedWeight).
+
+    Each unit (1, 2 or 4 bytes) moves as one integer and whole panels move in one strided
+    copy: moving bytes one by one through permute/reshape/cat ran at ~6 MB/s, a third of
+    `levante generate smollm2`'s start.
+    """
     num_rows, num_blocks, steps, unit = units.shape
-    parts = []
+    wide = _UNIT_DTYPES[unit]
+    try:
+        elems = units.view(wide)  # a view where the field's offset and strides allow
+    except RuntimeError:
+        elems = units.contiguous().view(wide)
+    elems = elems.squeeze(-1)  # [N, nb, steps]
+    out = torch.empty(num_rows, num_blocks * steps, dtype=wide)
     for start, rows in _panel_splits(num_rows):
         group = min(rows, PANEL_ROWS)
-        part = units[start:start + rows].reshape(-1, group, num_blocks, steps, unit)
-        parts.append(part.permute(0, 2, 3, 1, 4).reshape(rows, -1))
-    return torch.cat(parts) if parts else units.reshape(num_rows, -1).contiguous()
+        source = elems[start:start + rows].unflatten(0, (-1, group)).permute(0, 2, 3, 1)
+        out[start:start + rows].view(-1, num_blocks, steps, group).copy_(source)
+    return out.view(torch.uint8).view(num_rows, -1)
+
+
+_UNIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 def _from_panels(packed: torch.Tensor) -> torch.Tensor:
@@ -434,7 +448,7 @@ def _build() -> Path:
     that one insists on a `ninja` binary on PATH, which a venv's python run without
     activation does not see even when the `ninja` wheel is installed.
     """
-    from levante.weights.hub import levante_home
+    from levante.weights.store import levante_home
 
     key = hashlib.sha256()
     # The command's include and library paths are torch's own folders: torch's location and

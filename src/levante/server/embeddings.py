@@ -18,6 +18,7 @@ from levante.chat.request import check_prompt_size
 from levante.engine.embedding import GGUF_POOLING, Pooling
 from levante.engine.engine import check_vocabulary
 from levante.errors import ConfigError, ContextLengthError, RequestError
+from levante.kinds import WeightFormat
 from levante.server.ollama_protocol import EmbedBody, EmbeddingsBody, Options
 from levante.server.protocol import EmbeddingRequest
 
@@ -32,7 +33,7 @@ def serving_pooling(config: ServerConfig, bundle: Bundle) -> Pooling:
     (llama.cpp's enum), else mean. A reranker's "rank" (4) is refused unless overridden."""
     if config.embedding_pooling is not None:
         return Pooling(config.embedding_pooling)
-    if bundle.format != "gguf":
+    if bundle.format != WeightFormat.GGUF:
         return Pooling.MEAN
     from levante.weights.gguf import GGUFFile
 

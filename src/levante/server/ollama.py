@@ -21,6 +21,7 @@ from levante.chat.tools import parse_tool_calls
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
+from levante.kinds import FinishReason
 from levante.server import ollama_aliases as aliases
 from levante.server.app import HTTPError, ServerConfig, error_response, generation_error, parse_body
 from levante.server.embeddings import ollama_embed, ollama_embeddings
@@ -294,7 +295,7 @@ class _Run:
         end = time.perf_counter_ns()
         first = self.first_ns or end
         body = {**_envelope(self.is_chat, self.model, text), "done": True,
-                "done_reason": self.done_reason or "stop"}
+                "done_reason": self.done_reason or FinishReason.STOP}
         if self.tool_style is not None:
             content, calls = parse_tool_calls(self.output_ids, self.state.bundle.tokenizer,
                                               style=self.tool_style, stop=self.stop)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from levante.chat import ChatFormat, JinjaChatFormat, MistralChatFormat
 from levante.chat.fim import supports_fim
 from levante.engine.kv_cache import KVCache
+from levante.kinds import WeightFormat
 from levante.server.ollama_protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, tagged
 from levante.tokenizer import Tokenizer
 
@@ -41,12 +42,12 @@ def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str, dict[str, Any]]:
+def _file_facts(path: Path, fmt: WeightFormat, dtype: str) -> tuple[str, str, str, dict[str, Any]]:
     """(architecture, quantization level, chat template, file metadata) from a GGUF's metadata
     or a folder's config.json; a Mistral consolidated folder is "mistral" with no template
     file. The metadata is what Ollama's `model_info` lists: a GGUF's keys less `general.name`
     and the template, arrays as null (Ollama reads none of their values unless verbose)."""
-    if fmt == "gguf":
+    if fmt == WeightFormat.GGUF:
         from gguf import LlamaFileType
 
         from levante.weights.gguf import GGUFFile
@@ -59,7 +60,7 @@ def _file_facts(path: Path, fmt: str, dtype: str) -> tuple[str, str, str, dict[s
                 if k not in ("general.name", "tokenizer.chat_template")}
         return str(meta["general.architecture"]), quant, str(
             meta.get("tokenizer.chat_template", "")), info
-    if fmt == "safetensors-hf":
+    if fmt == WeightFormat.SAFETENSORS_HF:
         config = json.loads((path / "config.json").read_text())
         return str(config.get("model_type", "llama")), dtype, "", {}
     return "mistral", dtype, "", {}

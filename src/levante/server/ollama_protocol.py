@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import ContextLengthError, RequestError
-from levante.weights.hub import ALIASES
+from levante.weights.registry import ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class Options(BaseModel):
             raise RequestError("options.num_predict must be a positive number of tokens, -1 "
                                "(no limit) or -2 (fill the context)", param="options.num_predict")
         room = window - num_prompt_tokens
-        max_tokens = min(self.num_predict, room) if (self.num_predict or 0) > 0 else room
+        num_predict = self.num_predict or 0
+        max_tokens = min(num_predict, room) if num_predict > 0 else room
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling())
         except RequestError as e:
@@ -367,7 +368,7 @@ def served_name(requested: str, served: tuple[str, ...]) -> str | None:
     """The served name `requested` means, as Ollama clients write it, or None.
 
     Example: served ("smollm2",): "smollm2", "smollm2:latest" and "smollm2:135m" (an alias
-    in `levante.weights.hub`) all give "smollm2"; "llama3.2" gives None.
+    in `levante.weights.registry`) all give "smollm2"; "llama3.2" gives None.
     """
     bare = requested.removesuffix(":latest")
     for name in (requested, bare, ALIASES.get(requested.lower()), ALIASES.get(bare.lower())):

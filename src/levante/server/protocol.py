@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -209,5 +209,3 @@ def error_body(message: str, *, type_: str, param: str | None = None,
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
-
-FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]

@@ -15,7 +15,8 @@ from fastapi import Request
 from levante.chat.tools import ChatDelta, ToolCallStreamer
 from levante.engine.async_engine import AsyncEngine, RequestStream
 from levante.engine.engine import StepOutput
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
+from levante.kinds import FinishReason
 from levante.server.metrics import Metrics
 from levante.server.protocol import error_body
 from levante.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
     error_code: str | None = None
     streamer: ToolCallStreamer | None = None  # when the reply may hold tool calls
@@ -151,8 +152,8 @@ class Generation:
         choice.text += delta.content
         if out.finished:
             choice.error, choice.error_code = out.error, out.error_code
-            called = choice.tool_calls and out.finish_reason == "stop"
-            choice.finish_reason = "tool_calls" if called else out.finish_reason
+            called = choice.tool_calls and out.finish_reason == FinishReason.STOP
+            choice.finish_reason = FinishReason.TOOL_CALLS if called else out.finish_reason
         return delta
 
     def _prompt_entries(self, choice: Choice) -> list[dict[str, Any]]:

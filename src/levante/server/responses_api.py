@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.chat.tools import ChatDelta
 from levante.errors import RequestError
+from levante.kinds import FinishReason
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
 from levante.server.response_store import ResponseStore, register_stored_routes, with_item_ids
 from levante.server.responses import Choice, Generation
@@ -136,9 +137,11 @@ class Shell:
             "truncation": "disabled", "usage": usage, "user": body.user}
 
 
-def response_status(finish_reason: str | None) -> str:
+def response_status(finish_reason: FinishReason | None) -> str:
     """completed; incomplete when the token limit cut the output; cancelled when aborted."""
-    return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason or "", "completed")
+    if finish_reason == FinishReason.LENGTH:
+        return "incomplete"
+    return "cancelled" if finish_reason == FinishReason.ABORT else "completed"
 
 
 def responses_usage(usage: dict[str, int]) -> dict[str, Any]:

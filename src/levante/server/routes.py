@@ -20,7 +20,7 @@ from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.embedding import Pooling
 from levante.engine.engine import Engine, check_vocabulary
-from levante.engine.sampler import SamplingParams
+from levante.engine.sampling_params import SamplingParams
 from levante.errors import LevanteError, RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
 from levante.server.embeddings import openai_embeddings, serving_pooling

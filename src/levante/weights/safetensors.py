@@ -223,7 +223,7 @@ class _Layout:
         buffer = tensor.view(-1).view(torch.uint8).numpy()
         with open(self.path, "rb") as f:
             f.seek(self.start)
-            num_read = f.readinto(memoryview(buffer))
+            num_read = f.readinto(buffer.data)
         if num_read != buffer.nbytes:
             raise ModelFileError(self.path, f"tensor {self.name} is truncated")
         return tensor

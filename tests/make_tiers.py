@@ -1,0 +1,79 @@
+"""Write tests/slow_tests.txt from a full run's durations: the slowest tests until the rest fit.
+
+`make test` runs the fast tier (every test not marked slow); `make test-slow` runs the slow
+tier; CI runs both. A test is slow when marked `@pytest.mark.slow` in its file (a reason
+beside it), or when listed in slow_tests.txt, which this script regenerates:
+
+    .venv/bin/python -m pytest -m "slow or not slow" -q --durations=0 -p no:randomly \
+        > /tmp/durations.txt
+    .venv/bin/python tests/make_tiers.py /tmp/durations.txt [--fast-share 0.12]
+
+It sums each test's setup, call and teardown, then lists the slowest tests until the others
+take at most `--fast-share` of the whole run. A module's shared fixtures are paid by its first
+fast test, so a module whose every test is slow never starts them in the fast tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+LINE = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(\S+)")
+HEADER = """\
+# The slow tier: tests `make test` leaves to `make test-slow` (CI runs both).
+# Written by tests/make_tiers.py from a full run's --durations; regenerate, don't hand-edit.
+# Node ids; a line without "::" is a whole file.
+"""
+
+
+def read_durations(text: str) -> dict[str, float]:
+    seconds: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        match = LINE.match(line)
+        if match:
+            seconds[match.group(3)] += float(match.group(1))
+    return dict(seconds)
+
+
+def slow_tier(seconds: dict[str, float], fast_share: float) -> list[str]:
+    total = sum(seconds.values())
+    fast = total
+    slow: list[str] = []
+    for node, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        if fast <= fast_share * total:
+            break
+        slow.append(node)
+        fast -= spent
+    # Whole files where every test is slow: one line each.
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for node in seconds:
+        by_file[node.split("::")[0]].append(node)
+    chosen = set(slow)
+    lines = sorted(f for f, nodes in by_file.items() if set(nodes) <= chosen)
+    whole = set(lines)
+    lines += sorted(n for n in slow if n.split("::")[0] not in whole)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("durations", type=Path)
+    parser.add_argument("--fast-share", type=float, default=0.12)
+    args = parser.parse_args()
+    seconds = read_durations(args.durations.read_text())
+    if not seconds:
+        raise SystemExit(f"{args.durations}: no '--durations=0' lines found")
+    lines = slow_tier(seconds, args.fast_share)
+    listed = set(lines)
+    fast = sum(s for n, s in seconds.items()
+               if n not in listed and n.split("::")[0] not in listed)
+    out = Path(__file__).with_name("slow_tests.txt")
+    out.write_text(HEADER + "\n".join(lines) + "\n")
+    print(f"{len(seconds)} tests, {sum(seconds.values()):.0f} s; fast tier {fast:.0f} s; "
+          f"{len(lines)} lines -> {out}")
+
+
+if __name__ == "__main__":
+    main()
