@@ -123,6 +123,7 @@ def _replica_actor(replica: str):
     return ray.get_actor(name, namespace=found["namespace"])
 
 
+@pytest.mark.slow  # a replica's death and replacement: ~10 s more on the cluster's ~30 s
 def test_a_replica_killed_mid_run(ray_url: str) -> None:
     """6 plain requests and 2 streams in flight; stream 0's replica is killed. Plain ones are
     answered (sent again to the other), stream 0 ends with an error, nothing hangs; the dead

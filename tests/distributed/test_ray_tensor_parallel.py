@@ -26,7 +26,7 @@ from tests.distributed.test_tensor_parallel import (  # noqa: F401 - the fixture
 )
 from tests.server.conftest import free_port
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # 2 replicas x 2 ranks on a Ray cluster: 30-60 s on 2 cores
 NUM_TOKENS = 6
 
 

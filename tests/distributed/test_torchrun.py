@@ -28,7 +28,7 @@ from tests.distributed.test_tensor_parallel import (  # noqa: F401 - the fixture
 )
 from tests.server.conftest import free_port
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # two torchrun jobs of 2 ranks: ~30 s on 2 cores
 NUM_TOKENS = 6
 
 
