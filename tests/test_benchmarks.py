@@ -84,3 +84,18 @@ def test_features_divergence_check_tells_near_ties_from_real_differences(
     unlikely = next(t for t in range(1000, 2000) if t not in top)
     with pytest.raises(AssertionError, match="top 5"):
         features.divergence(llm.engine, prompt, expected, expected[:1] + [unlikely], 10.0)
+
+
+@pytest.mark.slow
+def test_ray_replicas_script_runs_scaled_down(tmp_path: Path) -> None:
+    """One process vs 2 Ray Serve replicas vs the front, 1 client, 2 tokens (~1 min)."""
+    pytest.importorskip("ray.serve")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ray_replicas.py"), "--clients", "1",
+         "--max-tokens", "2", "--requests-per-client", "1", "--latency-requests", "5",
+         "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=400, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for setup in ("one", "ray", "front"):
+        assert any(line.split()[:2] == ["1", setup] for line in result.stdout.splitlines())
+    assert "GET /v1/models p50 ray:" in result.stdout and "added" in result.stdout

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from levante.cli import Ref, _fail, _parse_size, _sampling, app, console
-from levante.errors import LevanteError
+from levante.errors import ConfigError, LevanteError
 
 if TYPE_CHECKING:  # torch loads only for the commands that run a model
     from levante.load_config import LoadConfig
@@ -171,7 +171,6 @@ def _chat_loop(llm: Any, prompt: str | None, system: str | None, params: Any) ->
 
 def _schema_format(path: Path) -> dict[str, Any]:
     """An OpenAI json_schema response_format from a schema file (errors name the file)."""
-    from levante.errors import ConfigError
 
     try:
         schema = json.loads(path.read_text())
@@ -182,7 +181,6 @@ def _schema_format(path: Path) -> dict[str, Any]:
 
 def _lora_pairs(specs: list[str]) -> tuple[tuple[str, str], ...]:
     """['sql=/a/b'] -> (('sql', '/a/b'),); a spec without '=' is an error naming it."""
-    from levante.errors import ConfigError
 
     pairs = []
     for spec in specs:
@@ -272,11 +270,32 @@ def serve(
     ] = None,
     prefix_routing: Annotated[bool, typer.Option(
         help="send a conversation to the same replica each turn (within a load bound)")] = True,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="run the engines as Ray Serve replicas behind Ray's proxy, on the cluster "
+                      "at RAY_ADDRESS (else a local one); scale with --replicas or "
+                      "--min/--max-replicas")] = False,
+    min_replicas: Annotated[int | None, typer.Option(
+        help="with --ray: autoscaling floor (default: --replicas)")] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        help="with --ray: autoscaling ceiling (default: --replicas)")] = None,
+    target_ongoing_requests: Annotated[float, typer.Option(
+        help="with --ray: requests in flight per replica the autoscaler aims at")] = 8.0,
+    ray_router: Annotated[str, typer.Option(
+        metavar="conversation|prefix-tree|pow2",
+        help="with --ray: Ray Serve's request router: a conversation's replica (rendezvous "
+             "hash, load-bounded), Ray's prefix-tree router, or power of two choices")
+    ] = "conversation",
+    ray_cpus: Annotated[float, typer.Option(
+        help="with --ray: CPUs each rank reserves")] = 1.0,
+    ray_gpus: Annotated[float | None, typer.Option(
+        help="with --ray: GPUs each rank reserves (default: 1 with --device cuda, else 0; "
+             "0.5 puts two replicas on one GPU: give each a --kv-cache-memory)")] = None,
 ) -> None:
     """Serve a model with OpenAI's and Ollama's APIs, a chat page at /, /health and /metrics.
 
     --tensor-parallel N splits each layer over N processes; --replicas N runs N engines
-    behind a front on HOST:PORT that routes by load (its /metrics counts per replica).
+    behind a front on HOST:PORT that routes by load (its /metrics counts per replica);
+    --ray runs them as Ray Serve replicas instead (autoscaled, on one machine or a cluster).
     """
     from levante.server.app import ServerConfig
     from levante.server.app import serve as run_server
@@ -296,7 +315,21 @@ def serve(
             drain_timeout=drain_timeout, header_timeout=header_timeout,
             body_timeout=body_timeout, max_connections=max_connections,
             max_stored_responses=max_stored_responses)
-        if replicas != 1 or upstream:
+        if ray:
+            from levante.distributed.ray_serve import RayServeConfig, serve_ray
+
+            if upstream:
+                raise ConfigError("--upstream is for the built-in front; with --ray, join the "
+                                  "other machines to the Ray cluster instead")
+            serve_ray(config, RayServeConfig(
+                min_replicas=replicas if min_replicas is None else min_replicas,
+                max_replicas=replicas if max_replicas is None else max_replicas,
+                target_ongoing_requests=target_ongoing_requests,
+                tensor_parallel=tensor_parallel, num_cpus=ray_cpus,
+                num_gpus=ray_gpus if ray_gpus is not None
+                else 1.0 if device.startswith("cuda") else 0.0,
+                router=ray_router if prefix_routing else "pow2"))
+        elif replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 
             per_replica = ["--device", device, "--quant", quant,

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from levante.server.routes import ServerState
 
 log = logging.getLogger(__name__)
+# Starts ranks 1..N-1 of a spec; each handle has multiprocessing.Process's is_alive, exitcode,
+# join, terminate, kill and name.
+RankStarter = Callable[["LaunchSpec"], list[Any]]
 IDLE_TIMEOUT = timedelta(days=365)  # workers wait on the control group while the server idles
 
 
@@ -273,13 +276,15 @@ class TensorParallelGroup:
 
     @classmethod
     def start(cls, ref: str, *, tensor_parallel: int, load_config: LoadConfig | None = None,
-              timeout_s: float = 600.0) -> TensorParallelGroup:
+              timeout_s: float = 600.0, start_ranks: RankStarter | None = None,
+              host: str = "127.0.0.1") -> TensorParallelGroup:
         """Check the model divides by N, spawn ranks 1..N-1, load rank 0's shard here.
 
         `load_config` (device, dtype, context; `tensor_parallel_config` says what it may
         hold) is made concrete here, once, and every rank loads as it says. Under `torchrun`
         (RANK set) this process must be rank 0 and nothing is spawned: the other ranks call
-        `run_worker` themselves.
+        `run_worker` themselves. `start_ranks` starts ranks 1..N-1 some other way (Ray actors:
+        levante.distributed.ray_ranks), meeting rank 0 at `host` (this node's address).
         """
         path = resolve(ref)
         concrete = tensor_parallel_config(load_config or LoadConfig(), path)
@@ -291,15 +296,18 @@ class TensorParallelGroup:
                               "call run_torchrun_worker")
         spec = LaunchSpec(str(path), tensor_parallel, concrete.dtype, concrete.device,
                           concrete.max_model_len,
-                          "env://" if external else f"tcp://127.0.0.1:{_free_port()}",
-                          timeout_s)
-        context = mp.get_context("spawn")
-        workers = [] if external else [
-            context.Process(target=_spawned_worker, args=(rank, spec), daemon=True,
-                            name=f"levante-tp-rank{rank}")
-            for rank in range(1, tensor_parallel)]
-        for worker in workers:
-            worker.start()
+                          "env://" if external else f"tcp://{host}:{_free_port()}", timeout_s)
+        if external:
+            workers: list[Any] = []
+        elif start_ranks is not None:
+            workers = start_ranks(spec)
+        else:
+            context = mp.get_context("spawn")
+            workers = [context.Process(target=_spawned_worker, args=(rank, spec), daemon=True,
+                                       name=f"levante-tp-rank{rank}")
+                       for rank in range(1, tensor_parallel)]
+            for worker in workers:
+                worker.start()
         return cls._join_as_rank0(ref, spec, workers, concrete)
 
     @classmethod

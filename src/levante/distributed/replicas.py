@@ -85,12 +85,20 @@ class Router:
 def routing_key(body: bytes) -> bytes | None:
     """What identifies a conversation in a request body: its first messages, or the prompt's
     start; None for bodies without either (GETs, other JSON)."""
+    return conversation_key(json_object(body))
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; {} if it is not one (the server answers that with a 400)."""
     try:
         data = json.loads(body) if body else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def conversation_key(data: dict[str, Any]) -> bytes | None:
+    """`routing_key` of a parsed body."""
     if isinstance(data.get("messages"), list):
         return json.dumps(data["messages"][:2], sort_keys=True).encode()
     prompt = data.get("prompt")
