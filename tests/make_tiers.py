@@ -8,9 +8,9 @@ beside it), or when listed in slow_tests.txt, which this script regenerates:
         > /tmp/durations.txt
     .venv/bin/python tests/make_tiers.py /tmp/durations.txt [--fast-share 0.12]
 
-It sums each test's setup, call and teardown, then lists the slowest tests until the others
-take at most `--fast-share` of the whole run. A module's shared fixtures are paid by its first
-fast test, so a module whose every test is slow never starts them in the fast tier.
+It sums each test's setup, call and teardown per file, then lists the slowest files until the
+others take at most `--fast-share` of the whole run (whole files: a module's shared fixtures
+are charged to its first test, so a split file's fast tests would still pay for them).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LINE = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(\S+)")
 HEADER = """\
 # The slow tier: tests `make test` leaves to `make test-slow` (CI runs both).
 # Written by tests/make_tiers.py from a full run's --durations; regenerate, don't hand-edit.
-# Node ids; a line without "::" is a whole file.
+# Test files (a line may also be one node id, "path::test").
 """
 
 
@@ -38,29 +38,30 @@ def read_durations(text: str) -> dict[str, float]:
 
 
 def slow_tier(seconds: dict[str, float], fast_share: float) -> list[str]:
-    total = sum(seconds.values())
+    """Whole files, slowest first, until the other files take at most `fast_share`.
+
+    Files, not tests: a module's fixtures (a model load, a server start) are charged to its
+    first test, so splitting a file between tiers leaves its fast tests paying for them.
+    """
+    by_file: dict[str, float] = defaultdict(float)
+    for node, spent in seconds.items():
+        by_file[node.split("::")[0]] += spent
+    total = sum(by_file.values())
     fast = total
     slow: list[str] = []
-    for node, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+    for path, spent in sorted(by_file.items(), key=lambda item: -item[1]):
         if fast <= fast_share * total:
             break
-        slow.append(node)
+        slow.append(path)
         fast -= spent
-    # Whole files where every test is slow: one line each.
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for node in seconds:
-        by_file[node.split("::")[0]].append(node)
-    chosen = set(slow)
-    lines = sorted(f for f, nodes in by_file.items() if set(nodes) <= chosen)
-    whole = set(lines)
-    lines += sorted(n for n in slow if n.split("::")[0] not in whole)
-    return lines
+    return sorted(slow)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("durations", type=Path)
     parser.add_argument("--fast-share", type=float, default=0.12)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     seconds = read_durations(args.durations.read_text())
     if not seconds:
@@ -69,7 +70,7 @@ def main() -> None:
     listed = set(lines)
     fast = sum(s for n, s in seconds.items()
                if n not in listed and n.split("::")[0] not in listed)
-    out = Path(__file__).with_name("slow_tests.txt")
+    out = args.out or Path(__file__).with_name("slow_tests.txt")
     out.write_text(HEADER + "\n".join(lines) + "\n")
     print(f"{len(seconds)} tests, {sum(seconds.values()):.0f} s; fast tier {fast:.0f} s; "
           f"{len(lines)} lines -> {out}")

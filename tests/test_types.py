@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a cold run (a fresh CI machine) takes about a minute
 
 
 def test_mypy_finds_no_errors_in_src() -> None:

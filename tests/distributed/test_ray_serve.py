@@ -28,7 +28,8 @@ from levante.distributed.ray_serve import (
 from levante.server.app import ServerConfig
 from tests.server.conftest import free_port
 
-pytestmark = pytest.mark.timeout(300)
+# slow: a loopback Ray cluster and two replicas take ~30 s to start on 2 cores
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
