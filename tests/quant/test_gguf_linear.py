@@ -178,15 +178,19 @@ _CHILD = textwrap.dedent("""
     import json, sys
     import torch
     from levante import LLM  # the public API: engine, tokenizers, bundle
+    # Both processes import what the load uses, so the difference is the load's data.
+    from levante.config import EngineConfig, ModelConfig
+    from levante.engine.engine import Engine
+    from levante.engine.sampling_params import SamplingParams
+    from levante.heap import compact_heap
+    from levante.quant.gguf_linear import load_gguf_quantized
+    from levante.weights.gguf import GGUFFile
     if sys.argv[1] == "load":
-        from levante.config import EngineConfig, ModelConfig
-        from levante.engine.engine import Engine
-        from levante.engine.sampling_params import SamplingParams
-        from levante.quant.gguf_linear import load_gguf_quantized
-        from levante.weights.gguf import GGUFFile
         gguf_file = GGUFFile(sys.argv[2])
         config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=False)
-        model = load_gguf_quantized(gguf_file, config.replace(max_seq_len=256), torch.float32)
+        with compact_heap():  # as bundle.load does
+            model = load_gguf_quantized(gguf_file, config.replace(max_seq_len=256),
+                                        torch.float32)
         engine = Engine(model, None, EngineConfig(max_model_len=256, num_kv_blocks=1))
         engine.add_request([1, 504, 3458, 282, 4649, 314], SamplingParams(max_tokens=1))
         while engine.has_work:
