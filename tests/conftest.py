@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from levante.heap import release_free_memory
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")  # written by tests/make_tiers.py
@@ -30,10 +31,7 @@ def _release_memory_after_each_module() -> Iterator[None]:
     back to the OS, so one process running the whole suite does not grow module by module."""
     yield
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS): nothing to trim
-        pass
+    release_free_memory()  # a no-op off glibc (macOS)
 
 
 def levante_home() -> Path:
