@@ -175,7 +175,7 @@ def test_smollm2_quantized_matches_the_float_model(smollm2: tuple[GGUFFile, Mode
 
 
 _CHILD = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, threading, time
     import torch
     from levante import LLM  # the public API: engine, tokenizers, bundle
     # Both processes import what the load uses, so the difference is the load's data.
@@ -185,6 +185,23 @@ _CHILD = textwrap.dedent("""
     from levante.heap import compact_heap
     from levante.quant.gguf_linear import load_gguf_quantized
     from levante.weights.gguf import GGUFFile
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+    peak, done = [0], threading.Event()
+
+    def anonymous() -> int:  # resident minus file-backed pages (/proc/self/statm)
+        with open("/proc/self/statm") as f:
+            resident, shared = (int(v) for v in f.read().split()[1:3])
+        return (resident - shared) * PAGE
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], anonymous())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    mapped = 0
     if sys.argv[1] == "load":
         gguf_file = GGUFFile(sys.argv[2])
         config = ModelConfig.from_gguf(gguf_file.metadata, has_output_tensor=False)
@@ -195,25 +212,41 @@ _CHILD = textwrap.dedent("""
         engine.add_request([1, 504, 3458, 282, 4649, 314], SamplingParams(max_tokens=1))
         while engine.has_work:
             engine.step()
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    print(json.dumps({"peak_kib": int(status["VmHWM"].split()[0])}))
+        # The model file's own pages in memory (the embedding's looked-up rows).
+        lines = open("/proc/self/smaps").read().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(sys.argv[2]):
+                rss = next(x for x in lines[i + 1:] if x.startswith("Rss:"))
+                mapped += int(rss.split()[1]) * 1024
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], anonymous())
+    print(json.dumps({"peak_anonymous": peak[0], "model_file_resident": mapped}))
 """)
 
 
-def _peak_kib(*args: str) -> int:
+def _measure(*args: str) -> dict[str, int]:
     done = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True,
                           timeout=300, check=True)
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # RSS under a shared, loaded machine varies (131-161 MB seen)
+@pytest.mark.slow  # two cold processes that load the model: ~10 s
 def test_loading_q4_1_adds_less_than_1_5x_the_file(smollm2_gguf: Path) -> None:
-    """Peak RSS of load + one generated token, minus a process that only imports levante."""
-    baseline = _peak_kib("import")
-    loaded = _peak_kib("load", str(smollm2_gguf))
-    added = (loaded - baseline) * 1024
-    assert added < 1.5 * smollm2_gguf.stat().st_size, (
-        f"loading added {added / 1e6:.0f} MB for a {smollm2_gguf.stat().st_size / 1e6:.0f} MB file")
+    """Peak memory of load + one generated token, minus a process that only imports levante.
+
+    Counted: anonymous memory (sampled every millisecond: the load's own arrays and
+    temporaries) plus the model file's pages that stay mapped. Not counted: pages of PyTorch's
+    libraries, which differ by CPU (its AVX-512 kernels are other pages than its AVX2 ones)
+    and are shared and clean; measured by peak RSS, this test passed here (1.35x) and failed
+    on CI's machine (1.61x) with the same code.
+    """
+    baseline = _measure("import")
+    loaded = _measure("load", str(smollm2_gguf))
+    added = loaded["peak_anonymous"] - baseline["peak_anonymous"] + loaded["model_file_resident"]
+    size = smollm2_gguf.stat().st_size
+    assert added < 1.5 * size, f"loading added {added / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+    assert added > 0.9 * size  # the weights are in memory: the measure sees them
 
 
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])

@@ -171,6 +171,31 @@ def test_repack_layout_worked_example() -> None:
     assert torch.equal(w.to_raw(), raw)
 
 
+@pytest.mark.parametrize("qtype", [Q8_0, Q4_0, Q4_1], ids=lambda t: t.name)
+def test_compiled_repack_equals_the_pytorch_path(real_weights: dict, qtype: GGMLQuantizationType,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/repack.cpp moves the same bytes as the PyTorch copies, whole or chunk by chunk
+    (a short last panel included: 509 rows = 63 panels of 8 + 5)."""
+    assert kernels.available()
+    raw = torch.from_numpy(real_weights[qtype][:509].copy())
+    num_cols = quants.quant_shape_from_byte_shape(tuple(raw.shape), qtype)[1]
+    compiled = kernels.repack(qtype, raw, (509, num_cols))
+    chunked = kernels.empty_packed(qtype, (509, num_cols))
+    for start in range(0, 509, 64):
+        kernels.repack_into(chunked, start, raw[start:start + 64])
+    with pytest.raises(ValueError, match="whole 8-row panels"):
+        kernels.repack_into(chunked, 4, raw[4:12])
+    monkeypatch.setattr(kernels, "_kernel", lambda: None)
+    reference = kernels.repack(qtype, raw, (509, num_cols))
+    for w in (compiled, chunked):
+        assert torch.equal(w.qs, reference.qs) and torch.equal(w.d.view(torch.int16),
+                                                                reference.d.view(torch.int16))
+        assert (w.m is None) == (reference.m is None)
+        if w.m is not None and reference.m is not None:
+            assert torch.equal(w.m.view(torch.int16), reference.m.view(torch.int16))
+    assert torch.equal(reference.to_raw(), raw.reshape(-1))
+
+
 def test_pytorch_fallback_equals_dequantized_matmul(real_weights: dict,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     raw = real_weights[Q4_1]

@@ -148,24 +148,12 @@ def _repack_in_chunks(handle: BinaryIO, gguf_file: GGUFFile, name: str,
     unit = math.lcm(head_rows, kernels.PANEL_ROWS)  # whole heads, whole interleaved panels
     step = max(unit, step // unit * unit)
     scratch = torch.empty(step * row_bytes, dtype=torch.uint8)
-    whole: kernels.PackedWeight | None = None
+    whole = kernels.empty_packed(qtype, (num_rows, num_cols))
     for start in range(0, num_rows, step):
         rows = read_rows(handle, gguf_file, name, start, step, out=scratch)
         if num_heads is not None:
             rows = interleaved_to_half(rows, rows.shape[0] // head_rows)
-        part = kernels.repack(qtype, rows, (rows.shape[0], num_cols))
-        if start == 0 and rows.shape[0] == num_rows:
-            return part
-        if whole is None:
-            whole = kernels.PackedWeight(
-                qtype, (num_rows, num_cols), part.qs.new_empty(num_rows, part.qs.shape[1]),
-                part.d.new_empty(num_rows, part.d.shape[1]),
-                None if part.m is None else part.m.new_empty(num_rows, part.m.shape[1]))
-        end = start + rows.shape[0]
-        whole.qs[start:end], whole.d[start:end] = part.qs, part.d
-        if whole.m is not None and part.m is not None:
-            whole.m[start:end] = part.m
-    assert whole is not None
+        kernels.repack_into(whole, start, rows)
     return whole
 
 

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 # Compiled together into one library (the `levante_quant` ops); each file's bytes (and those of
 # the headers they include) key the cache.
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(_CSRC / name for name in ("q_gemm.cpp", "paged_attention.cpp", "k_gemm.cpp"))
+SOURCES = tuple(_CSRC / name
+                for name in ("q_gemm.cpp", "paged_attention.cpp", "k_gemm.cpp", "repack.cpp"))
 HEADERS = tuple(sorted(_CSRC.rglob("*.h")))
 # Set to "torch" to skip the C++ kernels, matmul and attention (e.g. to compare paths);
 # anything else means "auto".
@@ -117,28 +118,59 @@ def repack(qtype: GGMLQuantizationType, raw: torch.Tensor, shape: tuple[int, int
     if qtype not in _FIELDS:
         raise ValueError(f"the quantized matmul kernel takes "
                          f"{', '.join(t.name for t in _FIELDS)}, not {qtype.name}")
-    if raw.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 block bytes, got {raw.dtype}")
     if len(shape) != 2:
         raise ValueError(f"expected a 2-D weight shape (N, K), got {tuple(shape)}")
-    num_rows, num_cols = shape
     nbytes = expected_nbytes(qtype, shape)  # ValueError unless K is whole blocks
     if raw.numel() != nbytes:
         raise ValueError(f"{qtype.name} weight of shape {tuple(shape)} needs {nbytes} bytes, "
                          f"got {raw.numel()}")
-    scale_size, min_size, quant_size = _FIELDS[qtype]
+    out = empty_packed(qtype, shape)
+    repack_into(out, 0, raw)
+    return out
+
+
+def empty_packed(qtype: GGMLQuantizationType, shape: tuple[int, int]) -> PackedWeight:
+    """An uninitialized `PackedWeight` of a [N, K] tensor, for `repack_into` to fill."""
+    num_rows, num_cols = shape
+    expected_nbytes(qtype, shape)  # ValueError unless K is whole blocks
     num_blocks = num_cols // BLOCK_SIZE
-    blocks = raw.reshape(num_rows, num_blocks, GGML_QUANT_SIZES[qtype][1])
+    return PackedWeight(qtype, (num_rows, num_cols),
+                        torch.empty(num_rows, num_blocks * _FIELDS[qtype][2], dtype=torch.uint8),
+                        torch.empty(num_rows, num_blocks, dtype=torch.float16),
+                        torch.empty(num_rows, num_blocks, dtype=torch.float16)
+                        if _FIELDS[qtype][1] else None)
+
+
+def repack_into(out: PackedWeight, start: int, raw: torch.Tensor) -> None:
+    """Repack GGUF rows `start ..` of `out`'s tensor from `raw` (uint8, those rows' bytes).
+
+    `start` is a multiple of PANEL_ROWS and the rows end on one or at the tensor's end, so the
+    rows are whole panels: filling a tensor a chunk at a time gives `repack`'s arrays.
+    """
+    qtype, (num_rows, num_cols) = out.qtype, out.shape
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 block bytes, got {raw.dtype}")
+    row_bytes = expected_nbytes(qtype, (1, num_cols))
+    rows = raw.numel() // row_bytes
+    if raw.numel() != rows * row_bytes or start + rows > num_rows:
+        raise ValueError(f"{qtype.name} weight of shape {out.shape} needs {row_bytes} bytes a "
+                         f"row, got {raw.numel()} bytes for rows {start}.. of it")
+    end = start + rows
+    if start % PANEL_ROWS or (end % PANEL_ROWS and end != num_rows):
+        raise ValueError(f"rows {start}..{end} of {num_rows} are not whole {PANEL_ROWS}-row panels")
+    qs, d = out.qs[start:end], out.d[start:end]
+    m = out.m[start:end] if out.m is not None else None
+    kernel = _kernel()
+    if kernel is not None:
+        kernel.repack_blocks(raw.reshape(rows, row_bytes).contiguous(), int(qtype), qs, d, m)
+        return
+    scale_size, min_size, quant_size = _FIELDS[qtype]
+    blocks = raw.reshape(rows, num_cols // BLOCK_SIZE, GGML_QUANT_SIZES[qtype][1])
     quant_start = scale_size + min_size
-
-    def field(start: int, size: int, unit: int) -> torch.Tensor:
-        return _to_panels(blocks[..., start:start + size].reshape(num_rows, num_blocks,
-                                                                   size // unit, unit))
-
-    d = field(0, scale_size, 2).view(torch.float16)
-    m = field(scale_size, min_size, 2).view(torch.float16) if min_size else None
-    qs = field(quant_start, quant_size, 4)
-    return PackedWeight(qtype, (num_rows, num_cols), qs, d, m)
+    _to_panels(blocks[..., 0:scale_size].unflatten(-1, (1, 2)), d.view(torch.uint8))
+    if m is not None:
+        _to_panels(blocks[..., scale_size:quant_start].unflatten(-1, (1, 2)), m.view(torch.uint8))
+    _to_panels(blocks[..., quant_start:].unflatten(-1, (quant_size // 4, 4)), qs)
 
 
 def _panel_splits(num_rows: int) -> list[tuple[int, int]]:
@@ -147,22 +179,20 @@ def _panel_splits(num_rows: int) -> list[tuple[int, int]]:
     return [(start, rows) for start, rows in ((0, whole), (whole, num_rows - whole)) if rows]
 
 
-def _to_panels(units: torch.Tensor) -> torch.Tensor:
-    """Row-ordered [N, nb, steps, unit] -> panel order, [N, nb * steps * unit] (PackedWeight).
+def _to_panels(units: torch.Tensor, out: torch.Tensor) -> None:
+    """Row-ordered [N, nb, steps, unit] -> panel order in `out` (uint8 [N, nb * steps * unit]).
 
-    Each unit (1, 2 or 4 bytes) moves as one integer and whole panels move in one strided
-    copy: moving bytes one by one through permute/reshape/cat ran at ~6 MB/s, a third of
-    `levante generate smollm2`'s start.
+    The PyTorch path of repack_blocks (csrc/repack.cpp), and its reference in the tests. Each
+    unit (1, 2 or 4 bytes) moves as one integer and whole panels move in one strided copy.
     """
     num_rows, num_blocks, steps, _ = units.shape
     elems = _widest_view(units)  # [N, nb, steps, parts]: each unit as 1 (or 2) integers
     parts = elems.shape[-1]
-    out = torch.empty(num_rows, num_blocks * steps * parts, dtype=elems.dtype)
+    target = out.view(elems.dtype)
     for start, rows in _panel_splits(num_rows):
         group = min(rows, PANEL_ROWS)
         source = elems[start:start + rows].unflatten(0, (-1, group)).permute(0, 2, 3, 1, 4)
-        out[start:start + rows].view(-1, num_blocks, steps, group, parts).copy_(source)
-    return out.view(torch.uint8).view(num_rows, -1)
+        target[start:start + rows].view(-1, num_blocks, steps, group, parts).copy_(source)
 
 
 def _widest_view(units: torch.Tensor) -> torch.Tensor:
@@ -353,6 +383,7 @@ class _Kernel:
     kquant_linear: Callable[..., torch.Tensor]
     quantize_rows_k: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     kquant_types: Callable[[], list[int]]
+    repack_blocks: Callable[..., None]
 
 
 _LOAD_LOCK = threading.Lock()  # first calls from several threads build and register once
@@ -389,7 +420,8 @@ def _load_kernel() -> _Kernel | None:
     kernel = _Kernel(str(ops.isa()), ops.qlinear.default, ops.quantize_rows.default,
                      ops.paged_decode_attention.default, ops.paged_attention.default,
                      ops.kquant_linear.default,
-                     ops.quantize_rows_k.default, ops.kquant_types.default)
+                     ops.quantize_rows_k.default, ops.kquant_types.default,
+                     ops.repack_blocks.default)
     logger.info("quantized matmul, paged attention: compiled kernels (%s, %d threads) from %s",
                 kernel.isa, torch.get_num_threads(), library)
     return kernel
