@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +16,36 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")  # written by tests/make_tiers.py
 
 
+def _listed_slow() -> set[str]:
+    listed = {line.split("#")[0].strip() for line in SLOW_TESTS.read_text().splitlines()}
+    listed.discard("")
+    return listed
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """In the fast tier (`-m "not slow"`, the default), a file the slow tier takes whole (listed
+    in slow_tests.txt, or slow by its module mark) is not even imported: importing test modules
+    (PyTorch, transformers, peft, Ray, the openai client) was a large part of the fast tier's
+    time, for tests it then deselected."""
+    if config.getoption("markexpr") != "not slow" or collection_path.suffix != ".py":
+        return None
+    try:
+        relative = collection_path.relative_to(config.rootpath).as_posix()
+    except ValueError:  # a file outside the repository
+        return None
+    if relative in _listed_slow() or _SLOW_MODULE.search(collection_path.read_text()):
+        return True
+    return None
+
+
+# A module-wide slow mark (`pytestmark = pytest.mark.slow`, or a list holding it), read as text.
+_SLOW_MODULE = re.compile(r"^pytestmark = .*\bpytest\.mark\.slow\b", re.MULTILINE)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the tests slow_tests.txt lists (node ids, or whole files) slow."""
-    listed = {line.split("#")[0].strip() for line in SLOW_TESTS.read_text().splitlines()}
-    listed.discard("")
+    listed = _listed_slow()
     for item in items:
         if item.nodeid in listed or item.nodeid.split("::")[0] in listed:
             item.add_marker(pytest.mark.slow)

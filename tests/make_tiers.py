@@ -6,7 +6,10 @@ beside it), or when listed in slow_tests.txt, which this script regenerates:
 
     .venv/bin/python -m pytest -m "slow or not slow" -q --durations=0 -p no:randomly \
         > /tmp/durations.txt
-    .venv/bin/python tests/make_tiers.py /tmp/durations.txt [--fast-share 0.12]
+    .venv/bin/python tests/make_tiers.py /tmp/durations.txt [--fast-share 0.12] [--keep FILE]
+
+or, from a run of the fast tier alone (`make test PYTEST_ARGS=--durations=0`), move more files
+into the slow tier until the rest take `--fast-share` of that run: `--from-fast-run`.
 
 It sums each test's setup, call and teardown per file, then lists the slowest files until the
 others take at most `--fast-share` of the whole run (whole files: a module's shared fixtures
@@ -37,8 +40,10 @@ def read_durations(text: str) -> dict[str, float]:
     return dict(seconds)
 
 
-def slow_tier(seconds: dict[str, float], fast_share: float) -> list[str]:
-    """Whole files, slowest first, until the other files take at most `fast_share`.
+def slow_tier(seconds: dict[str, float], fast_share: float,
+              keep: frozenset[str] = frozenset()) -> list[str]:
+    """Whole files, slowest first, until the other files take at most `fast_share`; files in
+    `keep` stay in the fast tier whatever they take.
 
     Files, not tests: a module's fixtures (a model load, a server start) are charged to its
     first test, so splitting a file between tiers leaves its fast tests paying for them.
@@ -52,6 +57,8 @@ def slow_tier(seconds: dict[str, float], fast_share: float) -> list[str]:
     for path, spent in sorted(by_file.items(), key=lambda item: -item[1]):
         if fast <= fast_share * total:
             break
+        if path in keep:
+            continue
         slow.append(path)
         fast -= spent
     return sorted(slow)
@@ -62,15 +69,24 @@ def main() -> None:
     parser.add_argument("durations", type=Path)
     parser.add_argument("--fast-share", type=float, default=0.12)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", action="append", default=[], metavar="FILE",
+                        help="a test file that stays in the fast tier (repeatable)")
+    parser.add_argument("--from-fast-run", action="store_true",
+                        help="the durations are of a fast-tier run only: keep the files "
+                             "slow_tests.txt lists and move more until the rest fit")
     args = parser.parse_args()
     seconds = read_durations(args.durations.read_text())
     if not seconds:
         raise SystemExit(f"{args.durations}: no '--durations=0' lines found")
-    lines = slow_tier(seconds, args.fast_share)
+    out = args.out or Path(__file__).with_name("slow_tests.txt")
+    lines = slow_tier(seconds, args.fast_share, frozenset(args.keep))
+    if args.from_fast_run:
+        listed_before = [line.split("#")[0].strip() for line in
+                         Path(__file__).with_name("slow_tests.txt").read_text().splitlines()]
+        lines = sorted({*lines, *filter(None, listed_before)})
     listed = set(lines)
     fast = sum(s for n, s in seconds.items()
                if n not in listed and n.split("::")[0] not in listed)
-    out = args.out or Path(__file__).with_name("slow_tests.txt")
     out.write_text(HEADER + "\n".join(lines) + "\n")
     print(f"{len(seconds)} tests, {sum(seconds.values()):.0f} s; fast tier {fast:.0f} s; "
           f"{len(lines)} lines -> {out}")
