@@ -4,6 +4,8 @@ Each figure is a fresh process, in interleaved rounds (best of each kept: this m
 speed drifts 2-4x), on the defaults:
 - `levante generate smollm2 --max-tokens 8`: peak RSS (VmHWM of the process) and wall time
   from exec to exit (a cold process: imports, load, tokenizer, prefill, 8 tokens);
+- cold time to first token: the same with --max-tokens 1, beside a process that only
+  imports PyTorch (the part of a cold start no loader can remove);
 - llama.cpp (llama-cpp-python, built once by benchmarks/peers.py) on the same GGUF: load, the
   same prompt, 8 greedy tokens, at the context `levante generate` uses (the model's own:
   8192 for SmolLM2) and at llama-cli's default 4096. llama.cpp allocates and clears its whole
@@ -67,11 +69,11 @@ print(json.dumps({"rows": rows, "kv_mib_per_1k": per_token * 1024 / 2**20,
 """
 
 
-def _levante_generate(model: str) -> dict[str, float]:
+def _levante_generate(model: str, max_tokens: int = 8) -> dict[str, float]:
     """Peak RSS (MiB) and wall seconds of one `levante generate` process."""
     start = time.perf_counter()
     proc = subprocess.Popen([str(LEVANTE), "generate", model, "--prompt", PROMPT,
-                             "--max-tokens", "8", "--temperature", "0"],
+                             "--max-tokens", str(max_tokens), "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -79,6 +81,13 @@ def _levante_generate(model: str) -> dict[str, float]:
         raise SystemExit(f"levante generate failed (status {status})")
     text = proc.stdout.read().strip() if proc.stdout else ""
     return {"rss_mib": usage.ru_maxrss / 1024, "wall_s": wall, "text": text}
+
+
+def _import_torch() -> dict[str, float]:
+    """Wall seconds of a process that only imports PyTorch: the floor under a cold start."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return {"rss_mib": 0.0, "wall_s": time.perf_counter() - start}
 
 
 def _llama(path: Path, n_ctx: int) -> dict[str, float]:
@@ -124,8 +133,11 @@ def main() -> None:
     path = resolve(args.model)
     print(f"{args.model}: {path.name}, {path.stat().st_size / 2**20:.0f} MiB; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    runs: dict[str, list[dict[str, float]]] = {"levante": [], "llama 8192": [], "llama 4096": []}
+    runs: dict[str, list[dict[str, float]]] = {"levante": [], "llama 8192": [], "llama 4096": [],
+                                               "first token": [], "import torch": []}
     for _ in range(args.rounds):
+        runs["first token"].append(_levante_generate(args.model, max_tokens=1))
+        runs["import torch"].append(_import_torch())
         runs["levante"].append(_levante_generate(args.model))
         runs["llama 8192"].append(_llama(path, 8192))
         runs["llama 4096"].append(_llama(path, 4096))
@@ -141,6 +153,10 @@ def main() -> None:
                                              f" wall {lv['wall_s'] / b['wall_s']:.2f}x")
         print(f"{label:<34}{b['rss_mib']:>13.0f}{b['wall_s']:>8.2f}{ratio}")
     print(f"levante said: {runs['levante'][0]['text']!r}")
+    first, floor = (sorted(r["wall_s"] for r in runs[k]) for k in ("first token", "import torch"))
+    print(f"\ncold time to first token (levante generate --max-tokens 1, exec to exit): best "
+          f"{first[0]:.2f} s, median {first[len(first) // 2]:.2f} s (target <= 2 s); a process "
+          f"that only imports torch: best {floor[0]:.2f} s, median {floor[len(floor) // 2]:.2f} s")
 
     kv = subprocess.run([sys.executable, "-c", KV_SCRIPT, args.model], input=PROMPT_WORDS * 200,
                         capture_output=True, text=True, check=True)
