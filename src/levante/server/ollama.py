@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import check_prompt_size
-from levante.chat.tools import parse_tool_calls
+from levante.chat.tool_calls import parse_tool_calls
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
-from levante.chat.tools import ChatDelta, ToolCallStreamer
+from levante.chat.tool_calls import ChatDelta, ToolCallStreamer
 from levante.engine.async_engine import AsyncEngine, RequestStream
 from levante.engine.engine import StepOutput
 from levante.engine.sampling_params import SamplingParams

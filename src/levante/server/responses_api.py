@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from levante.chat.tools import ChatDelta
+from levante.chat.tool_calls import ChatDelta
 from levante.errors import RequestError
 from levante.kinds import FinishReason
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
