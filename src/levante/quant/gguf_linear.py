@@ -36,6 +36,7 @@ from levante.load_config import GGUF_LOAD_FORMATS
 from levante.model import RMSNorm, Transformer, rotary_table
 from levante.quant import kernels
 from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, SUPPORTED_TYPES, dequantize
+from levante.quant.gguf_quantize import encode, export_type
 from levante.quant.linear import Int4Linear, model_skeleton
 from levante.weights.gguf import GGUFFile, check_fits_config, expected_gguf_shapes
 from levante.weights.layout import interleaved_to_half
@@ -321,8 +322,6 @@ def quantize_model_gguf(model: Transformer, fmt: str) -> Transformer:
     time (its float weight is freed, or stays only in the checkpoint's memory map); the
     embedding stays as stored and is widened per looked-up row, norms become float32.
     """
-    from levante.quant.export import _encode, export_type
-
     if fmt not in GGUF_LOAD_FORMATS:
         raise ValueError(f"GGUF formats at load are {', '.join(GGUF_LOAD_FORMATS)}; got {fmt!r}")
     config = model.config
@@ -336,7 +335,7 @@ def quantize_model_gguf(model: Transformer, fmt: str) -> Transformer:
             new: nn.Module = nn.Linear(shape[1], shape[0], bias=False, device="meta")
             new.weight = nn.Parameter(weight.float(), requires_grad=False)
         else:
-            rows = torch.from_numpy(_encode(weight.float(), qtype)).view(shape[0], -1)
+            rows = torch.from_numpy(encode(weight.float(), qtype)).view(shape[0], -1)
             new = block_linear(rows, qtype, shape)
         counts[qtype.name] += 1
         parent, _, child = name.rpartition(".")
