@@ -17,7 +17,7 @@ from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.model import Transformer
 from levante.quant.export import quantize_checkpoint
-from levante.quant.gguf_linear import load_gguf_quantized
+from levante.quant.gguf_model import load_gguf_quantized
 from levante.quant.gguf_quantize import export_type
 from levante.quant.k_quantize import K_QUANTIZERS
 from levante.quant.k_quantize import quantize as k_quantize
