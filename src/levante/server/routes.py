@@ -17,9 +17,10 @@ from levante.bundle import Bundle
 from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
+from levante.engine.admission import check_vocabulary
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.embedding import Pooling
-from levante.engine.engine import Engine, check_vocabulary
+from levante.engine.engine import Engine
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import LevanteError, RequestError
 from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
