@@ -84,7 +84,7 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 
 
 def test_the_check_sees_an_upward_import() -> None:
-    tree = ast.parse("from levante.server.app import ServerConfig\n"
+    tree = ast.parse("from levante.server.config import ServerConfig\n"
                      "if TYPE_CHECKING:\n    from levante.cli import app\n")
     (target, _), = runtime_imports(tree)
     assert layer_of(target) > layer_of("levante.engine.engine")

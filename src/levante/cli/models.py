@@ -297,8 +297,8 @@ def serve(
     behind a front on HOST:PORT that routes by load (its /metrics counts per replica);
     --ray runs them as Ray Serve replicas instead (autoscaled, on one machine or a cluster).
     """
-    from levante.server.app import ServerConfig
     from levante.server.app import serve as run_server
+    from levante.server.config import ServerConfig
 
     try:
         config = ServerConfig(

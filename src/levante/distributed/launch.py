@@ -53,7 +53,7 @@ from levante.model import Transformer
 from levante.weights.hub import resolve
 
 if TYPE_CHECKING:
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
     from levante.server.routes import ServerState
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from levante.server.protocol import EmbeddingRequest
 
 if TYPE_CHECKING:
     from levante.bundle import Bundle
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
     from levante.server.routes import ServerState
 
 

@@ -23,8 +23,9 @@ from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
 from levante.kinds import FinishReason
 from levante.server import ollama_aliases as aliases
-from levante.server.app import HTTPError, ServerConfig, error_response, generation_error, parse_body
+from levante.server.config import ServerConfig
 from levante.server.embeddings import ollama_embed, ollama_embeddings
+from levante.server.http import HTTPError, error_response, generation_error, parse_body
 from levante.server.ollama_model import ModelFacts, file_size
 from levante.server.ollama_protocol import (
     ChatBody,

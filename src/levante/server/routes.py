@@ -23,8 +23,9 @@ from levante.engine.embedding import Pooling
 from levante.engine.engine import Engine
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import LevanteError, RequestError
-from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.config import ServerConfig
 from levante.server.embeddings import openai_embeddings, serving_pooling
+from levante.server.http import HTTPError, error_response, parse_body
 from levante.server.metrics import Metrics
 from levante.server.protocol import (
     ChatCompletionRequest,
