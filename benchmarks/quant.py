@@ -30,7 +30,8 @@ from levante.engine.sampling_params import SamplingParams
 from levante.eval.perplexity import perplexity
 from levante.llm import LLM
 from levante.model import Transformer
-from levante.quant.gguf_linear import load_gguf_quantized, model_nbytes
+from levante.quant.gguf_linear import model_nbytes
+from levante.quant.gguf_model import load_gguf_quantized
 from levante.quant.linear import quantize_model
 from levante.weights.gguf import GGUFFile
 

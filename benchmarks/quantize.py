@@ -117,7 +117,8 @@ def llama_perplexity(peer: Path, path: Path, ids: list[int], window: int, thread
 
 def format_table(args: argparse.Namespace, peer: Path, folder: Path) -> None:
     from levante.bundle import load
-    from levante.quant.export import GGUF_FORMATS, quantize_checkpoint
+    from levante.quant.export import quantize_checkpoint
+    from levante.quant.gguf_quantize import GGUF_FORMATS
 
     f16 = folder / f"{args.ref}-f16.gguf"
     if not f16.exists():

@@ -166,7 +166,7 @@ def test_rms_norm_in_bf16_matches_transformers() -> None:
 
 def test_server_state_loads_on_the_configured_device(tiny_mistral_hf: Path,
                                                      no_gpu: None) -> None:
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
     from levante.server.routes import ServerState
 
     state = ServerState.build(ServerConfig(ref=str(tiny_mistral_hf), device="cpu",

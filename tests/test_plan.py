@@ -141,13 +141,22 @@ def test_unknown_kv_cache_dtype_is_named() -> None:
         plan("mistral-small-3", kv_cache_dtype="fp4")
 
 
-def test_fallbacks_agree_with_the_writer() -> None:
-    """The planner sizes rows that are not whole super-blocks in the type `levante quantize`
-    writes there, which is llama.cpp 0.3.36's (its SmolLM2 Q3_K_M has Q4_0 for Q3_K rows)."""
-    from levante.plan import K_FALLBACK
-    from levante.quant.export import LLAMA_CPP_FALLBACK
+@pytest.mark.parametrize("fmt", ["q8_0", "q6_k", "q4_0", "q4_1", "q5_k_m", "q4_k_m", "q3_k_m"])
+def test_fallbacks_agree_with_the_writer(fmt: str) -> None:
+    """The planner sizes rows that are not whole super-blocks (SmolLM2's 576 values) in the
+    type `levante quantize` writes there, which is llama.cpp 0.3.36's (its SmolLM2 Q3_K_M has
+    Q4_0 for Q3_K rows)."""
+    from levante.config import preset
+    from levante.plan import gguf_tensor_type
+    from levante.quant.gguf_quantize import export_type
+    from levante.weights.layout import expected_shapes
 
-    assert K_FALLBACK == LLAMA_CPP_FALLBACK
+    config = preset("smollm2")
+    shapes = {**expected_shapes(config), "lm_head.weight": (config.vocab_size, config.dim)}
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            planned = gguf_tensor_type(fmt, name, config.num_layers, shape[-1])
+            assert planned == export_type(fmt, name, shape, config.num_layers), name
 
 
 MEASURE_SCRIPT = """

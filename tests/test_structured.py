@@ -17,7 +17,7 @@ from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
 from levante.bundle import Bundle, load
 from levante.chat.grammars import GrammarCompiler
-from levante.chat.tools import parse_tool_calls
+from levante.chat.tool_calls import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine
 from levante.engine.sampling_params import SamplingParams

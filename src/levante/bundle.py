@@ -97,7 +97,7 @@ def _load(ref: str, path: Path, config: LoadConfig) -> Bundle:
 
         bundle.model = quantize_model_fp8(bundle.model, device=loaded.device).to(loaded.device)
     elif loaded.quant in GGUF_LOAD_FORMATS:  # the float weights become GGUF blocks, one by one
-        from levante.quant.gguf_linear import quantize_model_gguf
+        from levante.quant.gguf_model import quantize_model_gguf
 
         quantize_model_gguf(bundle.model, loaded.quant)
         loaded = bundle.load_config = loaded.replace(dtype="float32")  # the kernels' activations
@@ -222,7 +222,7 @@ def _load_gguf(ref: str, path: Path, load_config: LoadConfig) -> Bundle:
     config = _limit(config, load_config.max_model_len)
     dtype, device = load_config.torch_dtype, load_config.device
     if load_config.quant == "gguf":
-        from levante.quant.gguf_linear import load_gguf_quantized
+        from levante.quant.gguf_model import load_gguf_quantized
 
         model = load_gguf_quantized(gguf_file, config, dtype)
         return Bundle(ref, path, WeightFormat.GGUF, config, model.to(device), tokenizer, chat, load_config)

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from levante.bundle import Bundle, load
 from levante.chat.request import ChatRequests
-from levante.chat.tools import parse_tool_calls
+from levante.chat.tool_calls import parse_tool_calls
 from levante.config import EngineConfig
 from levante.engine.engine import Engine, StepOutput
 from levante.engine.sampling_params import SamplingParams

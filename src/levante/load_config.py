@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                   "float16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
-# GGUF formats a float checkpoint can be quantized to at load (`gguf_linear.quantize_model_gguf`)
+# GGUF formats a float checkpoint can be quantized to at load (`gguf_model.quantize_model_gguf`)
 GGUF_LOAD_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
 QUANT_FORMATS = ("auto", "none", "gguf", "int8", "int4", "fp8", *GGUF_LOAD_FORMATS)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -19,9 +19,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from levante.bundle import read_json_object
 from levante.config import KV_BYTES_PER_VALUE, PRESETS, ModelConfig
 from levante.errors import ConfigError, ModelFileError
+from levante.quant.gguf_quantize import LLAMA_CPP_FALLBACK, SINGLE_TYPES, llama_cpp_type
 from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected_shapes, hf_name
 
-Q = GGMLQuantizationType
 # The engine's default KV storage: 16-bit, as GPU servers and llama.cpp keep it.
 DEFAULT_KV_CACHE_DTYPE = "float16"
 # Fitted to measurements (peak RSS of a fresh process whose prompt fills its context, less
@@ -38,12 +38,9 @@ PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
 POST_ROWS = {"f16": ("FP16", 48e9), "q8_0": ("8-bit", 24e9), "q4_k_m": ("Q4_K_M", 12e9),
              "q3_k_m": ("3-bit", 9e9)}
 FLOAT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0}
-SINGLE_TYPES = {"q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 K_MIXES = ("q5_k_m", "q4_k_m", "q3_k_m")
 LEVANTE_FORMATS = ("int8", "int4", "fp8")  # levante.quant.linear / .fp8, computed in memory
 FORMATS = (*FLOAT_BITS, *SINGLE_TYPES, *K_MIXES, *LEVANTE_FORMATS)
-# llama.cpp falls back to these when a row is not whole 256-value super-blocks
-K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 
 def bits_per_weight(qtype: GGMLQuantizationType) -> float:
@@ -52,53 +49,12 @@ def bits_per_weight(qtype: GGMLQuantizationType) -> float:
     return type_size * 8 / block_size
 
 
-def _use_more_bits(layer: int, num_layers: int) -> bool:
-    """llama.cpp's choice of layers that get more bits: first/last eighth and every third."""
-    return (layer < num_layers // 8 or layer >= 7 * num_layers // 8
-            or (layer - num_layers // 8) % 3 == 2)
-
-
-def llama_cpp_type(fmt: str, name: str, num_layers: int) -> GGMLQuantizationType:
-    """The GGUF type llama.cpp's quantizer gives tensor `name` (HF naming) under `fmt`.
-
-    Simplified from llama.cpp's `llama_tensor_get_type` for dense Llama/Mistral models
-    (before its fallback for rows that are not whole super-blocks, see `gguf_tensor_type`).
-    Q4_K_M / Q5_K_M: attn_v and ffn_down of `_use_more_bits` layers and the output get Q6_K,
-    the rest Q4_K / Q5_K. Q3_K_M: attn_v Q5_K in the first two layers else Q4_K, ffn_down Q5_K
-    in the first sixteenth else Q4_K, attn_output Q4_K, output Q6_K, the rest Q3_K.
-    Q4_0 / Q4_1 files keep the output at Q6_K; Q8_0 and Q6_K are uniform.
-    """
-    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-    if fmt in SINGLE_TYPES:
-        base = SINGLE_TYPES[fmt]
-        return base if base in (Q.Q8_0, Q.Q6_K) or name != "lm_head.weight" else Q.Q6_K
-    if name == "lm_head.weight":
-        return Q.Q6_K
-    if fmt == "q3_k_m":
-        return _q3_k_m_type(name, layer, num_layers)
-    if fmt not in ("q4_k_m", "q5_k_m"):
-        raise ConfigError(f"no llama.cpp type rule for format {fmt!r}")
-    more = name.endswith(("v_proj.weight", "down_proj.weight")) and _use_more_bits(
-        layer, num_layers)
-    return Q.Q6_K if more else (Q.Q4_K if fmt == "q4_k_m" else Q.Q5_K)
-
-
 def gguf_tensor_type(fmt: str, name: str, num_layers: int, row_size: int) -> GGMLQuantizationType:
     """`llama_cpp_type`, then llama.cpp's fallback where rows are not whole 256-value blocks."""
     chosen = llama_cpp_type(fmt, name, num_layers)
-    if chosen in K_FALLBACK and row_size % 256:
-        return K_FALLBACK[chosen]
+    if chosen in LLAMA_CPP_FALLBACK and row_size % 256:
+        return LLAMA_CPP_FALLBACK[chosen]
     return chosen
-
-
-def _q3_k_m_type(name: str, layer: int, num_layers: int) -> GGMLQuantizationType:
-    if name.endswith("v_proj.weight"):
-        return Q.Q5_K if layer < 2 else Q.Q4_K
-    if name.endswith("down_proj.weight"):
-        return Q.Q5_K if layer < num_layers // 16 else Q.Q4_K
-    if name.endswith("o_proj.weight"):
-        return Q.Q4_K
-    return Q.Q3_K
 
 
 def tensor_bytes(fmt: str, name: str, shape: tuple[int, ...], num_layers: int) -> int:

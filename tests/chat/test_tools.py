@@ -16,13 +16,15 @@ from mistral_common.protocol.instruct.tool_calls import ToolCall as MistralToolC
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from levante.chat.tools import (
+from levante.chat.tool_calls import (
     ChatDelta,
     ToolCallStreamer,
-    json_calls_text,
-    json_result_text,
     new_tool_call_id,
     parse_tool_calls,
+)
+from levante.chat.tools import (
+    json_calls_text,
+    json_result_text,
     resolve_tool_choice,
     tool_calls_schema,
     tools_system_prompt,

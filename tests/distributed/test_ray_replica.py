@@ -19,7 +19,7 @@ from levante.distributed.ray_replica import (
     ResponseHead,
 )
 from levante.distributed.ray_router import rendezvous_rank
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 
 CHAT = {"model": "smollm2", "max_tokens": 6, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]}

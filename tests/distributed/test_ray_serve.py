@@ -25,7 +25,7 @@ from levante.distributed.ray_serve import (
     RayServeConfig,
     build_app,
 )
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 from tests.server.conftest import free_port
 
 # slow: a loopback Ray cluster and two replicas take ~30 s to start on 2 cores

@@ -16,7 +16,7 @@ serve = pytest.importorskip("ray.serve")
 from levante.bundle import load
 from levante.distributed.ray_serve import APP_NAME, RayServeConfig, build_app
 from levante.engine.engine import Engine
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 from tests.distributed.test_tensor_parallel import (  # noqa: F401 - the fixture, imported
     ENGINE,
     MAX_LEN,

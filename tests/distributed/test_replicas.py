@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from levante.distributed.replicas import Replica, Router, create_front, routing_key, start_replicas
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 
 
 def _free_port() -> int:

@@ -178,7 +178,8 @@ def test_safetensors_shards_hf_and_consolidated(tiny_mistral_8x2: Path, tmp_path
 def _live_server(group: TensorParallelGroup, ref: str) -> Iterator[str]:
     import uvicorn
 
-    from levante.server.app import ServerConfig, create_app
+    from levante.server.app import create_app
+    from levante.server.config import ServerConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,15 +14,14 @@ from levante.chat import JinjaChatFormat
 from levante.errors import ConfigError
 from levante.finetune import train as train_module
 from levante.finetune.data import Conversation, Example, encode_conversation
+from levante.finetune.loss import evaluate, token_loss
 from levante.finetune.synthetic import make_dataset
 from levante.finetune.train import (
     TrainConfig,
     add_lora,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
-    evaluate,
     lr_factor,
-    token_loss,
     train,
 )
 from levante.model import Transformer

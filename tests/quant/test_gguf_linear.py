@@ -24,12 +24,9 @@ from levante.quant.gguf_linear import (
     GGUFEmbedding,
     KQuantLinear,
     RawBlockLinear,
-    gguf_linear,
-    k_quant_codes,
-    load_gguf_quantized,
     model_nbytes,
-    read_rows,
 )
+from levante.quant.gguf_model import k_quant_codes, load_gguf_quantized, read_linear, read_rows
 from levante.quant.linear import Int4Linear
 from levante.weights.gguf import GGUFFile, load_gguf_state_dict
 from levante.weights.layout import interleaved_to_half
@@ -43,7 +40,7 @@ SCALE_FIELDS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,),
 
 
 def module_for(qtype: GGMLQuantizationType) -> type[nn.Module]:
-    """The module `gguf_linear` builds for a type: compiled K-quant kernel where registered."""
+    """The module `read_linear` builds for a type: compiled K-quant kernel where registered."""
     if qtype in kernels.KQUANT_TYPES:
         return KQuantLinear
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
@@ -107,7 +104,7 @@ def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGML
                                                    num_heads: int | None) -> None:
     gguf_file = GGUFFile(typed_gguf)
     with open(typed_gguf, "rb") as handle:
-        layer = gguf_linear(gguf_file, qtype.name, handle, dtype=torch.float32,
+        layer = read_linear(gguf_file, qtype.name, handle, dtype=torch.float32,
                             num_heads=num_heads)
     assert type(layer) is module_for(qtype)
     weight = gguf_file.load(qtype.name)
@@ -131,7 +128,7 @@ def test_each_format_equals_dequantize_then_matmul(typed_gguf: Path, qtype: GGML
                                                  ("token_embd.weight", None)])
 def test_chunked_repack_equals_whole(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch,
                                      name: str, num_heads: int | None) -> None:
-    from levante.quant import gguf_linear as module
+    from levante.quant import gguf_model as module
     from levante.quant import kernels
 
     gguf_file = GGUFFile(smollm2_gguf)
@@ -183,7 +180,7 @@ _CHILD = textwrap.dedent("""
     from levante.engine.engine import Engine
     from levante.engine.sampling_params import SamplingParams
     from levante.heap import compact_heap
-    from levante.quant.gguf_linear import load_gguf_quantized
+    from levante.quant.gguf_model import load_gguf_quantized
     from levante.weights.gguf import GGUFFile
 
     PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -56,7 +56,8 @@ def free_port() -> int:
 
 
 def start_server(ref: str, bundle=None, **overrides) -> Iterator[LiveServer]:
-    from levante.server.app import ServerConfig, create_app
+    from levante.server.app import create_app
+    from levante.server.config import ServerConfig
     from levante.server.listener import build_server
     from levante.server.routes import ServerState
 

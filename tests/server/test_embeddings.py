@@ -250,7 +250,7 @@ def test_the_ggufs_pooling_type_is_honoured_unless_the_flag_says(
     import gguf
 
     from levante.errors import ConfigError
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
     from levante.server.embeddings import serving_pooling
 
     path = tmp_path / "m.gguf"

@@ -143,7 +143,8 @@ def test_one_requests_broken_logits_fail_it_alone(server, monkeypatch) -> None:
 DYING_SERVER = """
 import sys
 from levante.engine.engine import Engine
-from levante.server.app import ServerConfig, serve
+from levante.server.app import serve
+from levante.server.config import ServerConfig
 
 step, calls = Engine.step, [0]
 

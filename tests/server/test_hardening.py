@@ -410,7 +410,7 @@ def test_a_server_bound_beyond_loopback_keeps_no_host_check(smollm2_bundle) -> N
 @pytest.mark.parametrize("bad", ["host:8000", "a b", "[::1]:80", "", "x/y"])
 def test_allowed_hosts_must_be_names(bad: str) -> None:
     from levante.errors import ConfigError
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
 
     with pytest.raises(ConfigError, match="allowed_hosts"):
         ServerConfig(ref="m", allowed_hosts=(bad,))

@@ -113,7 +113,8 @@ def test_root_is_the_page_for_browsers_and_ollamas_greeting_for_clients(server) 
 def test_no_web_turns_the_page_off(server) -> None:
     from fastapi.testclient import TestClient
 
-    from levante.server.app import ServerConfig, create_app
+    from levante.server.app import create_app
+    from levante.server.config import ServerConfig
 
     app = create_app(ServerConfig(ref="smollm2", no_web=True), server.state)
     client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the engine is shared

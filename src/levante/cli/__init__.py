@@ -1,63 +1,15 @@
 """The `levante` command: thin typer handlers over the library, printed with rich.
 
 The handlers live in three rooms: models (pull, list, run, generate, serve), measure (bench,
-eval, cost) and shrink (quantize, plan, finetune); this module holds the app they share.
+eval, cost) and shrink (quantize, plan, finetune); each adds its commands to the app of
+levante.cli.typer_app when imported, which this module does.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-import typer
-from rich.console import Console
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run, serve, tune, evaluate and cost out Mistral Small 3 and its kin.")
-console = Console()
-err_console = Console(stderr=True)
-
-Ref = Annotated[str, typer.Argument(help="registry name, local file/folder, or hub org/repo")]
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-    raise typer.Exit(code=1)
-
-
-def _sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int | None,
-              seed: int | None, stop: list[str] | None) -> Any:
-    from levante.engine.sampling_params import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=seed, stop=tuple(stop or ()))
-
-
-
-
-def _parse_size(text: str | None) -> int | None:
-    """'2GB' / '512MiB' / '1e9' -> bytes."""
-    if text is None:
-        return None
-    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
-             "gib": 2**30, "tib": 2**40, "b": 1}
-    lowered = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if lowered.endswith(unit):
-            number = lowered[:-len(unit)].strip()
-            break
-    else:
-        unit, number = "b", lowered
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        from levante.errors import ConfigError
-
-        raise ConfigError(f"cannot read size {text!r} (try 2GB or 512MiB)") from None
+from levante.cli import measure, models, shrink  # noqa: F401 (registers their commands)
+from levante.cli.typer_app import app
 
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
-
-
-# Registering the commands: each module adds its handlers to `app` when imported.
-from levante.cli import measure, models, shrink  # noqa: F401

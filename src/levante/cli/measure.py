@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from levante.cli import _fail, app, console
+from levante.cli.typer_app import app, console, fail
 from levante.errors import LevanteError
 
 
@@ -82,7 +82,7 @@ def bench(
         if plot is not None:
             plot_report(report, plot)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     data = report.to_json()
     if out is not None:
         out.write_text(json.dumps(data, indent=1))
@@ -145,7 +145,7 @@ def eval_(
                                load_config=load_config)
             result = runners[task](model, data, limit=limit)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     payload = result.to_json()
     if out is not None:
         out.write_text(json.dumps(payload, indent=1))
@@ -177,7 +177,7 @@ def cost(
                            gpu_hourly=gpu_hourly, utilization=utilization, scenario=scenario,
                            concurrency=concurrency)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(sheet.to_json()) + "\n")
         return

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from levante.cli import Ref, _fail, _parse_size, _sampling, app, console
+from levante.cli.typer_app import Ref, app, console, fail, parse_size, sampling_params
 from levante.errors import ConfigError, LevanteError
 
 if TYPE_CHECKING:  # torch loads only for the commands that run a model
@@ -66,7 +66,7 @@ def pull(ref: Ref) -> None:
     try:
         path = pull_model(ref)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     console.print(f"pulled {ref} -> {path}")
 
 
@@ -109,7 +109,7 @@ def generate(
     try:
         load_config = LoadConfig(device=device, dtype=dtype, quant=quant,
                                  kv_cache_dtype=kv_cache_dtype)
-        params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        params = sampling_params(max_tokens, temperature, top_p, top_k, seed, stop)
         response_format = _schema_format(json_schema) if json_schema else None
         with _open_llm(ref, load_config, tensor_parallel) as llm:
             if chat or response_format:
@@ -118,7 +118,7 @@ def generate(
             else:
                 result = llm.generate(prompt, params)[0]
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
     else:
@@ -147,11 +147,11 @@ def run(
     try:
         load_config = LoadConfig(device=device, dtype=dtype, quant=quant,
                                  kv_cache_dtype=kv_cache_dtype)
-        params = _sampling(max_tokens, temperature, 1.0, None, seed, None)
+        params = sampling_params(max_tokens, temperature, 1.0, None, seed, None)
         with _open_llm(ref, load_config, tensor_parallel) as llm:
             _chat_loop(llm, prompt, system, params)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
 
 
 def _chat_loop(llm: Any, prompt: str | None, system: str | None, params: Any) -> None:
@@ -297,8 +297,8 @@ def serve(
     behind a front on HOST:PORT that routes by load (its /metrics counts per replica);
     --ray runs them as Ray Serve replicas instead (autoscaled, on one machine or a cluster).
     """
-    from levante.server.app import ServerConfig
     from levante.server.app import serve as run_server
+    from levante.server.config import ServerConfig
 
     try:
         config = ServerConfig(
@@ -306,7 +306,7 @@ def serve(
             allowed_hosts=tuple(n for names in allowed_hosts or [] for n in names.split(",")
                                 if n.strip()),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_queue=max_queue, kv_cache_memory=_parse_size(kv_cache_memory),
+            max_queue=max_queue, kv_cache_memory=parse_size(kv_cache_memory),
             kv_cache_dtype=kv_cache_dtype, device=device,
             dtype=dtype, quant=quant, served_model_name=served_model_name, no_web=no_web,
             allow_local_paths=allow_local_paths, embedding_pooling=embedding_pooling,
@@ -343,4 +343,4 @@ def serve(
         else:
             run_server(config)
     except LevanteError as e:
-        _fail(e)
+        fail(e)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from levante.cli import Ref, _fail, _parse_size, app, console, err_console
+from levante.cli.typer_app import Ref, app, console, err_console, fail, parse_size
 from levante.errors import LevanteError
 
 
@@ -63,7 +63,7 @@ def finetune(
                               merge=merge, strict=strict, resume=resume,
                               console=err_console if as_json else console)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     before, after = result.eval_before, result.eval_after
     if as_json:
         sys.stdout.write(json.dumps({
@@ -103,7 +103,7 @@ def quantize(
     try:
         result = quantize_checkpoint(src, to=to, out=out, progress=not as_json)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps({
             "path": str(result.path), "format": result.format,
@@ -138,10 +138,10 @@ def plan(
 
     try:
         result = make_plan(ref, quant=quant, context=context, batch=batch,
-                           memory=_parse_size(memory), tensor_parallel=tensor_parallel,
+                           memory=parse_size(memory), tensor_parallel=tensor_parallel,
                            kv_cache_dtype=kv_cache_dtype)
     except LevanteError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
         return

@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from levante.distributed.launch import LaunchSpec, run_worker
+from levante.distributed.ranks import LaunchSpec, run_worker
 
 
 class _RankActor:

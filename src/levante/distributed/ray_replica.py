@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from levante.distributed.replicas import conversation_key, json_object
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 

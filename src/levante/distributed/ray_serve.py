@@ -45,8 +45,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from levante.distributed.ray_replica import EngineReplica, ProxiedRequest, ResponseHead
 from levante.distributed.replicas import HOP_BY_HOP, PROXY_METHODS
 from levante.errors import ConfigError
-from levante.server.app import HTTPError, ServerConfig, error_response
+from levante.server.config import ServerConfig
 from levante.server.guards import GuardMiddleware
+from levante.server.http import HTTPError, error_response
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)

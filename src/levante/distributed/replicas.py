@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from levante.errors import ConfigError
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 from levante.server.guards import GuardMiddleware
 from levante.server.protocol import error_body
 

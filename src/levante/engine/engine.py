@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from levante.config import EngineConfig
+from levante.engine.admission import check_prompt, resolve_max_tokens
 from levante.engine.drafts import verify_drafts
 from levante.engine.kv_blocks import BlockPool
 from levante.engine.kv_budget import kv_cache_dtype, kv_pool_blocks
@@ -23,7 +24,7 @@ from levante.engine.runner import ModelRunner
 from levante.engine.sampler import Sampler, SamplerOutput, make_generator
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import Batch, Scheduler
-from levante.errors import ContextLengthError, RequestError
+from levante.errors import RequestError
 from levante.heap import compact_heap
 from levante.kinds import FinishReason
 from levante.model import Transformer
@@ -54,14 +55,6 @@ class StepOutput:
     error_code: str | None = None  # e.g. "server_shutdown": the server maps it to a status
     # with prompt_logprobs, on the request's first output: (token, logprob, top) from position 1
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-
-
-def check_vocabulary(token_ids: Sequence[int], vocab_size: int, *, param: str) -> None:
-    """RequestError naming `param` for the first id outside [0, vocab_size)."""
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})",
-                           param=param)
 
 
 def invariant_kernels(model: Transformer) -> bool:
@@ -152,36 +145,12 @@ class Engine:
         """(prompt ids, max tokens) of a request that fits this engine, else RequestError or
         ContextLengthError. Reads only the configuration: safe from any thread, so the
         server answers a request that can never run with a 400 even when the queue is full."""
-        prompt = self._check_prompt(prompt_ids)
-        params.check_token_ids(self.model.config.vocab_size)
-        return prompt, self._resolve_max_tokens(len(prompt), params)
-
-    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise RequestError("the prompt is empty", param="prompt")
-        check_vocabulary(prompt, self.model.config.vocab_size, param="prompt")
-        return prompt
-
-    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        limit = min(self.config.max_model_len, self.model.config.max_seq_len)
-        if params.max_tokens is None:
-            if num_prompt >= limit:
-                raise ContextLengthError(
-                    f"the prompt has {num_prompt} tokens; this model's context is {limit}")
-            max_tokens = limit - num_prompt
-        else:
-            max_tokens = params.max_tokens
-            if num_prompt + max_tokens > limit:
-                raise ContextLengthError(
-                    f"this model's maximum context length is {limit} tokens; the prompt has "
-                    f"{num_prompt} tokens and max_tokens is {max_tokens} "
-                    f"({num_prompt + max_tokens} in all)")
-        if num_prompt + max_tokens > self.capacity_tokens:
-            raise ContextLengthError(
-                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds the KV cache's "
-                f"{self.capacity_tokens} tokens; this request could never run")
-        return max_tokens
+        vocab_size = self.model.config.vocab_size
+        prompt = check_prompt(prompt_ids, vocab_size)
+        params.check_token_ids(vocab_size)
+        context = min(self.config.max_model_len, self.model.config.max_seq_len)
+        return prompt, resolve_max_tokens(len(prompt), params, context=context,
+                                          capacity_tokens=self.capacity_tokens)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (no-op if it already ended)."""

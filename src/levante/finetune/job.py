@@ -24,7 +24,8 @@ from levante.finetune.data import (
     parse_mix,
     read_conversations,
 )
-from levante.finetune.train import EvalResult, TrainConfig, TrainResult, add_lora, train
+from levante.finetune.loss import EvalResult
+from levante.finetune.train import TrainConfig, TrainResult, add_lora, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

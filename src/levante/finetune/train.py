@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -26,6 +25,7 @@ from torch import nn
 from levante.errors import ConfigError
 from levante.finetune.adapters import LORA_TARGETS
 from levante.finetune.data import Example, collate
+from levante.finetune.loss import EvalResult, evaluate, token_loss
 from levante.model import Transformer
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -177,52 +177,6 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def token_loss(model: Transformer, input_ids: torch.Tensor,
-               target_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the masked target tokens, and their count.
-
-    input_ids, target_mask: [B, S]. Position s predicts token s + 1, so only hidden states
-    whose next token is a target go through the (vocab-wide) output head.
-    """
-    hidden = model(input_ids)  # [B, S, dim]
-    wanted = target_mask[:, 1:]  # [B, S-1]
-    logits = model.logits(hidden[:, :-1][wanted])  # [N, vocab] float32
-    targets = input_ids[:, 1:][wanted]  # [N]
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Held-out loss (mean per target token) and its perplexity."""
-
-    loss: float
-    num_tokens: int
-
-    @property
-    def perplexity(self) -> float:
-        """exp(loss)."""
-        return math.exp(min(self.loss, 50.0))
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, examples: Sequence[Example], *, batch_size: int,
-             pad_id: int) -> EvalResult:
-    """Mean loss over the assistant tokens of `examples` (dropout off)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        ids, mask = collate(examples[start:start + batch_size], pad_id=pad_id)
-        loss, n = token_loss(model, ids.to(_device(model)), mask.to(_device(model)))
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return EvalResult(total / max(count, 1), count)
-
-
-def _device(model: Transformer) -> torch.device:
-    return model.rope_cos.device
-
-
 @dataclass
 class TrainResult:
     """What a run did: optimizer steps, per-step loss log, held-out evaluations."""
@@ -271,7 +225,7 @@ class _Run:
 def _optimizer_step(run: _Run, step_batches: list[list[Example]], pad_id: int) -> tuple[float, int]:
     """One optimizer step over its micro-batches; loss is the mean over all their targets."""
     model = run.peft_model.get_base_model()
-    device = _device(model)
+    device = model.rope_cos.device
     num_targets = sum(e.num_targets - e.target_mask[0] for b in step_batches for e in b)
     total_loss, num_tokens = 0.0, 0
     for batch in step_batches:

@@ -1,12 +1,8 @@
 """`levante quantize`: a checkpoint -> a GGUF file, or Levante's int8/int4 safetensors folder.
 
-GGUF output is streamed tensor by tensor through `gguf.GGUFWriter`: K-quants (Q3_K..Q6_K) by
-`levante.quant.k_quantize` (llama.cpp's reference algorithms, same bytes), the legacy block
-types (Q8_0, Q4_0, Q4_1, ...) by `gguf.quants.quantize`. The K-quant mixes (q4_k_m, q3_k_m,
-q5_k_m) pick a type per tensor as llama.cpp's quantizer does (`plan.llama_cpp_type`; a tied
-embedding is the output head there), and write llama.cpp's `general.file_type`.
-Rows that are not whole 256-value super-blocks fall back as in llama.cpp (Q4_K -> Q5_0,
-Q5_K -> Q5_1, Q6_K and the output head -> Q8_0, Q3_K -> Q4_0).
+GGUF output is streamed tensor by tensor through `gguf.GGUFWriter`, each tensor in the type
+and bytes llama.cpp's quantizer would give it (levante.quant.gguf_quantize: the K-quant mixes
+pick a type per tensor), with llama.cpp's `general.file_type`.
 
 Levante's int8/int4 safetensors folder: config.json, the tokenizer files, and a
 model.safetensors in the format `levante.quant.linear.quantized_tensors` documents.
@@ -26,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 from rich.progress import Progress
 from safetensors.torch import save_file
 
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
-from levante.plan import llama_cpp_type
 from levante.quant.export_source import (
     TensorSource,
     is_permuted,
@@ -40,8 +35,7 @@ from levante.quant.export_source import (
     permuted,
     reverse_names,
 )
-from levante.quant.k_quantize import K_QUANTIZERS
-from levante.quant.k_quantize import quantize as k_quantize
+from levante.quant.gguf_quantize import GGUF_FORMATS, encode, export_type, llama_cpp_choice
 from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
 from levante.weights.layout import (
     GGUF_GLOBAL_NAMES,
@@ -52,17 +46,8 @@ from levante.weights.layout import (
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 
-GGUF_FORMATS: dict[str, tuple[GGMLQuantizationType | None, int]] = {
-    # format -> (type of every 2-D tensor, or None for a mix; llama.cpp's general.file_type)
-    "f16": (Q.F16, 1), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7), "q6_k": (Q.Q6_K, 18),
-    "q5_k_m": (None, 17), "q4_k_m": (None, 15), "q3_k_m": (None, 12), "q4_0": (Q.Q4_0, 2),
-    "q4_1": (Q.Q4_1, 3),
-}
 SAFETENSORS_FORMATS = ("int8", "int4")
 FORMATS = (*GGUF_FORMATS, *SAFETENSORS_FORMATS)
-# llama.cpp's type for rows that are not whole blocks of the chosen type (tensor_type_fallback)
-LLAMA_CPP_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
-                      Q.Q6_K: Q.Q8_0}
 CHUNK_VALUES = 2**24  # values read, widened to float32 and encoded at a time (64 MB)
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
@@ -108,58 +93,6 @@ def _check_shapes(source: TensorSource) -> None:
                                               f"the config says {list(shape)}")
 
 
-def export_type(fmt: str, name: str, shape: tuple[int, ...], num_layers: int, *,
-                is_tied: bool = False) -> Q:
-    """The GGUF type `fmt` writes tensor `name` (HF naming) in; norms stay F32.
-
-    llama.cpp's choice (`plan.llama_cpp_type`, with a tied embedding treated as the output
-    head), then `_fallback_type` where rows are not whole blocks of it.
-    """
-    chosen = _llama_cpp_choice(fmt, name, shape, num_layers, is_tied)
-    if chosen in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
-        return chosen
-    return _fallback_type(chosen, name, shape[-1])
-
-
-def _llama_cpp_choice(fmt: str, name: str, shape: tuple[int, ...], num_layers: int,
-                      is_tied: bool) -> Q:
-    """llama.cpp's type for the tensor before any fallback for its row length."""
-    single, _ = GGUF_FORMATS[fmt]
-    if len(shape) == 1:
-        return Q.F32
-    if single in (Q.F16, Q.BF16, Q.Q8_0):
-        return single
-    rule_name = "lm_head.weight" if is_tied and name == "model.embed_tokens.weight" else name
-    return llama_cpp_type(fmt, rule_name, num_layers)
-
-
-def _fallback_type(chosen: Q, name: str, row_size: int) -> Q:
-    """`chosen`, or what llama.cpp writes when rows of `row_size` are not whole blocks of it.
-
-    A fallback whose blocks do not fit either becomes F16, as in llama.cpp.
-    Example: Q4_K with rows of 576 (SmolLM2) -> Q5_0.
-    """
-    if row_size % GGML_QUANT_SIZES[chosen][0] == 0:
-        return chosen
-    if chosen not in LLAMA_CPP_FALLBACK:
-        raise ConfigError(f"{name}: rows of {row_size} values are not whole {chosen.name} "
-                          f"blocks of {GGML_QUANT_SIZES[chosen][0]}")
-    fallback = LLAMA_CPP_FALLBACK[chosen]
-    return fallback if row_size % GGML_QUANT_SIZES[fallback][0] == 0 else Q.F16
-
-
-def _encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
-    """float32 [..., K] -> what GGUFWriter stores: F32/F16 values, else uint8 block bytes."""
-    array = tensor.contiguous().numpy()
-    if qtype == Q.F32:
-        return array
-    if qtype == Q.F16:
-        return array.astype(np.float16)
-    if qtype in K_QUANTIZERS:
-        return k_quantize(array, qtype, num_threads=torch.get_num_threads())
-    return quants.quantize(array, qtype)
-
-
 def _encode_tensor(source: TensorSource, name: str, shape: tuple[int, ...], qtype: Q,
                    advance: Callable[[int], None]) -> np.ndarray:
     """The tensor's stored form, encoded CHUNK_VALUES at a time from rows read in turn.
@@ -175,7 +108,7 @@ def _encode_tensor(source: TensorSource, name: str, shape: tuple[int, ...], qtyp
         rows = None if step == shape[0] else (start, stop)
         tensor = permuted(config, name, source.load(name, rows))
         try:
-            encoded = _encode(tensor, qtype)
+            encoded = encode(tensor, qtype)
         except ValueError as e:
             raise ModelFileError(source.path, f"{name} -> {qtype.name}: {e}") from None
         if out is None:
@@ -239,8 +172,8 @@ def _log_fallbacks(fmt: str, shapes: dict[str, tuple[int, ...]],
                    config: ModelConfig) -> None:
     """One warning per (chosen, written) pair where rows are not whole blocks of the choice."""
     pairs = _count(f"{chosen.name} -> {infos[name][0].name}" for name, shape in shapes.items()
-                   if (chosen := _llama_cpp_choice(fmt, name, shape, config.num_layers,
-                                                   config.tie_embeddings)) != infos[name][0])
+                   if (chosen := llama_cpp_choice(fmt, name, shape, config.num_layers,
+                                                  config.tie_embeddings)) != infos[name][0])
     for pair, count in sorted(pairs.items()):
         log.warning("%d tensors have rows that are not whole blocks: %s", count, pair)
 
@@ -426,5 +359,3 @@ def _count(names: Iterable[str]) -> dict[str, int]:
     for name in names:
         counts[name] = counts.get(name, 0) + 1
     return counts
-
-

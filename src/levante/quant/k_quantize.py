@@ -1,15 +1,10 @@
 """GGUF K-quant quantizers: float32 super-blocks of 256 values -> Q2_K..Q6_K block bytes.
 
-Our own numpy implementation of llama.cpp's reference quantizers without an importance matrix
-(ggml-quants.c: `quantize_row_q{2..6}_K_ref` with `make_qkx2_quants`, `make_qx_quants`,
-`make_q3_quants`), bit for bit: the same scale search and rounding, vectorized over groups.
-A group's values sit in one column of a [n_pos, n_groups] array, so its sums run in the C
-loop's order (`_sequential_sum`: one float32 add per position), and every float operation is
-float32 in the C expression's order (`w * x * l` is (w * x) * l). Rounding is C's
-`nearest_int` bit trick (`_nearest_int`; np.rint where the argument is provably within
-2**22, where both agree) and f16 scales round to nearest even, as GGML_FP32_TO_FP16 does.
-llama.cpp's ggml-base is built without FMA contraction, so the bytes are equal; the tests
-check that against its C library where one is installed. Byte layouts: `levante.quant.gguf_blocks`.
+llama.cpp's reference quantizers without an importance matrix (ggml-quants.c:
+`quantize_row_q{2..6}_K_ref`), bit for bit: each type's scale search runs in
+levante.quant.k_quant_search; this module quantizes the scales themselves and packs scales
+and codes into the type's bytes. The tests check the bytes against llama.cpp's C library where
+one is installed. Byte layouts: `levante.quant.gguf_blocks`.
 """
 
 from __future__ import annotations
@@ -20,191 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
+from levante.quant.k_quant_search import (
+    F32,
+    GROUP_MAX_EPS,
+    f16_bits_and_value,
+    make_q3,
+    make_qkx2,
+    make_qx,
+    nearest_int,
+    requantize,
+    sequential_sum,
+    signed_max,
+)
+
 Q = GGMLQuantizationType
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)  # below this the group is all zero (ggml-quants.c)
 CHUNK_BLOCKS = 1024  # super-blocks per pass: keeps temporaries ~10 MB and in cache
 
 # Expressions below keep C's operand order: `w * x * l` is (w * x) * l, all float32.
-
-
-def _nearest_int(values: np.ndarray) -> np.ndarray:
-    """float32 -> int32 as llama.cpp's nearest_int: add 1.5 * 2**23 and read the mantissa.
-
-    Round half to even for |v| <= 2**22 (= np.rint there); larger values wrap as in C.
-    Example: 2.5 -> 2, 3.5 -> 4, -0.5 -> 0.
-    """
-    shifted = (values.astype(F32, copy=False) + F32(12582912.0)).view(np.int32)
-    return (shifted & 0x007FFFFF) - 0x00400000
-
-
-def _sequential_sum(values: np.ndarray) -> np.ndarray:
-    """[n_pos, n_groups] -> [n_groups]: s = v[0]; s += v[1]; ... (numpy's sum may go pairwise)."""
-    total = values[0].copy()
-    for row in values[1:]:
-        total += row
-    return total
-
-
-def _f16_bits_and_value(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 -> (f16 as uint16 bits, that f16 widened back to float32): GGML_FP32_TO_FP16."""
-    half = values.astype(np.float16)
-    return half.view(np.uint16), half.astype(F32)
-
-
-def _make_qkx2(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
-               nstep: int, *, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric codes 0..nmax per group: search `nstep + 1` scales, keep the least error.
-
-    x, weights: [n_pos, n_groups]. Returns codes [n_pos, n_groups] (float32), scale and the
-    (positive) min per group, so that x ~ scale * code - min. A step that wins moves the min
-    the next steps start from, as in C.
-    """
-    low = np.minimum(x.min(axis=0), F32(0))
-    high = x.max(axis=0)
-    sum_w = _sequential_sum(weights)
-    sum_x = _sequential_sum(weights * x)
-    is_flat = high == low
-    high = np.where(is_flat, low + F32(1), high)  # flat groups end as zeros; keep them finite
-    codes, trial, buffer = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(nmax) / (high - low)
-        scale = F32(1) / iscale
-        _round_codes(x, low, iscale, 0, nmax, out=codes)
-        best_error = _weighted_error(codes, scale, low, x, weights, use_mad, buffer)
-        for step in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (high - low)
-            _round_codes(x, low, iscale, 0, nmax, out=trial)
-            weighted = np.multiply(weights, trial, out=buffer)
-            sum_l = _sequential_sum(weighted)
-            sum_xl = _sequential_sum(weighted * x)
-            sum_l2 = _sequential_sum(np.multiply(weighted, trial, out=buffer))
-            det = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            clamp = this_min > 0
-            this_min[clamp] = 0
-            this_scale[clamp] = (sum_xl / sum_l2)[clamp]
-            error = _weighted_error(trial, this_scale, this_min, x, weights, use_mad, buffer)
-            better = (det > 0) & (error < best_error) & ~is_flat
-            np.copyto(codes, trial, where=better)
-            best_error = np.where(better, error, best_error)
-            scale = np.where(better, this_scale, scale)
-            low = np.where(better, this_min, low)
-    codes[:, is_flat] = 0
-    scale[is_flat] = 0
-    return codes, scale, -low
-
-
-def _round_codes(x: np.ndarray, offset: np.ndarray | None, iscale: np.ndarray, lowest: int,
-                 highest: int, *, out: np.ndarray) -> np.ndarray:
-    """out = clip(nearest_int(iscale * (x - offset)), lowest, highest) as float32 codes.
-
-    With a finite iscale the products stay within a few units of the code range, where
-    np.rint equals nearest_int; otherwise (a group spanning only subnormals) take the C trick.
-    """
-    if offset is None:
-        np.multiply(x, iscale, out=out)
-    else:
-        np.subtract(x, offset, out=out)
-        out *= iscale
-    if np.isfinite(iscale).all():
-        np.rint(out, out=out)
-    else:
-        out[...] = _nearest_int(out)
-    return np.clip(out, lowest, highest, out=out)
-
-
-def _weighted_error(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, x: np.ndarray,
-                    weights: np.ndarray, use_mad: bool, buffer: np.ndarray) -> np.ndarray:
-    """Sum over positions of w * |diff| (use_mad) or w * diff^2, diff = scale * code + offset - x."""
-    diff = np.multiply(codes, scale, out=buffer)
-    diff += offset
-    diff -= x
-    if use_mad:
-        np.abs(diff, out=diff)
-    else:
-        diff *= diff
-    diff *= weights
-    return _sequential_sum(diff)
-
-
-def _signed_max(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the first value of largest magnitude, that magnitude) along `axis`, as C's `if (a > amax)`."""
-    magnitude = np.abs(values)
-    index = np.expand_dims(magnitude.argmax(axis=axis), axis)
-    return (np.take_along_axis(values, index, axis).squeeze(axis),
-            np.take_along_axis(magnitude, index, axis).squeeze(axis))
-
-
-def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes 0..2*nmax-1 (value + nmax) weighted by x^2: make_qx_quants, rmse_type 1.
-
-    Tries the scale nmax / max and 18 neighbours (nmax +- 0.1 k); keeps the best fit.
-    x: [n_pos, n_groups]. Returns codes [n_pos, n_groups] (float32) and scale [n_groups].
-    """
-    peak, magnitude = _signed_max(x, 0)
-    is_zero = magnitude < GROUP_MAX_EPS
-    peak = np.where(is_zero, F32(1), peak)  # zero groups end as zeros; keep them finite
-    w = x * x
-    wx = w * x
-    codes, trial, buffer = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for step in (0, *range(-9, 0), *range(1, 10)):
-            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
-            _round_codes(x, None, iscale, -nmax, nmax - 1, out=trial)
-            sumlx = _sequential_sum(np.multiply(wx, trial, out=buffer))
-            np.multiply(w, trial, out=buffer)
-            suml2 = _sequential_sum(np.multiply(buffer, trial, out=buffer))
-            if step == 0:
-                codes[...] = trial
-                scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-                best = scale * sumlx
-                continue
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            this_scale = sumlx / suml2
-            np.copyto(codes, trial, where=better)
-            scale = np.where(better, this_scale, scale)
-            best = np.where(better, this_scale * sumlx, best)
-    codes += nmax
-    codes[:, is_zero] = 0
-    scale[is_zero] = 0
-    return codes, scale
-
-
-def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes 0..2*nmax-1 weighted by x^2, refined one value at a time (make_q3_quants).
-
-    Starts from the scale nmax / max, then up to 5 passes move single codes where that
-    improves the fit (a pass without a change ends a group's search: the next pass would
-    find none either, so running all 5 everywhere gives the same codes).
-    """
-    peak, magnitude = _signed_max(x, 0)
-    is_zero = magnitude < GROUP_MAX_EPS
-    w = x * x
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        codes = np.clip(_nearest_int(-F32(nmax) / peak * x), -nmax, nmax - 1)
-        codes_f = codes.astype(F32)
-        sumlx = _sequential_sum(w * x * codes_f)
-        suml2 = _sequential_sum(w * codes_f * codes_f)
-        for _ in range(5):
-            for i in range(x.shape[0]):
-                xi, wi, li = x[i], w[i], codes_f[i]
-                slx = sumlx - wi * xi * li
-                sl2 = suml2 - wi * li * li
-                new = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(F32)
-                slx = slx + wi * xi * new
-                sl2 = sl2 + wi * new * new
-                accept = ((sumlx - wi * xi * li > 0) & (new != li) & (sl2 > 0)
-                          & (slx * slx * suml2 > sumlx * sumlx * sl2))
-                codes_f[i] = np.where(accept, new, li)
-                sumlx = np.where(accept, slx, sumlx)
-                suml2 = np.where(accept, sl2, suml2)
-        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    codes = codes_f.astype(np.int32) + nmax
-    codes[:, is_zero] = 0
-    scale[is_zero] = 0
-    return codes, scale
 
 
 def _groups(blocks: np.ndarray, size: int) -> np.ndarray:
@@ -215,19 +42,6 @@ def _groups(blocks: np.ndarray, size: int) -> np.ndarray:
 def _ungroup(codes: np.ndarray, num_blocks: int) -> np.ndarray:
     """Inverse of `_groups`: [size, n_groups] -> [n_blocks, 256]."""
     return codes.T.reshape(num_blocks, QK_K)
-
-
-def _requantize(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None, low: int, high: int,
-                codes: np.ndarray, shift: int) -> np.ndarray:
-    """Codes from the final (f16-rounded) scales: clip(round((x + offset) / step)) + shift.
-
-    Groups whose step is 0 keep their search codes (C's `if (!d) continue`).
-    x, codes: [n_pos, n_groups]; step, offset: [n_groups].
-    """
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        shifted = x if offset is None else x + offset
-        fresh = np.clip(_nearest_int(shifted / step), low, high) + shift
-    return np.where(step != 0, fresh, codes.astype(np.int32))
 
 
 def _pack_k4_scales(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
@@ -244,22 +58,22 @@ def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float,
     """Shared Q4_K / Q5_K body: (f16 d bits, f16 dmin bits, 12 scale bytes, codes [n, 256])."""
     num_blocks = blocks.shape[0]
     x = _groups(blocks, 32)  # [32, n * 8]
-    av_x = np.sqrt(_sequential_sum(x * x) / F32(32))
-    codes, scales, mins = _make_qkx2(x, av_x + np.abs(x), nmax, rmin, 0.1, nstep,
-                                     use_mad=False)
+    av_x = np.sqrt(sequential_sum(x * x) / F32(32))
+    codes, scales, mins = make_qkx2(x, av_x + np.abs(x), nmax, rmin, 0.1, nstep,
+                                    use_mad=False)
     scales, mins = scales.reshape(num_blocks, 8), mins.reshape(num_blocks, 8)
     max_scale = np.fmax.reduce(scales, axis=1, initial=F32(0))
     max_min = np.fmax.reduce(mins, axis=1, initial=F32(0))
     with np.errstate(divide="ignore"):
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))[:, None]
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))[:, None]
-    q_scales = np.minimum(_nearest_int(inv_scale * scales) & 0xFF, 63).astype(np.uint8)
-    q_mins = np.minimum(_nearest_int(inv_min * mins) & 0xFF, 63).astype(np.uint8)
-    d_bits, d = _f16_bits_and_value(max_scale / F32(63))
-    dmin_bits, dmin = _f16_bits_and_value(max_min / F32(63))
+    q_scales = np.minimum(nearest_int(inv_scale * scales) & 0xFF, 63).astype(np.uint8)
+    q_mins = np.minimum(nearest_int(inv_min * mins) & 0xFF, 63).astype(np.uint8)
+    d_bits, d = f16_bits_and_value(max_scale / F32(63))
+    dmin_bits, dmin = f16_bits_and_value(max_min / F32(63))
     step = (d[:, None] * q_scales.astype(F32)).reshape(-1)
     offset = (dmin[:, None] * q_mins.astype(F32)).reshape(-1)
-    codes = _requantize(x, step, offset, 0, nmax, codes, 0)
+    codes = requantize(x, step, offset, 0, nmax, codes, 0)
     return d_bits, dmin_bits, _pack_k4_scales(q_scales, q_mins), _ungroup(codes, num_blocks)
 
 
@@ -296,17 +110,17 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     """float32 [n, 256] -> Q6_K [n, 210]: 128 bytes ql, 64 bytes qh, 16 int8 scales, f16 d."""
     num_blocks = blocks.shape[0]
     x = _groups(blocks, 16)  # [16, n * 16]
-    codes, scales = _make_qx(x, 32)
+    codes, scales = make_qx(x, 32)
     scales = scales.reshape(num_blocks, 16)
-    max_scale, max_abs = _signed_max(scales, 1)
+    max_scale, max_abs = signed_max(scales, 1)
     is_zero = max_abs < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-128) / max_scale
-        d_bits, d = _f16_bits_and_value(F32(1) / iscale)
-        q_scales = np.minimum(_nearest_int(iscale[:, None] * scales), 127)
+        d_bits, d = f16_bits_and_value(F32(1) / iscale)
+        q_scales = np.minimum(nearest_int(iscale[:, None] * scales), 127)
     q_scales = ((q_scales + 128) & 0xFF) - 128  # stored as int8
     step = (d[:, None] * q_scales.astype(F32)).reshape(-1)
-    codes = _ungroup(_requantize(x, step, None, -32, 31, codes, 32), num_blocks)
+    codes = _ungroup(requantize(x, step, None, -32, 31, codes, 32), num_blocks)
     parts = codes.reshape(num_blocks, 2, 4, 32)  # [n, half, quarter t, l]: value 128h + 32t + l
     low = parts & 0x0F
     ql = np.stack([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
@@ -327,14 +141,14 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     """
     num_blocks = blocks.shape[0]
     x = _groups(blocks, 16)  # [16, n * 16]
-    codes, scales = _make_q3(x, 4)
+    codes, scales = make_q3(x, 4)
     scales = scales.reshape(num_blocks, 16)
-    max_scale, _ = _signed_max(scales, 1)
+    max_scale, _ = signed_max(scales, 1)
     has_scale = max_scale != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-32) / max_scale
-        d_bits, d = _f16_bits_and_value(F32(1) / iscale)
-        levels = ((_nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t in C
+        d_bits, d = f16_bits_and_value(F32(1) / iscale)
+        levels = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t in C
     levels = np.where(has_scale[:, None], np.clip(levels, -32, 31) + 32, 0)
     d_bits = np.where(has_scale, d_bits, np.uint16(0))
     d = np.where(has_scale, d, F32(0))
@@ -343,7 +157,7 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     top = (levels >> 4).reshape(num_blocks, 4, 4) << (2 * np.arange(4))[None, :, None]
     table[:, 8:] = np.bitwise_or.reduce(top, axis=1)
     step = (d[:, None] * (levels - 32).astype(F32)).reshape(-1)
-    codes = _ungroup(_requantize(x, step, None, -4, 3, codes, 4), num_blocks)
+    codes = _ungroup(requantize(x, step, None, -4, 3, codes, 4), num_blocks)
     high = (codes > 3).reshape(num_blocks, 8, 32) << np.arange(8)[None, :, None]
     hmask = np.bitwise_or.reduce(high, axis=1)
     return np.concatenate([hmask.astype(np.uint8), _pack_2bit(codes & 3),
@@ -360,20 +174,20 @@ def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
     """float32 [n, 256] -> Q2_K [n, 84]: 16 scale|min bytes, 64 bytes 2-bit q, f16 d, f16 dmin."""
     num_blocks = blocks.shape[0]
     x = _groups(blocks, 16)  # [16, n * 16]
-    codes, scales, mins = _make_qkx2(x, np.abs(x), 3, -0.5, 0.1, 15, use_mad=True)
+    codes, scales, mins = make_qkx2(x, np.abs(x), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins = scales.reshape(num_blocks, 16), mins.reshape(num_blocks, 16)
     max_scale = np.fmax.reduce(scales, axis=1, initial=F32(0))
     max_min = np.fmax.reduce(mins, axis=1, initial=F32(0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        q_scales = _nearest_int((F32(15) / max_scale)[:, None] * scales) & 0xFF
-        q_mins = _nearest_int((F32(15) / max_min)[:, None] * mins)
+        q_scales = nearest_int((F32(15) / max_scale)[:, None] * scales) & 0xFF
+        q_mins = nearest_int((F32(15) / max_min)[:, None] * mins)
     q_scales = np.where((max_scale > 0)[:, None], q_scales, 0)
     packed = np.where((max_min > 0)[:, None], (q_scales | (q_mins << 4)) & 0xFF, q_scales)
-    d_bits, d = _f16_bits_and_value(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
-    dmin_bits, dmin = _f16_bits_and_value(np.where(max_min > 0, max_min / F32(15), F32(0)))
+    d_bits, d = f16_bits_and_value(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
+    dmin_bits, dmin = f16_bits_and_value(np.where(max_min > 0, max_min / F32(15), F32(0)))
     step = (d[:, None] * (packed & 0x0F).astype(F32)).reshape(-1)
     offset = (dmin[:, None] * (packed >> 4).astype(F32)).reshape(-1)
-    codes = _ungroup(_requantize(x, step, offset, 0, 3, codes, 0), num_blocks)
+    codes = _ungroup(requantize(x, step, offset, 0, 3, codes, 0), num_blocks)
     return np.concatenate([packed.astype(np.uint8), _pack_2bit(codes), _f16_bytes(d_bits),
                            _f16_bytes(dmin_bits)], axis=1)
 

@@ -1,12 +1,9 @@
-"""The FastAPI app: config, OpenAI-shaped errors, body parsing, serve(); guards: server.guards."""
+"""The FastAPI app: middleware, routes, error handlers, /openapi.json's bodies; serve()."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,179 +14,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from levante.errors import ConfigError, ContextLengthError, LevanteError, RequestError
-from levante.load_config import LoadConfig
-from levante.server.hosts import is_loopback_bind, split_host
-from levante.server.protocol import error_body
+from levante.errors import ConfigError, LevanteError
+from levante.server.config import ServerConfig
+from levante.server.hosts import is_loopback_bind
+from levante.server.http import HTTPError, error_response
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How `levante serve` runs: the model, the engine limits and the HTTP guards."""
-
-    ref: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = field(default=None, repr=False)  # never in a logged repr
-    max_model_len: int | None = None
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_queue: int = 256
-    kv_cache_memory: int | None = None
-    num_kv_blocks: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    quant: str = "auto"
-    kv_cache_dtype: str = "auto"
-    served_model_name: str | None = None
-    enable_prefix_caching: bool = True
-    lora: tuple[tuple[str, str], ...] = ()  # (served name, adapter folder)
-    num_speculative_tokens: int = 0
-    batch_invariant: bool = False
-    max_body_bytes: int = 8 * 2**20
-    cors_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
-    no_web: bool = False
-    drain_timeout: float = 30.0  # seconds accepted requests get to finish after SIGTERM
-    header_timeout: float = 10.0  # seconds a request's headers may take to arrive
-    body_timeout: float = 60.0  # seconds its body may take after the headers
-    max_connections: int = 1024  # open connections; past it a request gets a 503
-    allow_local_paths: bool = False  # /api/pull may name files on the server's disk
-    # Responses API responses kept in memory for previous_response_id (least recent go first)
-    max_stored_responses: int = 1024
-    max_stored_response_bytes: int = 64 * 2**20
-    # mean | cls | last; None: the GGUF's `<arch>.pooling_type`, else mean (see embeddings)
-    embedding_pooling: str | None = None
-    # How the model loads, built from the fields above (and checked) when the config is made.
-    load_config: LoadConfig = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "load_config", LoadConfig(
-            device=self.device, dtype=self.dtype, quant=self.quant,
-            kv_cache_dtype=self.kv_cache_dtype, max_model_len=self.max_model_len,
-            kv_cache_memory=self.kv_cache_memory))
-        names = []
-        for given in self.allowed_hosts:
-            split = split_host(given)
-            if split is None or split[1] is not None:
-                raise ConfigError(f"allowed_hosts: {given!r} is not a host name or IP "
-                                  "(give names without a port, e.g. myhost.example)")
-            names.append(split[0])
-        object.__setattr__(self, "allowed_hosts", tuple(names))
-        if self.embedding_pooling not in (None, "mean", "cls", "last"):
-            raise ConfigError(f"embedding_pooling must be mean, cls or last, got "
-                              f"{self.embedding_pooling!r}")
-        for name in ("drain_timeout", "header_timeout", "body_timeout", "max_connections"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_stored_responses", "max_stored_response_bytes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: store none), got "
-                                  f"{getattr(self, name)}")
-
-
-class HTTPError(Exception):
-    """An error with an HTTP status, rendered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type_: str, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = error_body(message, type_=type_, param=param, code=code)
-        self.headers = headers
-
-
-def generation_error(message: str, code: str | None) -> Exception:
-    """The exception for a request the engine ended with an error: a 503 to retry when the
-    server is shutting down (code "server_shutdown"), else a 500."""
-    if code == "server_shutdown":
-        return RequestError(message, code=code)
-    return HTTPError(500, message, type_="server_error")
-
-
-def error_response(exc: Exception) -> JSONResponse:
-    """Map our exceptions to OpenAI-shaped JSON errors with the right status (one place)."""
-    if isinstance(exc, HTTPError):
-        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
-    if isinstance(exc, StarletteHTTPException):  # routing: 404 no such path, 405 method
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse(error_body(str(exc.detail), type_="invalid_request_error",
-                                       code=codes.get(exc.status_code)),
-                            status_code=exc.status_code, headers=exc.headers)
-    if isinstance(exc, RequestError) and exc.code == "queue_full":
-        return JSONResponse(error_body(str(exc), type_="server_overloaded", code=exc.code),
-                            status_code=503, headers={"Retry-After": "1"})
-    if isinstance(exc, RequestError) and exc.code == "engine_dead":
-        return JSONResponse(error_body(str(exc), type_="server_error", code=exc.code),
-                            status_code=503)
-    if isinstance(exc, RequestError) and exc.code == "server_shutdown":
-        return JSONResponse(error_body(str(exc), type_="server_error", code=exc.code),
-                            status_code=503, headers={"Retry-After": "1"})
-    if isinstance(exc, (RequestError, ContextLengthError)):
-        return JSONResponse(error_body(str(exc), type_="invalid_request_error",
-                                       param=exc.param, code=exc.code), status_code=400)
-    if isinstance(exc, (RequestValidationError, ValidationError)):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(error_body(message, type_="invalid_request_error", param=param),
-                            status_code=400)
-    if isinstance(exc, LevanteError):
-        return JSONResponse(error_body(str(exc), type_="invalid_request_error"),
-                            status_code=400)
-    log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("internal server error", type_="server_error"),
-                        status_code=500)
-
-
-async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
-    """Read and validate a JSON object body; 400 for bad JSON, 413 when too large."""
-    chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body has no Content-Length to check
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body is over {limit} bytes (the limit)",
-                            type_="invalid_request_error", code="request_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
-        raise HTTPError(400, f"body is not valid JSON: {e}",
-                        type_="invalid_request_error") from None
-    if not isinstance(data, dict):
-        raise HTTPError(400, "body must be a JSON object", type_="invalid_request_error")
-    if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: is it paired?
-        _reject_lone_surrogates(data)
-    return model.model_validate(data)
-
-
-def _reject_lone_surrogates(data: Any) -> None:
-    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no character: every
-    tokenizer and encoder after this would fail on it (500s): a 400 instead."""
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise HTTPError(400, "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff escape "
-                        "without its pair): not a character", type_="invalid_request_error"
-                        ) from None
-
-
-def _reject_constant(name: str) -> Any:
-    """`NaN`, `Infinity`, `-Infinity`: Python's json accepts them, JSON (RFC 8259) does not."""
-    raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
-
-
-def _finite_float(text: str) -> float:
-    """A JSON number that overflows a double (`1e400`) would otherwise read as infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range (numbers must be finite)")
-    return value
 
 
 def create_app(config: ServerConfig, state: Any) -> FastAPI:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from levante.chat.request import check_prompt_size
+from levante.engine.admission import check_vocabulary
 from levante.engine.embedding import GGUF_POOLING, Pooling
-from levante.engine.engine import check_vocabulary
 from levante.errors import ConfigError, ContextLengthError, RequestError
 from levante.kinds import WeightFormat
 from levante.server.ollama_protocol import EmbedBody, EmbeddingsBody, Options
@@ -24,7 +24,7 @@ from levante.server.protocol import EmbeddingRequest
 
 if TYPE_CHECKING:
     from levante.bundle import Bundle
-    from levante.server.app import ServerConfig
+    from levante.server.config import ServerConfig
     from levante.server.routes import ServerState
 
 

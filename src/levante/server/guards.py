@@ -13,8 +13,9 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from levante.server.app import HTTPError, ServerConfig, error_response
+from levante.server.config import ServerConfig
 from levante.server.hosts import is_allowed_host, is_loopback_bind
+from levante.server.http import HTTPError, error_response
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from levante.engine.async_engine import AsyncEngine
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 from levante.server.protocol import error_body
 
 log = logging.getLogger(__name__)

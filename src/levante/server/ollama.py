@@ -17,14 +17,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import check_prompt_size
-from levante.chat.tools import parse_tool_calls
+from levante.chat.tool_calls import parse_tool_calls
 from levante.engine.async_engine import RequestStream
 from levante.engine.engine import StepOutput
 from levante.errors import LevanteError, RequestError
 from levante.kinds import FinishReason
 from levante.server import ollama_aliases as aliases
-from levante.server.app import HTTPError, ServerConfig, error_response, generation_error, parse_body
+from levante.server.config import ServerConfig
 from levante.server.embeddings import ollama_embed, ollama_embeddings
+from levante.server.http import HTTPError, error_response, generation_error, parse_body
 from levante.server.ollama_model import ModelFacts, file_size
 from levante.server.ollama_protocol import (
     ChatBody,

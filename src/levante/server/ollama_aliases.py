@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from levante.errors import RequestError
-from levante.server.app import HTTPError
+from levante.server.http import HTTPError
 from levante.server.ollama_protocol import (
     ChatBody,
     CopyBody,

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from levante.errors import RequestError
-from levante.server.app import HTTPError, error_response
+from levante.server.http import HTTPError, error_response
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ from typing import Any
 
 from fastapi import Request
 
-from levante.chat.tools import ChatDelta, ToolCallStreamer
+from levante.chat.tool_calls import ChatDelta, ToolCallStreamer
 from levante.engine.async_engine import AsyncEngine, RequestStream
 from levante.engine.engine import StepOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.kinds import FinishReason
+from levante.server.http import generation_error
 from levante.server.metrics import Metrics
 from levante.server.protocol import error_body
 from levante.tokenizer import Tokenizer
@@ -221,8 +222,6 @@ class Generation:
         await asyncio.gather(task, return_exceptions=True)
         failed = next((c for c in self.choices if c.error), None)
         if failed is not None:
-            from levante.server.app import generation_error
-
             raise generation_error(failed.error or "generation failed", failed.error_code)
         return self._whole()
 

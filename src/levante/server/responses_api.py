@@ -26,10 +26,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from levante.chat.tools import ChatDelta
+from levante.chat.tool_calls import ChatDelta
 from levante.errors import RequestError
 from levante.kinds import FinishReason
-from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.config import ServerConfig
+from levante.server.http import HTTPError, error_response, parse_body
 from levante.server.response_store import ResponseStore, register_stored_routes, with_item_ids
 from levante.server.responses import Choice, Generation
 from levante.server.responses_protocol import ResponsesRequest

@@ -17,13 +17,15 @@ from levante.bundle import Bundle
 from levante.chat.fim import fim_prompt_ids
 from levante.chat.request import ChatRequests, check_prompt_size
 from levante.config import EngineConfig
+from levante.engine.admission import check_vocabulary
 from levante.engine.async_engine import AsyncEngine
 from levante.engine.embedding import Pooling
-from levante.engine.engine import Engine, check_vocabulary
+from levante.engine.engine import Engine
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import LevanteError, RequestError
-from levante.server.app import HTTPError, ServerConfig, error_response, parse_body
+from levante.server.config import ServerConfig
 from levante.server.embeddings import openai_embeddings, serving_pooling
+from levante.server.http import HTTPError, error_response, parse_body
 from levante.server.metrics import Metrics
 from levante.server.protocol import (
     ChatCompletionRequest,

@@ -8,7 +8,7 @@ from importlib.resources import files
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from levante.server.app import ServerConfig
+from levante.server.config import ServerConfig
 from levante.server.routes import ServerState
 
 # URL path -> (file in levante/web, media type). guards.PUBLIC_PATHS lists these paths too.
