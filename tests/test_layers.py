@@ -39,7 +39,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 MAX_LINES = 400
 # Modules known to be longer, each with its reason: a ratchet too.
 KNOWN_LONG = {
-    "levante.quant.kernels": "edited on another branch during issue 22's splits: split it after",
     "levante.weights.gguf": "edited on another branch during issue 22's splits: split it after",
 }
 
