@@ -154,8 +154,10 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers
                    if k.decode("latin-1").lower() not in HOP_BY_HOP}
         headers["x-levante-replica"] = head.replica
-        return StreamingResponse(_relay(stream, headers.get("content-type", ""), metrics),
-                                 status_code=head.status, headers=headers)
+        if head.is_complete:  # the call ends by itself: nothing to relay or cancel
+            return Response(head.body, status_code=head.status, headers=headers)
+        return StreamingResponse(_relay(stream, head.body, headers.get("content-type", ""),
+                                        metrics), status_code=head.status, headers=headers)
 
     return app
 
@@ -193,11 +195,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _relay(stream: DeploymentResponseGenerator, content_type: str,
+async def _relay(stream: DeploymentResponseGenerator, first: bytes, content_type: str,
                  metrics: IngressMetrics) -> AsyncIterator[bytes]:
-    """The replica's body chunks; if it dies mid-way, `_error_tail`. Leaving early (the
-    client went away) cancels the call, so the replica aborts the request."""
+    """The replica's body chunks (`first`, what came with the head, then the rest); if it
+    dies mid-way, `_error_tail`. Leaving early (the client went away) cancels the call, so
+    the replica aborts the request."""
     try:
+        if first:
+            yield first
         async for chunk in stream:
             yield chunk
     except RETRYABLE as e:
