@@ -95,7 +95,9 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
     metrics = IngressMetrics(engines)
     app = FastAPI(title="Levante on Ray Serve")
     app.add_middleware(GuardMiddleware, config=config)
-    respond = engines.options(stream=True).respond
+    # Over gRPC to the replica (as Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED mode does), not as a
+    # Ray actor task whose streamed items are objects: ~4 ms less a request on 2 cores.
+    respond = engines.options(stream=True, _by_reference=False).respond
 
     @app.get("/metrics")
     async def ingress_metrics() -> Response:
@@ -164,21 +166,21 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
 
 async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float
                  ) -> tuple[ResponseHead, DeploymentResponseGenerator]:
-    """Choose a replica (within `timeout_s`), dispatch, and wait for the response's head."""
-    chooser = respond.choose_replica(request)
-    try:
-        selection = await asyncio.wait_for(chooser.__aenter__(), timeout_s)
-    except asyncio.TimeoutError:
-        raise _Unplaced(f"none became free within {timeout_s:g} s") from None
-    stream = respond.dispatch(selection, request)
+    """Send `request` to the replica Ray's router picks (one taking it within `timeout_s`)
+    and wait for the response's head."""
+    # A plain call: the replica accepts or rejects it in its first message (Ray's rejection
+    # protocol); choose_replica + dispatch cost a reserve_slot RPC more.
+    stream = respond.remote(request)
     assert isinstance(stream, DeploymentResponseGenerator), "respond is a streaming call"
     try:
+        try:  # assigned: a replica has accepted it (private, as no public call waits for that)
+            await asyncio.wait_for(stream._fetch_future_result_async(), timeout_s)
+        except asyncio.TimeoutError:
+            raise _Unplaced(f"none became free within {timeout_s:g} s") from None
         head = await stream.__anext__()
-    except BaseException as e:
+    except BaseException:
         stream.cancel()
-        await chooser.__aexit__(type(e), e, e.__traceback__)
         raise
-    await chooser.__aexit__(None, None, None)
     assert isinstance(head, ResponseHead), "a replica's first item is its response head"
     return head, stream
 
