@@ -6,7 +6,8 @@ relays the answer as it streams. A request whose replica dies before answering i
 to another (a stream dies after its head: it ends with an error event, SSE or NDJSON); a
 request no replica takes within `placement_timeout_s`, or past the deployment's
 `max_queued_requests`, gets a 503 with Retry-After. /metrics counts routing, retries,
-refusals and replica states. levante.distributed.ray_serve deploys it behind Ray's proxy.
+refusals and replica states. levante.distributed.ray_serve serves it from the `levante serve`
+process or as the ingress deployment behind Ray's proxy.
 """
 
 from __future__ import annotations

@@ -1,20 +1,23 @@
-"""`levante serve --ray`: Levante engines as Ray Serve replicas behind Ray's HTTP proxy.
-
-Two deployments, as Ray Serve LLM is built:
+"""`levante serve --ray`: Levante engines as Ray Serve replicas, and the HTTP front over them.
 
 - `LevanteEngine` (`EngineReplica`, levante.distributed.ray_replica): N engines, each running the
   whole `levante serve` app in-process; Ray scales them between min and max replicas on
   ongoing requests, health-checks them, and routes each call with `ConversationAffinityRouter`
   (levante.distributed.ray_router) or Ray's own prefix-tree router.
-- `LevanteIngress` (`Ingress`): the ingress app (levante.distributed.ray_ingress: guards,
-  retries, relayed streams, 503s, /metrics) behind Ray's proxy, over a handle to the engines.
+- The ingress app (levante.distributed.ray_ingress): guards, retries, relayed streams, 503s
+  and /metrics in front of a handle to the engines. `levante serve --ray` serves it from its
+  own process (one Ray hop a request); under `serve run`, or with `--ray-proxy`, it is the
+  `LevanteIngress` deployment (`Ingress`) behind Ray Serve's HTTP proxy, as Ray Serve LLM is
+  built (three hops: proxy to ingress, ingress back to the proxy for the body, to an engine).
 
 On a Ray cluster (`ray start --head` / `ray start --address`; RAY_ADDRESS set), `levante serve
 --ray` deploys there; otherwise it starts a local one. `serve run` takes `app_builder`.
 """
+
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -81,7 +84,16 @@ class Ingress:
 
 
 def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
-    """The Ray Serve application: the ingress bound to the engine deployment."""
+    """The Ray Serve application behind Ray's proxy: the ingress bound to the engines."""
+    ingress = serve.deployment(name="LevanteIngress")(Ingress).options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_connections)
+    return ingress.bind(build_engines(config, ray_config), config, ray_config)
+
+
+def build_engines(config: ServerConfig, ray_config: RayServeConfig) -> Any:
+    """The engine deployment, bound: `build_app`'s, or an application of its own (no HTTP
+    route) when `serve_ray` serves HTTP from its own process."""
     tp = ray_config.tensor_parallel
     scaling: dict[str, Any] = {"num_replicas": ray_config.min_replicas} \
         if ray_config.min_replicas == ray_config.max_replicas else {"autoscaling_config": {
@@ -104,11 +116,8 @@ def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
         logging_config={"enable_access_log": False},
         request_router_config=RequestRouterConfig(  # a class or its import path
             request_router_class=ROUTERS[ray_config.router]))  # type: ignore[arg-type]
-    ingress = serve.deployment(name="LevanteIngress")(Ingress).options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=config.max_connections)
     rank_resources = (ray_config.num_cpus, ray_config.num_gpus) if tp > 1 else None
-    return ingress.bind(engines.bind(config, tp, rank_resources), config, ray_config)
+    return engines.bind(config, tp, rank_resources)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -138,9 +147,17 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
         raise ConfigError(f"app_builder arg {name}: {value!r} is not a {base}") from None
 
 
-def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
-    """Deploy on the Ray cluster at RAY_ADDRESS (else a local one), serve on config.host:port
-    through Ray's proxy until SIGTERM/SIGINT, then remove the app (and stop a local Ray)."""
+def serve_ray(config: ServerConfig, ray_config: RayServeConfig, *,
+              through_ray_proxy: bool = False) -> None:
+    """Deploy on the Ray cluster at RAY_ADDRESS (else a local one) and serve on
+    config.host:port until SIGTERM/SIGINT, then remove the app (and stop a local Ray).
+
+    HTTP is served from this process by default: `ingress_app` over a handle to the engines,
+    so a request crosses one Ray hop (here to an engine replica, over gRPC). With
+    `through_ray_proxy`, Ray Serve's proxy (on every node with a replica) and the ingress
+    deployment serve it instead, as under `serve run`: two more hops (proxy to ingress, and
+    the ingress reading the body back from the proxy).
+    """
     import ray
 
     from levante.server.app import check_port_free
@@ -149,16 +166,11 @@ def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
     check_port_free(config.host, config.port)
     is_local = not os.environ.get("RAY_ADDRESS")
     ray.init(include_dashboard=False, num_cpus=os.cpu_count() if is_local else None)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_app(config, ray_config), name=APP_NAME, route_prefix="/")
-        log.info("Ray Serve: %s on http://%s:%d (replicas %d-%d, tensor parallel %d)",
-                 config.ref, config.host, config.port, ray_config.min_replicas,
-                 ray_config.max_replicas, ray_config.tensor_parallel)
-        stop.wait()
+        if through_ray_proxy:
+            _serve_through_ray_proxy(config, ray_config)
+        else:
+            _serve_here(config, ray_config)
     finally:
         # Bounded: a terminal's Ctrl-C or systemd's stop reaches Ray's own processes too, and
         # Serve's calls then wait forever for a controller that is gone.
@@ -168,3 +180,49 @@ def serve_ray(config: ServerConfig, ray_config: RayServeConfig) -> None:
         cleanup.join(config.drain_timeout + 10)
         if is_local:
             ray.shutdown()
+
+
+def _serve_here(config: ServerConfig, ray_config: RayServeConfig) -> None:
+    """The engines as an application with no HTTP route and no Ray proxy; `ingress_app`
+    over a handle to them on `front_server`, until SIGTERM/SIGINT."""
+    from levante.distributed.replicas import raise_system_exit
+
+    serve.start(proxy_location="Disabled")
+    serve.run(build_engines(config, ray_config), name=APP_NAME, route_prefix=None)
+    engines = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME)
+    server = front_server(ingress_app(engines, config,
+                                      placement_timeout_s=ray_config.placement_timeout_s),
+                          config)
+    _log_serving(config, ray_config, "this process")
+    # uvicorn re-raises SIGTERM to the previous handler once it has drained: an exception,
+    # so that serve_ray's cleanup runs.
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    server.run()
+
+
+def front_server(app: FastAPI, config: ServerConfig) -> Any:
+    """uvicorn serving `app` on config.host:port with `levante serve`'s read deadlines and
+    connection bound; requests in flight get config.drain_timeout to finish on a stop."""
+    import uvicorn
+
+    from levante.server.listener import listener_config
+
+    return uvicorn.Server(listener_config(
+        app, config, timeout_graceful_shutdown=math.ceil(config.drain_timeout)))
+
+
+def _serve_through_ray_proxy(config: ServerConfig, ray_config: RayServeConfig) -> None:
+    """`build_app` behind Ray Serve's proxy on config.host:port, until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config, ray_config), name=APP_NAME, route_prefix="/")
+    _log_serving(config, ray_config, "Ray Serve's proxy")
+    stop.wait()
+
+
+def _log_serving(config: ServerConfig, ray_config: RayServeConfig, front: str) -> None:
+    log.info("Ray Serve: %s on http://%s:%d from %s (replicas %d-%d, tensor parallel %d)",
+             config.ref, config.host, config.port, front, ray_config.min_replicas,
+             ray_config.max_replicas, ray_config.tensor_parallel)
