@@ -271,9 +271,9 @@ def serve(
     prefix_routing: Annotated[bool, typer.Option(
         help="send a conversation to the same replica each turn (within a load bound)")] = True,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="run the engines as Ray Serve replicas behind Ray's proxy, on the cluster "
-                      "at RAY_ADDRESS (else a local one); scale with --replicas or "
-                      "--min/--max-replicas")] = False,
+        "--ray", help="run the engines as Ray Serve replicas, on the cluster at RAY_ADDRESS "
+                      "(else a local one), served from this process; scale with --replicas "
+                      "or --min/--max-replicas")] = False,
     min_replicas: Annotated[int | None, typer.Option(
         help="with --ray: autoscaling floor (default: --replicas)")] = None,
     max_replicas: Annotated[int | None, typer.Option(
