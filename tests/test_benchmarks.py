@@ -92,10 +92,13 @@ def test_ray_replicas_script_runs_scaled_down(tmp_path: Path) -> None:
     pytest.importorskip("ray.serve")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "ray_replicas.py"), "--clients", "1",
-         "--max-tokens", "2", "--requests-per-client", "1", "--latency-requests", "5",
+         "--max-tokens", "2", "--requests-per-client", "1", "--latency-rounds", "8",
          "--log-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     for setup in ("one", "ray", "front"):
         assert any(line.split()[:2] == ["1", setup] for line in result.stdout.splitlines())
-    assert "GET /v1/models p50 ray:" in result.stdout and "added" in result.stdout
+    added = [line for line in result.stdout.splitlines() if "added p50" in line]
+    for probe, setup in (("GET /v1/models", "ray"), ("POST 1 token", "ray"),
+                         ("GET /v1/models", "front")):
+        assert any(line.startswith(probe) and f" {setup}: " in line for line in added), added

@@ -41,9 +41,11 @@ def _post(path: str, body: dict) -> ProxiedRequest:
 def _collect(replica: EngineReplica, request: ProxiedRequest) -> tuple[ResponseHead, bytes]:
     async def run() -> tuple[ResponseHead, bytes]:
         items = [item async for item in replica.respond(request)]
-        assert isinstance(items[0], ResponseHead)
+        head = items[0]
+        assert isinstance(head, ResponseHead)
         assert all(isinstance(chunk, bytes) for chunk in items[1:])
-        return items[0], b"".join(items[1:])  # type: ignore[arg-type]
+        assert not head.is_complete or len(items) == 1  # a complete head ends the call
+        return head, head.body + b"".join(items[1:])  # type: ignore[arg-type]
 
     return asyncio.run(run())
 
@@ -75,6 +77,7 @@ def test_rendezvous_rank_keeps_a_key_home_when_others_leave() -> None:
 def test_respond_answers_whole_and_streamed(replica: EngineReplica) -> None:
     head, body = _collect(replica, _post("/v1/chat/completions", CHAT))
     assert head.status == 200 and head.replica.startswith("pid")
+    assert head.is_complete and head.body == body  # sent with the head: one item, no relay
     whole = json.loads(body)["choices"][0]["message"]["content"]
     head, body = _collect(replica, _post("/v1/chat/completions", {**CHAT, "stream": True}))
     assert dict(head.headers)[b"content-type"].startswith(b"text/event-stream")

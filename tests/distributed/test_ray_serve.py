@@ -1,7 +1,10 @@
 """`levante serve --ray` on a local Ray cluster the test starts (loopback only): two SmolLM2
-replicas behind Ray's proxy, the openai client whole and streamed, a conversation kept on one
-replica, 503 + Retry-After past the queue bound, and one replica killed mid-run: every
-non-streamed request is still answered (retried), streams end with an error event, none hangs."""
+replicas, served both ways `levante serve --ray` can: the ingress app in this process over a
+handle to the replicas (the default) and the ingress deployment behind Ray's proxy
+(`--ray-proxy`, `serve run`). Through each: the openai client whole and streamed, a
+conversation kept on one replica, 503 + Retry-After past the queue bound; through the default
+one, one replica killed mid-run: every non-streamed request is still answered (retried),
+streams end with an error event, none hangs."""
 
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from levante.distributed.ray_ingress import ingress_app
 from levante.distributed.ray_serve import (
     APP_NAME,
     ENGINE_DEPLOYMENT,
     RayServeConfig,
     build_app,
+    front_server,
 )
 from levante.server.config import ServerConfig
 from tests.server.conftest import free_port
@@ -34,22 +39,39 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def ray_url(smollm2_gguf: Path) -> Iterator[str]:
-    """Two SmolLM2 engine replicas (max 2 running sequences each) behind Ray's proxy."""
+def fronts(smollm2_gguf: Path) -> Iterator[dict[str, str]]:
+    """Two SmolLM2 engine replicas (max 2 running sequences each); the URL of each front."""
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
-    port = free_port()
+    proxy_port, process_port = free_port(), free_port()
+    server = None
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         config = ServerConfig(ref=str(smollm2_gguf), served_model_name="smollm2",
                               max_model_len=512, max_num_seqs=2, no_web=True)
         serve.run(build_app(config, RayServeConfig(
             min_replicas=2, max_replicas=2, num_cpus=0.5, max_queued_requests=8,
             placement_timeout_s=10, health_check_period_s=1)), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        engines = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME)
+        server = front_server(ingress_app(engines, config, placement_timeout_s=10),
+                              ServerConfig(ref=config.ref, port=process_port))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            assert thread.is_alive(), "the in-process front did not start"
+            time.sleep(0.1)
+        yield {"process": f"http://127.0.0.1:{process_port}",
+               "ray-proxy": f"http://127.0.0.1:{proxy_port}"}
     finally:
+        if server is not None:
+            server.should_exit = True
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(params=["process", "ray-proxy"])
+def ray_url(fronts: dict[str, str], request: pytest.FixtureRequest) -> str:
+    return fronts[request.param]
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -125,10 +147,11 @@ def _replica_actor(replica: str):
 
 
 @pytest.mark.slow  # a replica's death and replacement: ~10 s more on the cluster's ~30 s
-def test_a_replica_killed_mid_run(ray_url: str) -> None:
+def test_a_replica_killed_mid_run(fronts: dict[str, str]) -> None:
     """6 plain requests and 2 streams in flight; stream 0's replica is killed. Plain ones are
     answered (sent again to the other), stream 0 ends with an error, nothing hangs; the dead
     replica leaves rotation at once, /metrics shows the failure, and Ray replaces it."""
+    ray_url = fronts["process"]
     client = _client(ray_url)
     streams_started = threading.Barrier(3)
     stream_replicas: dict[int, str] = {}

@@ -271,9 +271,9 @@ def serve(
     prefix_routing: Annotated[bool, typer.Option(
         help="send a conversation to the same replica each turn (within a load bound)")] = True,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="run the engines as Ray Serve replicas behind Ray's proxy, on the cluster "
-                      "at RAY_ADDRESS (else a local one); scale with --replicas or "
-                      "--min/--max-replicas")] = False,
+        "--ray", help="run the engines as Ray Serve replicas, on the cluster at RAY_ADDRESS "
+                      "(else a local one), served from this process; scale with --replicas "
+                      "or --min/--max-replicas")] = False,
     min_replicas: Annotated[int | None, typer.Option(
         help="with --ray: autoscaling floor (default: --replicas)")] = None,
     max_replicas: Annotated[int | None, typer.Option(
@@ -285,6 +285,10 @@ def serve(
         help="with --ray: Ray Serve's request router: a conversation's replica (rendezvous "
              "hash, load-bounded), Ray's prefix-tree router, or power of two choices")
     ] = "conversation",
+    ray_proxy: Annotated[bool, typer.Option(
+        "--ray-proxy", help="with --ray: serve HTTP through Ray Serve's proxy (every node with "
+                            "a replica) and an ingress deployment, not from this process "
+                            "(two more hops a request)")] = False,
     ray_cpus: Annotated[float, typer.Option(
         help="with --ray: CPUs each rank reserves")] = 1.0,
     ray_gpus: Annotated[float | None, typer.Option(
@@ -328,7 +332,7 @@ def serve(
                 tensor_parallel=tensor_parallel, num_cpus=ray_cpus,
                 num_gpus=ray_gpus if ray_gpus is not None
                 else 1.0 if device.startswith("cuda") else 0.0,
-                router=ray_router if prefix_routing else "pow2"))
+                router=ray_router if prefix_routing else "pow2"), through_ray_proxy=ray_proxy)
         elif replicas != 1 or upstream:
             from levante.distributed.replicas import serve_replicas
 

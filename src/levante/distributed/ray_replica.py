@@ -1,11 +1,14 @@
 """One Levante engine as a Ray Serve replica: the whole server app, called in-process per request.
 
-The ingress (`levante.distributed.ray_serve`) hands each HTTP request over as a
+The ingress (`levante.distributed.ray_ingress`) hands each HTTP request over as a
 `ProxiedRequest`; `EngineReplica.respond` runs it through the same FastAPI app `levante serve`
 builds (`create_app`: OpenAI, Responses, Ollama routes, guards, errors), as an ASGI call with
-no socket, and yields what the app sends: a `ResponseHead`, then the body's chunks as they come
-(one SSE event or NDJSON line each when streaming). The generator's end (done, client gone,
-cancelled by the ingress) is the app's `http.disconnect`, so the engine aborts the request.
+no socket, and yields what the app sends, one item per batch of messages it sent at once: a
+`ResponseHead` carrying the body sent with it (a whole non-streamed body: the only item, as
+each item is one more message on the wire), then the body's chunks as they come (one SSE
+event or NDJSON line each when streaming, unless several were ready at once). The
+generator's end (done, client gone, cancelled by the ingress) is the app's `http.disconnect`,
+so the engine aborts the request.
 
 Ray calls `check_health` every health-check period: it fails once the engine thread has died
 (or a rank has), and Ray replaces the replica. With `tensor_parallel` > 1 the replica is rank
@@ -62,11 +65,14 @@ class ProxiedRequest:
 
 @dataclass(frozen=True)
 class ResponseHead:
-    """The status and headers a replica's app answered with, and which replica it was."""
+    """The status and headers a replica's app answered with, which replica it was, and the
+    body as far as the app had sent it with them (all of it when `is_complete`)."""
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     replica: str
+    body: bytes = b""
+    is_complete: bool = False
 
 
 class EngineReplica:
@@ -114,15 +120,18 @@ class EngineReplica:
         call = asyncio.ensure_future(self.app(_scope(request), receive, send))
         call.add_done_callback(lambda _: sent.put_nowait(None))
         try:
-            while (message := await sent.get()) is not None:
-                if message["type"] == "http.response.start":
-                    yield ResponseHead(message["status"], tuple(
-                        (bytes(k), bytes(v)) for k, v in message.get("headers", ())), self.name)
-                elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield bytes(message["body"])
-                    if not message.get("more_body", False):
-                        break
+            is_done = False
+            while not is_done:  # one item per batch of messages the app sent at once
+                messages = [await sent.get()]
+                while not sent.empty():
+                    messages.append(sent.get_nowait())
+                start, body, is_done = _read_messages(messages)
+                if start is not None:
+                    yield ResponseHead(start["status"], tuple(
+                        (bytes(k), bytes(v)) for k, v in start.get("headers", ())), self.name,
+                        body, is_done)
+                elif body:
+                    yield body
             await call  # re-raises what the app raised after its last message
         finally:
             gone.set()
@@ -162,6 +171,24 @@ def _ray_rank_options(rank_resources: tuple[float, float] | None) -> dict[str, A
     return {"start_ranks": functools.partial(start_ray_ranks, num_cpus=num_cpus,
                                              num_gpus=num_gpus),
             "host": ray.util.get_node_ip_address()}
+
+
+def _read_messages(messages: list[MutableMapping[str, Any] | None]
+                   ) -> tuple[MutableMapping[str, Any] | None, bytes, bool]:
+    """The response start among an app's ASGI `messages` (if there), their body bytes, and
+    whether the response ended (its last body message, or None: the app returned)."""
+    start: MutableMapping[str, Any] | None = None
+    chunks: list[bytes] = []
+    for message in messages:
+        if message is None:
+            return start, b"".join(chunks), True
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            chunks.append(bytes(message.get("body", b"")))
+            if not message.get("more_body", False):
+                return start, b"".join(chunks), True
+    return start, b"".join(chunks), False
 
 
 def _scope(request: ProxiedRequest) -> dict[str, Any]:

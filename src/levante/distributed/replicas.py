@@ -340,12 +340,12 @@ def serve_replicas(config: ServerConfig, *, num_replicas: int,
         log.info("front on %s:%d over %s", config.host, config.port, ", ".join(urls))
         # uvicorn re-raises SIGTERM to the previous handler after draining: make it an
         # exception so `finally` stops the replicas instead of orphaning them.
-        signal.signal(signal.SIGTERM, _raise_system_exit)
+        signal.signal(signal.SIGTERM, raise_system_exit)
         uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     finally:
         if replicas is not None:
             replicas.stop()
 
 
-def _raise_system_exit(signum: int, frame: Any) -> None:
+def raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)

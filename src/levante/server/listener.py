@@ -138,10 +138,18 @@ class DrainingServer(uvicorn.Server):
 def build_server(app: Any, config: ServerConfig, engine: AsyncEngine, *,
                  log_level: str = "info") -> DrainingServer:
     """The uvicorn server for `app` with the config's timeouts, connection bound and drain."""
+    uvicorn_config = listener_config(app, config, log_level=log_level,
+                                     timeout_graceful_shutdown=5)  # to flush the last events
+    return DrainingServer(uvicorn_config, engine, drain_timeout=config.drain_timeout)
+
+
+def listener_config(app: Any, config: ServerConfig, *, log_level: str = "info",
+                    timeout_graceful_shutdown: int) -> uvicorn.Config:
+    """uvicorn's config for `app` on config.host:port with the read deadlines and connection
+    bound (`ReadTimeoutH11Protocol`); on a stop, requests in flight get
+    `timeout_graceful_shutdown` seconds."""
     protocol = functools.partial(ReadTimeoutH11Protocol, header_timeout=config.header_timeout,
                                  body_timeout=config.body_timeout,
                                  max_connections=config.max_connections)
-    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
-                                    log_level=log_level, http=protocol,
-                                    timeout_graceful_shutdown=5)  # to flush the last events
-    return DrainingServer(uvicorn_config, engine, drain_timeout=config.drain_timeout)
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                          http=protocol, timeout_graceful_shutdown=timeout_graceful_shutdown)
