@@ -63,7 +63,8 @@ def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float,
                                     use_mad=False)
     scales, mins = scales.reshape(num_blocks, 8), mins.reshape(num_blocks, 8)
     max_scale = np.fmax.reduce(scales, axis=1, initial=F32(0))
-    max_min = np.fmax.reduce(mins, axis=1, initial=F32(0))
+    # + 0 turns a -0.0 (all mins -0.0) into llama.cpp's +0.0: it keeps 0 unless a min is > 0
+    max_min = np.fmax.reduce(mins, axis=1, initial=F32(0)) + F32(0)
     with np.errstate(divide="ignore"):
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))[:, None]
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))[:, None]
