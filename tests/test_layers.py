@@ -38,9 +38,7 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 MAX_LINES = 400
 # Modules known to be longer, each with its reason: a ratchet too.
-KNOWN_LONG = {
-    "levante.weights.gguf": "edited on another branch during issue 22's splits: split it after",
-}
+KNOWN_LONG: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:
