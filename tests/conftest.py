@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import re
@@ -16,10 +17,11 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")  # written by tests/make_tiers.py
 
 
-def _listed_slow() -> set[str]:
+@functools.cache  # read once per run: pytest_ignore_collect asks for every file
+def _listed_slow() -> frozenset[str]:
     listed = {line.split("#")[0].strip() for line in SLOW_TESTS.read_text().splitlines()}
     listed.discard("")
-    return listed
+    return frozenset(listed)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

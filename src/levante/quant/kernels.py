@@ -8,10 +8,9 @@ file's own block bytes, rows [N, row_bytes], with activations quantized per 256 
 integer dot products (csrc/k_gemm.cpp; csrc/kquants/kquant.h says how to add a type).
 The kernels are compiled for this CPU at first use and cached under `$LEVANTE_HOME/kernels`
 (kernel_library.py). Without a C++ compiler both dequantize and use `F.linear`: correct,
-slow, and logged once. The
-same library carries the paged attention kernel (csrc/paged_attention.cpp: `paged_attention`
-for any step, `paged_decode_attention` for one query per sequence), which the engine's KV cache
-calls.
+slow, and logged once. The same library carries the paged attention kernel
+(csrc/paged_attention.cpp: `paged_attention` for any step, `paged_decode_attention` for one
+query per sequence), which the engine's KV cache calls.
 """
 
 from __future__ import annotations
