@@ -51,9 +51,10 @@ def fronts(smollm2_gguf: Path) -> Iterator[dict[str, str]]:
                               max_model_len=512, max_num_seqs=2, no_web=True)
         serve.run(build_app(config, RayServeConfig(
             min_replicas=2, max_replicas=2, num_cpus=0.5, max_queued_requests=8,
-            placement_timeout_s=10, health_check_period_s=1)), name=APP_NAME, route_prefix="/")
+            placement_timeout_s=30, health_check_period_s=1)), name=APP_NAME, route_prefix="/")
         engines = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME)
-        server = front_server(ingress_app(engines, config, placement_timeout_s=10),
+        server = front_server(ingress_app(engines, config, placement_timeout_s=30,
+                                          max_queued_requests=8),
                               ServerConfig(ref=config.ref, port=process_port))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

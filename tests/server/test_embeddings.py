@@ -118,8 +118,9 @@ def test_quantized_default_is_close_to_transformers(server, reference) -> None:
         assert float(np.dot(item["embedding"], _unit(reference(text)))) > 0.999
 
 
-def _v1(server, **body) -> httpx.Response:
-    return httpx.post(server.base_url + "/v1/embeddings", json={"model": "smollm2", **body})
+def _v1(server, timeout: float = 60, **body) -> httpx.Response:
+    return httpx.post(server.base_url + "/v1/embeddings", json={"model": "smollm2", **body},
+                      timeout=timeout)
 
 
 def test_batch_equals_singles_and_ids_equal_text(server) -> None:
@@ -303,8 +304,11 @@ def test_a_long_input_does_not_stall_a_stream_and_counts_against_the_queue(
 
     def embed() -> None:
         pending["sent"] = time.monotonic()
-        r = _v1(small_server, input=[long_text, long_text + " end"])
-        pending["status"] = r.status_code
+        try:  # 2 x 16 chunks beside a stream: ~2 s idle, 5 s (httpx's default) too short in CI
+            pending["status"] = _v1(small_server, 300, input=[long_text, long_text + " end"]
+                                    ).status_code
+        except httpx.HTTPError as e:
+            pending["status"] = repr(e)
         pending["done"] = time.monotonic()
 
     streamer = threading.Thread(target=stream)

@@ -4,8 +4,8 @@ It applies the guards (Host, API key, body size), forwards every path to an engi
 (`EngineReplica.respond`, levante.distributed.ray_replica) through a deployment handle and
 relays the answer as it streams. A request whose replica dies before answering is sent again
 to another (a stream dies after its head: it ends with an error event, SSE or NDJSON); a
-request no replica takes within `placement_timeout_s`, or past the deployment's
-`max_queued_requests`, gets a 503 with Retry-After. /metrics counts routing, retries,
+request no replica takes within `placement_timeout_s`, or one that finds `max_queued_requests`
+others waiting for a replica, gets a 503 with Retry-After. /metrics counts routing, retries,
 refusals and replica states. levante.distributed.ray_serve serves it from the `levante serve`
 process or as the ingress deployment behind Ray's proxy.
 """
@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -77,7 +77,11 @@ def replica_states(engines: DeploymentHandle) -> dict[str, int]:
 
 
 class _Unplaced(Exception):
-    """No replica took the request in time, or the queue for one is full."""
+    """No replica took the request in time, or 3 died under it."""
+
+
+class _QueueFull(Exception):
+    """`max_queued_requests` requests are waiting for a replica already."""
 
 
 def _error_tail(content_type: str, message: str) -> bytes:
@@ -92,9 +96,16 @@ def _error_tail(content_type: str, message: str) -> bytes:
 
 
 def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
-                placement_timeout_s: float) -> FastAPI:
+                placement_timeout_s: float, max_queued_requests: int) -> FastAPI:
     """The ingress's app: guards, /metrics, /health, and every other path to an engine."""
     metrics = IngressMetrics(engines)
+    # Requests sent and not yet accepted by a replica. Ray's router has the same bound
+    # (max_queued_requests on the deployment) but checks it before an await and counts the
+    # request after it, so a burst passes it whole: 16 streams over 8 slots + 8 queued all
+    # waited out the placement timeout in CI. Counted here before any await, a burst is cut
+    # at the bound (as Ray's check means to, it may refuse a few that a slot freed by then
+    # could have taken).
+    unplaced = 0
     app = FastAPI(title="Levante on Ray Serve")
     app.add_middleware(GuardMiddleware, config=config)
     # Over gRPC to the replica (as Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED mode does), not as a
@@ -115,13 +126,27 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
     async def place(request: ProxiedRequest) -> tuple[ResponseHead, DeploymentResponseGenerator]:
         """The request's head from a replica, with its body stream. A replica that dies
         before answering: sent to another. A retry waits (up to the placement timeout) for
-        room in a full queue, where a new request is refused at once."""
+        room in a full queue, where a new request is refused at once. The placement timeout
+        starts again after a failure: time served by the dead replica was not time waiting."""
+        nonlocal unplaced
+        if unplaced >= max_queued_requests:
+            raise _QueueFull(f"{unplaced} requests are waiting for a replica")
         deadline = time.monotonic() + placement_timeout_s
         num_failures = 0
         while True:
+            waiting = True
+            unplaced += 1
+
+            def assigned() -> None:  # a replica took it (or the try ended): not waiting
+                nonlocal unplaced, waiting
+                if waiting:
+                    waiting, unplaced = False, unplaced - 1
+
             try:
-                return await _start(respond, request, max(0.1, deadline - time.monotonic()))
+                return await _start(respond, request, max(0.1, deadline - time.monotonic()),
+                                    assigned)
             except RETRYABLE as e:
+                deadline = time.monotonic() + placement_timeout_s
                 num_failures += 1
                 metrics.failed.labels("before_answer").inc()
                 log.warning("replica failed before answering (try %d): %s", num_failures,
@@ -133,6 +158,8 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
                 if not num_failures or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+            finally:
+                assigned()
 
     @app.api_route("/{path:path}", methods=PROXY_METHODS)
     async def proxy(request: Request, path: str) -> Response:
@@ -147,8 +174,8 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
             head, stream = await place(proxied)
         except RayTaskError as e:  # the replica's app raised past its own 500 handler
             return error_response(e.as_instanceof_cause())
-        except (_Unplaced, BackPressureError) as e:
-            reason = "backpressure" if isinstance(e, BackPressureError) else "no_replica"
+        except (_Unplaced, _QueueFull, BackPressureError) as e:
+            reason = "no_replica" if isinstance(e, _Unplaced) else "backpressure"
             metrics.refused.labels(reason).inc()
             return JSONResponse(error_body(f"no replica can take the request now ({e}); "
                                            "retry later", type_="server_overloaded",
@@ -166,10 +193,10 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
     return app
 
 
-async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float
-                 ) -> tuple[ResponseHead, DeploymentResponseGenerator]:
-    """Send `request` to the replica Ray's router picks (one taking it within `timeout_s`)
-    and wait for the response's head."""
+async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float,
+                 assigned: Callable[[], None]) -> tuple[ResponseHead, DeploymentResponseGenerator]:
+    """Send `request` to the replica Ray's router picks (one taking it within `timeout_s`;
+    then `assigned()`) and wait for the response's head."""
     # A plain call: the replica accepts or rejects it in its first message (Ray's rejection
     # protocol); choose_replica + dispatch cost a reserve_slot RPC more.
     stream = respond.remote(request)
@@ -179,6 +206,7 @@ async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: 
             await asyncio.wait_for(stream._fetch_future_result_async(), timeout_s)
         except asyncio.TimeoutError:
             raise _Unplaced(f"none became free within {timeout_s:g} s") from None
+        assigned()
         head = await stream.__anext__()
     except BaseException:
         stream.cancel()

@@ -80,7 +80,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return ingress_app(self.engines, self.config,
-                           placement_timeout_s=self.ray_config.placement_timeout_s)
+                           placement_timeout_s=self.ray_config.placement_timeout_s,
+                           max_queued_requests=self.ray_config.max_queued_requests)
 
 
 def build_app(config: ServerConfig, ray_config: RayServeConfig) -> Any:
@@ -191,7 +192,8 @@ def _serve_here(config: ServerConfig, ray_config: RayServeConfig) -> None:
     serve.run(build_engines(config, ray_config), name=APP_NAME, route_prefix=None)
     engines = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME)
     server = front_server(ingress_app(engines, config,
-                                      placement_timeout_s=ray_config.placement_timeout_s),
+                                      placement_timeout_s=ray_config.placement_timeout_s,
+                                      max_queued_requests=ray_config.max_queued_requests),
                           config)
     _log_serving(config, ray_config, "this process")
     # uvicorn re-raises SIGTERM to the previous handler once it has drained: an exception,
