@@ -31,11 +31,14 @@ def test_run_one_shot(smollm2_gguf: Path) -> None:
 
 
 def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
-    bad = tmp_path / "broken.gguf"
+    bad = tmp_path / "a-folder-name-long-enough-to-wrap-an-80-column-line" / "broken[1].gguf"
+    bad.parent.mkdir()
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     result = runner.invoke(app, ["generate", str(bad), "--prompt", "hi"])
     assert result.exit_code == 1
-    assert "broken.gguf" in result.output and "Traceback" not in result.output
+    # the whole path on one line (not wrapped at the terminal's width, brackets not markup)
+    assert f"error: {bad}: 14 bytes is too small" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_pickle_refused(tmp_path: Path) -> None:

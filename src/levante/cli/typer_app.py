@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run, serve, tune, evaluate and cost out Mistral Small 3 and its kin.")
@@ -17,7 +18,10 @@ Ref = Annotated[str, typer.Argument(help="registry name, local file/folder, or h
 
 def fail(exc: Exception) -> None:
     """Print `exc` as the command's error and exit with status 1."""
-    err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+    # As text, not markup (a message's "[...]" stays), and not wrapped at the terminal's
+    # width: a file's path in it stays whole for copy and paste.
+    err_console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(code=1)
 
 
