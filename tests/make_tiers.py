@@ -9,7 +9,9 @@ beside it), or when listed in slow_tests.txt, which this script regenerates:
     .venv/bin/python tests/make_tiers.py /tmp/durations.txt [--fast-share 0.12] [--keep FILE]
 
 or, from a run of the fast tier alone (`make test PYTEST_ARGS=--durations=0`), move more files
-into the slow tier until the rest take `--fast-share` of that run: `--from-fast-run`.
+into the slow tier until the rest take `--fast-share` of that run: `--from-fast-run`; with
+`--by-test SECONDS`, move single tests instead (the slowest calls first) until the rest take at
+most SECONDS: a file keeps its cheap tests, and its fixtures, in the fast tier.
 
 It sums each test's setup, call and teardown per file, then lists the slowest files until the
 others take at most `--fast-share` of the whole run (whole files: a module's shared fixtures
@@ -64,22 +66,48 @@ def slow_tier(seconds: dict[str, float], fast_share: float,
     return sorted(slow)
 
 
+def slow_tests(seconds: dict[str, float], calls: dict[str, float], budget_s: float,
+               keep: frozenset[str] = frozenset()) -> list[str]:
+    """Single tests, slowest call first, until the rest take at most `budget_s`. A test's
+    setup is not counted as saved: a module fixture charged to it stays with the file."""
+    fast = sum(seconds.values())
+    slow: list[str] = []
+    for node, spent in sorted(calls.items(), key=lambda item: -item[1]):
+        if fast <= budget_s:
+            break
+        if node in keep or node.split("::")[0] in keep:
+            continue
+        slow.append(node)
+        fast -= spent
+    return sorted(slow)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("durations", type=Path)
     parser.add_argument("--fast-share", type=float, default=0.12)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", action="append", default=[], metavar="FILE",
-                        help="a test file that stays in the fast tier (repeatable)")
+                        help="a test file (or, with --by-test, a test) that stays in the "
+                             "fast tier (repeatable)")
     parser.add_argument("--from-fast-run", action="store_true",
                         help="the durations are of a fast-tier run only: keep the files "
                              "slow_tests.txt lists and move more until the rest fit")
+    parser.add_argument("--by-test", type=float, default=None, metavar="SECONDS",
+                        help="with --from-fast-run: move single tests until the rest take "
+                             "at most SECONDS")
     args = parser.parse_args()
-    seconds = read_durations(args.durations.read_text())
+    text = args.durations.read_text()
+    seconds = read_durations(text)
     if not seconds:
         raise SystemExit(f"{args.durations}: no '--durations=0' lines found")
     out = args.out or Path(__file__).with_name("slow_tests.txt")
-    lines = slow_tier(seconds, args.fast_share, frozenset(args.keep))
+    if args.by_test is not None:
+        calls = read_durations("\n".join(line for line in text.splitlines()
+                                          if " setup " not in line))
+        lines = slow_tests(seconds, calls, args.by_test, frozenset(args.keep))
+    else:
+        lines = slow_tier(seconds, args.fast_share, frozenset(args.keep))
     if args.from_fast_run:
         listed_before = [line.split("#")[0].strip() for line in
                          Path(__file__).with_name("slow_tests.txt").read_text().splitlines()]
