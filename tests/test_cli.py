@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -121,3 +123,44 @@ def test_serve_max_stored_responses_reaches_the_config(monkeypatch) -> None:
     assert seen[0].max_stored_responses == 3
     bad = CliRunner().invoke(app, ["serve", "m", "--max-stored-responses", "-1"])
     assert bad.exit_code != 0 and "max_stored_responses must be >= 0" in bad.output
+
+
+def _levante(*args: str) -> subprocess.CompletedProcess[str]:
+    """The console entry point in a new process, stdout and stderr piped (block-buffered)."""
+    return subprocess.run([sys.executable, "-c", "from levante.cli import main; main()", *args],
+                          check=False, capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_prints_everything_and_exits_with_the_command_status(
+        smollm2_gguf: Path, tmp_path: Path) -> None:
+    """main() skips the interpreter's teardown (os._exit): the piped output still arrives whole,
+    and the status is the command's."""
+    done = _levante("generate", str(smollm2_gguf), "--prompt", "Hi", "--max-tokens", "2",
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["token_ids"]) == 2
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF")
+    failed = _levante("generate", str(bad), "--prompt", "hi")
+    assert failed.returncode == 1 and f"error: {bad}:" in failed.stderr, failed.stderr
+    usage = _levante("generate")  # a usage error: click's status 2
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+
+
+def test_fast_exit_waits_for_threads_and_runs_atexit_handlers() -> None:
+    script = """
+import atexit, threading, time
+from levante.cli import _exit
+atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+print("before exit", end="")
+_exit(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3
+    assert done.stdout.splitlines() == ["before exitthread done", "atexit ran"]
+    code = "from levante.cli import _exit; _exit('no model named x')"
+    message = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                             text=True, timeout=120)
+    assert message.returncode == 1 and message.stderr == "no model named x\n"
