@@ -127,7 +127,7 @@ def test_serve_max_stored_responses_reaches_the_config(monkeypatch) -> None:
 
 def _levante(*args: str) -> subprocess.CompletedProcess[str]:
     """The console entry point in a new process, stdout and stderr piped (block-buffered)."""
-    return subprocess.run([sys.executable, "-c", "from levante.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-m", "levante", *args],
                           check=False, capture_output=True, text=True, timeout=300)
 
 
@@ -164,3 +164,15 @@ _exit(3)
     message = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
                              text=True, timeout=120)
     assert message.returncode == 1 and message.stderr == "no model named x\n"
+
+
+def test_only_the_entry_point_raises_the_collector_threshold() -> None:
+    """`levante` (levante.__main__) collects less often while it starts; importing the CLI
+    or the library leaves the process's collector alone."""
+    code = ("import gc; {}; print(gc.get_threshold()[0])")
+    first = [subprocess.run([sys.executable, "-c", code.format(f"import {module}")], check=True,
+                            capture_output=True, text=True, timeout=120).stdout.strip()
+             for module in ("levante.__main__", "levante.cli", "levante.llm")]
+    default = subprocess.run([sys.executable, "-c", code.format("pass")], check=True,
+                             capture_output=True, text=True, timeout=120).stdout.strip()
+    assert first == ["10000", default, default]
