@@ -23,6 +23,7 @@ from levante.engine.embedding import Pooling
 from levante.engine.engine import Engine
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import LevanteError, RequestError
+from levante.heap import release_free_memory
 from levante.server.config import ServerConfig
 from levante.server.embeddings import openai_embeddings, serving_pooling
 from levante.server.http import HTTPError, error_response, parse_body
@@ -73,6 +74,7 @@ class ServerState:
             self.chats.warm_up()
         except LevanteError as error:  # a template may refuse a one-message chat: no harm
             log.info("chat warm-up skipped: %s", error)
+        release_free_memory()  # what building those freed, handed back before clients come
 
     @classmethod
     def build(cls, config: ServerConfig, bundle: Bundle | None = None) -> ServerState:
