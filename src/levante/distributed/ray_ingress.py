@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -134,17 +134,14 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
         deadline = time.monotonic() + placement_timeout_s
         num_failures = 0
         while True:
-            waiting = True
-            unplaced += 1
-
-            def assigned() -> None:  # a replica took it (or the try ended): not waiting
-                nonlocal unplaced, waiting
-                if waiting:
-                    waiting, unplaced = False, unplaced - 1
-
             try:
-                return await _start(respond, request, max(0.1, deadline - time.monotonic()),
-                                    assigned)
+                unplaced += 1
+                try:
+                    stream = await _assigned(respond, request,
+                                             max(0.1, deadline - time.monotonic()))
+                finally:
+                    unplaced -= 1
+                return await _head(stream), stream
             except RETRYABLE as e:
                 deadline = time.monotonic() + placement_timeout_s
                 num_failures += 1
@@ -158,8 +155,6 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
                 if not num_failures or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-            finally:
-                assigned()
 
     @app.api_route("/{path:path}", methods=PROXY_METHODS)
     async def proxy(request: Request, path: str) -> Response:
@@ -193,26 +188,34 @@ def ingress_app(engines: DeploymentHandle, config: ServerConfig, *,
     return app
 
 
-async def _start(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float,
-                 assigned: Callable[[], None]) -> tuple[ResponseHead, DeploymentResponseGenerator]:
-    """Send `request` to the replica Ray's router picks (one taking it within `timeout_s`;
-    then `assigned()`) and wait for the response's head."""
+async def _assigned(respond: DeploymentHandle, request: ProxiedRequest, timeout_s: float
+                    ) -> DeploymentResponseGenerator:
+    """`request` sent to the replica Ray's router picks, once a replica has accepted it (within
+    `timeout_s`)."""
     # A plain call: the replica accepts or rejects it in its first message (Ray's rejection
     # protocol); choose_replica + dispatch cost a reserve_slot RPC more.
     stream = respond.remote(request)
     assert isinstance(stream, DeploymentResponseGenerator), "respond is a streaming call"
+    try:  # private, as no public call waits for the assignment alone
+        await asyncio.wait_for(stream._fetch_future_result_async(), timeout_s)
+    except asyncio.TimeoutError:
+        stream.cancel()
+        raise _Unplaced(f"none became free within {timeout_s:g} s") from None
+    except BaseException:
+        stream.cancel()
+        raise
+    return stream
+
+
+async def _head(stream: DeploymentResponseGenerator) -> ResponseHead:
+    """The response's head, the replica's first item (the call is cancelled if it fails)."""
     try:
-        try:  # assigned: a replica has accepted it (private, as no public call waits for that)
-            await asyncio.wait_for(stream._fetch_future_result_async(), timeout_s)
-        except asyncio.TimeoutError:
-            raise _Unplaced(f"none became free within {timeout_s:g} s") from None
-        assigned()
         head = await stream.__anext__()
     except BaseException:
         stream.cancel()
         raise
     assert isinstance(head, ResponseHead), "a replica's first item is its response head"
-    return head, stream
+    return head
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
