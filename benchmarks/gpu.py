@@ -22,6 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import traceback
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -47,8 +50,8 @@ def scaled(config: ModelConfig, scale: int) -> ModelConfig:
 def random_model(config: ModelConfig, dtype: torch.dtype, device: str) -> Transformer:
     """A Transformer with small random weights, made directly on the device."""
     with torch.device("meta"):
-        model = Transformer(config, max_positions=config.max_seq_len)
-    model = model.to_empty(device=device)
+        model = Transformer(config, max_positions=config.max_seq_len).to(dtype)
+    model = model.to_empty(device=device)  # allocated in `dtype`: a 24B model never in float32
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
@@ -102,50 +105,116 @@ def main() -> None:
                         help="HBM bandwidth for the bound (H100 SXM: 3350 GB/s)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--deadline-s", type=float, default=420.0,
+                        help="rows not started by then are skipped (the table still prints)")
     args = parser.parse_args()
     device = args.device
     config = scaled(preset("mistral-small-3"), args.scale)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device {name}; preset mistral-small-3 / scale {args.scale}: {config.num_layers} "
           f"layers, dim {config.dim}, {config.num_params / 1e9:.2f}B params")
-    rows = []
     model = random_model(config, torch.bfloat16, device)
     engine_config = EngineConfig(max_model_len=2048, max_num_seqs=args.streams,
                                  max_num_batched_tokens=2048,
                                  num_kv_blocks=args.streams * 2048 // 16 // 4)
+    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
+    began = time.perf_counter()
+    rows: list[tuple[str, str, str]] = []
+
+    def row(label: str, measure: Callable[[], tuple[str, str, str]]) -> None:
+        """Runs one measurement, printing its row at once; an error or the deadline skips it
+        without losing the rows before and after (a lent GPU's minutes are few)."""
+        if time.perf_counter() - began > args.deadline_s:
+            rows.append((label, "skipped", f"past --deadline-s {args.deadline_s:.0f}"))
+        else:
+            start = time.perf_counter()
+            try:
+                got = measure()
+            except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                traceback.print_exc()
+                got = (label, "error", f"{type(e).__name__}: {str(e)[:120]}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(got)
+            print(f"[{time.perf_counter() - began:6.1f} s, row took "
+                  f"{time.perf_counter() - start:.1f} s] {got}", flush=True)
+
+    row("bf16 batch 1, TTFT, 32 streams",
+        partial(_bf16_rows, model, engine_config, args, device, bound, rows))
+    row("with --batch-invariant", partial(_invariant_row, model, engine_config, args, device))
+    row("decode graphs vs eager, batch 1",
+        partial(_graphs_row, model, engine_config, args, device, bound))
+    row("flex vs sdpa", partial(_attention_row, model, engine_config, args, device))
+    row("int8 weight kernels, one layer", partial(_int8_kernels_row, config, device))
+    row("int8 decode, batch 1", partial(_int8_row, model, engine_config, args, device))
+    del model  # now int8; fp8 starts again from a bf16 model, so only one is held at a time
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    row("fp8 decode, batch 1",
+        partial(_fp8_row, config, engine_config, args, device, bf16_bound=bound))
+    print(f"{'measure':<34}{'value':>16}  note")
+    for label, value, note in rows:
+        print(f"{label:<34}{value:>16}  {note}")
+
+
+def _bf16_rows(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
+               device: str, bound: float, rows: list) -> tuple[str, str, str]:
+    """Batch-1 decode and TTFT (appended to `rows`), then 32 streams (returned)."""
     engine = Engine(model, None, engine_config)
     print(f"attention: {engine.runner.attention_backend}"
           f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}; "
-          f"decode steps: {'CUDA graphs' if engine.runner.graphs else 'eager'}")
+          f"decode steps: {'CUDA graphs' if engine.runner.graphs else 'eager'}", flush=True)
     decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # warm-up
-    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
                           device=device)
     rows.append(("bf16 decode, batch 1", f"{rate:.1f} tok/s",
                  f"{rate / bound:.0%} of bound {bound:.1f}"))
+    decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)  # this shape's warm-up
     _, ttft = decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
     rows.append(("bf16 TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", "target <= 100 ms"))
+    decode_rate(engine, batch=args.streams, prompt_len=64, new_tokens=4, device=device)
     rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
                           new_tokens=args.new_tokens, device=device)
-    rows.append((f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", ""))
-    del engine
-    # batch_invariant: each sequence in its own forward pass (exact; the cost of batching)
+    args.batched_rate = rate
+    return (f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", "")
+
+
+def _invariant_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
+                   device: str) -> tuple[str, str, str]:
+    """batch_invariant: each sequence in its own forward pass (exact; the cost of batching)."""
     invariant = Engine(model, None, dataclasses.replace(engine_config, batch_invariant=True))
     split_rate, _ = decode_rate(invariant, batch=args.streams, prompt_len=64,
                                 new_tokens=args.new_tokens, device=device)
-    rows.append(("  with --batch-invariant", f"{split_rate:.1f} tok/s",
-                 f"{split_rate / rate:.2f}x of batched"))
-    del invariant
-    rows.append(_attention_row(model, engine_config, args, device))
-    rows.append(_graphs_row(model, engine_config, args, device, bound))
-    rows.append(_int8_row(model, engine_config, args, device))
-    del model  # now int8; fp8 starts again from a bf16 model, so only one is held at a time
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    rows.append(_fp8_row(config, engine_config, args, device, bf16_bound=bound))
-    print(f"{'measure':<34}{'value':>16}  note")
-    for label, value, note in rows:
-        print(f"{label:<34}{value:>16}  {note}")
+    batched = getattr(args, "batched_rate", None)
+    return ("  with --batch-invariant", f"{split_rate:.1f} tok/s",
+            f"{split_rate / batched:.2f}x of batched" if batched else "")
+
+
+def _int8_kernels_row(config: ModelConfig, device: str) -> tuple[str, str, str]:
+    """One [ffn, dim] weight at batch 1: bf16 F.linear, the int8 layer's default kernel, and
+    the fp8 layer, each against the bytes its weight holds (median of 50 after warm-up)."""
+    from levante.quant.fp8 import Fp8Linear
+    from levante.quant.linear import Int8Linear
+
+    weight = torch.randn(config.ffn_dim, config.dim, device=device, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, config.dim, device=device, dtype=torch.bfloat16)
+    layers = {"bf16": lambda v: torch.nn.functional.linear(v, weight),
+              "int8": Int8Linear.from_float(weight), "fp8": Fp8Linear.from_float(weight)}
+    notes = []
+    for name, layer in layers.items():
+        times = []
+        for i in range(60):
+            sync(device)
+            start = time.perf_counter()
+            layer(x)
+            sync(device)
+            if i >= 10:
+                times.append(time.perf_counter() - start)
+        median = sorted(times)[len(times) // 2]
+        size = weight.numel() * (2 if name == "bf16" else 1)
+        notes.append(f"{name} {median * 1e6:.0f} us ({size / median / 1e9:.0f} GB/s)")
+    kernel = layers["int8"].kernel
+    return ("int8 weight kernels, one layer", f"int8: {kernel}", "; ".join(notes))
 
 
 def _attention_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,

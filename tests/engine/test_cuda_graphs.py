@@ -157,7 +157,9 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(model: Transformer) -> No
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     results = {}
     for mode in ("off", "on"):
-        engine = Engine(cuda_model, None, _config(mode, kv_cache_dtype="bfloat16"))
+        # FlexAttention's GPU kernel reads the pool in blocks of a multiple of 16 tokens
+        engine = Engine(cuda_model, None, _config(mode, kv_cache_dtype="bfloat16", block_size=16,
+                                                  num_kv_blocks=24))
         results[mode] = _tokens(engine, prompts, params)
         if mode == "on":
             assert engine.runner.graphs is not None and engine.runner.graphs.graphs

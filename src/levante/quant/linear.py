@@ -146,7 +146,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dequantize":
-            return F.linear(x, self.dequantize().to(x.dtype))
+            # The codes in x's dtype (exact: |code| <= 127), scaled per row after the matmul:
+            # 5 bytes of traffic per weight instead of 21 for scaling a float32 copy first
+            # (H200, one 32768x5120 layer at batch 1: 1291 us that way against bf16's 106).
+            out = F.linear(x, self.codes.to(x.dtype))
+            return (out.float() * self.scales).to(x.dtype)
         return _linear_2d(x, self.out_features, lambda flat: torch.ops.aten._weight_int8pack_mm(
             flat.to(PACKED_DTYPE), self.codes, self.unit_scales).float() * self.scales)
 
