@@ -53,6 +53,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# httpx's calls wait 5 s for a response by default: a 96-token completion on a loaded 2-core
+# machine took longer (a slow-tier ReadTimeout, not a server fault). Tests that mean a bound
+# pass their own timeout; the rest get a generous one, set once here instead of at each call.
+TEST_HTTP_TIMEOUT_S = 120.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import httpx
+
+    timeout = httpx.Timeout(TEST_HTTP_TIMEOUT_S)
+    functions = [httpx.request, httpx.get, httpx.post, httpx.put, httpx.patch, httpx.delete,
+                 httpx.head, httpx.options, httpx.stream.__wrapped__,  # type: ignore[attr-defined]
+                 httpx.Client.__init__, httpx.AsyncClient.__init__]
+    for function in functions:
+        assert "timeout" in function.__kwdefaults__, function
+        function.__kwdefaults__["timeout"] = timeout
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_memory_after_each_module() -> Iterator[None]:
     """Collect the module's models (reference cycles keep some alive) and hand freed heap
