@@ -7,7 +7,10 @@ one thread, best of several interleaved runs): 4096x4096 f32 `F.linear` 5.4 ms,
 slower than f32 `F.linear`, f16 in: ~50x), so they run in bf16 and the residual stream stays in
 the model's dtype. torchao is not used: its int8 path is only fast under torch.compile and its
 default int4 config fails on CPU (shared/NOTES.md). Other devices get the plain-torch
-"dequantize" kernel (dequantize the layer's weight, then `F.linear`) until measured there.
+"dequantize" kernel: int8 multiplies by its codes in the activations' dtype and scales each
+output row after; int4 rebuilds the weight from its nibbles each call. Neither is fast on a GPU
+(H200, Mistral Small 3's shape: int8 decoded 5.7 tok/s against bf16's 73.3 when it still
+scaled a float32 copy first; `benchmarks/gpu.py`): there, bf16 or `--quant fp8` is the path.
 """
 
 from __future__ import annotations
