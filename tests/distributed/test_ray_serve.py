@@ -107,9 +107,11 @@ def test_a_conversation_stays_on_one_replica(ray_url: str) -> None:
         assert r.status_code == 200, r.text
         return r.headers["x-levante-replica"]
 
-    homes = {f"topic {i}": {replica_of(f"topic {i}") for _ in range(3)} for i in range(6)}
+    # A key's home is a hash of (key, replica id), and the ids are new each run: with 6 keys,
+    # all on one replica was 1 run in 32; with 18, 1 in 131072.
+    homes = {f"topic {i}": {replica_of(f"topic {i}") for _ in range(2)} for i in range(18)}
     assert all(len(seen) == 1 for seen in homes.values()), homes
-    assert len(set.union(*homes.values())) == 2, homes  # six keys, both replicas used
+    assert len(set.union(*homes.values())) == 2, homes  # both replicas used
 
 
 def test_past_the_queue_bound_a_request_gets_503_with_retry_after(ray_url: str) -> None:
