@@ -23,7 +23,7 @@ run: setup
 	$(VENV)/bin/levante pull $(MODEL)
 	$(VENV)/bin/levante serve $(MODEL) --host $(HOST) --port $(PORT)
 
-# The fast tier (1:47 wall on 2 idle cores); test-slow runs the rest (tests/slow_tests.txt
+# The fast tier (1:29 wall on 2 idle cores, 2026-12-04); test-slow runs the rest (tests/slow_tests.txt
 # and @pytest.mark.slow); CI runs both (.ci/run).
 test: setup browser
 	$(VENV)/bin/levante pull $(MODEL)
