@@ -34,6 +34,8 @@ from levante.engine.sampling_params import SamplingParams
 from levante.errors import ConfigError
 from levante.model import Transformer
 
+Row = tuple[str, str, str]  # measure, value, note
+
 
 def scaled(config: ModelConfig, scale: int) -> ModelConfig:
     """The preset shrunk by `scale` in depth and width, keeping its ratios."""
@@ -119,9 +121,10 @@ def main() -> None:
                                  num_kv_blocks=args.streams * 2048 // 16 // 4)
     bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
     began = time.perf_counter()
-    rows: list[tuple[str, str, str]] = []
+    rows: list[Row] = []
+    rates: dict[str, float] = {}  # tok/s a later row compares with
 
-    def row(label: str, measure: Callable[[], tuple[str, str, str]]) -> None:
+    def row(label: str, measure: Callable[[], Row | list[Row]]) -> None:
         """Runs one measurement, printing its row at once; an error or the deadline skips it
         without losing the rows before and after (a lent GPU's minutes are few)."""
         if time.perf_counter() - began > args.deadline_s:
@@ -129,19 +132,21 @@ def main() -> None:
         else:
             start = time.perf_counter()
             try:
-                got = measure()
+                measured = measure()
+                got = measured if isinstance(measured, list) else [measured]
             except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
                 traceback.print_exc()
-                got = (label, "error", f"{type(e).__name__}: {str(e)[:120]}")
+                got = [(label, "error", f"{type(e).__name__}: {str(e)[:120]}")]
             if device == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(got)
+            rows.extend(got)
             print(f"[{time.perf_counter() - began:6.1f} s, row took "
                   f"{time.perf_counter() - start:.1f} s] {got}", flush=True)
 
     row("bf16 batch 1, TTFT, 32 streams",
-        partial(_bf16_rows, model, engine_config, args, device, bound, rows))
-    row("with --batch-invariant", partial(_invariant_row, model, engine_config, args, device))
+        partial(_bf16_rows, model, engine_config, args, device, bound, rates))
+    row("with --batch-invariant",
+        partial(_invariant_row, model, engine_config, args, device, rates))
     row("decode graphs vs eager, batch 1",
         partial(_graphs_row, model, engine_config, args, device, bound))
     row("flex vs sdpa", partial(_attention_row, model, engine_config, args, device))
@@ -158,8 +163,9 @@ def main() -> None:
 
 
 def _bf16_rows(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
-               device: str, bound: float, rows: list) -> tuple[str, str, str]:
-    """Batch-1 decode and TTFT (appended to `rows`), then 32 streams (returned)."""
+               device: str, bound: float, rates: dict[str, float]) -> list[Row]:
+    """Batch-1 decode, TTFT and 32 streams (that rate kept in `rates["batched"]`)."""
+    rows = []
     engine = Engine(model, None, engine_config)
     print(f"attention: {engine.runner.attention_backend}"
           f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}; "
@@ -175,17 +181,18 @@ def _bf16_rows(model: Transformer, engine_config: EngineConfig, args: argparse.N
     decode_rate(engine, batch=args.streams, prompt_len=64, new_tokens=4, device=device)
     rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
                           new_tokens=args.new_tokens, device=device)
-    args.batched_rate = rate
-    return (f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", "")
+    rates["batched"] = rate
+    rows.append((f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", ""))
+    return rows
 
 
 def _invariant_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
-                   device: str) -> tuple[str, str, str]:
+                   device: str, rates: dict[str, float]) -> Row:
     """batch_invariant: each sequence in its own forward pass (exact; the cost of batching)."""
     invariant = Engine(model, None, dataclasses.replace(engine_config, batch_invariant=True))
     split_rate, _ = decode_rate(invariant, batch=args.streams, prompt_len=64,
                                 new_tokens=args.new_tokens, device=device)
-    batched = getattr(args, "batched_rate", None)
+    batched = rates.get("batched")
     return ("  with --batch-invariant", f"{split_rate:.1f} tok/s",
             f"{split_rate / batched:.2f}x of batched" if batched else "")
 

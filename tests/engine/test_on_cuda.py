@@ -18,6 +18,7 @@ from levante.engine.engine import Engine
 from levante.engine.sampler import Sampler
 from levante.engine.sampling_params import SamplingParams
 from levante.model import Transformer
+from tests.engine.test_cuda_graphs import _tokens
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,12 +30,6 @@ pytestmark = [
 def _prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 5) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
-
-
-def _tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    ids = [engine.add_request(p, params) for p in prompts]
-    outs = engine.run_to_completion(ids)
-    return [[t for o in outs[r] for t in o.new_token_ids] for r in ids]
 
 
 def test_defaults_on_cuda_are_bf16_flex_and_graphs(tiny_mistral_hf: Path) -> None:

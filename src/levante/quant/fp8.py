@@ -31,11 +31,11 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from levante.errors import ConfigError
 from levante.model import Transformer
+from levante.quant.linear import row_scaled_linear
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dequantize":  # the per-row scale commutes with the matmul
-            return (F.linear(x, self.codes.to(x.dtype)) * self.scales).to(x.dtype)
+            return row_scaled_linear(x, self.codes, self.scales)
         flat = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
         out = _scaled_matmul(flat, self.codes, self.scales)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
