@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from levante.cli.typer_app import Ref, app, console, fail, parse_size, sampling_params
 from levante.errors import ConfigError, LevanteError
@@ -73,6 +72,8 @@ def pull(ref: Ref) -> None:
 @app.command("list")
 def list_models() -> None:
     """Show the models on disk with size and format."""
+    from rich.table import Table
+
     from levante.weights.hub import list_models as list_all
 
     table = Table("name", "format", "size", "path")
@@ -122,7 +123,7 @@ def generate(
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
     else:
-        console.print(result.text, highlight=False, markup=False)
+        sys.stdout.write(result.text + "\n")  # as generated: not rewrapped to a width
 
 
 @app.command()

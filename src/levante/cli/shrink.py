@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from levante.cli.typer_app import Ref, app, console, err_console, fail, parse_size
 from levante.errors import LevanteError
@@ -61,7 +60,7 @@ def finetune(
             eval_every=eval_every, save_every=save_every, seed=seed, quant=quant)
         result = run_finetune(ref, data, out, config=config, mix=mix or (), eval_path=eval_path,
                               merge=merge, strict=strict, resume=resume,
-                              console=err_console if as_json else console)
+                              console=(err_console if as_json else console).get())
     except LevanteError as e:
         fail(e)
     before, after = result.eval_before, result.eval_after
@@ -80,6 +79,8 @@ def finetune(
         console.print(f"held-out loss {before.loss:.4f} -> {after.loss:.4f} "
                       f"(perplexity {before.perplexity:.2f} -> {after.perplexity:.2f})")
     if result.comparisons:
+        from rich.table import Table
+
         table = Table("reference", "base", "adapter", title="held-out prompts", show_lines=True)
         for c in result.comparisons:
             table.add_row(c.reference, c.base.strip(), c.adapter.strip())
@@ -146,6 +147,8 @@ def plan(
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
         return
     has_post = any(row.post_label for row in result.rows)
+    from rich.table import Table
+
     table = Table("format", "bits/weight", "weights GB", *(["launch post"] if has_post else []),
                   title=f"{ref}: {result.num_params / 1e9:.2f} B parameters")
     for row in result.rows:
