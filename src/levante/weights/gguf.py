@@ -93,18 +93,22 @@ class GGUFFile:
             weight = dequantize(self.raw(name), info.qtype, info.shape)
         except ValueError as e:
             raise ModelFileError(self.path, f"tensor {name}: {e}") from None
-        self._drop_pages(info)
+        self.drop_pages(name)
         return weight.to(dtype)
 
-    def _drop_pages(self, info: TensorInfo) -> None:
-        """Take a read tensor's file pages out of this process's RSS (they stay in the page
-        cache): a dequantizing load would otherwise hold the whole file resident beside the
-        weights it made from it, e.g. 14 GB beside a 24B model's 48 GB of bf16."""
+    def drop_pages(self, name: str, offset: int = 0, length: int | None = None) -> None:
+        """Take bytes [offset, offset + length) of a read tensor (all of it by default) out
+        of this process's RSS; the file's pages stay in the page cache. A load that converts
+        what it reads from the map would otherwise hold the whole file resident beside what it
+        made from it, e.g. 14 GB beside a 24B model's 48 GB of bf16."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = info.start // mmap.PAGESIZE * mmap.PAGESIZE
+        info = self._info(name)
+        first = info.start + offset
+        end = info.start + (info.nbytes if length is None else min(info.nbytes, offset + length))
+        start = first // mmap.PAGESIZE * mmap.PAGESIZE
         with contextlib.suppress(OSError):  # an advice, never a failure
-            self._buf.madvise(mmap.MADV_DONTNEED, start, info.start + info.nbytes - start)
+            self._buf.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def expected_gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
