@@ -61,7 +61,7 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
             return None
         joined = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
                            device="meta")
-        stacked = _stacked_view(weights)  # a loader may have read them so already
+        stacked = stacked_view(weights)  # a loader may have read them so already
         joined.weight = nn.Parameter(torch.cat([w.detach() for w in weights])
                                      if stacked is None else stacked, requires_grad=False)
         start = 0
@@ -74,7 +74,7 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     return concat(parts) if concat is not None else None
 
 
-def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+def stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The one tensor whose consecutive row blocks `weights` already are, as a view; else None.
 
     Example: q = buf[0:1024], k = buf[1024:1280] (contiguous, same storage) -> buf[0:1280].

@@ -26,7 +26,13 @@ from levante.quant.gguf_linear import (
     RawBlockLinear,
     model_nbytes,
 )
-from levante.quant.gguf_model import k_quant_codes, load_gguf_quantized, read_linear, read_rows
+from levante.quant.gguf_model import (
+    k_quant_codes,
+    load_gguf_quantized,
+    read_linear,
+    read_linears,
+    read_rows,
+)
 from levante.quant.linear import Int4Linear
 from levante.weights.gguf import GGUFFile, load_gguf_state_dict
 from levante.weights.layout import interleaved_to_half
@@ -137,11 +143,62 @@ def test_chunked_repack_equals_whole(smollm2_gguf: Path, monkeypatch: pytest.Mon
         rows = interleaved_to_half(rows, num_heads)
     whole = kernels.repack(gguf_file.tensor_type(name), rows, gguf_file.tensor_shape(name))
     monkeypatch.setattr(module, "CHUNK_BYTES", 5000)  # odd-sized chunks, many of them
-    with open(smollm2_gguf, "rb") as handle:
-        chunked = module._repack_in_chunks(handle, gguf_file, name, num_heads)
+    chunked = kernels.empty_packed(gguf_file.tensor_type(name), gguf_file.tensor_shape(name))
+    module._repack_in_chunks(gguf_file, name, num_heads, chunked)
     assert torch.equal(chunked.qs, whole.qs) and torch.equal(chunked.d, whole.d)
     assert (chunked.m is None) == (whole.m is None)
     assert chunked.m is None or torch.equal(chunked.m, whole.m)
+
+
+def test_q_k_v_are_read_into_one_allocation_that_fusion_reuses(smollm2_gguf: Path) -> None:
+    """read_linears gives each part the arrays read_linear would, as rows of one tensor, and
+    the fused layer is those rows (no copy) computing what the parts compute."""
+    gguf_file = GGUFFile(smollm2_gguf)
+    names = [f"blk.3.attn_{p}.weight" for p in "qkv"]
+    heads = [9, 3, None]
+    with open(smollm2_gguf, "rb") as handle:
+        parts = read_linears(gguf_file, names, handle, dtype=torch.float32, num_heads=heads)
+        alone = [read_linear(gguf_file, name, handle, dtype=torch.float32, num_heads=h)
+                 for name, h in zip(names, heads)]
+    for part, single in zip(parts, alone):
+        assert isinstance(part, BlockKernelLinear) and isinstance(single, BlockKernelLinear)
+        assert torch.equal(part.weight_packed.to_raw(), single.weight_packed.to_raw())
+    qs = [p.weight_packed.qs for p in parts if isinstance(p, BlockKernelLinear)]
+    assert qs[1].data_ptr() == qs[0].data_ptr() + qs[0].nbytes  # consecutive rows
+    joined = BlockKernelLinear.concat(parts)
+    assert joined is not None and joined.weight_packed.qs.data_ptr() == qs[0].data_ptr()
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(joined(x), torch.cat([s(x) for s in alone], -1), rtol=0, atol=0)
+
+
+def test_k_quant_parts_are_read_into_one_allocation_that_fusion_reuses(typed_gguf: Path
+                                                                      ) -> None:
+    gguf_file = GGUFFile(typed_gguf)
+    names = ["Q4_K", "Q4_K"]  # gate/up-like: one type, one width
+    with open(typed_gguf, "rb") as handle:
+        parts = read_linears(gguf_file, names, handle, dtype=torch.float32,
+                             num_heads=[None, None])
+        rows = read_rows(handle, gguf_file, "Q4_K")
+    blocks = [p.blocks for p in parts if isinstance(p, KQuantLinear)]
+    assert len(blocks) == 2 and all(torch.equal(b, rows) for b in blocks)
+    assert blocks[1].data_ptr() == blocks[0].data_ptr() + blocks[0].nbytes
+    joined = KQuantLinear.concat(parts)
+    assert joined is not None and joined.blocks.data_ptr() == blocks[0].data_ptr()
+    x = torch.randn(3, COLS, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(joined(x), torch.cat([p(x) for p in parts], -1), rtol=0, atol=0)
+
+
+def test_parts_that_cannot_share_one_allocation_are_read_alone(typed_gguf: Path) -> None:
+    """Different types (or widths) cannot run as one matmul: each part is read as read_linear
+    reads it, and concat then joins nothing."""
+    gguf_file = GGUFFile(typed_gguf)
+    names = ["Q4_1", "Q8_0"]
+    with open(typed_gguf, "rb") as handle:
+        parts = read_linears(gguf_file, names, handle, dtype=torch.float32,
+                             num_heads=[None, None])
+    assert [p.weight_packed.qtype for p in parts if isinstance(p, BlockKernelLinear)] == \
+        [Q.Q4_1, Q.Q8_0]
+    assert BlockKernelLinear.concat(parts) is None
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from levante.model import stacked_view
 from levante.quant import kernels
 from levante.quant.gguf_blocks import dequantize
 from levante.quant.linear import Int4Linear
@@ -53,23 +54,27 @@ class BlockKernelLinear(nn.Module):
         if len(weights) != len(parts) or len({(w.qtype, w.shape[1]) for w in weights}) != 1 \
                 or any(w.shape[0] % kernels.PANEL_ROWS for w in weights[:-1]):
             return None
-        mins = [w.m for w in weights]
+        mins = [m for m in (w.m for w in weights) if m is not None]
         joined = kernels.PackedWeight(
             weights[0].qtype, (sum(w.shape[0] for w in weights), weights[0].shape[1]),
-            torch.cat([w.qs for w in weights]), torch.cat([w.d for w in weights]),
-            None if mins[0] is None else torch.cat([m for m in mins if m is not None]))
+            _stack([w.qs for w in weights]), _stack([w.d for w in weights]),
+            _stack(mins) if mins else None)
         start = 0
         for part, w in zip(parts, weights):
-            end = start + w.shape[0]
             assert isinstance(part, BlockKernelLinear)
-            part.weight_packed = kernels.PackedWeight(
-                w.qtype, w.shape, joined.qs[start:end], joined.d[start:end],
-                None if joined.m is None else joined.m[start:end])
-            start = end
+            part.weight_packed = joined.rows(start, start + w.shape[0])
+            start += w.shape[0]
         return cls(joined)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.weight_packed.qtype.name}"
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`tensors` stacked by rows: a view where a loader already read them as consecutive rows
+    of one tensor (`gguf_model.read_linears`), else a copy."""
+    stacked = stacked_view(tensors)
+    return torch.cat(tensors) if stacked is None else stacked
 
 
 class RawBlockLinear(nn.Module):
@@ -111,7 +116,7 @@ class KQuantLinear(nn.Module):
         layers = [p for p in parts if isinstance(p, KQuantLinear)]
         if len(layers) != len(parts) or len({(p.qtype, p.in_features) for p in layers}) != 1:
             return None
-        joined = torch.cat([p.blocks for p in layers])
+        joined = _stack([p.blocks for p in layers])
         start = 0
         for part in layers:
             part.blocks = joined[start:start + part.out_features]

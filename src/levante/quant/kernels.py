@@ -78,6 +78,15 @@ class PackedWeight:
         extra = self.m.nbytes if self.m is not None else 0
         return self.qs.nbytes + self.d.nbytes + extra
 
+    def rows(self, start: int, end: int) -> PackedWeight:
+        """Rows [start, end) as views of these arrays; `start` must begin a panel (a multiple
+        of PANEL_ROWS), and `end` end one or the tensor."""
+        if start % PANEL_ROWS or (end % PANEL_ROWS and end != self.shape[0]):
+            raise ValueError(f"rows [{start}, {end}) of {self.shape[0]} are not whole panels "
+                             f"of {PANEL_ROWS}")
+        return PackedWeight(self.qtype, (end - start, self.shape[1]), self.qs[start:end],
+                            self.d[start:end], None if self.m is None else self.m[start:end])
+
     def to_raw(self) -> torch.Tensor:
         """The GGUF block bytes back (1-D uint8): `repack`'s exact inverse."""
         num_rows, num_blocks = self.d.shape
