@@ -6,9 +6,16 @@ MODEL ?= smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test test-slow test-all browser fuzz lint typecheck clean
+.PHONY: setup bytecode run test test-slow test-all browser fuzz lint typecheck clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed bytecode
+
+# Levante's own modules compiled to bytecode: pip compiles what it installs, but not an
+# editable install, and where PYTHONDONTWRITEBYTECODE is set (as on CI) Python never caches
+# them, so every command compiled ~120 modules first (+0.1 s of a ~2 s cold `levante
+# generate` on 2 cores). Up-to-date files are skipped; a stale one is recompiled here.
+bytecode: $(VENV)/.installed
+	@$(PY) -m compileall -q src
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
