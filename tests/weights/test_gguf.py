@@ -324,6 +324,28 @@ def test_truncated_real_file(smollm2_gguf: Path, tmp_path: Path) -> None:
     assert_file_error(header_only, "truncated", "tokenizer.ggml.merges")
 
 
+def test_a_bad_vocabulary_string_is_named_where_it_is(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """The vocabulary's strings are read without per-string checks; a bad one is still named
+    with its field and byte, as the checked reading names it."""
+    data = bytearray(smollm2_gguf.read_bytes()[:4_000_000])  # the header and then some
+    key = b"tokenizer.ggml.tokens"
+    first = data.index(key) + len(key) + 4 + 4 + 8  # value type, item type, count
+    (length,) = struct.unpack_from("<Q", data, first)
+    second = first + 8 + length  # the second token's length field
+    (second_length,) = struct.unpack_from("<Q", data, second)
+    bad_utf8 = bytearray(data)
+    bad_utf8[second + 8] = 0xFF
+    (tmp_path / "utf8.gguf").write_bytes(bad_utf8)
+    assert_file_error(tmp_path / "utf8.gguf", "'tokenizer.ggml.tokens': invalid UTF-8 at byte "
+                                              f"{second + 8}")
+    too_long = bytearray(data)
+    struct.pack_into("<Q", too_long, second, 1 << 62)
+    (tmp_path / "long.gguf").write_bytes(too_long)
+    assert_file_error(tmp_path / "long.gguf", "truncated", "'tokenizer.ggml.tokens' at byte "
+                      f"{second + 8} needs {1 << 62} bytes")
+    assert second_length < 64  # the field patched was a token's length, not something else
+
+
 def test_missing_and_tiny_files(tmp_path: Path) -> None:
     assert_file_error(tmp_path / "nope.gguf", "no such file")
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF\x03\x00")

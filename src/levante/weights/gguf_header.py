@@ -74,9 +74,32 @@ class _Cursor:
         return fmt.unpack_from(self.buf, self.take(fmt.size, what))[0]
 
     def strings(self, count: int, what: str) -> list[str]:
-        """`count` length-prefixed UTF-8 strings (a hot loop: 49152 of them for a vocab)."""
+        """`count` length-prefixed UTF-8 strings (a hot loop: 49152 of them for a vocab).
+
+        A loop without per-string checks reads a well-formed file (SmolLM2's vocab and merges
+        in ~40 ms instead of ~55); anything it trips on, the checked loop reads again to say
+        exactly where the file is wrong.
+        """
         if count > (self.size - self.pos) // 8:
             raise self.truncated(f"{what} ({count} strings)", self.pos, 8 * count)
+        buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
+        items: list[str] = []
+        append = items.append
+        try:
+            for _ in range(count):
+                (length,) = unpack(buf, pos)
+                pos += 8
+                append(buf[pos:pos + length].decode("utf-8"))
+                pos += length
+        except (struct.error, OverflowError, UnicodeDecodeError):
+            pos = self.size + 1
+        if pos <= self.size:
+            self.pos = pos
+            return items
+        return self._checked_strings(count, what)
+
+    def _checked_strings(self, count: int, what: str) -> list[str]:
+        """`strings`, checking each string: the error names the first one that is wrong."""
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
         items = []
         for _ in range(count):
