@@ -21,6 +21,29 @@ constexpr int64_t kQ4_1 = 3;
 constexpr int64_t kQ8_0 = 8;
 constexpr int64_t kPanelRows = 8;
 
+// One whole panel (kPanelRows rows), block by block, with every size a compile-time constant:
+// the 2- and 4-byte moves become plain loads and stores the compiler unrolls. Measured on
+// SmolLM2's 30 MB Q4_1 token_embd (2 threads, destination already faulted in): 18-22 ms with
+// the general loop below (which still handles a last, partial panel), 3.8-4.1 ms with this.
+template <int64_t kSteps, bool kHasMin>
+void repack_full_panel(const uint8_t* src, int64_t nb, uint8_t* q_panel, uint8_t* d_panel,
+                       uint8_t* m_panel) {
+  constexpr int64_t kHead = kHasMin ? 4 : 2;
+  constexpr int64_t kBlock = kHead + 4 * kSteps;
+  const int64_t row_bytes = nb * kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* q = q_panel + b * kSteps * kPanelRows * 4;
+    for (int64_t r = 0; r < kPanelRows; ++r) {
+      const uint8_t* blk = src + r * row_bytes + b * kBlock;
+      std::memcpy(d_panel + (b * kPanelRows + r) * 2, blk, 2);
+      if constexpr (kHasMin) std::memcpy(m_panel + (b * kPanelRows + r) * 2, blk + 2, 2);
+      for (int64_t t = 0; t < kSteps; ++t) {
+        std::memcpy(q + (t * kPanelRows + r) * 4, blk + kHead + 4 * t, 4);
+      }
+    }
+  }
+}
+
 // raw [N, nb * block_bytes] uint8 (contiguous) -> qs [N, nb * quant_bytes], d [N, nb] and,
 // for Q4_1, m [N, nb] (each contiguous, any dtype of that byte width: only bytes move).
 void repack_blocks(const at::Tensor& raw, int64_t qtype, const at::Tensor& qs,
@@ -59,6 +82,17 @@ void repack_blocks(const at::Tensor& raw, int64_t qtype, const at::Tensor& qs,
       uint8_t* q_panel = qs_out + row0 * nb * quant;
       uint8_t* d_panel = d_out + row0 * nb * 2;
       uint8_t* m_panel = has_min ? m_out + row0 * nb * 2 : nullptr;
+      const uint8_t* panel_src = src + row0 * nb * block;
+      if (rows == kPanelRows) {
+        if (qtype == kQ4_1) {
+          repack_full_panel<4, true>(panel_src, nb, q_panel, d_panel, m_panel);
+        } else if (qtype == kQ4_0) {
+          repack_full_panel<4, false>(panel_src, nb, q_panel, d_panel, m_panel);
+        } else {
+          repack_full_panel<8, false>(panel_src, nb, q_panel, d_panel, m_panel);
+        }
+        continue;
+      }
       for (int64_t b = 0; b < nb; ++b) {
         for (int64_t r = 0; r < rows; ++r) {
           const uint8_t* blk = src + (row0 + r) * nb * block + b * block;
