@@ -285,6 +285,32 @@ def _measure(*args: str) -> dict[str, int]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _mapped_kib(address: int) -> int:
+    """Resident KiB of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_block_kernel_load_leaves_none_of_the_file_mapped(smollm2: tuple[GGUFFile, ModelConfig]
+                                                            ) -> None:
+    """The weights are repacked from the file's map chunk by chunk; afterwards none of its
+    pages count in this process's RSS (they stay in the page cache), including those the
+    kernel's fault-around mapped beside chunks already dropped."""
+    gguf_file, config = smollm2
+    before = _mapped_kib(gguf_file.raw("token_embd.weight").data_ptr())
+    model = load_gguf_quantized(gguf_file, config, torch.float32)
+    after = _mapped_kib(gguf_file.raw("token_embd.weight").data_ptr())
+    assert isinstance(model.model.layers[0].mlp.up_proj, BlockKernelLinear)
+    assert after < 256, f"{after} KiB of the file still mapped after the load ({before} before)"
+
+
 @pytest.mark.slow  # two cold processes that load the model: ~10 s
 def test_loading_q4_1_adds_less_than_1_5x_the_file(smollm2_gguf: Path) -> None:
     """Peak memory of load + one generated token, minus a process that only imports levante.

@@ -101,11 +101,20 @@ class GGUFFile:
         of this process's RSS; the file's pages stay in the page cache. A load that converts
         what it reads from the map would otherwise hold the whole file resident beside what it
         made from it, e.g. 14 GB beside a 24B model's 48 GB of bf16."""
+        info = self._info(name)
+        end = info.start + (info.nbytes if length is None else min(info.nbytes, offset + length))
+        self._drop(info.start + offset, end)
+
+    def drop_all_pages(self) -> None:
+        """Take every page of the file out of this process's RSS, for after a load: reading a
+        tensor's rows maps its neighbours' pages too (the kernel's fault-around maps a whole
+        aligned window, behind a chunk already dropped as well as ahead), ~3% of the weights'
+        bytes measured on the Mistral-shaped proxy's Q8_0 file."""
+        self._drop(0, len(self._buf))
+
+    def _drop(self, first: int, end: int) -> None:
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        info = self._info(name)
-        first = info.start + offset
-        end = info.start + (info.nbytes if length is None else min(info.nbytes, offset + length))
         start = first // mmap.PAGESIZE * mmap.PAGESIZE
         with contextlib.suppress(OSError):  # an advice, never a failure
             self._buf.madvise(mmap.MADV_DONTNEED, start, end - start)
