@@ -12,11 +12,12 @@ import os
 import sys
 import threading
 
-from levante.cli import measure, models, shrink  # noqa: F401 (registers their commands)
+from levante.cli import measure, models, shrink, typer_app  # noqa: F401 (registers commands)
 from levante.cli.typer_app import app
 
 
 def main() -> None:  # pragma: no cover - console entry point (tests/test_cli.py runs it)
+    typer_app.process_lifetime = []  # freed by the OS at _exit, not object by object
     try:
         app()  # typer ends with SystemExit, its exit code
     except SystemExit as e:

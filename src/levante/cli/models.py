@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from levante.cli.typer_app import Ref, app, console, fail, parse_size, sampling_params
+from levante.cli.typer_app import (
+    Ref,
+    app,
+    console,
+    fail,
+    keep_until_exit,
+    parse_size,
+    sampling_params,
+)
 from levante.errors import ConfigError, LevanteError
 
 if TYPE_CHECKING:  # torch loads only for the commands that run a model
@@ -54,7 +62,7 @@ def _open_llm(ref: str, load_config: LoadConfig, tensor_parallel: int
         return tensor_parallel_llm(ref, tensor_parallel=tensor_parallel, load_config=load_config)
     from levante.llm import LLM
 
-    return nullcontext(LLM(ref, load_config=load_config))
+    return nullcontext(keep_until_exit(LLM(ref, load_config=load_config)))
 
 
 @app.command()
