@@ -3,6 +3,10 @@
 The handlers live in three rooms: models (pull, list, run, generate, serve), measure (bench,
 eval, cost) and shrink (quantize, plan, finetune); each adds its commands to the app of
 levante.cli.typer_app when imported, which this module does.
+
+Those three modules do not use `from __future__ import annotations`: typer builds every
+command's options from their annotations at each start, and with string annotations it
+eval()s each one: typer.main.get_command took 37-54 ms, 7-16 ms without (2 cores).
 """
 
 from __future__ import annotations

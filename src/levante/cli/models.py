@@ -1,6 +1,7 @@
 """`levante pull | list | run | generate | serve`: models on disk, one-off answers, the server."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: typer reads the commands' annotations at every start,
+# and evaluating them from strings cost 30-40 ms of each command (see levante.cli).
 
 import json
 import logging
@@ -53,7 +54,7 @@ def _log_verbosely(verbose: bool) -> None:
                             format="%(levelname)s %(name)s: %(message)s")
 
 
-def _open_llm(ref: str, load_config: LoadConfig, tensor_parallel: int
+def _open_llm(ref: str, load_config: "LoadConfig", tensor_parallel: int
               ) -> AbstractContextManager[Any]:
     """An LLM in one process, or (N > 1) over N tensor-parallel ranks stopped on exit."""
     if tensor_parallel > 1:
