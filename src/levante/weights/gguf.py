@@ -22,6 +22,8 @@ from levante.weights.layout import (
     interleaved_to_half,
 )
 
+LOAD_CHUNK_BYTES = 16 << 20  # float32 bytes `GGUFFile.load` dequantizes at a time
+
 
 def _map(path: Path) -> mmap.mmap:
     """Memory-map a file read-only, after checking it can hold a GGUF header."""
@@ -87,14 +89,28 @@ class GGUFFile:
         return self._bytes[info.start:info.start + info.nbytes]
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor dequantized to a new tensor of `dtype`."""
+        """The tensor dequantized to a new tensor of `dtype`.
+
+        Rows are dequantized LOAD_CHUNK_BYTES of float32 at a time into the result: a whole
+        tensor's float32 copy (and its dequantizer's temporaries) would add several times the
+        result to the load's peak, e.g. ~1 GB for the Mistral proxy's 131072 x 1280 output
+        matrix loaded as bf16, ~4 GB for Mistral Small 3's.
+        """
         info = self._info(name)
+        out = torch.empty(info.shape, dtype=dtype)
+        rows = out.view(-1, info.shape[-1]) if info.shape else out.view(1, 1)
+        row_bytes = info.nbytes // rows.shape[0]
+        step = max(1, LOAD_CHUNK_BYTES // (4 * rows.shape[1]))
+        raw = self.raw(name)
         try:
-            weight = dequantize(self.raw(name), info.qtype, info.shape)
+            for start in range(0, rows.shape[0], step):
+                part = rows[start:start + step]
+                first, count = start * row_bytes, part.shape[0] * row_bytes
+                part.copy_(dequantize(raw[first:first + count], info.qtype, tuple(part.shape)))
+                self.drop_pages(name, first, count)
         except ValueError as e:
             raise ModelFileError(self.path, f"tensor {name}: {e}") from None
-        self.drop_pages(name)
-        return weight.to(dtype)
+        return out
 
     def drop_pages(self, name: str, offset: int = 0, length: int | None = None) -> None:
         """Take bytes [offset, offset + length) of a read tensor (all of it by default) out
