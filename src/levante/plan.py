@@ -26,10 +26,12 @@ from levante.weights.layout import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, expected
 DEFAULT_KV_CACHE_DTYPE = "float16"
 # Fitted to measurements (peak RSS of a fresh process whose prompt fills its context, less
 # weights and KV, for SmolLM2 and the Mistral proxy): a process that has imported torch and
-# Levante holds ~270 MB, ~285 with the kernels and allocator slack; a prefill chunk keeps ~3
-# copies of a layer's widest activations alive; the tokenizer costs ~600 bytes a vocabulary
-# entry (HF BPE less, Tekken with mistral-common more).
-FIXED_OVERHEAD_BYTES = 285 * 2**20
+# Levante, kernels loaded, holds 231 MiB on a 2-core AVX2 machine and ~270 MB on the AVX-512
+# one this was first fitted on (PyTorch's CPU kernels are other pages), so 265 MiB with
+# allocator slack sits between them; a prefill chunk keeps ~3 copies of a layer's widest
+# activations alive, in the compute dtype; the tokenizer costs ~600 bytes a vocabulary entry
+# (HF BPE less, Tekken with mistral-common more).
+FIXED_OVERHEAD_BYTES = 265 * 2**20
 ACTIVATION_COPIES = 3
 TOKENIZER_BYTES_PER_TOKEN = 600
 PREFILL_CHUNK_TOKENS = 512  # EngineConfig.max_num_batched_tokens' default
@@ -159,7 +161,9 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
     kv_per_token = math.ceil(config.num_layers * kv_heads * config.head_dim * 2
                              * KV_BYTES_PER_VALUE[kv_cache_dtype])
     kv_cache = kv_per_token * context * batch
-    overhead = overhead_bytes(config, batch, tensor_parallel)
+    # A 16-bit float model computes in its dtype; block and Levante formats in float32.
+    activation_bytes = 2 if fmt in ("f16", "bf16") else 4
+    overhead = overhead_bytes(config, batch, tensor_parallel, activation_bytes)
     total = weights_bytes - mapped + kv_cache + overhead
     fits = None if memory is None else total <= memory
     max_context = None
@@ -173,12 +177,14 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
                 kv_cache, overhead, total, fits, max_context, config.max_seq_len, rows)
 
 
-def overhead_bytes(config: ModelConfig, batch: int, tensor_parallel: int = 1) -> int:
-    """Runtime allowance + float32 activations of one prefill chunk + the batch's logits +
-    the tokenizer."""
+def overhead_bytes(config: ModelConfig, batch: int, tensor_parallel: int = 1,
+                   activation_bytes: int = 4) -> int:
+    """Runtime allowance + activations of one prefill chunk (`activation_bytes` a value) +
+    the batch's float32 logits + the tokenizer."""
     width = (config.dim * 2 + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
              + 2 * config.ffn_dim) // tensor_parallel
-    return (FIXED_OVERHEAD_BYTES + ACTIVATION_COPIES * PREFILL_CHUNK_TOKENS * width * 4
+    return (FIXED_OVERHEAD_BYTES
+            + ACTIVATION_COPIES * PREFILL_CHUNK_TOKENS * width * activation_bytes
             + batch * config.vocab_size * 4 + TOKENIZER_BYTES_PER_TOKEN * config.vocab_size)
 
 
