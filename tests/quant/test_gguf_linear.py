@@ -298,16 +298,21 @@ def _mapped_kib(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def test_a_block_kernel_load_leaves_none_of_the_file_mapped(smollm2: tuple[GGUFFile, ModelConfig]
-                                                            ) -> None:
-    """The weights are repacked from the file's map chunk by chunk; afterwards none of its
-    pages count in this process's RSS (they stay in the page cache), including those the
-    kernel's fault-around mapped beside chunks already dropped."""
+@pytest.mark.parametrize("loader", ["blocks", "dequantized"])
+def test_a_load_leaves_none_of_the_file_mapped(smollm2: tuple[GGUFFile, ModelConfig],
+                                               loader: str) -> None:
+    """The weights are repacked (or dequantized) from the file's map chunk by chunk;
+    afterwards none of its pages count in this process's RSS (they stay in the page cache),
+    including those the kernel's fault-around mapped beside chunks already dropped."""
     gguf_file, config = smollm2
     before = _mapped_kib(gguf_file.raw("token_embd.weight").data_ptr())
-    model = load_gguf_quantized(gguf_file, config, torch.float32)
+    if loader == "blocks":
+        model = load_gguf_quantized(gguf_file, config, torch.float32)
+        assert isinstance(model.model.layers[0].mlp.up_proj, BlockKernelLinear)
+    else:
+        state = load_gguf_state_dict(gguf_file, config, torch.bfloat16)
+        assert state["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     after = _mapped_kib(gguf_file.raw("token_embd.weight").data_ptr())
-    assert isinstance(model.model.layers[0].mlp.up_proj, BlockKernelLinear)
     assert after < 256, f"{after} KiB of the file still mapped after the load ({before} before)"
 
 

@@ -217,4 +217,5 @@ def load_gguf_state_dict(gguf_file: GGUFFile, config: ModelConfig,
         our_name = _our_name(name)
         assert our_name is not None, name
         state[our_name] = weight
+    gguf_file.drop_all_pages()  # what reading the tensors from the map left mapped
     return state
