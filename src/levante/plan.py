@@ -161,8 +161,8 @@ def plan(ref_or_preset: str, *, quant: str | None = None, context: int | None = 
     kv_per_token = math.ceil(config.num_layers * kv_heads * config.head_dim * 2
                              * KV_BYTES_PER_VALUE[kv_cache_dtype])
     kv_cache = kv_per_token * context * batch
-    # A 16-bit float model computes in its dtype; block and Levante formats in float32.
-    activation_bytes = 2 if fmt in ("f16", "bf16") else 4
+    # A float model computes in its own dtype; block and Levante formats in float32.
+    activation_bytes = int(FLOAT_BITS.get(fmt, 32)) // 8
     overhead = overhead_bytes(config, batch, tensor_parallel, activation_bytes)
     total = weights_bytes - mapped + kv_cache + overhead
     fits = None if memory is None else total <= memory

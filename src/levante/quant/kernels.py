@@ -81,9 +81,7 @@ class PackedWeight:
     def rows(self, start: int, end: int) -> PackedWeight:
         """Rows [start, end) as views of these arrays; `start` must begin a panel (a multiple
         of PANEL_ROWS), and `end` end one or the tensor."""
-        if start % PANEL_ROWS or (end % PANEL_ROWS and end != self.shape[0]):
-            raise ValueError(f"rows [{start}, {end}) of {self.shape[0]} are not whole panels "
-                             f"of {PANEL_ROWS}")
+        _check_whole_panels(start, end, self.shape[0])
         return PackedWeight(self.qtype, (end - start, self.shape[1]), self.qs[start:end],
                             self.d[start:end], None if self.m is None else self.m[start:end])
 
@@ -142,8 +140,7 @@ def repack_into(out: PackedWeight, start: int, raw: torch.Tensor) -> None:
         raise ValueError(f"{qtype.name} weight of shape {out.shape} needs {row_bytes} bytes a "
                          f"row, got {raw.numel()} bytes for rows {start}.. of it")
     end = start + rows
-    if start % PANEL_ROWS or (end % PANEL_ROWS and end != num_rows):
-        raise ValueError(f"rows {start}..{end} of {num_rows} are not whole {PANEL_ROWS}-row panels")
+    _check_whole_panels(start, end, num_rows)
     qs, d = out.qs[start:end], out.d[start:end]
     m = out.m[start:end] if out.m is not None else None
     kernel = _kernel()
@@ -157,6 +154,13 @@ def repack_into(out: PackedWeight, start: int, raw: torch.Tensor) -> None:
     if m is not None:
         _to_panels(blocks[..., scale_size:quant_start].unflatten(-1, (1, 2)), m.view(torch.uint8))
     _to_panels(blocks[..., quant_start:].unflatten(-1, (quant_size // 4, 4)), qs)
+
+
+def _check_whole_panels(start: int, end: int, num_rows: int) -> None:
+    """ValueError unless rows [start, end) of `num_rows` begin a panel and end one (or the
+    tensor): the rows a PackedWeight's arrays slice and stack like."""
+    if start % PANEL_ROWS or (end % PANEL_ROWS and end != num_rows):
+        raise ValueError(f"rows {start}..{end} of {num_rows} are not whole {PANEL_ROWS}-row panels")
 
 
 def _panel_splits(num_rows: int) -> list[tuple[int, int]]:
