@@ -94,11 +94,13 @@ def test_quantized_layers_stay_quantized_on_cuda(fmt: str) -> None:
     cls = Int8Linear if fmt == "int8" else Int4Linear
     weight = torch.randn(768, 512) * 0.02
     layer = cls.from_float(weight.cuda())  # built on the GPU: its kernel is chosen there
+    assert layer.kernel == ("triton" if fmt == "int8" else "packed")  # neither rebuilds w per call
+    portable = cls.from_float(weight.cuda(), kernel="dequantize")  # the same codes, plain torch
     assert all(b.device.type == "cuda" for b in layer.buffers())
     assert not any(b.is_floating_point() and b.shape == weight.shape for b in layer.buffers())
-    for rows in (1, 7):
+    for rows in (1, 7, 300):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
         out = layer(x)
-        expected = F.linear(x.float(), layer.dequantize().float())
+        expected = F.linear(x.float(), portable.dequantize().float())
         error = (out.float() - expected).norm() / expected.norm()
         assert out.shape == (rows, 768) and error < 1e-2

@@ -8,13 +8,20 @@ slower than f32 `F.linear`, f16 in: ~50x), so they run in bf16 and the residual 
 the model's dtype. torchao is not used: its int8 path is only fast under torch.compile and its
 default int4 config fails on CPU (shared/NOTES.md). Other devices get the plain-torch
 "dequantize" kernel: int8 multiplies by its codes in the activations' dtype and scales each
-output row after; int4 rebuilds the weight from its nibbles each call. Neither is fast on a GPU
-(H200, Mistral Small 3's shape: int8 decoded 5.7 tok/s against bf16's 73.3 when it still
-scaled a float32 copy first; `benchmarks/gpu.py`): there, bf16 or `--quant fp8` is the path.
+output row after; int4 rebuilds the weight from its nibbles each call (H200, Mistral Small 3's
+shape: int8 decoded 5.7 tok/s that way against bf16's 73.3; `benchmarks/gpu.py`).
+
+On CUDA neither format makes a 16-bit weight per call: int8 runs "triton"
+(`quant.triton_matmul`, the codes converted in registers, 1 byte read per weight), int4 runs
+"packed" through PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`, gpt-fast's tinygemm, bf16
+activations), its weight packed once at construction. The CUDA int4 kernel's input packing
+changed in PyTorch 2.5 (int32 codes -> uint8 pairs); `_cuda_int4_nibble_order` finds the
+installed build's order with one small call, checked against the plain-torch result.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -29,28 +36,43 @@ from torch.overrides import TorchFunctionMode
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.model import Transformer
+from levante.quant import triton_matmul
 from levante.weights.layout import expected_shapes
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("int8", "int4")
-KERNELS = ("packed", "dequantize")
+KERNELS = ("packed", "triton", "dequantize")
 PACKED_DTYPE = torch.bfloat16  # activation and scale dtype the packed CPU kernels want
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
 PACK_ROWS = 4096  # rows packed per call: a multiple of the kernel's 64-row blocks
 
 
-def default_kernel(device: torch.device | str) -> str:
-    """The fastest measured kernel for `device`: packed on CPU, dequantize elsewhere."""
-    return "packed" if torch.device(device).type == "cpu" else "dequantize"
+def default_kernel(device: torch.device | str, fmt: str = "int8") -> str:
+    """The fastest kernel for `device` and format: "packed" on CPU; on CUDA "triton" for int8
+    (where Triton is installed) and "packed" for int4 (where PyTorch's CUDA int4 kernel runs
+    here); "dequantize" elsewhere."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "packed"
+    if device.type == "cuda":
+        if fmt == "int8" and triton_matmul.available(device):
+            return "triton"
+        if fmt == "int4" and _cuda_int4_nibble_order(device) is not None:
+            return "packed"
+    return "dequantize"
 
 
-def _check_kernel(kernel: str, device: torch.device) -> None:
+def _check_kernel(kernel: str, device: torch.device, fmt: str) -> None:
     if kernel not in KERNELS:
         raise ConfigError(f"quantized kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "packed" and device.type != "cpu":
-        raise ConfigError(f"the packed int8/int4 kernels are wired for CPU only, not {device}; "
-                          f"use kernel='dequantize'")
+    if kernel == "packed" and not (device.type == "cpu" or (fmt == "int4"
+                                                            and device.type == "cuda")):
+        raise ConfigError(f"the packed {fmt} kernel runs on {'CPU and CUDA' if fmt == 'int4' else 'CPU'}, "
+                          f"not {device}; use kernel='dequantize'")
+    if kernel == "triton" and (fmt != "int8" or not triton_matmul.available(device)):
+        raise ConfigError(f"the triton kernel runs int8 on CUDA with Triton installed, not {fmt} "
+                          f"on {device}; use kernel='dequantize'")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +118,50 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
+def _inner_k_tiles(in_features: int) -> int | None:
+    """The CUDA int4 layout's K tiling (2, 4 or 8 tiles of 16 inputs) that divides the input
+    width, largest first; None where none does."""
+    return next((tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0), None)
+
+
+def _pack_for_cuda_kernel(codes: torch.Tensor, nibble_order: str) -> torch.Tensor:
+    """Codes 0..15 [N, K] on a GPU -> `_weight_int4pack_mm`'s layout; `nibble_order` says
+    which nibble of each input byte holds the even column ("high" since PyTorch 2.5)."""
+    even, odd = codes[:, 0::2].to(torch.uint8), codes[:, 1::2].to(torch.uint8)
+    pairs = (even << 4 | odd) if nibble_order == "high" else (even | odd << 4)
+    tiles = _inner_k_tiles(codes.shape[1])
+    assert tiles is not None, "checked by Int4Linear"
+    return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+
+
+@functools.cache
+def _cuda_int4_nibble_order(device: torch.device) -> str | None:
+    """"high" or "low" (see `_pack_for_cuda_kernel`) where PyTorch's CUDA int4 kernel runs on
+    `device` and gives the plain-torch product for that order; None (logged) where it does not."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        log.info("int4: compute capability < 8.0 has no PyTorch CUDA int4 kernel")
+        return None
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16, 128), generator=gen, dtype=torch.uint8)
+    x = torch.randn(1, 128, generator=gen).to(PACKED_DTYPE)
+    expected = x.float() @ (codes.float() - 8).T  # scale 1, zero 0: w = code - 8
+    unit = torch.stack([torch.ones(4, 16), torch.zeros(4, 16)], dim=-1).to(PACKED_DTYPE)
+    for order in ("high", "low"):
+        try:
+            out = torch.ops.aten._weight_int4pack_mm(
+                x.to(device), _pack_for_cuda_kernel(codes.to(device), order), 32,
+                unit.to(device)).float().cpu()
+        except (RuntimeError, NotImplementedError, AttributeError) as e:  # missing op: Attr..
+            log.warning("int4: PyTorch's CUDA int4 kernel fails here (%s); weights are "
+                        "rebuilt per call instead", e)
+            return None
+        if (out - expected).norm() <= 1e-2 * expected.norm():
+            return order
+    log.warning("int4: PyTorch's CUDA int4 kernel matched neither nibble order; weights are "
+                "rebuilt per call instead")
+    return None
+
+
 def _pack_for_cpu_kernel(codes: torch.Tensor) -> torch.Tensor:
     """Codes [N, K] -> `_weight_int4pack_mm_for_cpu`'s layout, PACK_ROWS rows at a time.
 
@@ -137,8 +203,8 @@ class Int8Linear(nn.Module):
                  kernel: str | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.kernel = kernel or default_kernel(codes.device)
-        _check_kernel(self.kernel, codes.device)
+        self.kernel = kernel or default_kernel(codes.device, "int8")
+        _check_kernel(self.kernel, codes.device, "int8")
         self.register_buffer("codes", _aligned(codes.to(torch.int8).contiguous()))
         self.register_buffer("scales", scales.float().contiguous())
         # the packed kernel multiplies by bf16 scales; we scale in f32 afterwards instead
@@ -156,7 +222,9 @@ class Int8Linear(nn.Module):
         return self.codes.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "dequantize":
+        if self.kernel == "triton" and x.dtype in triton_matmul.ACTIVATION_DTYPES:
+            return triton_matmul.row_scaled_matmul(x, self.codes, self.scales)
+        if self.kernel != "packed":  # "dequantize", or "triton" with float32 activations
             return row_scaled_linear(x, self.codes, self.scales)
         return _linear_2d(x, self.out_features, lambda flat: torch.ops.aten._weight_int8pack_mm(
             flat.to(PACKED_DTYPE), self.codes, self.unit_scales).float() * self.scales)
@@ -186,8 +254,19 @@ class Int4Linear(nn.Module):
                               f"not supported; group size must be one of {INT4_GROUP_SIZES}")
         if not 1 <= bits <= 8:
             raise ConfigError(f"Int4Linear holds codes of 1 to 8 bits, not {bits}")
-        self.kernel = kernel or default_kernel(codes.device)
-        _check_kernel(self.kernel, codes.device)
+        self.kernel = kernel or default_kernel(codes.device, "int4")
+        _check_kernel(self.kernel, codes.device, "int4")
+        self.nibble_order = None
+        if self.kernel == "packed" and codes.device.type == "cuda":
+            self.nibble_order = _cuda_int4_nibble_order(codes.device)
+            problem = ("PyTorch's CUDA int4 kernel does not run here" if self.nibble_order is None
+                       else None if _inner_k_tiles(self.in_features) and self.out_features % 8 == 0
+                       else f"its CUDA layout needs N % 8 == 0 and K % 32 == 0, not "
+                            f"{self.out_features}x{self.in_features}")
+            if problem and kernel is not None:
+                raise ConfigError(f"int4 kernel 'packed': {problem}; use kernel='dequantize'")
+            if problem:
+                self.kernel = "dequantize"
         scales, offsets = scales.float(), offsets.float()
         if bits <= 4:
             planes = [(codes, scales, offsets + 8 * scales)]
@@ -201,7 +280,12 @@ class Int4Linear(nn.Module):
     def _add_plane(self, index: int, codes: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor) -> None:
         # kernel layout: weights packed for the CPU kernel, scales_and_zeros [K/g, N, 2]
-        packed = _pack_for_cpu_kernel(codes) if self.kernel == "packed" else pack_nibbles(codes)
+        if self.kernel != "packed":
+            packed = pack_nibbles(codes)
+        elif self.nibble_order is not None:
+            packed = _pack_for_cuda_kernel(codes, self.nibble_order)
+        else:
+            packed = _pack_for_cpu_kernel(codes)
         scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(PACKED_DTYPE)
         self.register_buffer(f"packed_{index}", packed.contiguous())
         self.register_buffer(f"scales_and_zeros_{index}", scales_and_zeros.contiguous())
@@ -219,8 +303,8 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [N, K]; only the portable ("dequantize" kernel) layout."""
         if self.kernel != "dequantize":
-            raise ConfigError("Int4Linear.dequantize needs kernel='dequantize': the packed CPU "
-                              "layout is private to PyTorch's kernel")
+            raise ConfigError("Int4Linear.dequantize needs kernel='dequantize': the packed "
+                              "layouts are private to PyTorch's kernels")
         weight = torch.zeros(self.out_features, self.in_features, device=self.packed_0.device)
         for index in range(self.num_planes):
             packed, scales_and_zeros = self._plane(index)
@@ -235,8 +319,9 @@ class Int4Linear(nn.Module):
         out = None
         for index in range(self.num_planes):
             packed, scales_and_zeros = self._plane(index)
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, packed, self.group_size, scales_and_zeros).float()
+            matmul = (torch.ops.aten._weight_int4pack_mm_for_cpu if flat.device.type == "cpu"
+                      else torch.ops.aten._weight_int4pack_mm)
+            part = matmul(flat, packed, self.group_size, scales_and_zeros).float()
             out = part if out is None else out.add_(part)
         assert out is not None
         return out
