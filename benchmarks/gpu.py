@@ -107,6 +107,8 @@ def main() -> None:
                         help="HBM bandwidth for the bound (H100 SXM: 3350 GB/s)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--skip", default="", help="rows to leave out, comma-separated: "
+                        "graphs, invariant, attention, kernels, configs")
     parser.add_argument("--deadline-s", type=float, default=420.0,
                         help="rows not started by then are skipped (the table still prints)")
     args = parser.parse_args()
@@ -143,23 +145,44 @@ def main() -> None:
             print(f"[{time.perf_counter() - began:6.1f} s, row took "
                   f"{time.perf_counter() - start:.1f} s] {got}", flush=True)
 
+    skip = set(filter(None, args.skip.split(",")))
     row("bf16 batch 1, TTFT, 32 streams",
         partial(_bf16_rows, model, engine_config, args, device, bound, rates))
-    row("with --batch-invariant",
-        partial(_invariant_row, model, engine_config, args, device, rates))
-    row("decode graphs vs eager, batch 1",
-        partial(_graphs_row, model, engine_config, args, device, bound))
-    row("flex vs sdpa", partial(_attention_row, model, engine_config, args, device))
-    row("int8 weight kernels, one layer", partial(_int8_kernels_row, config, device))
-    row("int8 decode, batch 1", partial(_int8_row, model, engine_config, args, device))
-    del model  # now int8; fp8 starts again from a bf16 model, so only one is held at a time
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    row("fp8 decode, batch 1",
-        partial(_fp8_row, config, engine_config, args, device, bf16_bound=bound))
+    for name, label, measure in (
+            ("graphs", "decode graphs vs eager, batch 1",
+             partial(_graphs_row, model, engine_config, args, device, bound)),
+            ("invariant", "with --batch-invariant",
+             partial(_invariant_row, model, engine_config, args, device, rates)),
+            ("attention", "flex vs sdpa", partial(_attention_row, model, engine_config, args,
+                                                  device)),
+            ("kernels", "8-bit and 4-bit kernels, one layer",
+             partial(_kernels_rows, config, device)),
+            ("configs", "int8 GEMV configs", partial(_gemv_configs_rows, config, device))):
+        if name not in skip:
+            row(label, measure)
+    # each format from a fresh bf16 model (int8/int4 quantize in place), one held at a time
+    for fmt in ("int8", "fp8", "int4"):
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        model = random_model(config, torch.bfloat16, device)
+        row(f"{fmt} batch 1, TTFT, {args.streams} streams",
+            partial(_quantized_rows, fmt, model, engine_config, args, device, bf16_bound=bound,
+                    rates=rates))
+    _print_tuned()
     print(f"{'measure':<34}{'value':>16}  note")
     for label, value, note in rows:
         print(f"{label:<34}{value:>16}  {note}")
+
+
+def _print_tuned() -> None:
+    """The config the Triton autotuner chose for each shape it met."""
+    import sys
+
+    kernels = sys.modules.get("levante.quant.triton_kernels")
+    for name in ("gemv_tuned", "gemm_tuned"):
+        for key, cfg in getattr(getattr(kernels, name, None), "cache", {}).items():
+            print(f"tuned {name} {key}: {cfg}")
 
 
 def _bf16_rows(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
@@ -197,31 +220,74 @@ def _invariant_row(model: Transformer, engine_config: EngineConfig, args: argpar
             f"{split_rate / batched:.2f}x of batched" if batched else "")
 
 
-def _int8_kernels_row(config: ModelConfig, device: str) -> tuple[str, str, str]:
-    """One [ffn, dim] weight at batch 1: bf16 F.linear, the int8 layer's default kernel, and
-    the fp8 layer, each against the bytes its weight holds (median of 50 after warm-up)."""
-    from levante.quant.fp8 import Fp8Linear
-    from levante.quant.linear import Int8Linear
+def _kernels_rows(config: ModelConfig, device: str) -> list[Row]:
+    """One [ffn, dim] weight (gate or up) at 1 and 256 tokens: bf16 `F.linear` against each
+    quantized layer's default kernel, and fp8's `_scaled_mm` forced at batch 1; each against
+    the bytes its weight holds (median of 50 calls after 10, the first tunes the kernel)."""
+    from levante.quant import fp8
+    from levante.quant.linear import Int4Linear, Int8Linear
 
     weight = torch.randn(config.ffn_dim, config.dim, device=device, dtype=torch.bfloat16) * 0.02
-    x = torch.randn(1, config.dim, device=device, dtype=torch.bfloat16)
-    layers = {"bf16": lambda v: torch.nn.functional.linear(v, weight),
-              "int8": Int8Linear.from_float(weight), "fp8": Fp8Linear.from_float(weight)}
-    notes = []
-    for name, layer in layers.items():
-        times = []
-        for i in range(60):
-            sync(device)
-            start = time.perf_counter()
-            layer(x)
-            sync(device)
-            if i >= 10:
-                times.append(time.perf_counter() - start)
-        median = sorted(times)[len(times) // 2]
-        size = weight.numel() * (2 if name == "bf16" else 1)
-        notes.append(f"{name} {median * 1e6:.0f} us ({size / median / 1e9:.0f} GB/s)")
-    kernel = layers["int8"].kernel
-    return ("int8 weight kernels, one layer", f"int8: {kernel}", "; ".join(notes))
+    fp8_layer = fp8.Fp8Linear.from_float(weight)
+    layers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "bf16": lambda v: torch.nn.functional.linear(v, weight),
+        "int8": Int8Linear.from_float(weight), "fp8": fp8_layer,
+        "int4": Int4Linear.from_float(weight)}
+    if fp8_layer.kernel == "scaled_mm":
+        layers["fp8 scaled_mm"] = partial(fp8._scaled_matmul, codes=fp8_layer.codes,
+                                          scales=fp8_layer.scales)
+    sizes = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8 scaled_mm": 1.0, "int4": 0.5 + 4 / 32}
+    rows = []
+    for tokens in (1, 256):
+        x = torch.randn(tokens, config.dim, device=device, dtype=torch.bfloat16)
+        notes = []
+        for name, layer in layers.items():
+            times = []
+            for i in range(60):
+                sync(device)
+                start = time.perf_counter()
+                layer(x)
+                sync(device)
+                if i >= 10:
+                    times.append(time.perf_counter() - start)
+            median = sorted(times)[len(times) // 2]
+            size = weight.numel() * sizes[name]
+            notes.append(f"{name} {median * 1e6:.0f} us ({size / median / 1e9:.0f} GB/s)")
+        kernels = ", ".join(f"{n}: {getattr(layers[n], 'kernel', '')}" for n in ("int8", "fp8", "int4"))
+        rows.append((f"one {config.ffn_dim}x{config.dim} layer, {tokens} tokens", kernels,
+                     "; ".join(notes)))
+    return rows
+
+
+def _gemv_configs_rows(config: ModelConfig, device: str) -> list[Row]:
+    """Each config of the batch-1 Triton kernel on int8 codes, gate/up's shape [ffn, dim] and
+    down's [dim, ffn], against the bytes read (median of 30 calls after 5): what the autotuner
+    chooses from."""
+    from levante.quant import triton_kernels as tk
+    from levante.quant.triton_matmul import cdiv
+
+    rows = []
+    for n, k in ((config.ffn_dim, config.dim), (config.dim, config.ffn_dim)):
+        codes = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+        scales = torch.rand(n, device=device)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        out = torch.empty(1, n, device=device, dtype=torch.bfloat16)
+        notes = []
+        for cfg in tk.GEMV_CONFIGS:
+            meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            times = []
+            for i in range(35):
+                sync(device)
+                start = time.perf_counter()
+                tk.gemv[(cdiv(n, cfg.kwargs["BLOCK_N"]),)](x, codes, scales, out, n, k, **meta)
+                sync(device)
+                if i >= 5:
+                    times.append(time.perf_counter() - start)
+            median = sorted(times)[len(times) // 2]
+            notes.append(f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}/w{cfg.num_warps}"
+                         f"s{cfg.num_stages} {median * 1e6:.0f} us {n * k / median / 1e9:.0f} GB/s")
+        rows.append((f"int8 GEMV configs, {n}x{k}", "", "; ".join(notes)))
+    return rows
 
 
 def _attention_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
@@ -261,35 +327,37 @@ def _graphs_row(model: Transformer, engine_config: EngineConfig, args: argparse.
             + f"{rates['auto'] / bound:.0%} of bound")
 
 
-def _int8_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
-              device: str) -> tuple[str, str, str]:
-    """int8 weight-only decode through the quantization module, where it is available."""
-    try:
-        from levante.quant.linear import quantize_model
-    except ImportError as e:
-        return ("int8 decode, batch 1", "n/a", f"quantization unavailable: {e}")
-    quantize_model(model, "int8")
-    engine = Engine(model, None, engine_config)
-    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)
-    rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
-                          device=device)
-    return ("int8 decode, batch 1", f"{rate:.1f} tok/s", "target >= 150 tok/s on an H100")
-
-
-def _fp8_row(config: ModelConfig, engine_config: EngineConfig, args: argparse.Namespace,
-             device: str, *, bf16_bound: float) -> tuple[str, str, str]:
-    """fp8 e4m3 decode (`quantize_model_fp8`, as `--quant fp8` loads) against its HBM bound."""
+def _quantized_rows(fmt: str, model: Transformer, engine_config: EngineConfig,
+                    args: argparse.Namespace, device: str, *, bf16_bound: float,
+                    rates: dict[str, float]) -> list[Row]:
+    """`fmt` ("int8", "int4": `quantize_model`; "fp8": `quantize_model_fp8`, as `--quant`
+    loads) decoding at batch 1 against its own HBM bound, TTFT and the streams' aggregate."""
     from levante.quant.fp8 import quantize_model_fp8
+    from levante.quant.linear import quantize_model
 
-    model = quantize_model_fp8(random_model(config, torch.bfloat16, device))
+    if fmt == "fp8":
+        quantize_model_fp8(model)
+    else:
+        quantize_model(model, fmt)  # int4: its default groups of 32
     kernel = model.model.layers[0].mlp.down_proj.kernel
+    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
     engine = Engine(model, None, engine_config)
-    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)
+    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # tunes, captures
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
                           device=device)
-    bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
-    return (f"fp8 decode, batch 1 ({kernel})", f"{rate:.1f} tok/s",
-            f"{rate / bound:.0%} of bound {bound:.1f} ({bound / bf16_bound:.2f}x bf16's)")
+    note = (f"{rate / bound:.0%} of bound {bound:.1f} ({bound / bf16_bound:.2f}x bf16's); "
+            f"{rate * args.bandwidth_gbs / bound:.0f} GB/s")
+    rows = [(f"{fmt} decode, batch 1 ({kernel})", f"{rate:.1f} tok/s", note)]
+    decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
+    _, ttft = decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
+    rows.append((f"{fmt} TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", ""))
+    decode_rate(engine, batch=args.streams, prompt_len=64, new_tokens=4, device=device)
+    rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
+                          new_tokens=args.new_tokens, device=device)
+    batched = rates.get("batched")
+    rows.append((f"{fmt} aggregate, {args.streams} streams", f"{rate:.1f} tok/s",
+                 f"{rate / batched:.2f}x bf16's" if batched else ""))
+    return rows
 
 
 if __name__ == "__main__":
