@@ -117,6 +117,30 @@ def test_combined_with_prefix_caching_preemption_and_sampling(model: Transformer
     assert results["uncaptured"] == results["off"]
 
 
+def test_a_failed_capture_runs_the_step_and_the_rest_uncaptured(
+        model: Transformer, caplog: pytest.LogCaptureFixture) -> None:
+    """A capture that raises (an H200 run: flex fell back to an eager path that copies from
+    the CPU, which capture forbids) costs no request: the step and all after it run as the
+    "uncaptured" mode does, with a warning. The CPU stands in for the GPU: capture is set on
+    and recording raises as it did there."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(model, (5, 9, 3))
+    expected = _tokens(Engine(model, None, _config("uncaptured")), prompts, params)
+    engine = Engine(model, None, _config("uncaptured"))
+    graphs = engine.runner.graphs
+    attempts = []
+
+    def failing_record(size: int) -> None:
+        attempts.append(size)
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    graphs.capture, graphs._record = True, failing_record
+    with caplog.at_level(logging.WARNING, logger="levante.engine.cuda_graphs"):
+        assert _tokens(engine, prompts, params) == expected
+    assert attempts == [4] and not graphs.capture and graphs.steps > 5
+    assert "capturing batch size 4 failed" in caplog.text
+
+
 def test_sizes_and_eligibility(model: Transformer) -> None:
     engine = Engine(model, None, _config("uncaptured", max_num_seqs=20))
     graphs = engine.runner.graphs

@@ -97,11 +97,16 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         self._load_inputs(batch, size)
         self.steps += 1
+        if self.capture and size not in self.graphs:
+            try:
+                self.graphs[size] = self._record(size)
+            except RuntimeError as e:  # the step still runs, eagerly; so do all after it
+                log.warning("decode graphs: capturing batch size %d failed (%s); decode steps "
+                            "run uncaptured from now on", size, e)
+                self.capture = False
         if not self.capture:
             logits = self._forward(size)
         else:
-            if size not in self.graphs:
-                self.graphs[size] = self._record(size)
             graph, logits = self.graphs[size]
             graph.replay()
         return logits[:n].clone(), list(range(n))

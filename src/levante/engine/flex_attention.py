@@ -67,8 +67,26 @@ class FlexKernel:
         from torch.nn.attention.flex_attention import flex_attention
 
         if device.type == "cuda":
+            raise_recompile_limit()
             return cls(torch.compile(flex_attention, dynamic=True), is_compiled=True)
         return cls(flex_attention, is_compiled=False)
+
+
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit() -> None:
+    """Let torch.compile keep up to RECOMPILE_LIMIT variants of one function (PyTorch: 8).
+
+    Every engine in a process compiles the same `flex_attention` code, so the variants (one per
+    KV dtype, head shape, block size... ) add up across engines: a test session, or models
+    loaded one after another. Past the limit PyTorch runs flex eagerly without a word, through
+    a path that a CUDA graph cannot capture (an H200 test session failed so on its 9th engine).
+    vLLM raises the same limit for the same reason.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
 
 
 @dataclass(frozen=True)
