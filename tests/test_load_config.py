@@ -98,8 +98,13 @@ def test_dtype_auto_resolution_per_device(monkeypatch: pytest.MonkeyPatch) -> No
     assert cpu.with_dtype(torch.bfloat16).dtype == "bfloat16"
     assert cpu.with_dtype(None).dtype == "float32"  # quantized blocks, dequantized on the CPU
     assert cpu.replace(dtype="float32").with_dtype(torch.bfloat16).dtype == "float32"
+    assert cpu.with_dtype(torch.float32).dtype == "float32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert LoadConfig(device="cuda").with_dtype(None).dtype == "bfloat16"
+    # a float32 checkpoint on a GPU: its 16-bit type unless float32 is asked for
+    assert LoadConfig(device="cuda").with_dtype(torch.float32).dtype == "bfloat16"
+    assert LoadConfig(device="cuda", dtype="float32").with_dtype(torch.float32).dtype == "float32"
+    assert LoadConfig(device="cuda").with_dtype(torch.float16).dtype == "float16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Old GPU")
     assert LoadConfig(device="cuda").with_dtype(None).dtype == "float16"

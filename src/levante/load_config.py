@@ -101,13 +101,17 @@ class LoadConfig:
         """This config (device already resolved) with "auto" dtype made concrete.
 
         `stored` is the checkpoint's float precision (None where its weights are quantized
-        blocks with no float type of their own): weights keep it. Without one, the device's
-        default: float32 on the CPU, bfloat16 on CUDA (float16 where the GPU lacks it),
-        float16 on MPS. An explicit dtype the device cannot compute in is a ConfigError.
+        blocks with no float type of their own): weights keep it, except that a float32
+        checkpoint on a GPU gets the GPU's 16-bit type (vLLM's "auto" does the same: float32
+        doubles the memory and halves the speed of a bandwidth-bound decode). Without one, the
+        device's default: float32 on the CPU, bfloat16 on CUDA (float16 where the GPU lacks
+        it), float16 on MPS. An explicit dtype the device cannot compute in is a ConfigError.
         """
         assert self.device != "auto", "resolve the device first (on_device)"
+        on_gpu_as_f32 = stored == torch.float32 and self.device != "cpu"
         name = self.dtype if self.dtype != "auto" else (
-            dtype_name(stored) if stored is not None else self._device_default())
+            dtype_name(stored) if stored is not None and not on_gpu_as_f32
+            else self._device_default())
         _check_dtype_on_device(name, self.device)
         return self.replace(dtype=name)
 
