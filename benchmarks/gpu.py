@@ -157,7 +157,7 @@ def main() -> None:
                                                   device)),
             ("kernels", "8-bit and 4-bit kernels, one layer",
              partial(_kernels_rows, config, device)),
-            ("configs", "int8 GEMV configs", partial(_gemv_configs_rows, config, device))):
+            ("configs", "int8 kernel configs", partial(_configs_rows, config, device))):
         if name not in skip:
             row(label, measure)
     # each format from a fresh bf16 model (int8/int4 quantize in place), one held at a time
@@ -259,34 +259,46 @@ def _kernels_rows(config: ModelConfig, device: str) -> list[Row]:
     return rows
 
 
-def _gemv_configs_rows(config: ModelConfig, device: str) -> list[Row]:
-    """Each config of the batch-1 Triton kernel on int8 codes, gate/up's shape [ffn, dim] and
-    down's [dim, ffn], against the bytes read (median of 30 calls after 5): what the autotuner
-    chooses from."""
+def _configs_rows(config: ModelConfig, device: str) -> list[Row]:
+    """Each config of the Triton kernels on int8 codes (what the autotuner chooses from), at
+    1 token on gate/up's shape [ffn, dim] and down's [dim, ffn], at 16 and 256 tokens on
+    gate/up's; against the bytes of the codes (median of 30 calls after 5)."""
     from levante.quant import triton_kernels as tk
-    from levante.quant.triton_matmul import cdiv
+    from levante.quant.triton_matmul import cdiv, m_bucket
 
     rows = []
-    for n, k in ((config.ffn_dim, config.dim), (config.dim, config.ffn_dim)):
+    for n, k, tokens in ((config.ffn_dim, config.dim, 1), (config.dim, config.ffn_dim, 1),
+                         (config.ffn_dim, config.dim, 16), (config.ffn_dim, config.dim, 256)):
         codes = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
         scales = torch.rand(n, device=device)
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        out = torch.empty(1, n, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        out = torch.empty(tokens, n, device=device, dtype=torch.bfloat16)
+        configs = tk.GEMV_CONFIGS if tokens == 1 else tk._prune_gemm(
+            tk.GEMM_CONFIGS, {"M_BUCKET": m_bucket(tokens)})
         notes = []
-        for cfg in tk.GEMV_CONFIGS:
+        for cfg in configs:
             meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            if tokens == 1:
+                launch = partial(tk.gemv[(cdiv(n, meta["BLOCK_N"]),)], x, codes, scales, out,
+                                 n, k, **meta)
+            else:
+                launch = partial(tk.gemm[(cdiv(tokens, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))],
+                                 x, codes, scales, out, tokens, n, k, x.stride(0), out.stride(0),
+                                 m_bucket(tokens), **meta)
             times = []
             for i in range(35):
                 sync(device)
                 start = time.perf_counter()
-                tk.gemv[(cdiv(n, cfg.kwargs["BLOCK_N"]),)](x, codes, scales, out, n, k, **meta)
+                launch()
                 sync(device)
                 if i >= 5:
                     times.append(time.perf_counter() - start)
             median = sorted(times)[len(times) // 2]
-            notes.append(f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}/w{cfg.num_warps}"
-                         f"s{cfg.num_stages} {median * 1e6:.0f} us {n * k / median / 1e9:.0f} GB/s")
-        rows.append((f"int8 GEMV configs, {n}x{k}", "", "; ".join(notes)))
+            flags = "".join(f"/{name.lower()}" for name in ("MAGIC", "SWAP") if cfg.kwargs.get(name))
+            notes.append(f"{'x'.join(str(v) for key, v in cfg.kwargs.items() if key.startswith('BLOCK'))}"
+                         f"/w{cfg.num_warps}s{cfg.num_stages}{flags} {median * 1e6:.0f} us "
+                         f"{n * k / median / 1e9:.0f} GB/s")
+        rows.append((f"int8 configs, {n}x{k}, {tokens} tokens", "", "; ".join(notes)))
     return rows
 
 

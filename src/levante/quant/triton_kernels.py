@@ -2,29 +2,49 @@
 how); this module imports triton, so it is imported only when a kernel first runs.
 
 `gemv` / `gemm` are the raw kernels (tests run each config through Triton's interpreter);
-`gemv_tuned` / `gemm_tuned` pick a config per shape on first use, timed on the GPU.
+`gemv_tuned` / `gemm_tuned` pick a config per shape on first use, timed on the GPU. Besides
+tile sizes, the configs choose between two ways of doing the same arithmetic:
+
+- gemv MAGIC (int8 codes only): the int8 -> float conversion instruction runs at 16 per clock
+  per SM on Hopper, 40 us for one 32768x5120 layer on an H200 against ~35 us to read it. With
+  MAGIC the code's byte is put into the mantissa of 2^23 by one integer op and the offset
+  subtracted: (2^23 + (c + 128)) - (2^23 + 128) = c, exact, on the integer and float pipes.
+- gemm SWAP: computes y^T = w @ x^T, so the converted weight tile is the first operand of
+  the matrix instruction (Hopper's wgmma takes that one from registers, the second only from
+  shared memory) and a few tokens fill its narrow side, as decode batches need.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
 # (BLOCK_N, BLOCK_K, warps, stages). The float32 tile BLOCK_N x BLOCK_K stays in registers
-# (<= 64 per thread); a narrow BLOCK_N gives N = 5120 (o_proj, down_proj) 80-1280 programs.
+# (<= 64 per thread); a narrow BLOCK_N gives N = 5120 (o_proj, down_proj) 160-1280 programs.
+# Each shape runs with and without MAGIC (`_prune_gemv` drops MAGIC for float8 codes).
 GEMV_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 4), (8, 1024, 4, 3), (4, 2048, 4, 3),
-               (64, 256, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); `_prune_gemm` keeps those whose BLOCK_M suits M.
-GEMM_SHAPES = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-               (32, 64, 256, 4, 3), (32, 128, 128, 4, 4),
-               (64, 64, 128, 4, 4), (64, 128, 128, 8, 3),
-               (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in GEMV_SHAPES]
-GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                              num_stages=s) for m, n, k, w, s in GEMM_SHAPES]
+               (32, 512, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP); `_prune_gemm` keeps those whose BLOCK_M
+# suits M. SWAP tiles put BLOCK_N on the matrix instruction's 64-row side.
+GEMM_SHAPES = [(16, 32, 256, 4, 4, False), (16, 64, 256, 4, 3, False),
+               (16, 128, 128, 4, 4, False), (16, 64, 256, 4, 4, True), (16, 128, 128, 4, 4, True),
+               (32, 64, 256, 4, 3, False), (32, 128, 128, 4, 4, False),
+               (32, 64, 256, 4, 4, True), (32, 128, 128, 4, 4, True),
+               (64, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False),
+               (64, 128, 128, 4, 4, True),
+               (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+               (128, 128, 128, 8, 3, False), (128, 128, 64, 8, 3, True)]
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MAGIC": magic}, num_warps=w,
+                              num_stages=s)
+                for magic in (False, True) for n, k, w, s in GEMV_SHAPES]
+GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": swap},
+                              num_warps=w, num_stages=s) for m, n, k, w, s, swap in GEMM_SHAPES]
+# 2^23's bits, with the bit that turns a two's complement byte c into c + 128; and 2^23 + 128
+MAGIC_BITS = tl.constexpr(0x4B000080)
+MAGIC_OFFSET = tl.constexpr(8388736.0)
 
 
 # Masked-off codes are loaded without a fill value (Triton cannot cast one to float8) and
@@ -33,7 +53,7 @@ GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_wa
 
 @triton.jit
 def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]  # Triton values
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
     """y[n] = s[n] * sum_k w[n, k] x[k] for one row x; BLOCK_N outputs per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -44,7 +64,12 @@ def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]  # Tr
         k_mask = offs_k < K - start
         x = tl.load(x_ptr + start + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptrs + start, mask=n_mask[:, None] & k_mask[None, :])
-        acc += tl.where(k_mask[None, :], w.to(tl.float32), 0.0) * x[None, :]
+        if MAGIC:
+            bits = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ MAGIC_BITS
+            wf = bits.to(tl.float32, bitcast=True) - MAGIC_OFFSET
+        else:
+            wf = w.to(tl.float32)
+        acc += tl.where(k_mask[None, :], wf, 0.0) * x[None, :]
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     y = tl.sum(acc, axis=1) * scale
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -52,25 +77,46 @@ def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]  # Tr
 
 @triton.jit
 def gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,  # type: ignore[no-untyped-def]
-         M_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         M_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+         SWAP: tl.constexpr):
     """y = (x @ w^T) * s for x [M, K]; program (i, j) owns rows i*BLOCK_M.. and columns
     j*BLOCK_N..; i runs fastest, so programs sharing a weight tile run side by side."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - start
-        x = tl.load(x_ptrs + start, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs + start, mask=k_mask[:, None] & n_mask[None, :])
-        acc = tl.dot(x, tl.where(k_mask[:, None], w.to(x.dtype), 0.0), acc)
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-    y = acc * scale[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SWAP:  # acc [BLOCK_N, BLOCK_M] = w [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+        x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - start
+            xt = tl.load(x_ptrs + start, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs + start, mask=n_mask[:, None] & k_mask[None, :])
+            acc_t = tl.dot(tl.where(k_mask[None, :], w.to(xt.dtype), 0.0), xt, acc_t)
+        y_t = acc_t * scale[:, None]
+        y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, y_t.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - start
+            x = tl.load(x_ptrs + start, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs + start, mask=k_mask[:, None] & n_mask[None, :])
+            acc = tl.dot(x, tl.where(k_mask[:, None], w.to(x.dtype), 0.0), acc)
+        y = acc * scale[None, :]
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _prune_gemv(configs: list[Any], named_args: dict[str, Any], **_: Any) -> list[Any]:
+    """MAGIC reads the codes as two's complement bytes: int8 only."""
+    if named_args["w_ptr"].dtype == torch.int8:
+        return configs
+    return [c for c in configs if not c.kwargs["MAGIC"]]
 
 
 def _prune_gemm(configs: list[Any], named_args: dict[str, Any], **_: Any) -> list[Any]:
@@ -79,6 +125,7 @@ def _prune_gemm(configs: list[Any], named_args: dict[str, Any], **_: Any) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] == block_m]
 
 
-gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"])(gemv)
+gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"],
+                             prune_configs_by={"early_config_prune": _prune_gemv})(gemv)
 gemm_tuned = triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"],
                              prune_configs_by={"early_config_prune": _prune_gemm})(gemm)
