@@ -180,7 +180,7 @@ def _print_tuned() -> None:
     import sys
 
     kernels = sys.modules.get("levante.quant.triton_kernels")
-    for name in ("gemv_tuned", "gemm_tuned"):
+    for name in ("gemv_tuned", "gemm_tuned", "int4_gemv_tuned", "int4_gemm_tuned"):
         for key, cfg in getattr(getattr(kernels, name, None), "cache", {}).items():
             print(f"tuned {name} {key}: {cfg}")
 
@@ -236,7 +236,10 @@ def _kernels_rows(config: ModelConfig, device: str) -> list[Row]:
     if fp8_layer.kernel == "scaled_mm":
         layers["fp8 scaled_mm"] = partial(fp8._scaled_matmul, codes=fp8_layer.codes,
                                           scales=fp8_layer.scales)
-    sizes = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8 scaled_mm": 1.0, "int4": 0.5 + 4 / 32}
+    if device == "cuda":
+        layers["int4 tinygemm"] = Int4Linear.from_float(weight, kernel="packed")
+    sizes = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8 scaled_mm": 1.0, "int4": 0.5 + 4 / 32,
+             "int4 tinygemm": 0.5 + 4 / 32}
     rows = []
     for tokens in (1, 256):
         x = torch.randn(tokens, config.dim, device=device, dtype=torch.bfloat16)
@@ -285,21 +288,63 @@ def _configs_rows(config: ModelConfig, device: str) -> list[Row]:
                 launch = partial(tk.gemm[(cdiv(tokens, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))],
                                  x, codes, scales, out, tokens, n, k, x.stride(0), out.stride(0),
                                  m_bucket(tokens), **meta)
-            times = []
-            for i in range(35):
-                sync(device)
-                start = time.perf_counter()
-                launch()
-                sync(device)
-                if i >= 5:
-                    times.append(time.perf_counter() - start)
-            median = sorted(times)[len(times) // 2]
+            median = _median_time(launch, device)
             flags = "".join(f"/{name.lower()}" for name in ("MAGIC", "SWAP") if cfg.kwargs.get(name))
             notes.append(f"{'x'.join(str(v) for key, v in cfg.kwargs.items() if key.startswith('BLOCK'))}"
                          f"/w{cfg.num_warps}s{cfg.num_stages}{flags} {median * 1e6:.0f} us "
                          f"{n * k / median / 1e9:.0f} GB/s")
         rows.append((f"int8 configs, {n}x{k}, {tokens} tokens", "", "; ".join(notes)))
+    rows.extend(_int4_configs_rows(config, device))
     return rows
+
+
+def _int4_configs_rows(config: ModelConfig, device: str) -> list[Row]:
+    """Each config of the int4 Triton kernels (groups of 32) on gate/up's shape, at 1 and 256
+    tokens, against the bytes of codes, scales and zeros."""
+    from levante.quant import triton_kernels as tk
+    from levante.quant.linear import Int4Linear
+    from levante.quant.triton_matmul import cdiv, m_bucket
+
+    n, k, group = config.ffn_dim, config.dim, 32
+    layer = Int4Linear.from_float(torch.randn(n, k, device=device) * 0.02, kernel="dequantize")
+    packed, sz = layer.packed_0, layer.scales_and_zeros_0
+    nbytes = packed.numel() + sz.numel() * 2
+    rows = []
+    for tokens in (1, 256):
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        out = torch.empty(tokens, n, device=device, dtype=torch.bfloat16)
+        configs = tk._prune_int4(tk.INT4_GEMV_CONFIGS if tokens == 1 else tk.INT4_GEMM_CONFIGS,
+                                 {} if tokens == 1 else {"M_BUCKET": m_bucket(tokens)},
+                                 GROUP=group)
+        notes = []
+        for cfg in configs:
+            meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            if tokens == 1:
+                launch = partial(tk.int4_gemv[(cdiv(n, meta["BLOCK_N"]),)], x, packed, sz, out,
+                                 n, k, GROUP=group, **meta)
+            else:
+                launch = partial(
+                    tk.int4_gemm[(cdiv(tokens, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))],
+                    x, packed, sz, out, tokens, n, k, x.stride(0), out.stride(0),
+                    m_bucket(tokens), GROUP=group, **meta)
+            median = _median_time(launch, device)
+            notes.append(f"{'x'.join(str(v) for v in cfg.kwargs.values())}/w{cfg.num_warps}"
+                         f"s{cfg.num_stages} {median * 1e6:.0f} us {nbytes / median / 1e9:.0f} GB/s")
+        rows.append((f"int4 configs, {n}x{k}, {tokens} tokens", "", "; ".join(notes)))
+    return rows
+
+
+def _median_time(launch: Callable[[], object], device: str, calls: int = 30) -> float:
+    """Median seconds of `calls` calls after 5 unmeasured ones."""
+    times = []
+    for i in range(calls + 5):
+        sync(device)
+        start = time.perf_counter()
+        launch()
+        sync(device)
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _attention_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,

@@ -87,14 +87,16 @@ def test_a_cpu_grammar_mask_applies_to_cuda_logits() -> None:
     assert out.token_ids[2] == int(cpu[2, :250].argmax())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantized_layers_stay_quantized_on_cuda(fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "kernel"), [("int8", None), ("int4", None), ("int4", "packed")])
+def test_quantized_layers_stay_quantized_on_cuda(fmt: str, kernel: str | None) -> None:
+    """The default kernel on CUDA (Triton) and PyTorch's int4 kernel (tinygemm), at decode and
+    prefill sizes, against the same codes computed in plain torch."""
     from levante.quant.linear import Int4Linear, Int8Linear
 
     cls = Int8Linear if fmt == "int8" else Int4Linear
     weight = torch.randn(768, 512) * 0.02
-    layer = cls.from_float(weight.cuda())  # built on the GPU: its kernel is chosen there
-    assert layer.kernel == ("triton" if fmt == "int8" else "packed")  # neither rebuilds w per call
+    layer = cls.from_float(weight.cuda(), kernel=kernel)  # built on the GPU: kernel chosen there
+    assert layer.kernel == (kernel or "triton")  # neither rebuilds the weight per call
     portable = cls.from_float(weight.cuda(), kernel="dequantize")  # the same codes, plain torch
     assert all(b.device.type == "cuda" for b in layer.buffers())
     assert not any(b.is_floating_point() and b.shape == weight.shape for b in layer.buffers())

@@ -55,6 +55,31 @@ for name in ("int8", "fp8"):
                               m_bucket(rows), **meta)
             error = ((out.float() - expected).norm() / expected.norm()).item()
             errors[f"{name} M={rows} {sorted(meta.items())}"] = error
+from levante.quant.linear import Int4Linear
+for group in (32, 128):
+    K4 = 384 if group == 32 else 768  # not a multiple of any BLOCK_K
+    layer = Int4Linear.from_float(torch.randn(N, K4), group_size=group, kernel="dequantize")
+    reference = layer.dequantize()
+    packed, sz = layer.packed_0, layer.scales_and_zeros_0
+    for rows in (1, 3, 20):
+        x = torch.randn(rows, K4).half()
+        expected = x.float() @ reference.T
+        if rows == 1:
+            configs = tk._prune_int4(tk.INT4_GEMV_CONFIGS, {}, GROUP=group)
+        else:
+            configs = tk._prune_int4(tk.INT4_GEMM_CONFIGS, {}, GROUP=group)  # every BLOCK_M
+        for config in configs:
+            out = torch.full((rows, N), float("nan"), dtype=torch.half)
+            meta = config.kwargs
+            if rows == 1:
+                tk.int4_gemv[(cdiv(N, meta["BLOCK_N"]),)](x, packed, sz, out, N, K4,
+                                                          GROUP=group, **meta)
+            else:
+                grid = (cdiv(rows, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
+                tk.int4_gemm[grid](x, packed, sz, out, rows, N, K4, x.stride(0),
+                                   out.stride(0), m_bucket(rows), GROUP=group, **meta)
+            error = ((out.float() - expected).norm() / expected.norm()).item()
+            errors[f"int4/{group} M={rows} {sorted(meta.items())}"] = error
 print(json.dumps(errors))
 """
 
@@ -68,10 +93,19 @@ def test_every_config_matches_the_float_product_in_the_interpreter() -> None:
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
-    from levante.quant.triton_kernels import GEMM_SHAPES, GEMV_SHAPES
+    from levante.quant.triton_kernels import (
+        GEMM_SHAPES,
+        GEMV_SHAPES,
+        INT4_GEMM_SHAPES,
+        INT4_GEMV_SHAPES,
+    )
 
     # int8 runs each GEMV shape with and without MAGIC, fp8 without; both run every GEMM config
-    assert len(errors) == 3 * len(GEMV_SHAPES) + 2 * 2 * len(GEMM_SHAPES)
+    assert sum(not key.startswith("int4") for key in errors) == \
+        3 * len(GEMV_SHAPES) + 2 * 2 * len(GEMM_SHAPES)
+    assert sum(key.startswith("int4/32") for key in errors) == \
+        len(INT4_GEMV_SHAPES) + 2 * len(INT4_GEMM_SHAPES)
+    assert any(key.startswith("int4/128") for key in errors)
     assert any("MAGIC', True" in key for key in errors)
     assert any("SWAP', True" in key for key in errors)
     bad = {key: error for key, error in errors.items() if not error < 2e-3}  # f16 output rounding
@@ -121,6 +155,25 @@ def test_tuned_kernels_match_the_float_product_on_cuda(fmt: str) -> None:
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("group", [32, 128])
+def test_tuned_int4_kernels_match_the_portable_weights_on_cuda(group: int) -> None:
+    from levante.quant.linear import Int4Linear
+
+    weight = torch.randn(1000, 5120 + group, device="cuda")  # N and K off every block size
+    layer = Int4Linear.from_float(weight, group_size=group)
+    assert layer.kernel == "triton"
+    reference = layer.dequantize()
+    for rows in (1, 2, 7, 16, 33, 300):
+        x = torch.randn(rows, weight.shape[1], device="cuda", dtype=torch.bfloat16)
+        out = layer(x)
+        expected = x.float() @ reference.T
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 1000)
+        assert (out.float() - expected).norm() / expected.norm() < 5e-3, rows
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
 def test_a_captured_graph_replays_the_kernel() -> None:
     codes, scales = _codes("int8", 512, 1024)
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
@@ -137,7 +190,7 @@ def test_a_captured_graph_replays_the_kernel() -> None:
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-packed", "fp8"])
 def test_quantized_decode_graphs_give_the_eager_tokens(fmt: str) -> None:
     from levante.config import EngineConfig, ModelConfig
     from levante.engine.engine import Engine
@@ -154,9 +207,10 @@ def test_quantized_decode_graphs_give_the_eager_tokens(fmt: str) -> None:
     if fmt == "fp8":
         quantize_model_fp8(model)
     else:
-        quantize_model(model, fmt)
+        quantize_model(model, fmt.split("-")[0], kernel="packed" if "packed" in fmt else None)
     layer = model.model.layers[0].mlp.down_proj
-    assert layer.kernel == {"int8": "triton", "int4": "packed", "fp8": "scaled_mm"}[fmt]
+    assert layer.kernel == {"int8": "triton", "int4": "triton", "int4-packed": "packed",
+                            "fp8": "scaled_mm"}[fmt]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     prompts = [[1, 5, 9, 200, 77], [3, 4], list(range(20, 60))]
     tokens = {}

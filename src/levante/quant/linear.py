@@ -11,10 +11,12 @@ default int4 config fails on CPU (shared/NOTES.md). Other devices get the plain-
 output row after; int4 rebuilds the weight from its nibbles each call (H200, Mistral Small 3's
 shape: int8 decoded 5.7 tok/s that way against bf16's 73.3; `benchmarks/gpu.py`).
 
-On CUDA neither format makes a 16-bit weight per call: int8 runs "triton"
-(`quant.triton_matmul`, the codes converted in registers, 1 byte read per weight), int4 runs
-"packed" through PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`, gpt-fast's tinygemm, bf16
-activations), its weight packed once at construction. The CUDA int4 kernel's input packing
+On CUDA neither format makes a 16-bit weight per call: both run "triton"
+(`quant.triton_matmul`: the codes are converted in registers, 1 or 1/2 byte read per weight;
+int4 in the portable layout). Without Triton, int4 runs "packed" through PyTorch's CUDA int4
+kernel (`_weight_int4pack_mm`, gpt-fast's tinygemm, bf16 activations), its weight packed once
+at construction: fine at batch 1, but ~12 us per token of a prefill for a 32768x5120 layer
+(H200: 3151 us at 256 tokens, bf16 148), so not the default. That kernel's input packing
 changed in PyTorch 2.5 (int32 codes -> uint8 pairs); `_cuda_int4_nibble_order` finds the
 installed build's order with one small call, checked against the plain-torch result.
 """
@@ -49,14 +51,14 @@ PACK_ROWS = 4096  # rows packed per call: a multiple of the kernel's 64-row bloc
 
 
 def default_kernel(device: torch.device | str, fmt: str = "int8") -> str:
-    """The fastest kernel for `device` and format: "packed" on CPU; on CUDA "triton" for int8
-    (where Triton is installed) and "packed" for int4 (where PyTorch's CUDA int4 kernel runs
-    here); "dequantize" elsewhere."""
+    """The fastest kernel for `device` and format: "packed" on CPU; on CUDA "triton" where
+    Triton is installed, else "packed" for int4 (where PyTorch's CUDA int4 kernel runs here);
+    "dequantize" elsewhere."""
     device = torch.device(device)
     if device.type == "cpu":
         return "packed"
     if device.type == "cuda":
-        if fmt == "int8" and triton_matmul.available(device):
+        if triton_matmul.available(device):
             return "triton"
         if fmt == "int4" and _cuda_int4_nibble_order(device) is not None:
             return "packed"
@@ -70,9 +72,9 @@ def _check_kernel(kernel: str, device: torch.device, fmt: str) -> None:
                                                             and device.type == "cuda")):
         raise ConfigError(f"the packed {fmt} kernel runs on {'CPU and CUDA' if fmt == 'int4' else 'CPU'}, "
                           f"not {device}; use kernel='dequantize'")
-    if kernel == "triton" and (fmt != "int8" or not triton_matmul.available(device)):
-        raise ConfigError(f"the triton kernel runs int8 on CUDA with Triton installed, not {fmt} "
-                          f"on {device}; use kernel='dequantize'")
+    if kernel == "triton" and not triton_matmul.available(device):
+        raise ConfigError(f"the triton kernel runs on CUDA with Triton installed, not on "
+                          f"{device}; use kernel='dequantize'")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +282,7 @@ class Int4Linear(nn.Module):
     def _add_plane(self, index: int, codes: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor) -> None:
         # kernel layout: weights packed for the CPU kernel, scales_and_zeros [K/g, N, 2]
-        if self.kernel != "packed":
+        if self.kernel != "packed":  # "dequantize" and "triton" read the portable layout
             packed = pack_nibbles(codes)
         elif self.nibble_order is not None:
             packed = _pack_for_cuda_kernel(codes, self.nibble_order)
@@ -302,9 +304,9 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [N, K]; only the portable ("dequantize" kernel) layout."""
-        if self.kernel != "dequantize":
-            raise ConfigError("Int4Linear.dequantize needs kernel='dequantize': the packed "
-                              "layouts are private to PyTorch's kernels")
+        if self.kernel == "packed":
+            raise ConfigError("Int4Linear.dequantize needs kernel 'dequantize' or 'triton': the "
+                              "packed layouts are private to PyTorch's kernels")
         weight = torch.zeros(self.out_features, self.in_features, device=self.packed_0.device)
         for index in range(self.num_planes):
             packed, scales_and_zeros = self._plane(index)
@@ -327,7 +329,14 @@ class Int4Linear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "dequantize":
+        if self.kernel == "triton" and x.dtype in triton_matmul.ACTIVATION_DTYPES:
+            out = None
+            for index in range(self.num_planes):
+                part = triton_matmul.int4_matmul(x, *self._plane(index), self.group_size)
+                out = part if out is None else out + part
+            assert out is not None
+            return out
+        if self.kernel != "packed":  # "dequantize", or "triton" with float32 activations
             return F.linear(x, self.dequantize().to(x.dtype))
         return _linear_2d(x, self.out_features, self._packed_matmul)
 

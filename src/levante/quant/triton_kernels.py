@@ -129,3 +129,114 @@ gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"],
                              prune_configs_by={"early_config_prune": _prune_gemv})(gemv)
 gemm_tuned = triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"],
                              prune_configs_by={"early_config_prune": _prune_gemm})(gemm)
+
+
+# 4-bit codes, Levante's portable layout (`linear.pack_nibbles`: column 2j in the low nibble
+# of byte j, 2j+1 in the high one) with bf16 scales and zeros [K/GROUP, N, 2] per group of
+# GROUP inputs: w = (u - 8) * S + Z. A tile is read as [rows, groups, GROUP/2 bytes], so each
+# group's scale broadcasts over its bytes; a nibble becomes u - 8 by the mantissa trick above
+# ((2^23 + u) - (2^23 + 8)), no conversion instruction.
+INT4_MAGIC_OFFSET = tl.constexpr(8388616.0)  # 2^23 + 8
+INT4_MAGIC_BITS = tl.constexpr(0x4B000000)
+# (BLOCK_N, BLOCK_K, warps, stages); `_prune_int4` drops tiles narrower than a group.
+INT4_GEMV_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 3),
+                    (4, 1024, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): y^T = w @ x^T, as gemm's SWAP
+INT4_GEMM_SHAPES = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3),
+                    (32, 64, 128, 4, 3), (32, 128, 128, 4, 3), (32, 64, 256, 4, 3),
+                    (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 64, 256, 4, 3),
+                    (128, 128, 128, 8, 3), (128, 128, 256, 8, 2)]
+INT4_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                     for n, k, w, s in INT4_GEMV_SHAPES]
+INT4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                   num_stages=s) for m, n, k, w, s in INT4_GEMM_SHAPES]
+
+
+@triton.jit
+def _int4_minus_8(nibbles):  # type: ignore[no-untyped-def]
+    """uint8 values 0..15 -> float32 u - 8, exact."""
+    bits = nibbles.to(tl.int32) | INT4_MAGIC_BITS
+    return bits.to(tl.float32, bitcast=True) - INT4_MAGIC_OFFSET
+
+
+@triton.jit
+def int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] x[k] for one row x: per group, S * sum (u - 8) x + Z * sum x."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUPS)
+    offs_j = tl.arange(0, HALF)
+    n_mask = offs_n < N
+    num_groups = K // GROUP
+    w_ptrs = (w_ptr + offs_n[:, None, None].to(tl.int64) * (K // 2)
+              + offs_g[None, :, None] * HALF + offs_j[None, None, :])
+    x_ptrs = x_ptr + offs_g[:, None] * GROUP + 2 * offs_j[None, :]
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        g_mask = offs_g < num_groups - g0
+        b = tl.load(w_ptrs + g0 * HALF, mask=n_mask[:, None, None] & g_mask[None, :, None],
+                    other=0)
+        xe = tl.load(x_ptrs + g0 * GROUP, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptrs + g0 * GROUP + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        p = tl.sum(_int4_minus_8(b & 0xF) * xe[None] + _int4_minus_8(b >> 4) * xo[None], axis=2)
+        xs = tl.sum(xe + xo, axis=1)
+        sz = sz_ptr + ((g0 + offs_g)[None, :] * N + offs_n[:, None]) * 2  # [BLOCK_N, GROUPS]
+        sz_mask = n_mask[:, None] & g_mask[None, :]
+        s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)
+        z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+        acc += s * p + z * xs[None, :]
+    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def int4_gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm,  # type: ignore[no-untyped-def]
+              stride_ym, M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y^T [BLOCK_N, BLOCK_M] tiles = w @ x^T, the even and odd inputs as two dots."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUPS)
+    offs_j = tl.arange(0, HALF)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    num_groups = K // GROUP
+    w_ptrs = (w_ptr + offs_n[:, None, None].to(tl.int64) * (K // 2)
+              + offs_g[None, :, None] * HALF + offs_j[None, None, :])
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + 2 * offs_h[:, None]  # [K/2, M]
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        g_mask = offs_g < num_groups - g0
+        h_mask = offs_h < (num_groups - g0) * HALF
+        b = tl.load(w_ptrs + g0 * HALF, mask=n_mask[:, None, None] & g_mask[None, :, None],
+                    other=0)
+        sz = sz_ptr + ((g0 + offs_g)[None, :] * N + offs_n[:, None]) * 2
+        sz_mask = n_mask[:, None] & g_mask[None, :]
+        s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
+        xe = tl.load(x_ptrs + g0 * GROUP, mask=h_mask[:, None] & m_mask[None, :], other=0.0)
+        xo = tl.load(x_ptrs + g0 * GROUP + 1, mask=h_mask[:, None] & m_mask[None, :], other=0.0)
+        w_even = tl.reshape(_int4_minus_8(b & 0xF) * s + z, (BLOCK_N, BLOCK_K // 2))
+        w_odd = tl.reshape(_int4_minus_8(b >> 4) * s + z, (BLOCK_N, BLOCK_K // 2))
+        acc_t = tl.dot(w_even.to(xe.dtype), xe, acc_t)
+        acc_t = tl.dot(w_odd.to(xo.dtype), xo, acc_t)
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc_t.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def _prune_int4(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    """Tiles holding whole groups; for the GEMM, BLOCK_M as `_prune_gemm` picks it."""
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
+    if "M_BUCKET" in named_args:
+        kept = _prune_gemm(kept, named_args)
+    return kept
+
+
+int4_gemv_tuned = triton.autotune(configs=INT4_GEMV_CONFIGS, key=["N", "K", "GROUP"],
+                                  prune_configs_by={"early_config_prune": _prune_int4})(int4_gemv)
+int4_gemm_tuned = triton.autotune(configs=INT4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
+                                  prune_configs_by={"early_config_prune": _prune_int4})(int4_gemm)

@@ -82,5 +82,26 @@ def row_scaled_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     return out.reshape(*x.shape[:-1], n)
 
 
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [..., K] (bf16/f16) @ w^T for one plane of `linear.Int4Linear`'s portable layout:
+    packed [N, K/2] nibbles, scales_and_zeros [K/group_size, N, 2], w = (u - 8) * S + Z."""
+    from levante.quant import triton_kernels as kernels
+
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows, n, k = flat.shape[0], packed.shape[0], flat.shape[1]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 1:
+        kernels.int4_gemv_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+            flat, packed, scales_and_zeros, out, n, k, GROUP=group_size)
+    elif rows > 1:
+        kernels.int4_gemm_tuned[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
+            flat, packed, scales_and_zeros, out, rows, n, k, flat.stride(0), out.stride(0),
+            m_bucket(rows), GROUP=group_size)
+    return out.reshape(*x.shape[:-1], n)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
