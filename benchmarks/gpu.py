@@ -306,7 +306,7 @@ def _int4_configs_rows(config: ModelConfig, device: str) -> list[Row]:
     from levante.quant.triton_matmul import cdiv, m_bucket
 
     n, k, group = config.ffn_dim, config.dim, 32
-    layer = Int4Linear.from_float(torch.randn(n, k, device=device) * 0.02, kernel="dequantize")
+    layer = Int4Linear.from_float(torch.randn(n, k, device=device) * 0.02, kernel="triton")
     packed, sz = layer.packed_0, layer.scales_and_zeros_0
     nbytes = packed.numel() + sz.numel() * 2
     rows = []

@@ -58,8 +58,11 @@ for name in ("int8", "fp8"):
 from levante.quant.linear import Int4Linear
 for group in (32, 128):
     K4 = 384 if group == 32 else 768  # not a multiple of any BLOCK_K
-    layer = Int4Linear.from_float(torch.randn(N, K4), group_size=group, kernel="dequantize")
-    reference = layer.dequantize()
+    weight4 = torch.randn(N, K4)
+    layer = Int4Linear.from_float(weight4, group_size=group, kernel="triton")
+    reference = layer.dequantize()  # from the Triton layout: the portable one's weights
+    assert torch.equal(reference, Int4Linear.from_float(weight4, group_size=group,
+                                                        kernel="dequantize").dequantize())
     packed, sz = layer.packed_0, layer.scales_and_zeros_0
     for rows in (1, 3, 20):
         x = torch.randn(rows, K4).half()
@@ -104,7 +107,8 @@ def test_every_config_matches_the_float_product_in_the_interpreter() -> None:
     assert sum(not key.startswith("int4") for key in errors) == \
         3 * len(GEMV_SHAPES) + 2 * 2 * len(GEMM_SHAPES)
     assert sum(key.startswith("int4/32") for key in errors) == \
-        len(INT4_GEMV_SHAPES) + 2 * len(INT4_GEMM_SHAPES)
+        2 * len(INT4_GEMV_SHAPES) + 2 * len(INT4_GEMM_SHAPES)  # GEMV with and without ONE_PLUS
+    assert any("ONE_PLUS', True" in key for key in errors)
     assert any(key.startswith("int4/128") for key in errors)
     assert any("MAGIC', True" in key for key in errors)
     assert any("SWAP', True" in key for key in errors)

@@ -281,14 +281,18 @@ class Int4Linear(nn.Module):
 
     def _add_plane(self, index: int, codes: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor) -> None:
-        # kernel layout: weights packed for the CPU kernel, scales_and_zeros [K/g, N, 2]
+        # weights: pack_nibbles, or packed for PyTorch's kernel; scales_and_zeros [K/g, N, 2]
+        # as PyTorch's int4 kernels take them, [2, N, K/g] for Triton (rows read contiguously)
         if self.kernel != "packed":  # "dequantize" and "triton" read the portable layout
             packed = pack_nibbles(codes)
         elif self.nibble_order is not None:
             packed = _pack_for_cuda_kernel(codes, self.nibble_order)
         else:
             packed = _pack_for_cpu_kernel(codes)
-        scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(PACKED_DTYPE)
+        if self.kernel == "triton":  # [2, N, K/g]: a row's scales, then its zeros, side by side
+            scales_and_zeros = torch.stack([scales, zeros]).to(PACKED_DTYPE)
+        else:
+            scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(PACKED_DTYPE)
         self.register_buffer(f"packed_{index}", packed.contiguous())
         self.register_buffer(f"scales_and_zeros_{index}", scales_and_zeros.contiguous())
 
@@ -311,8 +315,11 @@ class Int4Linear(nn.Module):
         for index in range(self.num_planes):
             packed, scales_and_zeros = self._plane(index)
             groups = unpack_nibbles(packed).float().view(self.out_features, -1, self.group_size)
-            scales = scales_and_zeros[..., 0].t().float()[..., None]  # [N, K/g, 1]
-            zeros = scales_and_zeros[..., 1].t().float()[..., None]
+            if self.kernel == "triton":
+                scales, zeros = (part.float()[..., None] for part in scales_and_zeros)
+            else:
+                scales = scales_and_zeros[..., 0].t().float()[..., None]  # [N, K/g, 1]
+                zeros = scales_and_zeros[..., 1].t().float()[..., None]
             weight += ((groups - 8) * scales + zeros).view_as(weight)
         return weight
 
@@ -364,7 +371,9 @@ def quantize_model(model: Transformer, fmt: str, *, group_size: int = 32,
     for name, module in targets:
         weight = module.weight.detach()
         if fmt == "int8" or name == "lm_head":
-            new: nn.Module = Int8Linear.from_float(weight, kernel=kernel)
+            # the int4 model's int8 head: PyTorch's packed int8 kernel is CPU-only
+            head_kernel = None if kernel == "packed" and weight.device.type != "cpu" else kernel
+            new: nn.Module = Int8Linear.from_float(weight, kernel=head_kernel)
         else:
             new = Int4Linear.from_float(weight, group_size=group_size, kernel=kernel)
         parent_name, _, child = name.rpartition(".")

@@ -132,12 +132,15 @@ gemm_tuned = triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"],
 
 
 # 4-bit codes, Levante's portable layout (`linear.pack_nibbles`: column 2j in the low nibble
-# of byte j, 2j+1 in the high one) with bf16 scales and zeros [K/GROUP, N, 2] per group of
-# GROUP inputs: w = (u - 8) * S + Z. A tile is read as [rows, groups, GROUP/2 bytes], so each
-# group's scale broadcasts over its bytes; a nibble becomes u - 8 by the mantissa trick above
-# ((2^23 + u) - (2^23 + 8)), no conversion instruction.
+# of byte j, 2j+1 in the high one) with bf16 scales and zeros [2, N, K/GROUP] (each row's
+# scales contiguous, then its zeros) per group of GROUP inputs: w = (u - 8) * S + Z. A tile is
+# read as [rows, groups, GROUP/2 bytes], so each group's scale broadcasts over its bytes; a
+# nibble becomes u - 8 by the mantissa trick above ((2^23 + u) - (2^23 + 8)), no conversion
+# instruction. The GEMV's ONE_PLUS variant skips that subtraction: the nibble shifted into the
+# top of the mantissa of 1.0 is f = 1 + u/16, and per group sum (u - 8) x = 16 sum f x - 24 sum x.
 INT4_MAGIC_OFFSET = tl.constexpr(8388616.0)  # 2^23 + 8
 INT4_MAGIC_BITS = tl.constexpr(0x4B000000)
+ONE_BITS = tl.constexpr(0x3F800000)  # 1.0
 # (BLOCK_N, BLOCK_K, warps, stages); `_prune_int4` drops tiles narrower than a group.
 INT4_GEMV_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 3),
                     (4, 1024, 4, 3)]
@@ -146,8 +149,9 @@ INT4_GEMM_SHAPES = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 
                     (32, 64, 128, 4, 3), (32, 128, 128, 4, 3), (32, 64, 256, 4, 3),
                     (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 64, 256, 4, 3),
                     (128, 128, 128, 8, 3), (128, 128, 256, 8, 2)]
-INT4_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                     for n, k, w, s in INT4_GEMV_SHAPES]
+INT4_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ONE_PLUS": one_plus},
+                                   num_warps=w, num_stages=s)
+                     for one_plus in (False, True) for n, k, w, s in INT4_GEMV_SHAPES]
 INT4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
                                    num_stages=s) for m, n, k, w, s in INT4_GEMM_SHAPES]
 
@@ -160,8 +164,15 @@ def _int4_minus_8(nibbles):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _one_plus_sixteenth(nibbles_high):  # type: ignore[no-untyped-def]
+    """uint8 values with u in the high nibble (low nibble zero) -> float32 1 + u/16, exact."""
+    return ((nibbles_high.to(tl.int32) << 15) | ONE_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              ONE_PLUS: tl.constexpr):
     """y[n] = sum_k w[n, k] x[k] for one row x: per group, S * sum (u - 8) x + Z * sum x."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF: tl.constexpr = GROUP // 2
@@ -180,12 +191,18 @@ def int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]
                     other=0)
         xe = tl.load(x_ptrs + g0 * GROUP, mask=g_mask[:, None], other=0.0).to(tl.float32)
         xo = tl.load(x_ptrs + g0 * GROUP + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        p = tl.sum(_int4_minus_8(b & 0xF) * xe[None] + _int4_minus_8(b >> 4) * xo[None], axis=2)
         xs = tl.sum(xe + xo, axis=1)
-        sz = sz_ptr + ((g0 + offs_g)[None, :] * N + offs_n[:, None]) * 2  # [BLOCK_N, GROUPS]
+        if ONE_PLUS:
+            f = tl.sum(_one_plus_sixteenth(b << 4) * xe[None] + _one_plus_sixteenth(b & 0xF0)
+                       * xo[None], axis=2)
+            p = 16.0 * f - 24.0 * xs[None, :]
+        else:
+            p = tl.sum(_int4_minus_8(b & 0xF) * xe[None] + _int4_minus_8(b >> 4) * xo[None],
+                       axis=2)
+        s_ptrs = sz_ptr + offs_n[:, None].to(tl.int64) * num_groups + (g0 + offs_g)[None, :]
         sz_mask = n_mask[:, None] & g_mask[None, :]
-        s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)
-        z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptrs, mask=sz_mask, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
+        z = tl.load(s_ptrs + N * num_groups, mask=sz_mask, other=0.0).to(tl.float32)
         acc += s * p + z * xs[None, :]
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -213,10 +230,10 @@ def int4_gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm,  # type: ignore[n
         h_mask = offs_h < (num_groups - g0) * HALF
         b = tl.load(w_ptrs + g0 * HALF, mask=n_mask[:, None, None] & g_mask[None, :, None],
                     other=0)
-        sz = sz_ptr + ((g0 + offs_g)[None, :] * N + offs_n[:, None]) * 2
+        s_ptrs = sz_ptr + offs_n[:, None].to(tl.int64) * num_groups + (g0 + offs_g)[None, :]
         sz_mask = n_mask[:, None] & g_mask[None, :]
-        s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
+        s = tl.load(s_ptrs, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(s_ptrs + N * num_groups, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
         xe = tl.load(x_ptrs + g0 * GROUP, mask=h_mask[:, None] & m_mask[None, :], other=0.0)
         xo = tl.load(x_ptrs + g0 * GROUP + 1, mask=h_mask[:, None] & m_mask[None, :], other=0.0)
         w_even = tl.reshape(_int4_minus_8(b & 0xF) * s + z, (BLOCK_N, BLOCK_K // 2))

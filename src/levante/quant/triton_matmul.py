@@ -85,7 +85,7 @@ def row_scaled_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x [..., K] (bf16/f16) @ w^T for one plane of `linear.Int4Linear`'s portable layout:
-    packed [N, K/2] nibbles, scales_and_zeros [K/group_size, N, 2], w = (u - 8) * S + Z."""
+    packed [N, K/2] nibbles, scales_and_zeros [2, N, K/group_size] (S, then Z), w = (u - 8) * S + Z."""
     from levante.quant import triton_kernels as kernels
 
     flat = x.reshape(-1, x.shape[-1])
