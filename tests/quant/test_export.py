@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.model import Transformer
+from levante.quant.checkpoint import load_quantized_checkpoint, read_quant_metadata
 from levante.quant.export import quantize_checkpoint
 from levante.quant.gguf_model import load_gguf_quantized
 from levante.quant.gguf_quantize import export_type
 from levante.quant.k_quantize import K_QUANTIZERS
 from levante.quant.k_quantize import quantize as k_quantize
-from levante.quant.linear import load_quantized_checkpoint, read_quant_metadata
 from levante.weights.gguf import GGUFFile, load_gguf_state_dict
 from levante.weights.layout import expected_shapes, half_to_interleaved
 

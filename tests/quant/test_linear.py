@@ -15,18 +15,20 @@ from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
 from levante.model import Transformer
 from levante.quant import linear
+from levante.quant.checkpoint import (
+    QUANT_METADATA_KEY,
+    load_quantized_checkpoint,
+    quantized_tensors,
+    read_quant_metadata,
+)
 from levante.quant.gguf_linear import model_nbytes
 from levante.quant.linear import (
-    QUANT_METADATA_KEY,
     Int4Linear,
     Int8Linear,
-    load_quantized_checkpoint,
     pack_nibbles,
     quantize_int4,
     quantize_int8,
     quantize_model,
-    quantized_tensors,
-    read_quant_metadata,
     unpack_nibbles,
 )
 from levante.weights.layout import expected_shapes

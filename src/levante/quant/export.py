@@ -5,7 +5,7 @@ and bytes llama.cpp's quantizer would give it (levante.quant.gguf_quantize: the 
 pick a type per tensor), with llama.cpp's `general.file_type`.
 
 Levante's int8/int4 safetensors folder: config.json, the tokenizer files, and a
-model.safetensors in the format `levante.quant.linear.quantized_tensors` documents.
+model.safetensors in the format `levante.quant.checkpoint.quantized_tensors` documents.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from levante.config import ModelConfig
 from levante.errors import ConfigError, ModelFileError
+from levante.quant.checkpoint import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
 from levante.quant.export_source import (
     TensorSource,
     is_permuted,
@@ -36,7 +37,6 @@ from levante.quant.export_source import (
     reverse_names,
 )
 from levante.quant.gguf_quantize import GGUF_FORMATS, encode, export_type, llama_cpp_choice
-from levante.quant.linear import QUANT_FORMAT_VERSION, QUANT_METADATA_KEY, quantized_tensors
 from levante.weights.layout import (
     GGUF_GLOBAL_NAMES,
     GGUF_LAYER_NAMES,

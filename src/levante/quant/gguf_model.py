@@ -28,6 +28,7 @@ from levante.errors import ModelFileError
 from levante.load_config import GGUF_LOAD_FORMATS
 from levante.model import RMSNorm, Transformer, rotary_table
 from levante.quant import kernels
+from levante.quant.checkpoint import model_skeleton
 from levante.quant.gguf_blocks import FLOAT_DTYPES, K_SCALE_SIZE, SUPPORTED_TYPES, dequantize
 from levante.quant.gguf_linear import (
     BlockKernelLinear,
@@ -39,7 +40,7 @@ from levante.quant.gguf_linear import (
     kernel_summary,
 )
 from levante.quant.gguf_quantize import encode, export_type
-from levante.quant.linear import Int4Linear, model_skeleton
+from levante.quant.linear import Int4Linear
 from levante.weights.gguf import GGUFFile, check_fits_config, expected_gguf_shapes
 from levante.weights.layout import interleaved_to_half
 
