@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 linears, `quantize_model` (swap each nn.Linear), and their checkpoint form.
+"""Weight-only int8/int4 linears and `quantize_model` (swap each nn.Linear); their checkpoint
+form is in `quant.checkpoint`.
 
 Kernels, measured on the development CPU (AMD Zen 5, AVX512-BF16, torch 2.13, batch-1 GEMV,
 one thread, best of several interleaved runs): 4096x4096 f32 `F.linear` 5.4 ms,
@@ -6,8 +7,8 @@ one thread, best of several interleaved runs): 4096x4096 f32 `F.linear` 5.4 ms,
 0.060 / 0.025 / 0.026 ms. Both packed kernels are only fast with bf16 activations (f32 in: 4-10x
 slower than f32 `F.linear`, f16 in: ~50x), so they run in bf16 and the residual stream stays in
 the model's dtype. torchao is not used: its int8 path is only fast under torch.compile and its
-default int4 config fails on CPU (shared/NOTES.md). Other devices get the plain-torch
-"dequantize" kernel: int8 multiplies by its codes in the activations' dtype and scales each
+default int4 config fails on CPU (shared/NOTES.md). Other devices (MPS; CUDA without
+Triton, int8) get the plain-torch "dequantize" kernel: int8 multiplies by its codes in the activations' dtype and scales each
 output row after; int4 rebuilds the weight from its nibbles each call (H200, Mistral Small 3's
 shape: int8 decoded 5.7 tok/s that way against bf16's 73.3; `benchmarks/gpu.py`).
 
@@ -15,8 +16,9 @@ On CUDA neither format makes a 16-bit weight per call: both run "triton"
 (`quant.triton_matmul`: the codes are converted in registers, 1 or 1/2 byte read per weight;
 int4 in the portable layout). Without Triton, int4 runs "packed" through PyTorch's CUDA int4
 kernel (`_weight_int4pack_mm`, gpt-fast's tinygemm, bf16 activations), its weight packed once
-at construction: fine at batch 1, but ~12 us per token of a prefill for a 32768x5120 layer
-(H200: 3151 us at 256 tokens, bf16 148), so not the default. That kernel's input packing
+at construction: faster at batch 1 (H200, one 32768x5120 layer: 84 us, Triton's 115), but
+~12 us per token of a prefill (3044 us at 256 tokens, Triton's 611, bf16's 134; a 500-token
+prompt's first token 802 ms against 212), so not the default. That kernel's input packing
 changed in PyTorch 2.5 (int32 codes -> uint8 pairs); `_cuda_int4_nibble_order` finds the
 installed build's order with one small call, checked against the plain-torch result.
 """

@@ -6,12 +6,14 @@ how); this module imports triton, so it is imported only when a kernel first run
 tile sizes, the configs choose between two ways of doing the same arithmetic:
 
 - gemv MAGIC (int8 codes only): the int8 -> float conversion instruction runs at 16 per clock
-  per SM on Hopper, 40 us for one 32768x5120 layer on an H200 against ~35 us to read it. With
-  MAGIC the code's byte is put into the mantissa of 2^23 by one integer op and the offset
-  subtracted: (2^23 + (c + 128)) - (2^23 + 128) = c, exact, on the integer and float pipes.
+  per SM on Hopper (CUDA's throughput table), ~40 us for one 32768x5120 layer on an H200
+  against ~35 us to read it. With MAGIC the code's byte is put into the mantissa of 2^23 by
+  one integer op and the offset subtracted: (2^23 + (c + 128)) - (2^23 + 128) = c, exact, on
+  the integer and float pipes. Measured there: 78-80 us against 85-88 us for the same tiles.
 - gemm SWAP: computes y^T = w @ x^T, so the converted weight tile is the first operand of
   the matrix instruction (Hopper's wgmma takes that one from registers, the second only from
-  shared memory) and a few tokens fill its narrow side, as decode batches need.
+  shared memory) and a few tokens fill its narrow side, as decode batches need. Measured
+  there on that layer: 16 tokens 96 us against 111 us, 256 tokens 259 us against 300 us.
 """
 
 from __future__ import annotations
