@@ -8,9 +8,10 @@ one thread, best of several interleaved runs): 4096x4096 f32 `F.linear` 5.4 ms,
 slower than f32 `F.linear`, f16 in: ~50x), so they run in bf16 and the residual stream stays in
 the model's dtype. torchao is not used: its int8 path is only fast under torch.compile and its
 default int4 config fails on CPU (shared/NOTES.md). Other devices (MPS; CUDA without
-Triton, int8) get the plain-torch "dequantize" kernel: int8 multiplies by its codes in the activations' dtype and scales each
-output row after; int4 rebuilds the weight from its nibbles each call (H200, Mistral Small 3's
-shape: int8 decoded 5.7 tok/s that way against bf16's 73.3; `benchmarks/gpu.py`).
+Triton, int8) get the plain-torch "dequantize" kernel: int8 multiplies by its codes in the
+activations' dtype and scales each output row after; int4 rebuilds the weight from its
+nibbles each call (H200, Mistral Small 3's shape: int8 decoded 5.7 tok/s that way against
+bf16's 73.3; `benchmarks/gpu.py`).
 
 On CUDA neither format makes a 16-bit weight per call: both run "triton"
 (`quant.triton_matmul`: the codes are converted in registers, 1 or 1/2 byte read per weight;
