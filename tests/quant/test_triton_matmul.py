@@ -83,6 +83,27 @@ for group in (32, 128):
                                    out.stride(0), m_bucket(rows), GROUP=group, **meta)
             error = ((out.float() - expected).norm() / expected.norm()).item()
             errors[f"int4/{group} M={rows} {sorted(meta.items())}"] = error
+# The wrappers (grids, argument order, M buckets, 3-D inputs), each tuner given one config so
+# that the interpreter never times one (that needs a GPU).
+import triton
+from levante.quant import triton_matmul as tm
+for name, configs, key in (("gemv", tk.GEMV_CONFIGS, ["N", "K"]),
+                           ("gemm", tk.GEMM_CONFIGS, ["M_BUCKET", "N", "K"]),
+                           ("int4_gemv", tk.INT4_GEMV_CONFIGS, ["N", "K", "GROUP"]),
+                           ("int4_gemm", tk.INT4_GEMM_CONFIGS, ["M_BUCKET", "N", "K", "GROUP"])):
+    setattr(tk, f"{name}_tuned", triton.autotune(configs=configs[:1], key=key)(getattr(tk, name)))
+codes = (torch.randn(N, K) * 40).round().clamp(-127, 127).to(torch.int8)
+scales = torch.rand(N) + 0.5
+for rows in (1, 3, 40):
+    x = torch.randn(rows, K).half()
+    expected = x.float() @ (codes.float() * scales[:, None]).T
+    out = tm.row_scaled_matmul(x.view(1, rows, K), codes, scales)
+    assert out.shape == (1, rows, N)
+    errors[f"wrapper int8 M={rows}"] = ((out[0].float() - expected).norm() / expected.norm()).item()
+    x4 = torch.randn(rows, K4).half()
+    expected = x4.float() @ reference.T
+    out = tm.int4_matmul(x4, packed, sz, group)
+    errors[f"wrapper int4 M={rows}"] = ((out.float() - expected).norm() / expected.norm()).item()
 print(json.dumps(errors))
 """
 
@@ -104,12 +125,13 @@ def test_every_config_matches_the_float_product_in_the_interpreter() -> None:
     )
 
     # int8 runs each GEMV shape with and without MAGIC, fp8 without; both run every GEMM config
-    assert sum(not key.startswith("int4") for key in errors) == \
+    assert sum(not key.startswith(("int4", "wrapper")) for key in errors) == \
         3 * len(GEMV_SHAPES) + 2 * 2 * len(GEMM_SHAPES)
     assert sum(key.startswith("int4/32") for key in errors) == \
         2 * len(INT4_GEMV_SHAPES) + 2 * len(INT4_GEMM_SHAPES)  # GEMV with and without ONE_PLUS
     assert any("ONE_PLUS', True" in key for key in errors)
     assert any(key.startswith("int4/128") for key in errors)
+    assert sum(key.startswith("wrapper") for key in errors) == 6
     assert any("MAGIC', True" in key for key in errors)
     assert any("SWAP', True" in key for key in errors)
     bad = {key: error for key, error in errors.items() if not error < 2e-3}  # f16 output rounding

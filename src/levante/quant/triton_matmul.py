@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -47,7 +48,7 @@ CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 def available(device: torch.device | str) -> bool:
     """Whether the kernels run for tensors on `device`: a CUDA device with Triton installed
     (or any device under TRITON_INTERPRET=1, the interpreter the CPU tests use)."""
-    return _has_triton() and ( torch.device(device).type == "cuda"
+    return _has_triton() and (torch.device(device).type == "cuda"
                               or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -73,39 +74,51 @@ def row_scaled_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     """x [..., K] (bf16/f16) @ (codes [N, K] * scales [N, 1])^T -> [..., N] in x's dtype."""
     from levante.quant import triton_kernels as kernels  # imports triton: only on first use
 
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    rows, (n, k) = flat.shape[0], codes.shape
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 1:
+    def one_row(flat: torch.Tensor, out: torch.Tensor, n: int, k: int) -> None:
         kernels.gemv_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
             flat, codes, scales, out, n, k)
-    elif rows > 1:
-        bucket = m_bucket(rows)
+
+    def many_rows(flat: torch.Tensor, out: torch.Tensor, n: int, k: int) -> None:
+        rows = flat.shape[0]
         kernels.gemm_tuned[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
-            flat, codes, scales, out, rows, n, k, flat.stride(0), out.stride(0), bucket)
-    return out.reshape(*x.shape[:-1], n)
+            flat, codes, scales, out, rows, n, k, flat.stride(0), out.stride(0), m_bucket(rows))
+
+    return _by_rows(x, codes.shape[0], one_row, many_rows)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [..., K] (bf16/f16) @ w^T for one plane of `linear.Int4Linear`'s portable layout:
-    packed [N, K/2] nibbles, scales_and_zeros [2, N, K/group_size] (S, then Z), w = (u - 8) * S + Z."""
+    """x [..., K] (bf16/f16) @ w^T for one plane of `linear.Int4Linear`'s Triton layout: packed
+    [N, K/2] nibbles, scales_and_zeros [2, N, K/group_size] (S, then Z), w = (u - 8) * S + Z."""
     from levante.quant import triton_kernels as kernels
 
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    rows, n, k = flat.shape[0], packed.shape[0], flat.shape[1]
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 1:
+    def one_row(flat: torch.Tensor, out: torch.Tensor, n: int, k: int) -> None:
         kernels.int4_gemv_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
             flat, packed, scales_and_zeros, out, n, k, GROUP=group_size)
-    elif rows > 1:
+
+    def many_rows(flat: torch.Tensor, out: torch.Tensor, n: int, k: int) -> None:
+        rows = flat.shape[0]
         kernels.int4_gemm_tuned[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
             flat, packed, scales_and_zeros, out, rows, n, k, flat.stride(0), out.stride(0),
             m_bucket(rows), GROUP=group_size)
+
+    return _by_rows(x, packed.shape[0], one_row, many_rows)
+
+
+Launch = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+
+
+def _by_rows(x: torch.Tensor, n: int, one_row: Launch, many_rows: Launch) -> torch.Tensor:
+    """x flattened to [M, K] (rows contiguous), `one_row` or `many_rows` writing [M, n] into a
+    new tensor, reshaped to [..., n]."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(flat.shape[0], n, dtype=x.dtype, device=x.device)
+    if flat.shape[0] == 1:
+        one_row(flat, out, n, flat.shape[1])
+    elif flat.shape[0] > 1:
+        many_rows(flat, out, n, flat.shape[1])
     return out.reshape(*x.shape[:-1], n)
 
 
