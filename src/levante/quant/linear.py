@@ -130,7 +130,8 @@ def _pack_for_cuda_kernel(codes: torch.Tensor, nibble_order: str) -> torch.Tenso
     pairs = (even << 4 | odd) if nibble_order == "high" else (even | odd << 4)
     tiles = _inner_k_tiles(codes.shape[1])
     assert tiles is not None, "checked by Int4Linear"
-    return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+    packed: torch.Tensor = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+    return packed
 
 
 @functools.cache
@@ -197,6 +198,10 @@ def _linear_2d(x: torch.Tensor, out_features: int,
 
 class Int8Linear(nn.Module):
     """y = x @ (codes * scale)^T with int8 codes [N, K] and one f32 scale per output row."""
+
+    codes: torch.Tensor  # buffers, registered in __init__ (typed here for mypy)
+    scales: torch.Tensor
+    unit_scales: torch.Tensor
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, *,
                  kernel: str | None = None) -> None:
@@ -308,7 +313,8 @@ class Int4Linear(nn.Module):
         if self.kernel == "packed":
             raise ConfigError("Int4Linear.dequantize needs kernel 'dequantize' or 'triton': the "
                               "packed layouts are private to PyTorch's kernels")
-        weight = torch.zeros(self.out_features, self.in_features, device=self.packed_0.device)
+        weight = torch.zeros(self.out_features, self.in_features,
+                             device=self._plane(0)[0].device)
         for index in range(self.num_planes):
             packed, scales_and_zeros = self._plane(index)
             groups = unpack_nibbles(packed).float().view(self.out_features, -1, self.group_size)
@@ -327,7 +333,7 @@ class Int4Linear(nn.Module):
             packed, scales_and_zeros = self._plane(index)
             matmul = (torch.ops.aten._weight_int4pack_mm_for_cpu if flat.device.type == "cpu"
                       else torch.ops.aten._weight_int4pack_mm)
-            part = matmul(flat, packed, self.group_size, scales_and_zeros).float()
+            part: torch.Tensor = matmul(flat, packed, self.group_size, scales_and_zeros).float()
             out = part if out is None else out.add_(part)
         assert out is not None
         return out
