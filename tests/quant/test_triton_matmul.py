@@ -104,6 +104,13 @@ for rows in (1, 3, 40):
     expected = x4.float() @ reference.T
     out = tm.int4_matmul(x4, packed, sz, group)
     errors[f"wrapper int4 M={rows}"] = ((out.float() - expected).norm() / expected.norm()).item()
+for call in (lambda: tm.row_scaled_matmul(torch.randn(1, K + 1).half(), codes, scales),
+             lambda: tm.int4_matmul(torch.randn(1, K4 - 2).half(), packed, sz, group)):
+    try:
+        call()
+        raise SystemExit("a width mismatch was not refused")
+    except ValueError as e:
+        assert "does not match the weight's" in str(e), e
 print(json.dumps(errors))
 """
 
@@ -148,7 +155,7 @@ def test_kernels_are_not_offered_off_cuda_without_the_interpreter(
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_matmul.available("cpu")
     codes = torch.zeros(8, 16, dtype=torch.int8)
-    assert not triton_matmul.supports(torch.zeros(1, 16, dtype=torch.bfloat16), codes)
+    assert not triton_matmul.takes_codes(codes)
 
 
 def _codes(fmt: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

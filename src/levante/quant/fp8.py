@@ -132,6 +132,8 @@ class Fp8Linear(nn.Module):
                               f"{codes.dtype} {tuple(codes.shape)} and {tuple(scales.shape)}")
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales.float())
+        # decode-sized calls of a "scaled_mm" layer read the codes weight-only in Triton
+        self.triton_decode = self.kernel == "scaled_mm" and triton_matmul.takes_codes(codes)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, kernel: str | None = None) -> Fp8Linear:
@@ -147,7 +149,8 @@ class Fp8Linear(nn.Module):
         if self.kernel == "dequantize":  # the per-row scale commutes with the matmul
             return row_scaled_linear(x, self.codes, self.scales)
         flat = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
-        if flat.shape[0] <= TRITON_MAX_ROWS and triton_matmul.supports(flat, self.codes):
+        if (self.triton_decode and flat.shape[0] <= TRITON_MAX_ROWS
+                and x.dtype in triton_matmul.ACTIVATION_DTYPES):
             return triton_matmul.row_scaled_matmul(x, self.codes, self.scales)
         out = _scaled_matmul(flat, self.codes, self.scales)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

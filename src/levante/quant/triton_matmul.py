@@ -57,10 +57,10 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def supports(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether `row_scaled_matmul` takes these operands (else the caller's portable path)."""
-    return (x.dtype in ACTIVATION_DTYPES and codes.dtype in CODE_DTYPES and codes.dim() == 2
-            and codes.is_contiguous() and x.shape[-1] == codes.shape[1]
+def takes_codes(codes: torch.Tensor) -> bool:
+    """Whether `row_scaled_matmul` reads these codes where they are (a layer decides once;
+    each call then needs only activations in ACTIVATION_DTYPES)."""
+    return (codes.dtype in CODE_DTYPES and codes.dim() == 2 and codes.is_contiguous()
             and available(codes.device))
 
 
@@ -83,7 +83,7 @@ def row_scaled_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         kernels.gemm_tuned[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
             flat, codes, scales, out, rows, n, k, flat.stride(0), out.stride(0), m_bucket(rows))
 
-    return _by_rows(x, codes.shape[0], one_row, many_rows)
+    return _by_rows(x, codes.shape[0], codes.shape[1], one_row, many_rows)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -102,15 +102,19 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
             flat, packed, scales_and_zeros, out, rows, n, k, flat.stride(0), out.stride(0),
             m_bucket(rows), GROUP=group_size)
 
-    return _by_rows(x, packed.shape[0], one_row, many_rows)
+    return _by_rows(x, packed.shape[0], 2 * packed.shape[1], one_row, many_rows)
 
 
 Launch = Callable[[torch.Tensor, torch.Tensor, int, int], None]
 
 
-def _by_rows(x: torch.Tensor, n: int, one_row: Launch, many_rows: Launch) -> torch.Tensor:
+def _by_rows(x: torch.Tensor, n: int, k: int, one_row: Launch, many_rows: Launch
+             ) -> torch.Tensor:
     """x flattened to [M, K] (rows contiguous), `one_row` or `many_rows` writing [M, n] into a
-    new tensor, reshaped to [..., n]."""
+    new tensor, reshaped to [..., n]; a ValueError unless x's width is the weight's K (the
+    kernels would read past the codes)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"input width {x.shape[-1]} does not match the weight's {k}")
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
