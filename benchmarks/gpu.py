@@ -188,25 +188,30 @@ def _print_tuned() -> None:
 def _bf16_rows(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
                device: str, bound: float, rates: dict[str, float]) -> list[Row]:
     """Batch-1 decode, TTFT and 32 streams (that rate kept in `rates["batched"]`)."""
-    rows = []
     engine = Engine(model, None, engine_config)
     print(f"attention: {engine.runner.attention_backend}"
           f"{' (compiled)' if engine.runner.flex and engine.runner.flex.is_compiled else ''}; "
           f"decode steps: {'CUDA graphs' if engine.runner.graphs else 'eager'}", flush=True)
-    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # warm-up
+    rate, ttft, batched = _decode_rates(engine, args, device)
+    rates["batched"] = batched
+    return [("bf16 decode, batch 1", f"{rate:.1f} tok/s", f"{rate / bound:.0%} of bound {bound:.1f}"),
+            ("bf16 TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", "target <= 100 ms"),
+            (f"bf16 aggregate, {args.streams} streams", f"{batched:.1f} tok/s", "")]
+
+
+def _decode_rates(engine: Engine, args: argparse.Namespace, device: str
+                  ) -> tuple[float, float, float]:
+    """(batch-1 decode tok/s, TTFT of a 500-token prompt in s, aggregate tok/s of
+    args.streams streams), each shape run once unmeasured first (tuning, graph capture)."""
+    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)
     rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
                           device=device)
-    rows.append(("bf16 decode, batch 1", f"{rate:.1f} tok/s",
-                 f"{rate / bound:.0%} of bound {bound:.1f}"))
-    decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)  # this shape's warm-up
+    decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
     _, ttft = decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
-    rows.append(("bf16 TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", "target <= 100 ms"))
     decode_rate(engine, batch=args.streams, prompt_len=64, new_tokens=4, device=device)
-    rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
-                          new_tokens=args.new_tokens, device=device)
-    rates["batched"] = rate
-    rows.append((f"bf16 aggregate, {args.streams} streams", f"{rate:.1f} tok/s", ""))
-    return rows
+    batched, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
+                             new_tokens=args.new_tokens, device=device)
+    return rate, ttft, batched
 
 
 def _invariant_row(model: Transformer, engine_config: EngineConfig, args: argparse.Namespace,
@@ -245,15 +250,7 @@ def _kernels_rows(config: ModelConfig, device: str) -> list[Row]:
         x = torch.randn(tokens, config.dim, device=device, dtype=torch.bfloat16)
         notes = []
         for name, layer in layers.items():
-            times = []
-            for i in range(60):
-                sync(device)
-                start = time.perf_counter()
-                layer(x)
-                sync(device)
-                if i >= 10:
-                    times.append(time.perf_counter() - start)
-            median = sorted(times)[len(times) // 2]
+            median = _median_time(partial(layer, x), device, calls=50, warmup=10)
             size = weight.numel() * sizes[name]
             notes.append(f"{name} {median * 1e6:.0f} us ({size / median / 1e9:.0f} GB/s)")
         kernels = ", ".join(f"{n}: {getattr(layers[n], 'kernel', '')}" for n in ("int8", "fp8", "int4"))
@@ -334,15 +331,16 @@ def _int4_configs_rows(config: ModelConfig, device: str) -> list[Row]:
     return rows
 
 
-def _median_time(launch: Callable[[], object], device: str, calls: int = 30) -> float:
-    """Median seconds of `calls` calls after 5 unmeasured ones."""
+def _median_time(launch: Callable[[], object], device: str, calls: int = 30,
+                 warmup: int = 5) -> float:
+    """Median seconds of `calls` calls after `warmup` unmeasured ones."""
     times = []
-    for i in range(calls + 5):
+    for i in range(calls + warmup):
         sync(device)
         start = time.perf_counter()
         launch()
         sync(device)
-        if i >= 5:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -398,23 +396,14 @@ def _quantized_rows(fmt: str, model: Transformer, engine_config: EngineConfig,
         quantize_model(model, fmt)  # int4: its default groups of 32
     kernel = model.model.layers[0].mlp.down_proj.kernel
     bound = args.bandwidth_gbs * 1e9 / weight_bytes(model)
-    engine = Engine(model, None, engine_config)
-    decode_rate(engine, batch=1, prompt_len=16, new_tokens=4, device=device)  # tunes, captures
-    rate, _ = decode_rate(engine, batch=1, prompt_len=16, new_tokens=args.new_tokens,
-                          device=device)
+    rate, ttft, streams = _decode_rates(Engine(model, None, engine_config), args, device)
+    batched = rates.get("batched")
     note = (f"{rate / bound:.0%} of bound {bound:.1f} ({bound / bf16_bound:.2f}x bf16's); "
             f"{rate * args.bandwidth_gbs / bound:.0f} GB/s")
-    rows = [(f"{fmt} decode, batch 1 ({kernel})", f"{rate:.1f} tok/s", note)]
-    decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
-    _, ttft = decode_rate(engine, batch=1, prompt_len=500, new_tokens=2, device=device)
-    rows.append((f"{fmt} TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", ""))
-    decode_rate(engine, batch=args.streams, prompt_len=64, new_tokens=4, device=device)
-    rate, _ = decode_rate(engine, batch=args.streams, prompt_len=64,
-                          new_tokens=args.new_tokens, device=device)
-    batched = rates.get("batched")
-    rows.append((f"{fmt} aggregate, {args.streams} streams", f"{rate:.1f} tok/s",
-                 f"{rate / batched:.2f}x bf16's" if batched else ""))
-    return rows
+    return [(f"{fmt} decode, batch 1 ({kernel})", f"{rate:.1f} tok/s", note),
+            (f"{fmt} TTFT, 500-token prompt", f"{ttft * 1000:.0f} ms", ""),
+            (f"{fmt} aggregate, {args.streams} streams", f"{streams:.1f} tok/s",
+             f"{streams / batched:.2f}x bf16's" if batched else "")]
 
 
 if __name__ == "__main__":
